@@ -1,0 +1,172 @@
+"""The ``cl-agent`` command line. Commands parse arguments and call into the library.
+
+Heavy modules (torch, onnxruntime) are imported inside the commands so that
+``cl-agent --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cl_agent.config import AgentConfig, ConfigError, load_config, parse_override
+from cl_agent.errors import CLAgentError
+
+app = typer.Typer(
+    help="cl-agent: online continual learning for vision streams (MLKD + dynamic SSL), ONNX export and hot-swapping serving.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Inspect and roll back versions in a model repository.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: the CIR learning benchmark and result comparison.", no_args_is_help=True)
+keys_app = typer.Typer(help="CURVE key management for authenticated endpoints.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+app.add_typer(keys_app, name="keys")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/robot.yaml).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.001 (repeatable)."),
+]
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def resolve_config(config: Optional[Path], overrides: Optional[list[str]]) -> AgentConfig:
+    return load_config(config, dict(parse_override(o) for o in overrides or []))
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+@app.command()
+def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run the agent: ingest streams, update the student per experience, export and publish models."""
+    from cl_agent.agent import run_agent
+
+    cfg = resolve_config(config, set_)
+    raise typer.Exit(run_agent(cfg))
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Working directory for the demo's agent, models and logs.")] = Path(
+        "runs/demo"
+    ),
+    experiences: Annotated[int, typer.Option(min=1, help="Experiences to stream.")] = 6,
+    device: Annotated[str, typer.Option(help="Training device: auto, cpu, cuda.")] = "auto",
+) -> None:
+    """Self-contained demo: agent + server + built-in image stream over real ZeroMQ sockets."""
+    from cl_agent.demo import run_demo
+
+    raise typer.Exit(run_demo(workdir=workdir, experiences=experiences, device=device))
+
+
+@app.command()
+def serve(
+    repo: Annotated[Optional[Path], typer.Option(help="Model repository root.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model name inside the repository.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve the newest model version over ZeroMQ with onnxruntime, hot-swapping new versions."""
+    from cl_agent.server import serve_forever
+
+    cfg = resolve_config(config, set_)
+    raise typer.Exit(serve_forever(cfg, repo=repo, model=model))
+
+
+@app.command()
+def status(workdir: Annotated[Path, typer.Option(help="The agent's working directory.")] = Path("runs/agent")) -> None:
+    """Print the state of an agent: running or not, last experience, last version, counts."""
+    from cl_agent.status import print_status
+
+    raise typer.Exit(print_status(workdir))
+
+
+@app.command()
+def report(
+    workdir: Annotated[Path, typer.Option(help="The agent's working directory.")] = Path("runs/agent"),
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: WORKDIR/report.png).")] = None,
+) -> None:
+    """Plot online accuracy and loss terms over experiences to a PNG."""
+    from cl_agent.status import write_report
+
+    raise typer.Exit(write_report(workdir, out))
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Validate a config file and print it fully resolved (defaults filled in)."""
+    import yaml
+
+    from cl_agent.config import to_dict
+
+    typer.echo(yaml.safe_dump(to_dict(resolve_config(config, set_)), sort_keys=False), nl=False)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@models_app.command("list")
+def models_list(
+    repo: Annotated[Path, typer.Option(help="Model repository root.")] = Path("runs/models"),
+    model: Annotated[str, typer.Option(help="Model name.")] = "student",
+) -> None:
+    """List the published versions of a model."""
+    from cl_agent.repository import print_versions
+
+    raise typer.Exit(print_versions(repo, model))
+
+
+@models_app.command("rollback")
+def models_rollback(
+    to: Annotated[int, typer.Option("--to", help="Version to bring back.")],
+    repo: Annotated[Path, typer.Option(help="Model repository root.")] = Path("runs/models"),
+    model: Annotated[str, typer.Option(help="Model name.")] = "student",
+    announce: Annotated[Optional[str], typer.Option(help="PUB endpoint to announce the new version on.")] = None,
+) -> None:
+    """Republish an old version as a new, higher version, so every server moves to it."""
+    from cl_agent.repository import rollback
+
+    raise typer.Exit(rollback(repo, model, to, announce_endpoint=announce))
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@keys_app.command("make")
+def keys_make(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the key pair into.")],
+    name: Annotated[str, typer.Option(help="Base name of the key files.")] = "agent",
+) -> None:
+    """Create a CURVE key pair (NAME.key_secret, NAME.key) for the agent or a client."""
+    from cl_agent.security import make_keypair
+
+    public, secret = make_keypair(directory, name)
+    typer.echo(f"public key: {public}\nsecret key: {secret}")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main() -> None:
+    try:
+        app()
+    except (ConfigError, CLAgentError) as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

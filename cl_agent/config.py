@@ -1,0 +1,365 @@
+"""Typed configuration, loaded from YAML.
+
+Every section is a dataclass whose fields are the interface: a YAML key that is
+not a field is an error, and so is a value of the wrong type or out of range.
+Errors name the key (dotted path), the value and the file.
+
+Range checks live in field metadata (``ge``, ``gt``, ``le``, ``lt``) or in a
+section's ``validate()`` method, which raises ``ConfigValueError(field, value,
+reason)``; the loader adds the key path and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key, value and file that caused it."""
+
+    def __init__(self, key: str, value: Any, source: str, reason: str):
+        self.key, self.value, self.source, self.reason = key, value, source, reason
+        super().__init__(f"{source}: key '{key}' = {value!r}: {reason}")
+
+
+class ConfigValueError(ValueError):
+    """Raised by a section's validate(); the loader turns it into a ConfigError."""
+
+    def __init__(self, field_name: str, value: Any, reason: str):
+        self.field_name, self.value, self.reason = field_name, value, reason
+        super().__init__(f"{field_name} = {value!r}: {reason}")
+
+
+def _range(ge=None, gt=None, le=None, lt=None) -> dict:
+    return {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class AgentSection:
+    workdir: str = "runs/agent"  # working directory: spool, experiences, checkpoints, logs, resolved config
+    model_name: str = "student"  # name of the model in the repository
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N"
+    seed: int = 0  # seed for sampling, augmentation and initialisation
+    grace_period_s: float = field(default=30.0, metadata=_range(gt=0))  # SIGTERM: time to checkpoint and exit
+    log_json: bool = False  # structured JSON-lines logs instead of plain text
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # minimum log level
+    host_server: bool = True  # also run a serving process, so one command gives a working deployment
+    backlog_policy: Literal["merge", "shorten"] = "merge"  # experiences queued behind an update: merge them, or shorten epochs
+
+    def validate(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigValueError("device", self.device, "expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class CurveSection:
+    enabled: bool = False  # require CURVE encryption + client authentication on every endpoint
+    server_secret_key: str = ""  # path to the server's secret key file (cl-agent keys make DIR)
+    authorized_clients_dir: str = ""  # folder of client public key files allowed to connect
+
+
+@dataclass
+class WireSection:
+    max_parts: int = field(default=257, metadata=_range(ge=2))  # header + images per message
+    max_header_bytes: int = field(default=65_536, metadata=_range(ge=256))  # JSON header size limit
+    max_part_bytes: int = field(default=4_000_000, metadata=_range(ge=1))  # one encoded image
+    max_message_bytes: int = field(default=64_000_000, metadata=_range(ge=1))  # all parts together
+    max_image_side: int = field(default=4096, metadata=_range(ge=1))  # width or height, declared and actual
+    max_image_pixels: int = field(default=16_777_216, metadata=_range(ge=1))  # width * height (decompression bombs)
+    encodings: list[str] = field(default_factory=lambda: ["jpeg", "png", "raw"])  # accepted encodings
+
+    def validate(self) -> None:
+        bad = [e for e in self.encodings if e not in ("jpeg", "png", "raw")]
+        if bad or not self.encodings:
+            raise ConfigValueError("encodings", self.encodings, "each must be one of jpeg, png, raw")
+
+
+@dataclass
+class IngestSection:
+    labeled_endpoint: str = "tcp://127.0.0.1:5555"  # ROUTER that labeled senders (DEALER/REQ) connect to
+    frame_endpoint: str = "tcp://127.0.0.1:5556"  # where camera frames arrive
+    frame_socket: Literal["pull", "sub"] = "pull"  # PULL (PUSH senders, imagezmq REQ_REP=False uses PUB: pick sub)
+    frame_hwm: int = field(default=64, metadata=_range(ge=1))  # receive high-water mark: excess frames are dropped
+    control_endpoint: str = "tcp://127.0.0.1:5559"  # REP socket for status queries and end-of-experience markers
+    curve: CurveSection = field(default_factory=CurveSection)  # optional CURVE authentication
+    wire: WireSection = field(default_factory=WireSection)  # message validation limits
+
+
+@dataclass
+class SpoolSection:
+    max_bytes: int = field(default=2_000_000_000, metadata=_range(ge=1))  # labeled spool size limit; past it senders get a negative ack
+    group_commit_ms: float = field(default=2.0, metadata=_range(ge=0))  # batch fsyncs of messages arriving within this window
+    max_classes: int = field(default=1000, metadata=_range(ge=1))  # label map size; a new class past it is refused
+
+
+@dataclass
+class ReservoirSection:
+    capacity: int = field(default=5000, metadata=_range(ge=1))  # encoded frames kept (bounded memory)
+    per_source: bool = False  # a separate reservoir per sender id, capacity split evenly
+
+
+@dataclass
+class ExperienceSection:
+    labeled_samples: int = field(default=500, metadata=_range(ge=1))  # cut an experience after this many labeled samples
+    max_wait_s: float = field(default=600.0, metadata=_range(gt=0))  # ... or after this long
+    min_samples: int = field(default=32, metadata=_range(ge=1))  # ... if at least this many arrived
+    unlabeled_samples: int = field(default=1000, metadata=_range(ge=0))  # frames drawn from the reservoir per experience
+
+
+@dataclass
+class ModelSection:
+    backbone: str = "resnet18"  # any timm model name; the feature size is read from the model
+    num_classes: int = field(default=100, metadata=_range(ge=2))  # size of the class space (classes arrive over time)
+    image_size: int = field(default=32, metadata=_range(ge=8))  # square input size in pixels
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # input normalisation (RGB, 0-1 scale)
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # input normalisation (RGB, 0-1 scale)
+    ensemble_ema: bool = True  # predict with the mean of the student's and its EMA's logits
+
+    def validate(self) -> None:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) != 3:
+                raise ConfigValueError(name, value, "expected 3 numbers (R, G, B)")
+        if any(s <= 0 for s in self.std):
+            raise ConfigValueError("std", self.std, "every entry must be > 0")
+
+
+@dataclass
+class TrainSection:
+    method: str = "mlkd_ssl"  # mlkd_ssl, naive, lwf_unlabeled, joint, or an ablation (see docs/method.md)
+    labeled_batch: int = field(default=64, metadata=_range(ge=1))  # labeled images per step
+    unlabeled_batch: int = field(default=100, metadata=_range(ge=0))  # unlabeled images per step (distillation)
+    rotation_images: int = field(default=25, metadata=_range(ge=0))  # unlabeled images rotated 4 ways per step (SSL)
+    memory_batch: int = field(default=10, metadata=_range(ge=0))  # memory items replayed per step
+    memory_size: int = field(default=200, metadata=_range(ge=0))  # representation memory (feature, logits, label), no images
+    lr: float = field(default=4e-4, metadata=_range(gt=0))  # Adam learning rate
+    epochs_base: int = field(default=74, metadata=_range(ge=1))  # epochs(t) = max(epochs_min, epochs_base - t)
+    epochs_min: int = field(default=25, metadata=_range(ge=1))  # floor of the epoch schedule
+    time_budget_s: float = field(default=0.0, metadata=_range(ge=0))  # per-experience wall-clock budget; 0 = none
+    ema_decay: float = field(default=0.996, metadata=_range(gt=0, lt=1))  # EMA teacher decay
+    snapshots: int = field(default=2, metadata=_range(ge=0))  # EMA models of past experiences kept as teachers
+    snapshot_mode: Literal["frozen", "ema"] = "frozen"  # frozen snapshots, or the reference code's EMA-updated ones
+    ce_ssl_factor: float = 0.1  # CE weight = 1 - ce_ssl_factor * ssl_weight(t)
+    kd_feature_base: float = 0.002  # feature KD weight = kd_feature_base * (t + 1)
+    kd_logit_weight: float = 0.1  # logit distillation weight (unlabeled, t >= 1)
+    kd_logit_kind: Literal["symmetry", "kl"] = "symmetry"  # ||A - A^T||^2/B + ||C - C^T||^2/K, or temperature KL
+    kd_temperature: float = field(default=2.0, metadata=_range(gt=0))  # temperature for kd_logit_kind = kl
+    ssl_base: float = 0.5  # ssl_weight(t) = ssl_base * ssl_decay^t
+    ssl_decay: float = field(default=0.95, metadata=_range(gt=0, le=1))  # 1.0 = fixed SSL weight
+    memory_weight: float = 0.4  # replay loss weight (CE + KL to stored logits)
+    margin_weight: float = 0.0  # optional X-DER margin constraint weight (0.01 in the reference)
+    margin: float = 0.1  # X-DER margin
+    augment: bool = True  # random resized crop + flip + RandAugment(2, 9), batched on the device
+    randaugment_ops: int = field(default=2, metadata=_range(ge=0))  # RandAugment ops per image
+    randaugment_magnitude: int = field(default=9, metadata=_range(ge=0, le=30))  # RandAugment magnitude
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # channels_last memory format on CUDA
+    compile: bool = False  # torch.compile the student
+    nproc: int = field(default=1, metadata=_range(ge=1))  # processes (torchrun / DDP) for an update
+
+
+@dataclass
+class ExportSection:
+    parity_atol: float = field(default=1e-4, metadata=_range(gt=0))  # max |p_onnx - p_torch| allowed
+    parity_samples: int = field(default=16, metadata=_range(ge=1))  # random + real images checked before publishing
+    opset: int = field(default=18, metadata=_range(ge=13))  # ONNX opset
+
+
+@dataclass
+class RepositorySection:
+    root: str = "runs/models"  # model repository (Triton layout: <root>/<model>/<version>/model.onnx)
+    keep_last: int = field(default=5, metadata=_range(ge=1))  # versions retained
+    announce_endpoint: str = "tcp://127.0.0.1:5557"  # PUB socket announcing each published version
+    fetch_endpoint: str = "tcp://127.0.0.1:5560"  # ROUTER serving manifests and model bytes to remote servers
+
+
+@dataclass
+class ServeSection:
+    endpoint: str = "tcp://127.0.0.1:5558"  # ROUTER inference endpoint
+    providers: list[str] = field(default_factory=lambda: ["auto"])  # onnxruntime providers; auto = TensorRT/CUDA if present, else CPU
+    intra_op_threads: int = field(default=0, metadata=_range(ge=0))  # onnxruntime threads; 0 = library default
+    max_batch: int = field(default=32, metadata=_range(ge=1))  # micro-batch size limit
+    max_wait_ms: float = field(default=2.0, metadata=_range(ge=0))  # how long a micro-batch waits to fill
+    top_k: int = field(default=5, metadata=_range(ge=1))  # classes returned per image
+    poll_s: float = field(default=2.0, metadata=_range(gt=0))  # repository poll interval (fallback to announcements)
+
+
+@dataclass
+class MetricsSection:
+    enabled: bool = True  # Prometheus /metrics endpoint
+    host: str = "127.0.0.1"  # bind address (loopback by default)
+    port: int = field(default=9109, metadata=_range(ge=0, le=65535))  # 0 = pick a free port
+
+
+@dataclass
+class AgentConfig:
+    agent: AgentSection = field(default_factory=AgentSection)
+    ingest: IngestSection = field(default_factory=IngestSection)
+    spool: SpoolSection = field(default_factory=SpoolSection)
+    reservoir: ReservoirSection = field(default_factory=ReservoirSection)
+    experience: ExperienceSection = field(default_factory=ExperienceSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    repository: RepositorySection = field(default_factory=RepositorySection)
+    serve: ServeSection = field(default_factory=ServeSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check/convert one value against a type annotation."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, source, "expected a mapping (section)")
+        return build(tp, value, source, prefix=key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, value, source, f"expected one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key, source)
+            except ConfigError as e:
+                errors.append(e.reason)
+        raise ConfigError(key, value, source, " or ".join(errors))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, value, source, f"expected a list of {_type_name(item)}")
+        return [_convert(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, source, "expected a mapping")
+        return {_convert(k_tp, k, key, source): _convert(v_tp, v, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, source, "expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, source, "expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, source, "expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, source, "expected a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _check_range(f: dataclasses.Field, value: Any, key: str, source: str) -> None:
+    meta = f.metadata
+    if value is None:
+        return
+    if "ge" in meta and not value >= meta["ge"]:
+        raise ConfigError(key, value, source, f"must be >= {meta['ge']}")
+    if "gt" in meta and not value > meta["gt"]:
+        raise ConfigError(key, value, source, f"must be > {meta['gt']}")
+    if "le" in meta and not value <= meta["le"]:
+        raise ConfigError(key, value, source, f"must be <= {meta['le']}")
+    if "lt" in meta and not value < meta["lt"]:
+        raise ConfigError(key, value, source, f"must be < {meta['lt']}")
+
+
+def build(cls: type, data: dict | None, source: str = "<config>", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
+    data = data or {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            known = ", ".join(sorted(fields))
+            raise ConfigError(path, data[key], source, f"unknown key (known keys here: {known})")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        converted = _convert(hints[name], value, path, source)
+        _check_range(fields[name], converted, path, source)
+        kwargs[name] = converted
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigValueError as e:
+            path = f"{prefix}.{e.field_name}" if prefix else e.field_name
+            raise ConfigError(path, e.value, source, e.reason) from None
+    return obj
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> AgentConfig:
+    """Load an AgentConfig from a YAML file (None = all defaults), then apply dotted overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        source += " (with --set overrides)"
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("<file>", str(p), source, "config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("<file>", str(p), source, f"not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("<file>", type(data).__name__, source, "top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(dotted, value, source, "override path crosses a non-section value")
+        node[parts[-1]] = value
+    return build(AgentConfig, data, source)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_resolved(config: Any, path: str | Path) -> Path:
+    """Write the fully resolved config (every field, defaults included) as YAML, atomically."""
+    from cl_agent.storage import atomic_write_bytes
+
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    return atomic_write_bytes(Path(path), text.encode())
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value`` (value in YAML syntax) from the command line."""
+    if "=" not in text:
+        raise ConfigError(text, None, "<command line>", "override must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
