@@ -1,0 +1,122 @@
+"""ONNX export: the graph takes uint8 NHWC, matches torch, and a broken export is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from cl_agent.config import ExportSection
+from cl_agent.errors import CLAgentError
+from cl_agent.export import ExportError, ServingGraph, export_onnx
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def tiny_net(num_classes: int = 5, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    ).eval()
+
+
+class ExportsSomethingElse(nn.Module):
+    """Computes one function in torch and exports another: the parity check must catch it."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_net()
+
+    def forward(self, x):
+        logits = self.net(x)
+        if torch.compiler.is_exporting():
+            return logits.flip(-1) * 3.0
+        return logits
+
+
+def real_images(n: int, size: int) -> np.ndarray:
+    """Smooth, photo-like images (gradients + a disc), unlike uniform noise."""
+    import cv2
+
+    out = np.zeros((n, size, size, 3), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        out[i, ..., 0] = (xx * 255 // size + 20 * i) % 256
+        out[i, ..., 1] = yy * 255 // size
+        out[i, ..., 2] = 128
+        cv2.circle(out[i], (size // 2, size // 2), size // 4, (255 - 10 * i, 40, 200), -1)
+    return out
+
+
+def test_tiny_net_export_matches_torch_with_dynamic_batch(tmp_path):
+    net = tiny_net()
+    path = tmp_path / "m.onnx"
+    stats = export_onnx([net], path, image_size=16, mean=MEAN, std=STD, export=ExportSection(), real_images=real_images(8, 16))
+    assert stats["max_abs_diff_probs"] <= 1e-4 and stats["top1_mismatches"] == 0
+    assert stats["samples"] == 16 + 8
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == [16, 16, 3]
+    assert [o.name for o in session.get_outputs()] == ["logits", "probs"]
+    graph = ServingGraph([net], MEAN, STD).eval()
+    for n in (1, 7):
+        images = np.random.default_rng(n).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+        logits, probs = session.run(None, {"images": images})
+        # Reference: normalise by hand, as the trainer does, and run the plain module.
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+        with torch.no_grad():
+            expected = net(x).numpy()
+            _, graph_probs = graph(torch.from_numpy(images))
+        assert logits.shape == (n, 5)
+        np.testing.assert_allclose(logits, expected, atol=1e-4)
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(probs, graph_probs.numpy(), atol=1e-5)
+
+
+def test_ensemble_averages_logits_in_the_graph(tmp_path):
+    a, b = tiny_net(seed=1), tiny_net(seed=2)
+    path = tmp_path / "ens.onnx"
+    export_onnx([a, b], path, image_size=16, mean=MEAN, std=STD, export=ExportSection())
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    logits, _ = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": images})
+    with torch.no_grad():
+        la, _ = ServingGraph([a], MEAN, STD)(torch.from_numpy(images))
+        lb, _ = ServingGraph([b], MEAN, STD)(torch.from_numpy(images))
+    np.testing.assert_allclose(logits, ((la + lb) / 2).numpy(), atol=1e-5)
+
+
+def test_resnet18_at_32px_passes_parity(tmp_path):
+    timm = pytest.importorskip("timm")
+    net = timm.create_model("resnet18", num_classes=10).eval()
+    stats = export_onnx(
+        [net], tmp_path / "r18.onnx", image_size=32, mean=MEAN, std=STD, export=ExportSection(), real_images=real_images(4, 32)
+    )
+    assert stats["max_abs_diff_probs"] <= 1e-4 and stats["top1_mismatches"] == 0
+
+
+def test_export_that_disagrees_with_torch_is_refused_and_leaves_no_file(tmp_path):
+    path = tmp_path / "broken.onnx"
+    with pytest.raises(ExportError, match="parity check failed") as info:
+        export_onnx([ExportsSomethingElse()], path, image_size=16, mean=MEAN, std=STD, export=ExportSection())
+    assert isinstance(info.value, CLAgentError)
+    assert not path.exists()
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ExportError, match="at least one module"):
+        export_onnx([], tmp_path / "x.onnx", image_size=16, mean=MEAN, std=STD, export=ExportSection())
+    with pytest.raises(ExportError, match="real_images"):
+        export_onnx(
+            [tiny_net()], tmp_path / "x.onnx", image_size=16, mean=MEAN, std=STD, export=ExportSection(),
+            real_images=np.zeros((2, 8, 8, 3), np.uint8),
+        )
+    assert not (tmp_path / "x.onnx").exists()
