@@ -1,0 +1,230 @@
+"""Prometheus metrics of one agent, served at ``/metrics``.
+
+Every ``AgentMetrics`` owns a private ``CollectorRegistry`` (not the process-wide
+default one), so several agents, or several tests, can live in one process.
+Names, types and labels are listed in docs/observability.md and in ``METRICS``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import start_http_server
+
+from cl_agent.config import MetricsSection
+from cl_agent.errors import CLAgentError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "cl_agent"
+
+# Seconds; an update is one experience of training (seconds to tens of minutes).
+UPDATE_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
+# Seconds; export = ONNX export + parity check + publish.
+EXPORT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, float("inf"))
+
+# name (without prefix) -> (type, labels, help). The single source of truth for the docs table.
+METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "ingest_accepted_total": ("counter", ("kind",), "Ingest messages accepted, by message kind"),
+    "ingest_rejected_total": ("counter", ("reason",), "Ingest messages rejected, by reason code"),
+    "frames_dropped_total": ("counter", (), "Unlabeled frames dropped (high-water mark or reservoir policy)"),
+    "spool_samples": ("gauge", (), "Labeled samples in the durable spool"),
+    "spool_bytes": ("gauge", (), "Bytes in the durable labeled spool"),
+    "reservoir_size": ("gauge", (), "Unlabeled frames held in the reservoir"),
+    "experiences_cut_total": ("counter", (), "Experiences cut from the labeled stream"),
+    "experiences_trained_total": ("counter", (), "Experiences the student was trained on"),
+    "backlog_experiences": ("gauge", (), "Experiences cut and waiting to be trained"),
+    "update_duration_seconds": ("histogram", (), "Wall-clock time of one student update"),
+    "export_duration_seconds": ("histogram", (), "Wall-clock time of one ONNX export + parity check + publish"),
+    "loss": ("gauge", ("term",), "Mean loss term of the last update"),
+    "online_accuracy": ("gauge", (), "Accuracy on the last experience's labeled samples before training on them"),
+    "published_version": ("gauge", (), "Newest model version published to the repository"),
+    "served_version": ("gauge", (), "Model version the server reports it is serving"),
+    "publish_failures_total": ("counter", (), "Exports or publishes that failed (the previous version stays)"),
+}
+
+
+@dataclass
+class MetricsServer:
+    """A running /metrics HTTP endpoint (daemon thread); ``stop()`` closes it."""
+
+    host: str
+    port: int
+    _httpd: object
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+class AgentMetrics:
+    """The agent's metrics. Methods are thread-safe (prometheus_client locks per metric)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._metrics: dict = {}
+        for name, (kind, labels, help_text) in METRICS.items():
+            full = f"{PREFIX}_{name}"
+            if kind == "counter":
+                # prometheus_client appends "_total" itself.
+                metric = Counter(full.removesuffix("_total"), help_text, labels, registry=self.registry)
+            elif kind == "gauge":
+                metric = Gauge(full, help_text, labels, registry=self.registry)
+            else:
+                buckets = UPDATE_BUCKETS if name.startswith("update") else EXPORT_BUCKETS
+                metric = Histogram(full, help_text, labels, buckets=buckets, registry=self.registry)
+            self._metrics[name] = metric
+        # Unknown until the first experience is evaluated (0 would read as "always wrong").
+        self._metrics["online_accuracy"].set(float("nan"))
+        # Last cumulative totals seen by sync_totals(), to turn them into counter increments.
+        self._last_totals: dict[tuple, float] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ ingest
+
+    def inc_accepted(self, kind: str, n: int = 1) -> None:
+        self._metrics["ingest_accepted_total"].labels(kind=kind).inc(n)
+
+    def inc_rejected(self, reason: str, n: int = 1) -> None:
+        self._metrics["ingest_rejected_total"].labels(reason=reason).inc(n)
+
+    def inc_dropped(self, n: int = 1) -> None:
+        self._metrics["frames_dropped_total"].inc(n)
+
+    def sync_totals(
+        self,
+        *,
+        accepted: Mapping[str, int] | None = None,
+        rejected: Mapping[str, int] | None = None,
+        dropped: int | None = None,
+        experiences_cut: int | None = None,
+        experiences_trained: int | None = None,
+        publish_failures: int | None = None,
+    ) -> None:
+        """Feed cumulative totals (e.g. ``IngestService.counters()``); counters grow by the difference.
+
+        A total smaller than the last one seen means its source restarted from zero: the
+        new total is then added whole. ``None`` leaves a counter alone.
+        """
+        updates: list[tuple[str, dict, float]] = []
+        for kind, total in (accepted or {}).items():
+            updates.append(("ingest_accepted_total", {"kind": kind}, total))
+        for reason, total in (rejected or {}).items():
+            updates.append(("ingest_rejected_total", {"reason": reason}, total))
+        for name, total in (
+            ("frames_dropped_total", dropped),
+            ("experiences_cut_total", experiences_cut),
+            ("experiences_trained_total", experiences_trained),
+            ("publish_failures_total", publish_failures),
+        ):
+            if total is not None:
+                updates.append((name, {}, total))
+        with self._lock:
+            for name, labels, total in updates:
+                if total < 0:
+                    raise ValueError(f"{name}{labels or ''}: cumulative total {total!r} is negative")
+                key = (name, tuple(sorted(labels.items())))
+                last = self._last_totals.get(key, 0)
+                delta = total - last if total >= last else total
+                self._last_totals[key] = total
+                if delta:
+                    metric = self._metrics[name]
+                    (metric.labels(**labels) if labels else metric).inc(delta)
+
+    def set_counts(
+        self,
+        *,
+        spool_samples: int | None = None,
+        spool_bytes: int | None = None,
+        reservoir_size: int | None = None,
+        backlog: int | None = None,
+    ) -> None:
+        """Set the level gauges; ``None`` leaves a gauge as it is."""
+        for name, value in (
+            ("spool_samples", spool_samples),
+            ("spool_bytes", spool_bytes),
+            ("reservoir_size", reservoir_size),
+            ("backlog_experiences", backlog),
+        ):
+            if value is not None:
+                self._metrics[name].set(value)
+
+    # ------------------------------------------------------------------ learning
+
+    def inc_experiences_cut(self, n: int = 1) -> None:
+        self._metrics["experiences_cut_total"].inc(n)
+
+    def inc_experiences_trained(self, n: int = 1) -> None:
+        self._metrics["experiences_trained_total"].inc(n)
+
+    def observe_update(self, seconds: float, losses: Mapping[str, float]) -> None:
+        """One finished update: its duration and its mean loss terms (e.g. {"ce": 0.7, "mlkd": 0.1})."""
+        self._metrics["update_duration_seconds"].observe(seconds)
+        for term, value in losses.items():
+            self._metrics["loss"].labels(term=term).set(value)
+
+    def observe_export(self, seconds: float) -> None:
+        self._metrics["export_duration_seconds"].observe(seconds)
+
+    def set_online_accuracy(self, accuracy: float) -> None:
+        if not 0.0 <= accuracy <= 1.0:
+            raise ValueError(f"online accuracy {accuracy!r} is not in [0, 1]")
+        self._metrics["online_accuracy"].set(accuracy)
+
+    # ------------------------------------------------------------------ models
+
+    def set_published_version(self, version: int) -> None:
+        self._metrics["published_version"].set(version)
+
+    def set_served_version(self, version: int) -> None:
+        self._metrics["served_version"].set(version)
+
+    def inc_publish_failures(self, n: int = 1) -> None:
+        self._metrics["publish_failures_total"].inc(n)
+
+    # ------------------------------------------------------------------ reading
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """Current value of a sample, e.g. ``value("ingest_rejected_total", reason="bad_json")``.
+
+        ``name`` is without the ``cl_agent_`` prefix; for a histogram ask for its
+        ``_count`` or ``_sum`` sample. None when the sample does not exist yet.
+        """
+        return self.registry.get_sample_value(f"{PREFIX}_{name}", labels or None)
+
+    def render(self) -> bytes:
+        """The text exposition format, as served at /metrics."""
+        return generate_latest(self.registry)
+
+    def serve_http(self, host: str = "127.0.0.1", port: int = 0) -> tuple[MetricsServer, int]:
+        """Serve /metrics from a daemon thread; port 0 picks a free port. Returns (server, actual port)."""
+        if not 0 <= port <= 65535:
+            raise CLAgentError(f"metrics port {port!r} is not in 0..65535")
+        try:
+            httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            hint = " (port already in use: pick another metrics.port, or 0 for a free one)" if e.errno == errno.EADDRINUSE else ""
+            raise CLAgentError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}{hint}") from None
+        server = MetricsServer(host=host, port=httpd.server_address[1], _httpd=httpd, _thread=thread)
+        log.info("metrics at %s", server.url, extra={"metrics_port": server.port})
+        return server, server.port
+
+
+def serve_from_config(metrics: AgentMetrics, section: MetricsSection) -> MetricsServer | None:
+    """Start the endpoint the config asks for; None when ``metrics.enabled`` is false."""
+    if not section.enabled:
+        return None
+    server, _ = metrics.serve_http(section.host, section.port)
+    return server
