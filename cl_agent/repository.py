@@ -1,0 +1,322 @@
+"""The model repository: Triton layout, atomic publishing, retention, rollback, announcements.
+
+Layout (Triton's onnxruntime backend can serve it as is)::
+
+    <root>/<model>/config.pbtxt          model configuration (input/output names, types, dims)
+    <root>/<model>/<version>/model.onnx  one folder per integer version
+    <root>/<model>/<version>/manifest.json
+    <root>/<model>/.last_version         highest version ever published (survives retention)
+    <root>/<model>/.publish.lock         serialises publishers (flock)
+
+INVARIANT: a folder named by an integer is complete. A version is written into
+a hidden temp folder, every file and the folder are fsynced, and only then is it
+renamed into place; retention renames a folder away before deleting it. Readers
+also check that a version has a manifest and that the model's sha256 matches it,
+so a folder left by a crash or copied by hand is never served.
+
+INVARIANT: versions only increase. The next version is one more than both the
+persisted counter and the highest folder name, so neither retention nor a
+restart can make a number come back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from cl_agent.errors import CLAgentError
+from cl_agent.storage import atomic_write_text, fsync_dir
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.pbtxt"
+COUNTER_FILE = ".last_version"
+LOCK_FILE = ".publish.lock"
+REQUIRED_MANIFEST_KEYS = ("class_names", "image_size")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def triton_config(model_name: str, image_size: int, num_classes: int, max_batch: int = 64) -> str:
+    """config.pbtxt for Triton's onnxruntime backend (batch dimension implicit)."""
+    return (
+        f'name: "{model_name}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {max_batch}\n"
+        "input [\n"
+        f'  {{ name: "images", data_type: TYPE_UINT8, dims: [ {image_size}, {image_size}, 3 ] }}\n'
+        "]\n"
+        "output [\n"
+        f'  {{ name: "logits", data_type: TYPE_FP32, dims: [ {num_classes} ] }},\n'
+        f'  {{ name: "probs", data_type: TYPE_FP32, dims: [ {num_classes} ] }}\n'
+        "]\n"
+        "version_policy: { latest: { num_versions: 1 } }\n"
+        "dynamic_batching: { max_queue_delay_microseconds: 2000 }\n"
+    )
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+class ModelRepository:
+    """Versions of one model under ``root/model_name``; safe against crashes and concurrent publishers."""
+
+    def __init__(self, root: str | os.PathLike, model_name: str, keep_last: int = 5):
+        if not model_name or "/" in model_name or model_name.startswith("."):
+            raise CLAgentError(f"bad model name {model_name!r}: must be non-empty, without '/', not hidden")
+        if keep_last < 1:
+            raise CLAgentError(f"keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.model_name = model_name
+        self.keep_last = keep_last
+        self.model_dir = self.root / model_name
+
+    # ----------------------------------------------------------------- reading
+
+    def _numbered_dirs(self) -> list[int]:
+        if not self.model_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def versions(self) -> list[int]:
+        """Published versions, ascending (folders with a model and a readable manifest)."""
+        return [v for v in self._numbered_dirs() if self._looks_complete(v)]
+
+    def _looks_complete(self, version: int) -> bool:
+        folder = self.version_dir(version)
+        return (folder / MODEL_FILE).is_file() and (folder / MANIFEST_FILE).is_file()
+
+    def latest_version(self) -> int | None:
+        found = self.versions()
+        return found[-1] if found else None
+
+    def version_dir(self, version: int) -> Path:
+        return self.model_dir / str(int(version))
+
+    def model_path(self, version: int) -> Path:
+        return self.version_dir(version) / MODEL_FILE
+
+    def load_manifest(self, version: int) -> dict:
+        path = self.version_dir(version) / MANIFEST_FILE
+        try:
+            manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            known = ", ".join(map(str, self.versions())) or "none"
+            raise CLAgentError(
+                f"model {self.model_name!r} has no version {version} in {self.root} (versions: {known})"
+            ) from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CLAgentError(f"manifest {path} is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict) or manifest.get("version") != version:
+            raise CLAgentError(f"manifest {path} does not describe version {version}")
+        return manifest
+
+    def verify(self, version: int) -> dict:
+        """The manifest of ``version`` after checking the model file's sha256 against it."""
+        manifest = self.load_manifest(version)
+        actual = sha256_file(self.model_path(version))
+        if actual != manifest.get("sha256"):
+            raise CLAgentError(
+                f"{self.model_path(version)}: sha256 {actual[:12]}... does not match the manifest's "
+                f"{str(manifest.get('sha256'))[:12]}..."
+            )
+        return manifest
+
+    def last_version_ever(self) -> int:
+        """Highest version ever published or present (0 if none)."""
+        counter = 0
+        try:
+            counter = int((self.model_dir / COUNTER_FILE).read_text().strip() or 0)
+        except FileNotFoundError:
+            pass
+        except ValueError as e:
+            raise CLAgentError(f"{self.model_dir / COUNTER_FILE} is not an integer: {e}") from None
+        return max([counter, *self._numbered_dirs()])
+
+    # ----------------------------------------------------------------- writing
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.model_dir / LOCK_FILE, "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def publish(self, onnx_path: str | os.PathLike, manifest: dict) -> int:
+        """Publish a copy of ``onnx_path`` as a new version; returns the version number.
+
+        ``manifest`` must hold ``class_names`` (output order) and ``image_size``;
+        ``experience_index``, ``metrics``, ``export`` and anything else are kept.
+        ``version``, ``sha256``, ``created_at``, ``parent_version`` and ``input``
+        are filled in here.
+        """
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise CLAgentError(f"cannot publish {onnx_path}: no such file")
+        missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
+        if missing:
+            raise CLAgentError(f"manifest is missing {', '.join(missing)} (got keys: {', '.join(sorted(manifest))})")
+        names = manifest["class_names"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise CLAgentError(f"manifest class_names must be a non-empty list of strings, got {names!r:.200}")
+        with self._lock():
+            version = self.last_version_ever() + 1
+            temp = self.model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+            temp.mkdir()
+            try:
+                shutil.copyfile(onnx_path, temp / MODEL_FILE)
+                _fsync_file(temp / MODEL_FILE)
+                size = int(manifest["image_size"])
+                full = {
+                    "model": self.model_name,
+                    "version": version,
+                    "parent_version": self.latest_version(),
+                    "class_names": list(names),
+                    "input": {"name": "images", "dtype": "uint8", "shape": [-1, size, size, 3], "layout": "NHWC", "color": "RGB"},
+                    "outputs": ["logits", "probs"],
+                    "experience_index": None,
+                    "metrics": {},
+                    **manifest,
+                    "sha256": sha256_file(temp / MODEL_FILE),
+                    "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                }
+                full["version"] = version
+                atomic_write_text(temp / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=True) + "\n")
+                fsync_dir(temp)
+                # The counter goes first: if we crash after it, a number is skipped, never reused.
+                atomic_write_text(self.model_dir / COUNTER_FILE, f"{version}\n")
+                atomic_write_text(self.model_dir / CONFIG_FILE, triton_config(self.model_name, size, len(names)))
+                os.rename(temp, self.version_dir(version))
+                fsync_dir(self.model_dir)
+            except BaseException:
+                shutil.rmtree(temp, ignore_errors=True)
+                raise
+            self._apply_retention()
+        log.info("published %s version %d (%s)", self.model_name, version, full["sha256"][:12])
+        return version
+
+    def _apply_retention(self) -> None:
+        """Keep the newest ``keep_last`` versions; rename a folder away before deleting it."""
+        doomed = self._numbered_dirs()[: -self.keep_last]
+        for version in doomed:
+            trash = self.model_dir / f".deleted-{version}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.version_dir(version), trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        # Leftovers of publishers that crashed before their rename.
+        for stale in self.model_dir.glob(".tmp-*"):
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        if doomed:
+            fsync_dir(self.model_dir)
+
+    def rollback(self, to: int) -> int:
+        """Republish version ``to`` as a new, higher version (so every server moves to it)."""
+        manifest = self.verify(to)
+        carried = {k: v for k, v in manifest.items() if k not in ("version", "sha256", "created_at", "parent_version")}
+        carried["rollback_of"] = to
+        return self.publish(self.model_path(to), carried)
+
+
+class Announcer:
+    """ZeroMQ PUB socket announcing published versions.
+
+    Message: two frames, the model name (the subscription topic) and a JSON
+    object ``{"model", "version", "sha256"}``. Subscribers that miss one (PUB
+    drops messages to peers still connecting) find the version by polling.
+    """
+
+    def __init__(self, endpoint: str, context=None):
+        import zmq
+
+        self._context = context or zmq.Context.instance()
+        self.socket = self._context.socket(zmq.PUB)
+        self.socket.setsockopt(zmq.LINGER, 500)
+        try:
+            self.socket.bind(endpoint)
+        except zmq.ZMQError as e:
+            self.socket.close(0)
+            raise CLAgentError(f"cannot bind the announce endpoint {endpoint}: {e}") from None
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def announce(self, model: str, version: int, sha256: str) -> None:
+        body = json.dumps({"model": model, "version": int(version), "sha256": sha256})
+        self.socket.send_multipart([model.encode(), body.encode()])
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def parse_announcement(frames: list[bytes]) -> dict:
+    """Decode an Announcer message; raises ValueError on anything malformed."""
+    if len(frames) != 2:
+        raise ValueError(f"announcement must have 2 frames, got {len(frames)}")
+    body = json.loads(frames[1])
+    if not isinstance(body, dict) or not isinstance(body.get("version"), int) or not isinstance(body.get("sha256"), str):
+        raise ValueError(f"announcement body lacks an int version and a sha256: {body!r:.200}")
+    return body
+
+
+# --------------------------------------------------------------------------- command line helpers
+
+
+def print_versions(repo: str | os.PathLike, model: str) -> int:
+    """``cl-agent models list``: one line per version; exit code 0, or 1 if there is none."""
+    import typer
+
+    repository = ModelRepository(repo, model)
+    versions = repository.versions()
+    if not versions:
+        typer.echo(f"no versions of {model!r} in {repo}")
+        return 1
+    typer.echo(f"{'version':>7}  {'created (UTC)':<23}  {'exp':>4}  {'classes':>7}  {'parent':>6}  sha256        note")
+    for version in versions:
+        m = repository.load_manifest(version)
+        note = f"rollback of {m['rollback_of']}" if m.get("rollback_of") is not None else ""
+        exp = m.get("experience_index")
+        typer.echo(
+            f"{version:>7}  {str(m.get('created_at', ''))[:23]:<23}  {'-' if exp is None else exp:>4}  "
+            f"{len(m.get('class_names', [])):>7}  {str(m.get('parent_version') or '-'):>6}  "
+            f"{str(m.get('sha256', ''))[:12]}  {note}"
+        )
+    return 0
+
+
+def rollback(repo: str | os.PathLike, model: str, to: int, announce_endpoint: str | None = None) -> int:
+    """``cl-agent models rollback``: republish ``to`` as a new version, optionally announce it; exit code 0."""
+    import typer
+
+    # Retention is the publisher's business (its config); a rollback from the command line deletes nothing.
+    existing = ModelRepository(repo, model).versions()
+    repository = ModelRepository(repo, model, keep_last=max(1, len(existing) + 1))
+    version = repository.rollback(to)
+    typer.echo(f"rolled {model!r} back to version {to}: published as version {version}")
+    if announce_endpoint:
+        announcer = Announcer(announce_endpoint)
+        # Give subscribers a moment to (re)connect to the new PUB socket; pollers catch up anyway.
+        time.sleep(0.5)
+        announcer.announce(model, version, repository.load_manifest(version)["sha256"])
+        announcer.close()
+    return 0

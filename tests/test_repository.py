@@ -1,0 +1,144 @@
+"""Model repository: Triton layout, atomic versions that only increase, retention, rollback, announcements."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import zmq
+from typer.testing import CliRunner
+
+from cl_agent.cli import app
+from cl_agent.errors import CLAgentError
+from cl_agent.repository import Announcer, ModelRepository, parse_announcement, sha256_file
+
+CLASSES = ["cat", "dog", "cup"]
+
+
+def fake_model(tmp_path, content: bytes):
+    path = tmp_path / f"src-{len(content)}-{content[:4].hex()}.onnx"
+    path.write_bytes(content)
+    return path
+
+
+def publish(repo: ModelRepository, tmp_path, content: bytes, **extra) -> int:
+    return repo.publish(fake_model(tmp_path, content), {"class_names": CLASSES, "image_size": 16, **extra})
+
+
+def test_publish_writes_triton_layout_and_full_manifest(tmp_path):
+    repo = ModelRepository(tmp_path / "models", "student")
+    v1 = publish(repo, tmp_path, b"one", experience_index=0, metrics={"loss": 1.5})
+    v2 = publish(repo, tmp_path, b"two", experience_index=1)
+    assert (v1, v2) == (1, 2)
+    root = tmp_path / "models" / "student"
+    assert (root / "1" / "model.onnx").read_bytes() == b"one"
+    config = (root / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "TYPE_UINT8" in config and "dims: [ 3 ]" in config
+    m = repo.load_manifest(2)
+    assert m["version"] == 2 and m["parent_version"] == 1 and m["class_names"] == CLASSES
+    assert m["input"]["shape"] == [-1, 16, 16, 3] and m["input"]["dtype"] == "uint8"
+    assert m["experience_index"] == 1 and m["sha256"] == sha256_file(root / "2" / "model.onnx")
+    assert m["created_at"].endswith("+00:00")
+    assert repo.load_manifest(1)["metrics"] == {"loss": 1.5}
+    assert repo.verify(2) == m
+    # No temp folders left behind.
+    assert [p.name for p in root.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_partial_or_hidden_folders_are_not_versions(tmp_path):
+    repo = ModelRepository(tmp_path, "student")
+    publish(repo, tmp_path, b"good")
+    model_dir = tmp_path / "student"
+    (model_dir / ".tmp-9-abc").mkdir()
+    (model_dir / ".tmp-9-abc" / "model.onnx").write_bytes(b"half")
+    (model_dir / "7").mkdir()  # e.g. a hand copy cut short: no manifest
+    (model_dir / "7" / "model.onnx").write_bytes(b"hal")
+    assert repo.versions() == [1] and repo.latest_version() == 1
+    # ... but the next number still steps over the stray folder, so a rename never collides.
+    assert publish(repo, tmp_path, b"next") == 8
+
+
+def test_corrupt_model_file_fails_verification(tmp_path):
+    repo = ModelRepository(tmp_path, "student")
+    v = publish(repo, tmp_path, b"original bytes")
+    repo.model_path(v).write_bytes(b"flipped bytes!")
+    with pytest.raises(CLAgentError, match="sha256"):
+        repo.verify(v)
+
+
+def test_versions_only_increase_across_restarts_and_retention(tmp_path):
+    repo = ModelRepository(tmp_path, "student", keep_last=2)
+    for i in range(5):
+        publish(repo, tmp_path, b"m%d" % i)
+    assert repo.versions() == [4, 5]
+    # Delete the newest folders by hand as well: the persisted counter still remembers 5.
+    import shutil
+
+    shutil.rmtree(repo.version_dir(5))
+    shutil.rmtree(repo.version_dir(4))
+    again = ModelRepository(tmp_path, "student", keep_last=2)
+    assert again.latest_version() is None
+    assert publish(again, tmp_path, b"after restart") == 6
+
+
+def test_rollback_republishes_old_model_as_new_version(tmp_path):
+    repo = ModelRepository(tmp_path, "student", keep_last=10)
+    publish(repo, tmp_path, b"v1 bytes", experience_index=0)
+    publish(repo, tmp_path, b"v2 bytes", experience_index=1)
+    v3 = repo.rollback(1)
+    assert v3 == 3
+    m = repo.load_manifest(3)
+    assert m["rollback_of"] == 1 and m["parent_version"] == 2 and m["experience_index"] == 0
+    assert repo.model_path(3).read_bytes() == b"v1 bytes" and m["sha256"] == repo.load_manifest(1)["sha256"]
+    with pytest.raises(CLAgentError, match="no version 42"):
+        repo.rollback(42)
+
+
+def test_manifest_must_name_classes_and_size(tmp_path):
+    repo = ModelRepository(tmp_path, "student")
+    with pytest.raises(CLAgentError, match="image_size"):
+        repo.publish(fake_model(tmp_path, b"x"), {"class_names": CLASSES})
+    with pytest.raises(CLAgentError, match="no such file"):
+        repo.publish(tmp_path / "missing.onnx", {"class_names": CLASSES, "image_size": 16})
+    assert repo.versions() == []
+
+
+def test_announcer_publishes_model_version_and_sha(tmp_path):
+    ctx = zmq.Context.instance()
+    announcer = Announcer("tcp://127.0.0.1:*")
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"student")
+    sub.connect(announcer.endpoint)
+    try:
+        # PUB drops messages until the subscription has arrived: repeat until one gets through.
+        for _ in range(100):
+            announcer.announce("student", 4, "ab" * 32)
+            if sub.poll(50):
+                break
+        body = parse_announcement(sub.recv_multipart())
+        assert body == {"model": "student", "version": 4, "sha256": "ab" * 32}
+    finally:
+        sub.close(0)
+        announcer.close()
+
+
+def test_models_list_and_rollback_commands(tmp_path):
+    runner = CliRunner()
+    root = tmp_path / "models"
+    empty = runner.invoke(app, ["models", "list", "--repo", str(root), "--model", "student"])
+    assert empty.exit_code == 1 and "no versions" in empty.output
+
+    repo = ModelRepository(root, "student")
+    publish(repo, tmp_path, b"a", experience_index=0)
+    publish(repo, tmp_path, b"b", experience_index=1)
+    listed = runner.invoke(app, ["models", "list", "--repo", str(root), "--model", "student"])
+    assert listed.exit_code == 0, listed.output
+    assert [line.split()[0] for line in listed.output.splitlines()[1:]] == ["1", "2"]
+
+    rolled = runner.invoke(app, ["models", "rollback", "--to", "1", "--repo", str(root), "--model", "student"])
+    assert rolled.exit_code == 0, rolled.output
+    assert "version 3" in rolled.output and repo.load_manifest(3)["rollback_of"] == 1
+
+    bad = runner.invoke(app, ["models", "rollback", "--to", "9", "--repo", str(root), "--model", "student"])
+    assert bad.exit_code != 0 and isinstance(bad.exception, CLAgentError) and "no version 9" in str(bad.exception)
+    assert json.loads((root / "student" / "3" / "manifest.json").read_text())["version"] == 3
