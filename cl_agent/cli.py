@@ -89,7 +89,11 @@ def status(workdir: Annotated[Path, typer.Option(help="The agent's working direc
     """Print the state of an agent: running or not, last experience, last version, counts."""
     from cl_agent.status import print_status
 
-    raise typer.Exit(print_status(workdir))
+    try:
+        code = print_status(workdir)
+    except CLAgentError as e:
+        fail(str(e))
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -100,7 +104,11 @@ def report(
     """Plot online accuracy and loss terms over experiences to a PNG."""
     from cl_agent.status import write_report
 
-    raise typer.Exit(write_report(workdir, out))
+    try:
+        code = write_report(workdir, out)
+    except CLAgentError as e:
+        fail(str(e))
+    raise typer.Exit(code)
 
 
 @app.command("config")

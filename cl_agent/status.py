@@ -1,0 +1,397 @@
+"""What a running agent leaves in its working directory for people and tools to read.
+
+``state.json``        the agent's current state, rewritten atomically every few seconds (the heartbeat)
+``experiences.jsonl`` one JSON object per trained experience, appended and fsynced
+``report.png``        written on demand by ``cl-agent report``
+
+The formats are documented in docs/observability.md. ``cl-agent status`` and
+``cl-agent report`` read them, so they work on a running agent, a stopped one,
+or a copy of its folder on another machine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import math
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
+from cl_agent.errors import CLAgentError
+from cl_agent.storage import atomic_write_bytes, atomic_write_text, fsync_dir
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+EXPERIENCES_FILE = "experiences.jsonl"
+REPORT_FILE = "report.png"
+
+# Keys every state.json holds (more may be added).
+STATE_KEYS = (
+    "pid",  # int: the agent process
+    "host",  # str: socket.gethostname() of the agent's machine
+    "started_at",  # ISO 8601 UTC
+    "updated_at",  # ISO 8601 UTC: the heartbeat; write_state() sets it
+    "status",  # "running" | "stopped"
+    "last_experience",  # int | null: index of the last trained experience
+    "pending_experiences",  # int: experiences cut and waiting to be trained (backlog)
+    "model_version",  # int | null: last version published to the repository
+    "served_version",  # int | null: version the server reports it serves
+    "counters",  # {name: number or {label: number}}: ingest and training counters
+    "metrics_port",  # int | null: port of the /metrics endpoint
+)
+STATUS_VALUES = ("running", "stopped")
+
+# Keys every experiences.jsonl record holds (more may be added).
+EXPERIENCE_KEYS = (
+    "experience",  # int: index of the (last) experience trained
+    "time",  # ISO 8601 UTC, when training finished
+    "labeled",  # int: labeled samples trained on
+    "unlabeled",  # int: unlabeled frames used
+    "merged",  # [int]: experience indices merged into this update (backlog policy "merge"); [] if none
+    "online_accuracy",  # float | null: accuracy of the model *before* training on these labeled samples
+    "online_correct",  # int
+    "online_total",  # int
+    "online_accuracy_per_class",  # {class name: float}
+    "losses",  # {term: float}: mean loss terms of the update
+    "update_seconds",  # float
+    "export_seconds",  # float
+    "version",  # int | null: model version published after this update (null if publishing failed)
+    "stopped_by_budget",  # bool: the time budget cut the update short
+)
+
+# A heartbeat older than max(STALE_FACTOR * heartbeat_s, MIN_STALE_S) is reported as stale.
+DEFAULT_HEARTBEAT_S = 5.0
+STALE_FACTOR = 3
+MIN_STALE_S = 30.0
+
+
+# --------------------------------------------------------------------------- time
+
+
+def now_iso() -> str:
+    """Current time as ISO 8601 UTC with milliseconds, e.g. 2026-01-02T03:04:05.678Z."""
+    t = dt.datetime.now(dt.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def parse_iso(text: str) -> dt.datetime:
+    t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _age_text(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# --------------------------------------------------------------------------- state.json
+
+
+def initial_state(
+    *, metrics_port: int | None = None, metrics_host: str = "127.0.0.1", heartbeat_s: float = DEFAULT_HEARTBEAT_S
+) -> dict:
+    """A complete state for a process that is starting now; the agent updates it and calls write_state()."""
+    now = now_iso()
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started_at": now,
+        "updated_at": now,
+        "status": "running",
+        "last_experience": None,
+        "pending_experiences": 0,
+        "model_version": None,
+        "served_version": None,
+        "counters": {},
+        "metrics_port": metrics_port,
+        "metrics_host": metrics_host,  # bind address of the /metrics endpoint
+        "heartbeat_s": heartbeat_s,  # how often the agent rewrites this file
+    }
+
+
+def write_state(workdir: str | os.PathLike, state: Mapping) -> Path:
+    """Atomically write ``workdir/state.json``, stamping ``updated_at`` with the current time."""
+    missing = [k for k in STATE_KEYS if k not in state and k != "updated_at"]
+    if missing:
+        raise ValueError(f"state for {STATE_FILE} lacks keys {missing}")
+    if state["status"] not in STATUS_VALUES:
+        raise ValueError(f"state status {state['status']!r} is not one of {STATUS_VALUES}")
+    data = dict(state, updated_at=now_iso())
+    return atomic_write_text(Path(workdir) / STATE_FILE, json.dumps(_finite(data), indent=2, default=str) + "\n")
+
+
+def read_state(workdir: str | os.PathLike) -> dict | None:
+    """``workdir/state.json`` as a dict; None if there is none; CLAgentError if it is unreadable."""
+    path = Path(workdir) / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CLAgentError(f"cannot read agent state {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise CLAgentError(f"agent state {path} is not a JSON object")
+    return state
+
+
+# --------------------------------------------------------------------------- experiences.jsonl
+
+
+def _finite(value):
+    """NaN and infinities become null, so every line is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def append_experience_record(workdir: str | os.PathLike, record: Mapping) -> Path:
+    """Append one record to ``workdir/experiences.jsonl`` and fsync it; ``time`` defaults to now.
+
+    If a crash left a torn last line, the new record starts on a fresh line.
+    """
+    record = dict(record)
+    record.setdefault("time", now_iso())
+    missing = [k for k in EXPERIENCE_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"experience record lacks keys {missing}")
+    line = json.dumps(_finite(record), ensure_ascii=False, default=str).encode("utf-8") + b"\n"
+
+    path = Path(workdir) / EXPERIENCES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)
+    return path
+
+
+def read_experience_records(workdir: str | os.PathLike) -> list[dict]:
+    """All records of ``workdir/experiences.jsonl`` in order ([] if none).
+
+    A line that is not a JSON object (a write torn by a crash) is skipped; a torn
+    last line silently, one in the middle with a warning.
+    """
+    path = Path(workdir) / EXPERIENCES_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise CLAgentError(f"cannot read {path}: {e.strerror or e}") from None
+    lines = data.split(b"\n")
+    records = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number == len(lines):
+            log.debug("skipping torn last line of %s", path)
+        else:
+            log.warning("skipping unreadable line %d of %s", number, path)
+    return records
+
+
+def online_summary(records: list[dict]) -> dict:
+    """Cumulative online accuracy over records: {"correct", "total", "accuracy" (None if total is 0)}."""
+    correct = sum(int(r.get("online_correct") or 0) for r in records)
+    total = sum(int(r.get("online_total") or 0) for r in records)
+    return {"correct": correct, "total": total, "accuracy": correct / total if total else None}
+
+
+# --------------------------------------------------------------------------- liveness
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this id exists on this machine (it may belong to another user)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False  # os.kill(0, ...) would signal our own process group
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_liveness(state: Mapping, now: dt.datetime | None = None) -> tuple[bool, str]:
+    """(running, one-line explanation) from the pid and the heartbeat age."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    pid, host = state.get("pid"), state.get("host")
+    try:
+        age = (now - parse_iso(state["updated_at"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        age = math.inf
+    heartbeat_s = state.get("heartbeat_s") or DEFAULT_HEARTBEAT_S
+    stale_after = max(STALE_FACTOR * float(heartbeat_s), MIN_STALE_S)
+    beat = f"last heartbeat {_age_text(age)} ago" if math.isfinite(age) else "no readable heartbeat"
+
+    if state.get("status") == "stopped":
+        return False, f"stopped (pid {pid} on {host} exited cleanly; {beat})"
+    if host != socket.gethostname():
+        if age <= stale_after:
+            return True, f"running on {host} (pid {pid}; {beat}; pid not checkable from here)"
+        return False, f"not responding: on {host} (pid {pid}), {beat}"
+    if not pid_alive(pid):
+        return False, f"not running: pid {pid} is gone without a clean stop (crashed or killed; {beat})"
+    if age > stale_after:
+        return True, f"running (pid {pid}) but {beat}; expected every {heartbeat_s:g} s: busy or stuck?"
+    return True, f"running (pid {pid}, {beat})"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _flatten(counters: Mapping, prefix: str = "") -> list[tuple[str, object]]:
+    items = []
+    for key, value in counters.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            items.extend(_flatten(value, name + "."))
+        else:
+            items.append((name, value))
+    return items
+
+
+def _or_none(value, fmt: str = "{}") -> str:
+    return "none" if value is None else fmt.format(value)
+
+
+def print_status(workdir: Path) -> int:
+    """Print an agent's state from its working directory; exit code 0. CLAgentError if there is no agent there."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise CLAgentError(f"no agent working directory at {workdir} (folder not found)")
+    state = read_state(workdir)
+    records = read_experience_records(workdir)
+    if state is None and not records:
+        raise CLAgentError(
+            f"no agent state in {workdir}: neither {STATE_FILE} nor {EXPERIENCES_FILE} found "
+            "(is this the agent.workdir of the config?)"
+        )
+
+    rows: list[tuple[str, str]] = [("workdir", str(workdir))]
+    if state is None:
+        rows.append(("agent", f"unknown ({STATE_FILE} missing)"))
+    else:
+        _, liveness = describe_liveness(state)
+        rows += [
+            ("agent", liveness),
+            ("started", str(state.get("started_at"))),
+            ("updated", str(state.get("updated_at"))),
+            ("last experience", _or_none(state.get("last_experience"))),
+            ("pending", f"{state.get('pending_experiences', 0)} experience(s) waiting to be trained"),
+            ("model version", _or_none(state.get("model_version"))),
+            ("served version", _or_none(state.get("served_version"))),
+            ("metrics", _or_none(state.get("metrics_port"), f"http://{state.get('metrics_host') or '127.0.0.1'}:{{}}/metrics")),
+        ]
+    if records:
+        last = records[-1]
+        total = online_summary(records)
+        acc = last.get("online_accuracy")
+        rows += [
+            ("trained records", f"{len(records)} (last: experience {last.get('experience')} at {last.get('time')})"),
+            (
+                "online accuracy",
+                f"last {_or_none(acc, '{:.3f}')} ({last.get('online_correct', 0)}/{last.get('online_total', 0)}), "
+                f"cumulative {_or_none(total['accuracy'], '{:.3f}')} ({total['correct']}/{total['total']})",
+            ),
+            ("last losses", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (last.get("losses") or {}).items()) or "none"),
+            ("last version", _or_none(last.get("version"))),
+        ]
+    else:
+        rows.append(("trained records", "none yet"))
+
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name + ':':<{width + 1}} {value}" for name, value in rows]
+    counters = _flatten((state or {}).get("counters") or {})
+    if counters:
+        lines.append("counters:")
+        lines += [f"  {name} = {value}" for name, value in counters]
+    print("\n".join(lines))
+    return 0
+
+
+def _render_report(records: list[dict], title: str) -> bytes:
+    # The object-oriented API with an explicit Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    x = [r.get("experience", i) for i, r in enumerate(records)]
+    per_experience = [math.nan if r.get("online_accuracy") is None else r["online_accuracy"] for r in records]
+    cumulative, correct, total = [], 0, 0
+    for r in records:
+        correct += int(r.get("online_correct") or 0)
+        total += int(r.get("online_total") or 0)
+        cumulative.append(correct / total if total else math.nan)
+    terms = list(dict.fromkeys(term for r in records for term in (r.get("losses") or {})))
+
+    figure = Figure(figsize=(8, 6.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    accuracy_axes, loss_axes = figure.subplots(2, 1, sharex=True)
+    accuracy_axes.plot(x, per_experience, "o-", label="per experience (before training on it)")
+    accuracy_axes.plot(x, cumulative, "-", linewidth=2, label="cumulative")
+    accuracy_axes.set_ylim(0, 1)
+    accuracy_axes.set_ylabel("online accuracy")
+    accuracy_axes.grid(alpha=0.3)
+    accuracy_axes.legend(loc="lower right")
+    accuracy_axes.set_title(title)
+    for term in terms:
+        values = [(r.get("losses") or {}).get(term) for r in records]
+        loss_axes.plot(x, [math.nan if v is None else v for v in values], ".-", label=term)
+    loss_axes.set_xlabel("experience")
+    loss_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss_axes.set_ylabel("mean loss term")
+    loss_axes.grid(alpha=0.3)
+    if terms:
+        loss_axes.legend(loc="upper right", ncols=min(len(terms), 4))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_report(workdir: Path, out: Path | None = None) -> int:
+    """Plot online accuracy and loss terms per experience to a PNG (default WORKDIR/report.png); print its path."""
+    workdir = Path(workdir)
+    records = read_experience_records(workdir)
+    if not records:
+        raise CLAgentError(
+            f"nothing to report: no trained experiences recorded in {workdir / EXPERIENCES_FILE} "
+            "(the agent appends one line per trained experience)"
+        )
+    out = Path(out) if out is not None else workdir / REPORT_FILE
+    summary = online_summary(records)
+    title = f"{workdir.name}: {len(records)} updates, cumulative online accuracy {_or_none(summary['accuracy'], '{:.3f}')}"
+    try:
+        atomic_write_bytes(out, _render_report(records, title))
+    except OSError as e:
+        raise CLAgentError(f"cannot write report {out}: {e.strerror or e}") from None
+    print(out)
+    return 0

@@ -1,0 +1,180 @@
+"""The workdir status files and the `cl-agent status` / `cl-agent report` commands."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from cl_agent.cli import app
+from cl_agent.status import (
+    EXPERIENCES_FILE,
+    STATE_FILE,
+    append_experience_record,
+    initial_state,
+    online_summary,
+    read_experience_records,
+    read_state,
+    write_state,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def record(experience: int, correct: int, total: int = 50, **overrides) -> dict:
+    base = {
+        "experience": experience,
+        "labeled": total,
+        "unlabeled": 100,
+        "merged": [],
+        "online_accuracy": correct / total if total else None,
+        "online_correct": correct,
+        "online_total": total,
+        "online_accuracy_per_class": {"cat": 0.5, "dog": 0.25},
+        "losses": {"ce": 1.0 / (experience + 1), "mlkd": 0.1, "ssl": 0.3},
+        "update_seconds": 4.2,
+        "export_seconds": 0.6,
+        "version": experience + 1,
+        "stopped_by_budget": False,
+    }
+    return base | overrides
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A workdir as a running agent leaves it: state.json and three trained experiences."""
+    state = initial_state(metrics_port=9109)
+    state.update(last_experience=2, pending_experiences=1, model_version=3, served_version=2,
+                 counters={"accepted": {"labeled": 150, "frame": 900}, "rejected": {"bad_json": 2}, "dropped": 7})
+    write_state(tmp_path, state)
+    for e, correct in enumerate([10, 20, 30]):
+        append_experience_record(tmp_path, record(e, correct))
+    return tmp_path
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_state_round_trip_and_heartbeat_stamp(tmp_path):
+    state = initial_state()
+    state["updated_at"] = "2000-01-01T00:00:00.000Z"
+    write_state(tmp_path, state)
+    back = read_state(tmp_path)
+    assert back["pid"] == os.getpid() and back["status"] == "running"
+    assert back["updated_at"] > "2000-01-02"  # write_state stamps the current time
+    assert not [p.name for p in tmp_path.iterdir() if p.name != STATE_FILE]  # no temp files left
+
+
+def test_write_state_refuses_incomplete_state(tmp_path):
+    state = initial_state()
+    del state["pending_experiences"]
+    with pytest.raises(ValueError, match="pending_experiences"):
+        write_state(tmp_path, state)
+    with pytest.raises(ValueError, match="'paused'"):
+        write_state(tmp_path, initial_state() | {"status": "paused"})
+
+
+def test_experience_records_append_read_and_nan(tmp_path):
+    append_experience_record(tmp_path, record(0, 5, losses={"ce": float("nan")}))
+    append_experience_record(tmp_path, record(1, 7))
+    records = read_experience_records(tmp_path)
+    assert [r["experience"] for r in records] == [0, 1]
+    assert records[0]["losses"]["ce"] is None  # strict JSON: NaN is written as null
+    assert records[0]["time"].endswith("Z")
+    assert online_summary(records) == {"correct": 12, "total": 100, "accuracy": 0.12}
+    with pytest.raises(ValueError, match="online_total"):
+        append_experience_record(tmp_path, {k: v for k, v in record(2, 1).items() if k != "online_total"})
+
+
+def test_torn_last_line_is_tolerated_and_next_append_starts_fresh(workdir):
+    path = workdir / EXPERIENCES_FILE
+    with path.open("ab") as f:
+        f.write(b'{"experience": 3, "time": "2026-01-0')  # a crash in the middle of a write
+    assert [r["experience"] for r in read_experience_records(workdir)] == [0, 1, 2]
+
+    result = invoke("status", "--workdir", workdir)
+    assert result.exit_code == 0, result.output
+    assert "experience 2" in result.output
+
+    append_experience_record(workdir, record(3, 40))
+    assert [r["experience"] for r in read_experience_records(workdir)] == [0, 1, 2, 3]
+
+
+def test_status_of_a_running_agent(workdir):
+    result = invoke("status", "--workdir", workdir)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert f"running (pid {os.getpid()}" in out
+    assert "last experience: 2" in out
+    assert "pending:" in out and "1 experience(s) waiting" in out
+    assert "model version:   3" in out and "served version:  2" in out
+    assert "cumulative 0.400 (60/150)" in out  # (10 + 20 + 30) / 150
+    assert "last 0.600 (30/50)" in out
+    assert "accepted.labeled = 150" in out and "rejected.bad_json = 2" in out
+    assert "http://127.0.0.1:9109/metrics" in out
+
+
+def test_status_of_a_stopped_and_of_a_crashed_agent(workdir):
+    state = read_state(workdir) | {"pid": dead_pid(), "status": "stopped"}
+    write_state(workdir, state)
+    result = invoke("status", "--workdir", workdir)
+    assert result.exit_code == 0, result.output
+    assert "stopped" in result.output and "running (" not in result.output
+
+    write_state(workdir, state | {"status": "running"})  # it claimed to run, but its process is gone
+    result = invoke("status", "--workdir", workdir)
+    assert result.exit_code == 0, result.output
+    assert f"not running: pid {state['pid']} is gone" in result.output
+
+
+def test_status_flags_a_stale_heartbeat(workdir):
+    state = read_state(workdir)
+    state["started_at"] = "2020-01-01T00:00:00.000Z"
+    write_state(workdir, state)
+    raw = json.loads((workdir / STATE_FILE).read_text())
+    raw["updated_at"] = "2020-01-01T00:00:00.000Z"  # edited behind write_state's back
+    (workdir / STATE_FILE).write_text(json.dumps(raw))
+    result = invoke("status", "--workdir", workdir)
+    assert result.exit_code == 0, result.output
+    assert "busy or stuck?" in result.output
+
+
+def test_status_and_report_on_an_empty_workdir_fail_readably(tmp_path):
+    for command in ("status", "report"):
+        result = invoke(command, "--workdir", tmp_path)
+        assert result.exit_code != 0
+        assert "Traceback" not in result.output
+        assert str(tmp_path) in result.output
+    assert "no agent state" in invoke("status", "--workdir", tmp_path).output
+    assert "nothing to report" in invoke("report", "--workdir", tmp_path).output
+    assert "folder not found" in invoke("status", "--workdir", tmp_path / "missing").output
+
+
+def test_unreadable_state_is_a_clear_error(tmp_path):
+    (tmp_path / STATE_FILE).write_text("{not json")
+    result = invoke("status", "--workdir", tmp_path)
+    assert result.exit_code != 0 and STATE_FILE in result.output
+
+
+def test_report_writes_a_png(workdir, tmp_path):
+    result = invoke("report", "--workdir", workdir)
+    assert result.exit_code == 0, result.output
+    default = workdir / "report.png"
+    assert str(default) in result.output
+    data = default.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+
+    out = tmp_path / "plots" / "custom.png"
+    append_experience_record(workdir, record(3, 0, total=0, online_accuracy=None, losses={"ce": 0.2}))
+    result = invoke("report", "--workdir", workdir, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
