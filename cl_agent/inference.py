@@ -1,0 +1,122 @@
+"""A client for the inference server, with a timeout and retries ("Lazy Pirate").
+
+A REQ socket sends one ``infer`` request and waits up to ``timeout_s`` for the
+reply. On a timeout the socket is closed and reopened (a REQ socket that lost
+its reply cannot be reused) and the request is sent again, up to ``retries``
+times; then ``InferenceError`` with reason ``timeout``. An ``error`` reply from
+the server is raised at once (resending the same request would fail again).
+One client per thread: ZeroMQ sockets are not thread-safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import zmq
+
+from cl_agent.config import WireSection
+from cl_agent.errors import CLAgentError
+from cl_agent.wire import WireError, decode_message, encode_message
+
+
+class InferenceError(CLAgentError):
+    """The server refused a request or did not answer; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"inference failed ({reason}): {detail}")
+
+
+@dataclass
+class InferenceResult:
+    """Per image, the top-k (class name, probability) pairs, best first; and the version that answered."""
+
+    predictions: list[list[tuple[str, float]]]
+    model_version: int
+    model: str
+
+    @property
+    def labels(self) -> list[str]:
+        """The top-1 class name of each image."""
+        return [p[0][0] for p in self.predictions]
+
+
+class InferenceClient:
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        *,
+        encoding: str = "raw",
+        context: zmq.Context | None = None,
+        sender: str | None = None,
+    ):
+        if timeout_s <= 0 or retries < 0:
+            raise CLAgentError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s}, {retries}")
+        self.endpoint = endpoint
+        self.timeout_ms = int(timeout_s * 1000)
+        self.retries = retries
+        self.encoding = encoding
+        self.sender = sender or f"client-{os.getpid()}-{id(self):x}"
+        self._context = context or zmq.Context.instance()
+        self._seq = itertools.count(1)
+        self._limits = WireSection()
+        self._socket: zmq.Socket | None = None
+
+    def _connect(self) -> zmq.Socket:
+        socket = self._context.socket(zmq.REQ)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(self.endpoint)
+        return socket
+
+    def predict(self, images: Sequence[np.ndarray] | np.ndarray, top_k: int | None = None) -> InferenceResult:
+        """Classify uint8 RGB images ((N, H, W, 3) array or a list of (H, W, 3)); any size, the server resizes."""
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            raise CLAgentError(f"expected (N, H, W, 3) images or a list of (H, W, 3), got one array of shape {images.shape}")
+        if len(images) == 0:
+            raise CLAgentError("predict needs at least one image")
+        seq = next(self._seq)
+        fields = {} if top_k is None else {"top_k": int(top_k)}
+        try:
+            request = encode_message("infer", self.sender, seq, list(images), encoding=self.encoding, **fields)
+        except ValueError as e:
+            raise CLAgentError(f"cannot encode the images: {e}") from None
+        for _attempt in range(self.retries + 1):
+            if self._socket is None:
+                self._socket = self._connect()
+            self._socket.send_multipart(request, copy=False)
+            if self._socket.poll(self.timeout_ms):
+                return self._result(self._socket.recv_multipart(), seq)
+            # Lazy Pirate: the REQ socket is stuck waiting for a reply that is lost; start over with a new one.
+            self._socket.close()
+            self._socket = None
+        raise InferenceError("timeout", f"no reply from {self.endpoint} after {self.retries + 1} attempts of {self.timeout_ms} ms")
+
+    def _result(self, frames: list[bytes], seq: int) -> InferenceResult:
+        try:
+            message = decode_message(frames, self._limits)
+        except WireError as e:
+            raise InferenceError(e.reason, f"malformed reply: {e.detail}") from None
+        header = message.header
+        if message.kind == "error":
+            raise InferenceError(str(header.get("reason", "error")), str(header.get("detail", "")))
+        if message.kind != "prediction" or message.seq != seq:
+            raise InferenceError("bad_reply", f"expected prediction #{seq}, got {message.kind} #{message.seq}")
+        predictions = [[(str(name), float(p)) for name, p in image] for image in header["predictions"]]
+        return InferenceResult(predictions, int(header["model_version"]), str(header.get("model", "")))
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def __enter__(self) -> "InferenceClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

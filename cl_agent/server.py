@@ -1,0 +1,381 @@
+"""Serving: an onnxruntime session behind a ZeroMQ ROUTER, micro-batched, hot-swapped.
+
+One serving thread owns the ROUTER socket: it receives ``infer`` requests,
+groups them into a micro-batch, runs the session and replies with the top-k
+class names, their probabilities and the version that answered. A watcher
+thread follows the repository (announcements on a SUB socket, polling as a
+fallback): a new version is loaded and warmed in the background, its sha256 and
+input/output signature are checked, and only then is the one reference the
+serving thread reads swapped. A batch already running finishes on the session
+it started with. A version that fails to load is logged, counted and skipped;
+the old one keeps serving.
+
+Batching: a lone request on an idle server is answered at once. When several
+requests are already queued (concurrent clients), the batch takes them all and
+stays open up to ``max_wait_ms`` to fill to ``max_batch`` images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from cl_agent.config import AgentConfig, ServeSection, WireSection
+from cl_agent.errors import CLAgentError
+from cl_agent.repository import ModelRepository, parse_announcement
+from cl_agent.wire import Message, WireError, decode_message, reply
+
+log = logging.getLogger(__name__)
+
+SENDER = "server"
+
+
+class ModelLoadError(CLAgentError):
+    """A version that cannot be served (bad hash, bad signature, failed warm-up)."""
+
+
+@dataclass
+class LoadedModel:
+    """One servable version: an onnxruntime session and what its outputs mean."""
+
+    version: int
+    sha256: str
+    class_names: list[str]
+    image_size: int
+    session: object  # onnxruntime.InferenceSession
+    manifest: dict = field(repr=False, default_factory=dict)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, K)."""
+        (probs,) = self.session.run(["probs"], {"images": images})
+        return probs
+
+
+def choose_providers(requested: list[str]) -> list[str]:
+    """onnxruntime providers: ``auto`` = TensorRT, then CUDA, when installed, always ending with CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested == ["auto"]:
+        preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+        return [p for p in preferred if p in available] + ["CPUExecutionProvider"]
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise CLAgentError(f"serve.providers = {requested}: {', '.join(missing)} not available (have {', '.join(available)})")
+    return list(requested)
+
+
+def load_model(repository: ModelRepository, version: int, serve: ServeSection) -> LoadedModel:
+    """Read, verify (sha256 of the bytes actually loaded), open and warm one version."""
+    import onnxruntime as ort
+
+    try:
+        manifest = repository.load_manifest(version)
+        data = repository.model_path(version).read_bytes()
+    except (CLAgentError, OSError) as e:
+        raise ModelLoadError(f"version {version}: {e}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.get("sha256"):
+        raise ModelLoadError(f"version {version}: model sha256 {digest[:12]}... differs from the manifest's")
+    names, size = manifest.get("class_names"), manifest.get("image_size")
+    if not isinstance(names, list) or not isinstance(size, int):
+        raise ModelLoadError(f"version {version}: manifest lacks class_names or image_size")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if serve.intra_op_threads:
+        options.intra_op_num_threads = serve.intra_op_threads
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(data, options, providers=choose_providers(serve.providers))
+    except Exception as e:  # onnxruntime raises untyped errors for a bad graph
+        raise ModelLoadError(f"version {version}: onnxruntime cannot load the model: {e}") from None
+    inputs, outputs = session.get_inputs(), {o.name: o for o in session.get_outputs()}
+    if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)":
+        got = [(i.name, i.type) for i in inputs]
+        raise ModelLoadError(f"version {version}: expected one uint8 input 'images', got {got}")
+    if list(inputs[0].shape[1:]) != [size, size, 3]:
+        raise ModelLoadError(f"version {version}: input shape {inputs[0].shape} does not match image_size {size}")
+    if "probs" not in outputs or outputs["probs"].shape[-1] != len(names):
+        raise ModelLoadError(f"version {version}: no 'probs' output with {len(names)} classes ({list(outputs)})")
+    model = LoadedModel(version, digest, list(names), size, session, manifest)
+    # Warm-up at the batch sizes the server will run, so the first real requests pay no first-run costs.
+    for n in sorted({1, serve.max_batch}):
+        try:
+            probs = model.probabilities(np.zeros((n, size, size, 3), np.uint8))
+        except Exception as e:  # a graph that loads but cannot run
+            raise ModelLoadError(f"version {version}: warm-up at batch {n} failed: {e}") from None
+        if probs.shape != (n, len(names)) or not np.isfinite(probs).all():
+            raise ModelLoadError(f"version {version}: warm-up output {probs.shape} is not finite (N, {len(names)})")
+    return model
+
+
+@dataclass
+class _Request:
+    envelope: list[bytes]  # routing frames, up to and including the empty delimiter (REQ clients)
+    message: Message
+    images: np.ndarray  # (n, S, S, 3)
+    top_k: int
+
+
+class Server:
+    """Hot-swapping inference server; ``start()`` returns once it is bound (and serving, if a version exists)."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        serve: ServeSection,
+        wire: WireSection | None = None,
+        announce_endpoint: str | None = None,
+        context: zmq.Context | None = None,
+    ):
+        self.repository = repository
+        self.serve = serve
+        self.wire = wire or WireSection()
+        self.announce_endpoint = announce_endpoint
+        self._context = context or zmq.Context.instance()
+        self._model: LoadedModel | None = None  # INVARIANT: replaced whole, never mutated
+        self._failed: set[tuple[int, str]] = set()  # (version, manifest sha) refused before: not retried
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.endpoint: str | None = None
+        self.counters = {"requests": 0, "images": 0, "batches": 0, "errors": 0, "swaps": 0, "swap_failures": 0}
+
+    @property
+    def version(self) -> int | None:
+        model = self._model
+        return model.version if model else None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> "Server":
+        self._check_for_new_version()
+        router = self._context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        try:
+            router.bind(self.serve.endpoint)
+        except zmq.ZMQError as e:
+            router.close()
+            raise CLAgentError(f"cannot bind serve.endpoint {self.serve.endpoint}: {e}") from None
+        self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._threads = [
+            threading.Thread(target=self._serve_loop, args=(router,), name="serve", daemon=True),
+            threading.Thread(target=self._watch_loop, name="serve-watch", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        log.info("serving %s version %s on %s", self.repository.model_name, self.version, self.endpoint)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = []
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def check_now(self) -> None:
+        """Ask the watcher to look at the repository now (as an announcement would)."""
+        self._wake.set()
+
+    # ----------------------------------------------------------------- hot swap
+
+    def _check_for_new_version(self) -> None:
+        """Load the newest version above the current one that has not failed before; swap it in."""
+        current = self.version or 0
+        for version in reversed(self.repository.versions()):
+            if version <= current:
+                return
+            try:
+                key = (version, str(self.repository.load_manifest(version).get("sha256")))
+            except CLAgentError:
+                continue  # removed by retention between listing and reading
+            if key in self._failed:
+                continue
+            started = time.perf_counter()
+            try:
+                model = load_model(self.repository, version, self.serve)
+            except ModelLoadError as e:
+                self._failed.add(key)
+                self.counters["swap_failures"] += 1
+                log.error("not swapping to version %d, still serving %s: %s", version, self.version, e)
+                continue
+            self._model = model  # the swap: one reference; running batches keep the session they hold
+            self.counters["swaps"] += 1
+            log.info("now serving version %d (loaded in %.0f ms)", version, 1000 * (time.perf_counter() - started))
+            return
+
+    def _watch_loop(self) -> None:
+        sub = None
+        if self.announce_endpoint:
+            sub = self._context.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, self.repository.model_name.encode())
+            sub.connect(self.announce_endpoint)
+        next_poll = time.monotonic() + self.serve.poll_s
+        try:
+            while not self._stop.is_set():
+                if sub is not None and sub.poll(50):
+                    frames = sub.recv_multipart()
+                    try:
+                        body = parse_announcement(frames)
+                    except ValueError as e:
+                        log.warning("ignoring a malformed announcement: %s", e)
+                        continue
+                    if body["version"] > (self.version or 0):
+                        self._check_for_new_version()
+                elif self._wake.wait(0 if sub is not None else 0.05):
+                    self._wake.clear()
+                    self._check_for_new_version()
+                elif time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.serve.poll_s
+                    self._check_for_new_version()
+        finally:
+            if sub is not None:
+                sub.close()
+
+    # ----------------------------------------------------------------- serving
+
+    def _serve_loop(self, router: zmq.Socket) -> None:
+        try:
+            while not self._stop.is_set():
+                if not router.poll(100):
+                    continue
+                model = self._model  # one read per batch: the whole batch runs on this version
+                batch = self._collect(router, model)
+                if batch:
+                    self._run(router, model, batch)
+        finally:
+            router.close()
+
+    def _collect(self, router: zmq.Socket, model: LoadedModel | None) -> list[_Request]:
+        """Drain queued requests into one batch; wait up to max_wait_ms only if others are arriving too."""
+        batch: list[_Request] = []
+        count = 0
+        deadline = None
+        while count < self.serve.max_batch:
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                if len(batch) < 2 or self.serve.max_wait_ms <= 0:
+                    break
+                deadline = deadline or time.monotonic() + self.serve.max_wait_ms / 1000
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not router.poll(remaining * 1000):
+                    break
+                continue
+            request = self._parse(router, frames, model)
+            if request is not None:
+                batch.append(request)
+                count += len(request.images)
+        return batch
+
+    def _parse(self, router: zmq.Socket, frames: list[bytes], model: LoadedModel | None) -> _Request | None:
+        """Validate one request; an invalid one is answered with an error right away."""
+        split = frames.index(b"") + 1 if b"" in frames[:-1] else 1
+        envelope, parts = frames[:split], frames[split:]
+        self.counters["requests"] += 1
+        try:
+            message = decode_message(parts, self.wire)
+        except WireError as e:
+            return self._refuse(router, envelope, 0, e.reason, e.detail)
+        if message.kind != "infer":
+            return self._refuse(router, envelope, message.seq, "bad_kind", f"expected 'infer', got {message.kind!r}")
+        if not message.payloads:
+            return self._refuse(router, envelope, message.seq, "no_images", "an infer request needs at least one image")
+        if model is None:
+            return self._refuse(router, envelope, message.seq, "no_model", "no model version is loaded yet")
+        top_k = message.header.get("top_k", self.serve.top_k)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            return self._refuse(router, envelope, message.seq, "bad_top_k", f"top_k must be an int >= 1, got {top_k!r:.50}")
+        size = model.image_size
+        try:
+            images = [_resize(message.image(i, self.wire), size) for i in range(len(message.payloads))]
+        except WireError as e:
+            return self._refuse(router, envelope, message.seq, e.reason, e.detail)
+        return _Request(envelope, message, np.stack(images), min(top_k, len(model.class_names)))
+
+    def _refuse(self, router: zmq.Socket, envelope: list[bytes], seq: int, reason: str, detail: str) -> None:
+        self.counters["errors"] += 1
+        router.send_multipart(envelope + reply("error", SENDER, seq, reason=reason, detail=detail))
+        return None
+
+    def _run(self, router: zmq.Socket, model: LoadedModel, batch: list[_Request]) -> None:
+        images = batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch])  # (N, S, S, 3)
+        try:
+            probs = model.probabilities(images)  # (N, K)
+        except Exception as e:  # onnxruntime raises untyped runtime errors; answer, count, keep serving
+            log.error("inference failed on version %d: %s", model.version, e)
+            for request in batch:
+                self._refuse(router, request.envelope, request.message.seq, "inference_failed", str(e)[:500])
+            return
+        self.counters["batches"] += 1
+        self.counters["images"] += len(images)
+        start = 0
+        names = model.class_names
+        for request in batch:
+            rows = probs[start : start + len(request.images)]
+            start += len(request.images)
+            top = np.argsort(-rows, axis=1)[:, : request.top_k]
+            predictions = [[[names[c], round(float(row[c]), 6)] for c in idx] for row, idx in zip(rows, top)]
+            router.send_multipart(
+                request.envelope
+                + reply(
+                    "prediction",
+                    SENDER,
+                    request.message.seq,
+                    model=self.repository.model_name,
+                    model_version=model.version,
+                    predictions=predictions,
+                )
+            )
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[:2] == (size, size):
+        return image
+    import cv2
+
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str | None = None) -> int:
+    """``cl-agent serve``: serve until SIGINT/SIGTERM; returns the exit code (0 on a signal)."""
+    from cl_agent.logs import setup_logging
+
+    setup_logging(cfg.agent.log_level, cfg.agent.log_json)
+    repository = ModelRepository(repo or cfg.repository.root, model or cfg.agent.model_name, cfg.repository.keep_last)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    server = Server(repository, cfg.serve, cfg.ingest.wire, announce_endpoint=cfg.repository.announce_endpoint)
+    try:
+        server.start()
+        if server.version is None:
+            log.warning("no version of %r in %s yet: answering 'no_model' until one is published", repository.model_name, repository.root)
+        while not stopping.wait(1.0):
+            pass
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    log.info("stopped; served %s", server.counters)
+    return 0
