@@ -148,6 +148,70 @@ def models_rollback(
     raise typer.Exit(rollback(repo, model, to, announce_endpoint=announce))
 
 
+# --------------------------------------------------------------------------- bench
+
+
+@bench_app.command("cir")
+def bench_cir(
+    scenario: Annotated[int, typer.Option(min=1, max=3, help="CLVISION 2024 scenario: 1, 2 or 3.")],
+    out: Annotated[Path, typer.Option(help="Folder for results.json and accuracy.png.")],
+    method: Annotated[str, typer.Option(help="mlkd_ssl, naive, lwf_unlabeled, joint, or an ablation.")] = "mlkd_ssl",
+    profile: Annotated[str, typer.Option(help="smoke, quick, full (configs/bench/NAME.yaml) or a YAML path.")] = "quick",
+    seed: Annotated[int, typer.Option(help="Seed of the stream draw and the training.")] = 0,
+    data: Annotated[
+        Optional[Path], typer.Option(help="Image folder: classes.tsv + train/val (dirs or .tar). Default: ../shared.")
+    ] = None,
+    scenarios: Annotated[
+        Optional[Path], typer.Option(help="Folder of clvision2024_s{1,2,3}.json, or one table. Default: ../shared.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Run one CIR scenario x one method x one profile; writes OUT/results.json and OUT/accuracy.png."""
+    from cl_agent.benchmark import BenchRun, load_profile, portable_path, profile_path, resolve_device, run_benchmark
+    from cl_agent.scenario import (
+        ImageFolder,
+        default_data_dir,
+        default_scenarios_dir,
+        load_scenario,
+        scenario_path,
+    )
+
+    data = data or default_data_dir()
+    scenarios = scenarios or default_scenarios_dir()
+    if data is None or scenarios is None:
+        fail("../shared was not found beside the repository: pass --data and --scenarios")
+    table_path = scenarios if scenarios.is_file() else scenario_path(scenarios, scenario)
+    bench_profile = load_profile(profile)
+    table = load_scenario(table_path)
+    folder = ImageFolder(data, bench_profile.model.image_size)
+    sources = {
+        "profile_name": profile,
+        "profile_file": portable_path(profile_path(profile)),
+        "scenario_table": portable_path(table_path),
+        "data": portable_path(data),
+    }
+    run_ = BenchRun(scenario, table, folder, bench_profile, method, seed, resolve_device(device), out, sources)
+    results = run_benchmark(run_, echo=lambda line: typer.echo(line))
+    typer.echo(
+        f"final accuracy {100 * results['final_accuracy']:.2f}%  mean {100 * results['mean_accuracy']:.2f}%  "
+        f"wall {results['wall_seconds'] / 60:.1f} min  -> {out / 'results.json'}"
+    )
+
+
+@bench_app.command("compare")
+def bench_compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or results JSON files).")],
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write.")] = Path("runs/bench-compare.png"),
+) -> None:
+    """Plot accuracy over experiences (one line per run) and print a markdown table."""
+    from cl_agent.comparison import load_results, markdown_table, plot_runs
+
+    results = [load_results(p) for p in runs]
+    typer.echo(markdown_table(results))
+    if out is not None:
+        typer.echo(f"\nplot: {plot_runs(results, out)}")
+
+
 # --------------------------------------------------------------------------- keys
 
 

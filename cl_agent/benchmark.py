@@ -1,0 +1,282 @@
+"""The CIR benchmark: one scenario x one method x one profile, streamed to the Trainer and scored on the val set.
+
+The learner sees the stream as the agent would: experience by experience, never
+the future or the val set. After every experience the val set of the learnable
+classes is scored (overall and per class). ``joint`` is the upper bound: every
+labeled (and unlabeled) image of the stream, shuffled together, trained with the
+total number of steps the streamed run would take, and scored once at the end.
+
+A profile (``configs/bench/<name>.yaml``) holds the ``model`` and ``train``
+sections the Trainer takes and a ``bench`` section for the benchmark itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from cl_agent.config import ConfigError, ModelSection, TrainSection, _range, build, to_dict
+from cl_agent.errors import CLAgentError
+from cl_agent.scenario import ImageFolder, ScenarioTable, build_stream, val_set
+from cl_agent.storage import atomic_write_text
+
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "configs" / "bench"
+JOINT = "joint"
+
+
+@dataclass
+class BenchSection:
+    experiences: int = field(default=0, metadata=_range(ge=0))  # experiences to run from the start of the stream; 0 = all
+    eval_per_class: int = field(default=0, metadata=_range(ge=0))  # val images per class scored; 0 = all
+    eval_batch: int = field(default=256, metadata=_range(ge=1))  # images per predict() call
+    threads: int = field(default=0, metadata=_range(ge=0))  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class BenchProfile:
+    model: ModelSection = field(default_factory=ModelSection)  # the student (image_size is the benchmark's too)
+    train: TrainSection = field(default_factory=TrainSection)  # the update (train.method is set by --method)
+    bench: BenchSection = field(default_factory=BenchSection)  # stream length, evaluation
+
+
+def profile_path(name: str | Path) -> Path:
+    """A profile name (smoke, quick, full: ``configs/bench/<name>.yaml``) or a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return path
+    for folder in (PROFILES_DIR, Path.cwd() / "configs" / "bench"):
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+    raise CLAgentError(f"unknown bench profile {str(name)!r} (known: {', '.join(known) or 'none found'})")
+
+
+def portable_path(path: str | Path) -> str:
+    """``path`` relative to the repository root when it lies beside it (``../shared/...``), so results carry no machine paths."""
+    path, root = Path(path).resolve(), PROFILES_DIR.parents[1]
+    return os.path.relpath(path, root) if path.is_relative_to(root.parent) else str(path)
+
+
+def load_profile(name: str | Path) -> BenchProfile:
+    """Load a bench profile; unknown keys and bad values raise ConfigError naming the key."""
+    path = profile_path(name)
+    if not path.is_file():
+        raise ConfigError("<file>", str(path), str(path), "profile file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("<file>", str(path), str(path), f"not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("<file>", type(data).__name__, str(path), "top level must be a mapping of sections")
+    return build(BenchProfile, data, str(path))
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def evaluate(trainer, images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int) -> tuple[float, list]:
+    """Accuracy on (images, labels) and per class (index = class id; None for a class with no images)."""
+    import torch
+
+    logits = trainer.predict(torch.from_numpy(images), batch_size=batch)  # (N, num_model_classes)
+    correct = (logits.argmax(1).numpy() == labels).astype(np.float64)
+    hits = np.bincount(labels, weights=correct, minlength=num_classes)
+    counts = np.bincount(labels, minlength=num_classes)
+    per_class = [float(h / n) if n else None for h, n in zip(hits, counts)]
+    return float(correct.mean()), per_class
+
+
+def forgetting(per_class_history: list[list], classes: set[int]) -> float | None:
+    """Mean over ``classes`` of (best accuracy over evaluations - final accuracy); None with < 2 evaluations."""
+    if len(per_class_history) < 2 or not classes:
+        return None
+    drops = []
+    for c in sorted(classes):
+        values = [row[c] for row in per_class_history if row[c] is not None]
+        if values:
+            drops.append(max(values) - values[-1])
+    return float(np.mean(drops)) if drops else None
+
+
+def epochs_at(train: TrainSection, t: int) -> int:
+    """The reference epoch schedule: epochs(t) = max(epochs_min, epochs_base - t)."""
+    return max(train.epochs_min, train.epochs_base - t)
+
+
+def streamed_steps(train: TrainSection, labeled_counts: list[int]) -> int:
+    """Optimizer steps of the streamed run: sum over t of epochs(t) * ceil(N_t / labeled_batch)."""
+    return sum(epochs_at(train, t) * math.ceil(n / train.labeled_batch) for t, n in enumerate(labeled_counts))
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLAgentError(f"--device {device}: CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise CLAgentError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def device_description(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class BenchRun:
+    """What one benchmark run needs; ``out`` receives results.json and accuracy.png."""
+
+    scenario: int | str  # 1, 2, 3 (or a name, for other tables)
+    table: ScenarioTable
+    folder: ImageFolder
+    profile: BenchProfile
+    method: str
+    seed: int = 0
+    device: str = "cpu"
+    out: Path | None = None
+    sources: dict = field(default_factory=dict)  # paths of the table, data and profile, recorded in the results
+
+
+def _loss_terms(metrics: dict) -> dict:
+    skip = {"steps", "seconds", "stopped_by_budget", "experience", "epochs"}
+    return {k: float(v) for k, v in metrics.items() if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _progress_line(label: str, t: int, total: int, accuracy: float | None, metrics: dict, seconds: float, eta: float) -> str:
+    terms = " ".join(f"{k}={v:.3g}" for k, v in _loss_terms(metrics).items())
+    acc = f"acc={accuracy:.4f}" if accuracy is not None else "acc=  -   "
+    return f"[{label}] t={t + 1:>3}/{total} {acc} steps={metrics.get('steps', '?')} {terms} {seconds:.1f}s ETA {_format_eta(eta)}"
+
+
+def run_benchmark(run: BenchRun, echo: Callable[[str], None] = print) -> dict:
+    """Train on the stream, score after every experience (once at the end for joint); write and return results."""
+    import torch
+
+    from cl_agent.trainer import Trainer
+
+    profile = run.profile
+    train = dataclasses.replace(profile.train, method=run.method)
+    model, bench = profile.model, profile.bench
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    n_experiences = min(bench.experiences or len(run.table.experiences), len(run.table.experiences))
+    label = f"s{run.scenario} {run.method} {run.sources.get('profile_name', '')}".strip()
+    started = time.perf_counter()
+
+    val_images, val_labels = val_set(run.table, run.folder, bench.eval_per_class)
+    trainer = Trainer(model, train, device=run.device, seed=run.seed)
+    stream = build_stream(run.table, run.folder, run.seed, limit=n_experiences)
+    results = {
+        "scenario": run.scenario,
+        "scenario_name": run.table.name,
+        "method": run.method,
+        "profile": run.sources.get("profile_name", ""),
+        "seed": run.seed,
+        "device": device_description(run.device),
+        "experiences": n_experiences,
+        "val_images": int(len(val_labels)),
+        "config": {"model": to_dict(model), "train": to_dict(train), "bench": to_dict(bench), **run.sources},
+    }
+    accuracies, per_class_history, evaluated_after, log = [], [], [], []
+    seen: set[int] = set()
+    total_steps = 0
+
+    if run.method == JOINT:
+        # INVARIANT: joint sees the same images as the streamed run, all at once, for the same number of steps
+        experiences = list(stream)
+        labeled = np.concatenate([e.labeled for e in experiences])
+        labels = np.concatenate([e.labels for e in experiences])
+        unlabeled = np.concatenate([e.unlabeled for e in experiences])
+        rng = np.random.default_rng(run.seed)
+        order = rng.permutation(len(labels))
+        labeled, labels, unlabeled = labeled[order], labels[order], unlabeled[rng.permutation(len(unlabeled))]
+        seen = set(labels.tolist())
+        steps = streamed_steps(train, [len(e.labels) for e in experiences])
+        del experiences
+        budget = train.time_budget_s * n_experiences if train.time_budget_s else None
+        echo(f"[{label}] joint: {len(labels)} labeled + {len(unlabeled)} unlabeled images, {steps} steps")
+        t0 = time.perf_counter()
+        metrics = trainer.train_experience(torch.from_numpy(labeled), torch.from_numpy(labels),
+                                           torch.from_numpy(unlabeled), steps=steps, time_budget_s=budget)  # fmt: skip
+        accuracy, per_class = evaluate(trainer, val_images, val_labels, run.table.learnable_classes, bench.eval_batch)
+        total_steps = int(metrics.get("steps", steps))
+        accuracies.append(accuracy)
+        per_class_history.append(per_class)
+        evaluated_after.append(n_experiences - 1)
+        seconds = time.perf_counter() - t0
+        log.append({"t": n_experiences - 1, "accuracy": accuracy, "seconds": seconds, **_metrics_json(metrics)})
+        echo(_progress_line(label, n_experiences - 1, n_experiences, accuracy, metrics, seconds, 0.0))
+    else:
+        for experience in stream:
+            t0 = time.perf_counter()
+            seen.update(experience.labels.tolist())
+            metrics = trainer.train_experience(torch.from_numpy(experience.labeled), torch.from_numpy(experience.labels),
+                                               torch.from_numpy(experience.unlabeled))  # fmt: skip
+            accuracy, per_class = evaluate(trainer, val_images, val_labels, run.table.learnable_classes, bench.eval_batch)
+            total_steps += int(metrics.get("steps", 0))
+            accuracies.append(accuracy)
+            per_class_history.append(per_class)
+            evaluated_after.append(experience.index)
+            seconds = time.perf_counter() - t0
+            log.append({"t": experience.index, "accuracy": accuracy, "seconds": seconds, **_metrics_json(metrics)})
+            done = experience.index + 1
+            eta = (time.perf_counter() - started) / done * (n_experiences - done)
+            echo(_progress_line(label, experience.index, n_experiences, accuracy, metrics, seconds, eta))
+            if run.out is not None and done < n_experiences:
+                _write(run.out, {**results, **_scores(accuracies, per_class_history, evaluated_after, seen),
+                                 "log": log, "total_steps": total_steps, "complete": False,
+                                 "wall_seconds": time.perf_counter() - started})  # fmt: skip
+
+    results.update(_scores(accuracies, per_class_history, evaluated_after, seen))
+    results.update(log=log, total_steps=total_steps, complete=True, wall_seconds=time.perf_counter() - started)
+    if run.out is not None:
+        _write(run.out, results)
+        from cl_agent.comparison import plot_runs
+
+        plot_runs([results], Path(run.out) / "accuracy.png")
+    return results
+
+
+def _metrics_json(metrics: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+            for k, v in metrics.items() if isinstance(v, (int, float, bool, str))}  # fmt: skip
+
+
+def _scores(accuracies: list[float], per_class_history: list[list], evaluated_after: list[int], seen: set[int]) -> dict:
+    return {
+        "accuracy_per_experience": accuracies,  # one value per evaluation; see evaluated_after
+        "evaluated_after": evaluated_after,  # experience index after which each accuracy was measured
+        "final_accuracy": accuracies[-1] if accuracies else None,
+        "mean_accuracy": float(np.mean(accuracies)) if accuracies else None,
+        "forgetting": forgetting(per_class_history, seen),
+        "per_class_final": per_class_history[-1] if per_class_history else [],
+        "classes_seen": sorted(seen),
+    }
+
+
+def _write(out: Path, results: dict) -> None:
+    atomic_write_text(Path(out) / "results.json", json.dumps(results, indent=1) + "\n")
