@@ -1,0 +1,209 @@
+"""A live progress view of the agent for a terminal, without dependencies.
+
+On a TTY a block of lines is redrawn in place with ANSI escape codes::
+
+    experience 3  training  step 120/400  [######--------------]  30%
+    loss    ce 0.5120  mlkd 0.1010  ssl 0.2200
+    ingest  labeled 12.0/s  frame 30.1/s  backlog 1
+    model   published v3  served v2  online accuracy 0.620
+
+Elsewhere (a log file, a pipe, systemd) the same text becomes one line every
+``interval_s`` seconds. Log records written through ``log_stream()`` appear above
+the block instead of being overwritten by it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TextIO
+
+from cl_agent.config import MetricsSection
+
+CURSOR_UP_LINES = "\x1b[{}F"  # to the start of the line n lines up
+CLEAR_TO_END = "\x1b[J"  # erase from the cursor to the end of the screen
+CLEAR_LINE = "\x1b[2K"
+BAR_WIDTH = 20
+MIN_RATE_WINDOW_S = 1.0  # ingest rates are computed over at least this long
+
+
+def is_tty(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
+
+
+def _flatten(values: Mapping, prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+class LiveView:
+    """Progress of the agent on ``stream``. ``update(fields)`` merges fields; ``close()`` prints the last state.
+
+    Fields it shows (all optional): ``phase`` (str), ``experience``, ``step``, ``steps`` (ints),
+    ``losses`` ({term: float}), ``ingest`` (cumulative counts {name: number}, nested allowed;
+    shown as rates), ``rates`` ({name: per-second float}, shown as given), ``backlog``,
+    ``published_version``, ``served_version`` (ints), ``online_accuracy`` (float).
+    Thread-safe.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        interval_s: float = 10.0,
+        tty: bool | None = None,
+        min_redraw_s: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.stream = stream
+        self.tty = is_tty(stream) if tty is None else tty
+        self.interval_s = interval_s  # non-TTY: seconds between lines
+        self.min_redraw_s = min_redraw_s  # TTY: at most one redraw per this many seconds
+        self.clock = clock
+        self.fields: dict = {}
+        self.rates: dict[str, float] = {}
+        self._rate_base: tuple[float, dict[str, float]] | None = None
+        self._drawn_lines = 0  # TTY: height of the block on screen now
+        self._last_output = -float("inf")
+        self._dirty = False
+        self._closed = False
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_section(cls, section: MetricsSection, stream: TextIO) -> LiveView | None:
+        """The view the config asks for (None when ``metrics.console`` is false)."""
+        return cls(stream, interval_s=section.console_interval_s) if section.console else None
+
+    # ------------------------------------------------------------------ input
+
+    def update(self, fields: Mapping) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            now = self.clock()
+            self.fields.update(fields)
+            if "ingest" in fields:
+                self._update_rates(now, _flatten(fields["ingest"]))
+            self._dirty = True
+            wait = self.min_redraw_s if self.tty else self.interval_s
+            if now - self._last_output >= wait:
+                self._output(now)
+
+    def _update_rates(self, now: float, totals: dict[str, float]) -> None:
+        if self._rate_base is None:
+            self._rate_base = (now, totals)
+            return
+        then, previous = self._rate_base
+        if now - then < MIN_RATE_WINDOW_S:
+            return
+        self.rates = {k: max(0.0, v - previous.get(k, 0.0)) / (now - then) for k, v in totals.items()}
+        self._rate_base = (now, totals)
+
+    def close(self) -> None:
+        """Show the final state (if not shown yet) and stop drawing."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._dirty:
+                self._output(self.clock())
+            self._closed = True
+            self.stream.flush()
+
+    # ------------------------------------------------------------------ text
+
+    def lines(self) -> list[str]:
+        """The view as text lines (no escape codes)."""
+        f = self.fields
+        if "experience" in f:
+            head = f"experience {f['experience']}"
+        else:
+            head = "waiting for the first experience"
+        if f.get("phase"):
+            head += f"  {f['phase']}"
+        step, steps = f.get("step"), f.get("steps")
+        if step is not None and steps:
+            done = min(max(step / steps, 0.0), 1.0)
+            filled = round(done * BAR_WIDTH)
+            head += f"  step {step}/{steps}  [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done:4.0%}"
+        elif step is not None:
+            head += f"  step {step}"
+
+        losses = f.get("losses") or {}
+        loss = "loss    " + ("  ".join(f"{k} {v:.4f}" for k, v in losses.items()) if losses else "-")
+
+        rates = dict(f.get("rates") or {}) | self.rates
+        ingest = "ingest  " + ("  ".join(f"{k} {v:.1f}/s" for k, v in rates.items()) if rates else "-")
+        if f.get("backlog") is not None:
+            ingest += f"  backlog {f['backlog']}"
+
+        model = "model  "
+        for key, label in (("published_version", "published"), ("served_version", "served")):
+            model += f" {label} " + ("-" if f.get(key) is None else f"v{f[key]}")
+        if f.get("online_accuracy") is not None:
+            model += f"  online accuracy {f['online_accuracy']:.3f}"
+        return [head, loss, ingest, model]
+
+    def line(self) -> str:
+        """The view as one line, as printed when the stream is not a TTY."""
+        return " | ".join(" ".join(text.split()) for text in self.lines())
+
+    # ------------------------------------------------------------------ output
+
+    def _output(self, now: float) -> None:
+        if self.tty:
+            self._draw()
+        else:
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
+        self._last_output = now
+        self._dirty = False
+
+    def _draw(self) -> None:
+        width = max(20, shutil.get_terminal_size().columns - 1)  # a wrapped line would break the cursor moves
+        text = "".join(CLEAR_LINE + line[:width] + "\n" for line in self.lines())
+        self.stream.write(self._erase_sequence() + text)
+        self.stream.flush()
+        self._drawn_lines = len(self.lines())
+
+    def _erase_sequence(self) -> str:
+        return CURSOR_UP_LINES.format(self._drawn_lines) + CLEAR_TO_END if self._drawn_lines else ""
+
+    def write_above(self, text: str) -> None:
+        """Write ``text`` (e.g. a log record) so that it stays above the live block."""
+        with self._lock:
+            if not self.tty or self._closed or not self._drawn_lines:
+                self.stream.write(text)
+                return
+            self.stream.write(self._erase_sequence() + text)
+            self._drawn_lines = 0
+            self._draw()
+
+    def log_stream(self) -> TextIO:
+        """A stream for the console log handler (setup_logging(stream=...)) that keeps logs above the block."""
+        return _AboveView(self) if self.tty else self.stream
+
+
+class _AboveView:
+    """File-like object that routes writes through LiveView.write_above()."""
+
+    def __init__(self, view: LiveView):
+        self.view = view
+
+    def write(self, text: str) -> int:
+        self.view.write_above(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.view.stream.flush()
+
+    def isatty(self) -> bool:
+        return True
