@@ -1,0 +1,272 @@
+"""Serving with real onnxruntime sessions and ZeroMQ sockets: answers, refusals, hot swaps, clean exit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import zmq
+from torch import nn
+
+from cl_agent.config import ExportSection, ServeSection
+from cl_agent.export import export_onnx
+from cl_agent.inference import InferenceClient, InferenceError
+from cl_agent.repository import Announcer, ModelRepository
+from cl_agent.server import Server
+from cl_agent.wire import decode_message, encode_message
+
+CLASSES = ["cat", "dog", "cup"]
+SIZE = 16
+
+
+def tiny_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, len(CLASSES))
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory) -> list[Path]:
+    """Two exported tiny models with different weights."""
+    folder = tmp_path_factory.mktemp("onnx")
+    paths = []
+    for seed in (0, 1):
+        path = folder / f"tiny{seed}.onnx"
+        export_onnx([tiny_net(seed)], path, image_size=SIZE, mean=[0.5] * 3, std=[0.25] * 3, export=ExportSection())
+        paths.append(path)
+    return paths
+
+
+def publish(repo: ModelRepository, path: Path, **manifest) -> int:
+    return repo.publish(path, {"class_names": CLASSES, "image_size": SIZE, **manifest})
+
+
+def serve_section(**overrides) -> ServeSection:
+    return ServeSection(**{"endpoint": "tcp://127.0.0.1:*", "poll_s": 0.05, "max_batch": 8, **overrides})
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def images(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def repo(tmp_path) -> ModelRepository:
+    return ModelRepository(tmp_path / "models", "student", keep_last=3)
+
+
+def test_answers_match_onnxruntime_with_top_k_and_version(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    batch = images(3)
+    (expected,) = ort.InferenceSession(str(onnx_models[0]), providers=["CPUExecutionProvider"]).run(
+        ["probs"], {"images": batch}
+    )
+    with Server(repo, serve_section()) as server, InferenceClient(server.endpoint, timeout_s=5) as client:
+        result = client.predict(batch, top_k=2)
+        assert result.model_version == 1 and result.model == "student"
+        assert [len(p) for p in result.predictions] == [2, 2, 2]
+        for row, prediction in zip(expected, result.predictions):
+            best = np.argsort(-row)[:2]
+            assert [name for name, _ in prediction] == [CLASSES[i] for i in best]
+            np.testing.assert_allclose([p for _, p in prediction], row[best], atol=1e-5)
+        # Default top_k is capped at the number of classes; other sizes are resized; JPEG works too.
+        assert len(client.predict([np.zeros((40, 30, 3), np.uint8)]).predictions[0]) == 3
+        jpeg_client = InferenceClient(server.endpoint, encoding="jpeg")
+        assert jpeg_client.predict(images(1, size=24)).model_version == 1
+        jpeg_client.close()
+
+
+def test_bad_requests_get_errors_and_server_keeps_answering(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section()) as server, InferenceClient(server.endpoint) as client:
+        with pytest.raises(InferenceError) as info:
+            client.predict(images(1), top_k=0)
+        assert info.value.reason == "bad_top_k"
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        dealer.send_multipart([b"not json"])
+        dealer.send_multipart(encode_message("frame", "x", 1, list(images(1))))
+        reasons = [decode_message(dealer.recv_multipart(), server.wire).header["reason"] for _ in range(2)]
+        assert reasons == ["bad_json", "bad_kind"]
+        dealer.close(0)
+        assert client.predict(images(1)).model_version == 1
+
+
+def test_no_model_yet_then_first_version_is_picked_up(repo, onnx_models):
+    with Server(repo, serve_section()) as server, InferenceClient(server.endpoint) as client:
+        with pytest.raises(InferenceError, match="no_model"):
+            client.predict(images(1))
+        publish(repo, onnx_models[0])
+        assert wait_for(lambda: server.version == 1)
+        assert client.predict(images(1)).model_version == 1
+
+
+def test_pipelined_requests_are_micro_batched(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section(max_batch=32, max_wait_ms=5)) as server:
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        for seq in range(20):
+            dealer.send_multipart(encode_message("infer", "pipeline", seq, list(images(1, seed=seq)), encoding="raw"))
+        replies = [decode_message(dealer.recv_multipart(), server.wire) for _ in range(20)]
+        dealer.close(0)
+        assert sorted(r.seq for r in replies) == list(range(20))
+        assert all(r.kind == "prediction" for r in replies)
+        assert server.counters["batches"] < 20
+
+
+def test_partial_version_folders_are_never_loaded(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    model_dir = repo.model_dir
+    # A publisher that died before its rename, and a hand copy cut short (model, no manifest).
+    temp = model_dir / ".tmp-5-dead"
+    temp.mkdir()
+    shutil.copy(onnx_models[1], temp / "model.onnx")
+    (model_dir / "6").mkdir()
+    (model_dir / "6" / "model.onnx").write_bytes(onnx_models[1].read_bytes()[:100])
+    with Server(repo, serve_section()) as server, InferenceClient(server.endpoint) as client:
+        server.check_now()
+        time.sleep(0.3)
+        assert server.version == 1 and server.counters["swap_failures"] == 0
+        assert client.predict(images(1)).model_version == 1
+        assert publish(repo, onnx_models[1]) == 7
+        assert wait_for(lambda: server.version == 7)
+
+
+def test_corrupt_or_mismatched_versions_are_refused_and_old_keeps_answering(repo, onnx_models, caplog):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section()) as server, InferenceClient(server.endpoint) as client:
+        # v2: bytes changed after publishing (sha256 mismatch).
+        v2 = publish(repo, onnx_models[1])
+        data = bytearray(repo.model_path(v2).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        repo.model_path(v2).write_bytes(bytes(data))
+        assert wait_for(lambda: server.counters["swap_failures"] >= 1)
+        # v3: consistent hash but not an ONNX model; v4: a model whose input size disagrees with its manifest.
+        junk = repo.model_dir.parent / "junk.onnx"
+        junk.write_bytes(b"this is not onnx")
+        publish(repo, junk)
+        assert wait_for(lambda: server.counters["swap_failures"] >= 2)
+        repo.publish(onnx_models[1], {"class_names": CLASSES, "image_size": 32})
+        assert wait_for(lambda: server.counters["swap_failures"] >= 3)
+        time.sleep(0.2)  # refused versions are not retried on every poll
+        assert server.counters["swap_failures"] == 3
+        assert server.version == 1 and client.predict(images(2)).model_version == 1
+        assert "sha256" in caplog.text and "cannot load" in caplog.text and "image_size" in caplog.text
+        # A good version after the bad ones is taken.
+        assert publish(repo, onnx_models[1]) == 5
+        assert wait_for(lambda: server.version == 5)
+        assert client.predict(images(1)).model_version == 5
+
+
+def test_announcement_triggers_swap_without_polling(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    announcer = Announcer("tcp://127.0.0.1:*")
+    try:
+        with Server(repo, serve_section(poll_s=3600), announce_endpoint=announcer.endpoint) as server:
+            v2 = publish(repo, onnx_models[1])
+            sha = repo.load_manifest(v2)["sha256"]
+            # PUB drops messages until the SUB connection is up: announce until the server moves.
+            assert wait_for(lambda: announcer.announce("student", v2, sha) or server.version == v2, timeout_s=10)
+    finally:
+        announcer.close()
+
+
+def test_rollback_moves_the_server_to_the_old_model(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    publish(repo, onnx_models[1])
+    with Server(repo, serve_section()) as server:
+        assert server.version == 2
+        v3 = repo.rollback(1)
+        assert wait_for(lambda: server.version == v3)
+        assert server._model.sha256 == repo.load_manifest(1)["sha256"]
+
+
+def test_requests_sent_during_swaps_all_get_answers(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    answers: list[list[int]] = [[] for _ in range(3)]
+    failures: list[Exception] = []
+    stop = threading.Event()
+
+    def load(i: int, endpoint: str) -> None:
+        with InferenceClient(endpoint, timeout_s=5, retries=0) as client:
+            while not stop.is_set():
+                try:
+                    answers[i].append(client.predict(images(1 + i, seed=i)).model_version)
+                except Exception as e:  # any failure fails the test below
+                    failures.append(e)
+
+    with Server(repo, serve_section(poll_s=0.02, max_wait_ms=1)) as server:
+        threads = [threading.Thread(target=load, args=(i, server.endpoint)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for k in range(4):
+            version = publish(repo, onnx_models[k % 2])
+            assert wait_for(lambda: server.version == version)
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert server.counters["swaps"] == 5 and server.counters["swap_failures"] == 0
+    for seen in answers:
+        assert len(seen) > 5 and seen == sorted(seen)  # each client only ever moves forward
+    assert max(max(seen) for seen in answers) == 5
+
+
+def test_client_times_out_and_retries_against_a_silent_endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = InferenceClient(f"tcp://127.0.0.1:{port}", timeout_s=0.1, retries=2)
+    started = time.monotonic()
+    with pytest.raises(InferenceError, match="3 attempts") as info:
+        client.predict(images(1))
+    assert info.value.reason == "timeout" and 0.25 < time.monotonic() - started < 2
+    client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_answers_and_exits_cleanly_on_sigterm(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    command = [
+        sys.executable, "-m", "cl_agent.cli", "serve", "--repo", str(repo.root), "--model", "student",
+        "--set", f"serve.endpoint={endpoint}", "--set", f"repository.announce_endpoint=tcp://127.0.0.1:{free_port()}",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        with InferenceClient(endpoint, timeout_s=2, retries=10) as client:
+            assert client.predict(images(1)).model_version == 1
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output.decode()
+    assert b"stopping" in output
