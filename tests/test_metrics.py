@@ -126,3 +126,15 @@ def test_serve_from_config():
         assert "cl_agent_served_version" in scrape(server.url)
     finally:
         server.stop()
+
+
+def test_docs_list_every_metric():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "observability.md").read_text()
+    for name, (kind, labels, _) in METRICS.items():
+        row = next((line for line in docs.splitlines() if line.startswith(f"| `cl_agent_{name}` |")), None)
+        assert row is not None, name
+        assert f"| {kind} |" in row
+        for label in labels:
+            assert f"`{label}`" in row
