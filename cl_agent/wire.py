@@ -408,3 +408,15 @@ def decode_imagezmq(parts: Sequence[bytes], limits: WireSection, *, header: dict
 def reply(kind: str, sender: str, seq: int, **fields: Any) -> list[bytes]:
     """A single-part reply (ack, nack, error, prediction)."""
     return pack_message(kind, sender, seq, **fields)
+
+
+def peek_seq(parts: Sequence[bytes], limits: WireSection) -> int:
+    """Best-effort seq of a refused message, so its nack can name it; 0 when the header is unreadable."""
+    if not parts or len(parts[0]) > limits.max_header_bytes:
+        return 0
+    try:
+        header = json.loads(bytes(parts[0]))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return 0
+    seq = header.get("seq") if isinstance(header, dict) else None
+    return seq if _is_int(seq) and seq >= 0 else 0

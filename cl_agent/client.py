@@ -1,0 +1,285 @@
+"""Clients for the agent: labeled batches (acked, retried) and camera frames (lossy).
+
+``LabeledClient`` follows the zguide's Lazy Pirate pattern over a DEALER
+socket: every message waits for its reply up to ``timeout_s``; on a timeout the
+socket is closed and reopened (a dead agent's queue is thrown away) and every
+unanswered message is sent again with the same (sender, seq), so the agent
+stores it at most once; after ``retries`` timeouts in a row without any reply
+``AgentUnavailable`` is raised (the messages stay pending and a later call goes
+on retrying them). Up to ``window`` messages are in flight at once, which lets
+the agent group their fsyncs.
+
+Sequence numbers start at the current time in microseconds, so a client that
+restarts with the same sender id never reuses a (sender, seq) pair that the
+agent would take for a retry.
+"""
+
+from __future__ import annotations
+
+import json
+import socket as socket_module
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import zmq
+
+from cl_agent.errors import CLAgentError
+from cl_agent.wire import encode_image, pack_message
+
+
+class AgentUnavailable(CLAgentError):
+    """No reply from the agent after the configured retries."""
+
+
+@dataclass
+class Ack:
+    """The agent's answer to one labeled message (``ok`` False for a nack, with ``reason``)."""
+
+    seq: int
+    ok: bool
+    reason: str | None = None
+    detail: str = ""
+    accepted: int = 0
+    duplicate: bool = False
+    experience: int | None = None
+    header: dict = field(default_factory=dict)
+
+
+def default_sender(prefix: str = "") -> str:
+    return f"{prefix or socket_module.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+def _curve_client(sock: zmq.Socket, curve_secret_key: str | Path | None, curve_server_key: str | Path | None) -> None:
+    if curve_secret_key or curve_server_key:
+        from cl_agent.security import make_client
+
+        if not (curve_secret_key and curve_server_key):
+            raise CLAgentError("CURVE needs both the client's secret key file and the agent's public key file")
+        make_client(sock, curve_secret_key, curve_server_key)
+
+
+class LabeledClient:
+    def __init__(
+        self,
+        endpoint: str,
+        sender: str | None = None,
+        *,
+        timeout_s: float = 2.5,
+        retries: int = 3,
+        window: int = 8,
+        start_seq: int | None = None,
+        curve_secret_key: str | Path | None = None,
+        curve_server_key: str | Path | None = None,
+        context: zmq.Context | None = None,
+    ):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.endpoint = endpoint
+        self.sender = sender or default_sender()
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.window = window
+        self.next_seq = time.time_ns() // 1000 if start_seq is None else start_seq
+        self._curve = (curve_secret_key, curve_server_key)
+        self._context = context or zmq.Context.instance()
+        self._pending: OrderedDict[int, tuple[list[bytes], float]] = OrderedDict()  # seq -> (parts, sent at)
+        self._done: dict[int, Ack] = {}
+        self.reconnects = 0
+        self.resent = 0
+        self._socket: zmq.Socket | None = None
+        self._connect()
+
+    # ---------------------------------------------------------------- socket
+
+    def _connect(self) -> None:
+        sock = self._context.socket(zmq.DEALER)
+        sock.linger = 0
+        _curve_client(sock, *self._curve)
+        sock.connect(self.endpoint)
+        self._socket = sock
+
+    def _reconnect(self) -> None:
+        self._socket.close(linger=0)
+        self.reconnects += 1
+        self._connect()
+        now = time.monotonic()
+        for seq, (parts, _) in list(self._pending.items()):
+            self._socket.send_multipart([b"", *parts])
+            self._pending[seq] = (parts, now)
+            self.resent += 1
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> "LabeledClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- sending
+
+    def submit_encoded(
+        self,
+        payloads: Sequence[bytes],
+        shapes: Sequence[Sequence[int]],
+        labels: Sequence[str | int],
+        *,
+        encoding: str = "jpeg",
+        kind: str = "labeled",
+    ) -> int:
+        """Send without waiting for the ack (waits only while ``window`` messages are in flight); returns the seq."""
+        while len(self._pending) >= self.window:
+            self._pump()
+        seq = self.next_seq
+        self.next_seq += 1
+        parts = pack_message(kind, self.sender, seq, list(payloads), encoding=encoding, shapes=shapes, labels=labels if kind == "labeled" else None)
+        self._socket.send_multipart([b"", *parts])
+        self._pending[seq] = (parts, time.monotonic())
+        return seq
+
+    def submit(self, images: Sequence[np.ndarray], labels: Sequence[str | int], *, encoding: str = "jpeg", quality: int = 90) -> int:
+        """Encode uint8 (H, W, 3) RGB images and submit them (see ``submit_encoded``)."""
+        encoded = [encode_image(image, encoding, quality) for image in images]
+        return self.submit_encoded([p for p, _ in encoded], [s for _, s in encoded], labels, encoding=encoding)
+
+    def send(self, images: Sequence[np.ndarray], labels: Sequence[str | int], *, encoding: str = "jpeg", quality: int = 90) -> Ack:
+        """Send one labeled batch and wait for its ack or nack."""
+        return self.wait(self.submit(images, labels, encoding=encoding, quality=quality))
+
+    def send_encoded(self, payloads: Sequence[bytes], shapes: Sequence[Sequence[int]], labels: Sequence[str | int], *, encoding: str = "jpeg") -> Ack:
+        return self.wait(self.submit_encoded(payloads, shapes, labels, encoding=encoding))
+
+    def end_experience(self) -> Ack:
+        """Ask the agent to cut the open experience now; ``experience`` in the ack is its index."""
+        return self.wait(self.submit_encoded([], [], [], kind="end_experience"))
+
+    def wait(self, seq: int) -> Ack:
+        """Block until message ``seq`` is answered."""
+        while seq not in self._done:
+            if seq not in self._pending:
+                raise KeyError(f"seq {seq} was never sent by this client or its answer was already taken")
+            self._pump()
+        return self._done.pop(seq)
+
+    def flush(self) -> list[Ack]:
+        """Wait for every message in flight; returns all answers not yet taken, in seq order."""
+        while self._pending:
+            self._pump()
+        done = [self._done[s] for s in sorted(self._done)]
+        self._done.clear()
+        return done
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def _pump(self) -> None:
+        """Wait for replies; on a timeout reconnect and resend (Lazy Pirate); raise after ``retries`` silent timeouts."""
+        failures = 0
+        while True:
+            oldest = next(iter(self._pending.values()))[1]
+            wait_s = max(0.0, oldest + self.timeout_s - time.monotonic())
+            if self._socket.poll(wait_s * 1000):
+                got = 0
+                while True:
+                    try:
+                        parts = self._socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    got += self._on_reply(parts)
+                if got:
+                    return
+                continue
+            failures += 1
+            if failures > self.retries:
+                raise AgentUnavailable(
+                    f"no reply from {self.endpoint} after {self.retries} retries of {self.timeout_s} s "
+                    f"({len(self._pending)} messages still pending; they are resent on the next call)"
+                )
+            self._reconnect()
+
+    def _on_reply(self, parts: list[bytes]) -> int:
+        body = parts[1:] if parts and parts[0] == b"" else parts
+        try:
+            header = json.loads(body[0])
+        except (IndexError, UnicodeDecodeError, json.JSONDecodeError):
+            return 0
+        seq = header.get("seq")
+        if seq not in self._pending:
+            return 0  # a late duplicate answer
+        del self._pending[seq]
+        ok = header.get("kind") == "ack"
+        self._done[seq] = Ack(
+            seq=seq,
+            ok=ok,
+            reason=None if ok else header.get("reason", "unknown"),
+            detail=header.get("detail", ""),
+            accepted=header.get("accepted", 0),
+            duplicate=bool(header.get("duplicate", False)),
+            experience=header.get("experience"),
+            header=header,
+        )
+        return 1
+
+
+class FrameClient:
+    """Sends camera frames; never blocks: a frame the socket cannot take now is dropped and counted."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        sender: str | None = None,
+        *,
+        socket_type: str = "push",
+        hwm: int = 16,
+        curve_secret_key: str | Path | None = None,
+        curve_server_key: str | Path | None = None,
+        context: zmq.Context | None = None,
+    ):
+        kinds = {"push": zmq.PUSH, "pub": zmq.PUB}
+        if socket_type not in kinds:
+            raise ValueError(f"socket_type must be push or pub, got {socket_type!r}")
+        self.sender = sender or default_sender("camera")
+        self.seq = 0
+        self.sent = 0
+        self.dropped = 0
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(kinds[socket_type])
+        self._socket.linger = 500  # close() still delivers what is queued, for half a second at most
+        self._socket.sndhwm = hwm
+        _curve_client(self._socket, curve_secret_key, curve_server_key)
+        self._socket.connect(endpoint)
+
+    def send_encoded(self, payload: bytes, shape: Sequence[int], *, encoding: str = "jpeg", **fields) -> bool:
+        """Send one encoded frame; returns False if it was dropped (the agent's queue or ours is full)."""
+        parts = pack_message("frame", self.sender, self.seq, [payload], encoding=encoding, shapes=[shape], **fields)
+        self.seq += 1  # also for dropped frames: the agent counts the gaps
+        try:
+            self._socket.send_multipart(parts, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def send(self, image: np.ndarray, *, encoding: str = "jpeg", quality: int = 80) -> bool:
+        """Encode a uint8 (H, W, 3) RGB frame and send it."""
+        payload, shape = encode_image(image, encoding, quality)
+        return self.send_encoded(payload, shape, encoding=encoding)
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> "FrameClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,230 @@
+"""Experiences: when to cut one (the policy) and where they live (the store).
+
+An experience is the labeled samples that arrived since the previous cut plus a
+draw of unlabeled frames from the reservoir, numbered 0, 1, 2, ... and durable.
+Layout under the working directory:
+
+    spool/labeled-000007.log        labeled records of experience 7 (see spool.py)
+    experiences/000007/unlabeled.log  the unlabeled draw (same record format, labels empty)
+    experiences/000007/meta.json    written last, atomically: its presence means "cut"
+    experiences/000007/trained      marker written by mark_trained
+
+Numbering continues after a restart: the next experience is one past the
+highest ``meta.json``. The store is read through files only, so a trainer in
+another thread or process can use its own ``ExperienceStore`` on the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cl_agent.config import ExperienceSection, WireSection
+from cl_agent.reservoir import Frame
+from cl_agent.spool import Record, read_records
+from cl_agent.storage import atomic_write_bytes, atomic_write_text, fsync_dir
+from cl_agent.wire import WireError, image_dimensions
+
+CUT_COUNT, CUT_TIME, CUT_EXPLICIT = "count", "time", "explicit"
+
+
+class ExperiencePolicy:
+    """Decides when the open experience is cut: count, time with a minimum, or an explicit end."""
+
+    def __init__(self, config: ExperienceSection):
+        self.config = config
+
+    def reason_to_cut(self, samples: int, first_sample_ts: float | None, now: float | None = None) -> str | None:
+        if samples >= self.config.labeled_samples:
+            return CUT_COUNT
+        now = time.time() if now is None else now
+        if (
+            first_sample_ts is not None
+            and samples >= self.config.min_samples
+            and now - first_sample_ts >= self.config.max_wait_s
+        ):
+            return CUT_TIME
+        return None
+
+
+@dataclass
+class Sample:
+    """One still-encoded image."""
+
+    payload: bytes
+    encoding: str
+    shape: tuple[int, int, int]
+    color: str = "rgb"
+
+
+def decode_sample(sample: Sample, image_size: int, limits: WireSection | None = None) -> np.ndarray:
+    """Decode to uint8 (S, S, 3) RGB. Large JPEG/PNG images are decoded at a reduced scale when that still covers S."""
+    import cv2
+
+    limits = limits or WireSection()
+    if sample.encoding == "raw":
+        from cl_agent.wire import decode_image
+
+        image = decode_image(sample.payload, "raw", limits, shape=sample.shape, color=sample.color)
+    else:
+        height, width, _ = image_dimensions(sample.payload, sample.encoding)
+        if height > limits.max_image_side or width > limits.max_image_side or height * width > limits.max_image_pixels:
+            raise WireError("image_too_large", f"stored image {height}x{width} exceeds the wire limits")
+        flag = cv2.IMREAD_COLOR
+        if sample.encoding == "jpeg":
+            # JPEG can decode at 1/2, 1/4, 1/8 scale for a fraction of the cost.
+            for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2)):
+                if min(height, width) >= factor * image_size:
+                    flag = reduced
+                    break
+        bgr = cv2.imdecode(np.frombuffer(sample.payload, dtype=np.uint8), flag)
+        if bgr is None:
+            raise WireError("decode_failed", f"stored {sample.encoding} image could not be decoded")
+        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if image.shape[:2] != (image_size, image_size):
+        shrinking = image.shape[0] > image_size or image.shape[1] > image_size
+        image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return image
+
+
+@dataclass
+class Experience:
+    """A cut experience: labeled samples with int class ids and unlabeled frames, all still encoded."""
+
+    index: int
+    labeled: list[Sample]
+    labels: np.ndarray  # int64 (N,)
+    unlabeled: list[Sample]
+    meta: dict = field(default_factory=dict)
+
+    def decode(self, image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(labeled uint8 (N, S, S, 3), labels int64 (N,), unlabeled uint8 (M, S, S, 3)); unreadable images are skipped."""
+        labeled, labels = [], []
+        for sample, label in zip(self.labeled, self.labels):
+            try:
+                labeled.append(decode_sample(sample, image_size))
+                labels.append(label)
+            except WireError:
+                continue
+        unlabeled = []
+        for sample in self.unlabeled:
+            try:
+                unlabeled.append(decode_sample(sample, image_size))
+            except WireError:
+                continue
+        empty = np.zeros((0, image_size, image_size, 3), np.uint8)
+        return (
+            np.stack(labeled) if labeled else empty,
+            np.asarray(labels, dtype=np.int64),
+            np.stack(unlabeled) if unlabeled else empty.copy(),
+        )
+
+
+def _samples(records: Sequence[Record]) -> tuple[list[Sample], list[int]]:
+    samples, labels = [], []
+    for record in records:
+        for payload, shape, label in zip(record.payloads, record.shapes, record.labels or [None] * len(record.payloads)):
+            samples.append(Sample(payload, record.encoding, tuple(shape), record.color))
+            labels.append(label)
+    return samples, labels
+
+
+class ExperienceStore:
+    def __init__(self, workdir: str | Path):
+        self.workdir = Path(workdir)
+        self.root = self.workdir / "experiences"
+        self.spool_dir = self.workdir / "spool"
+
+    def _dir(self, index: int) -> Path:
+        return self.root / f"{index:06d}"
+
+    def indices(self) -> list[int]:
+        """Every cut experience, in order."""
+        if not self.root.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit() and (p / "meta.json").exists())
+
+    @property
+    def last_index(self) -> int:
+        """The highest cut experience, -1 if none."""
+        found = self.indices()
+        return found[-1] if found else -1
+
+    def pending(self) -> list[int]:
+        """Cut, durable, not yet trained; in order."""
+        return [i for i in self.indices() if not (self._dir(i) / "trained").exists()]
+
+    def is_trained(self, index: int) -> bool:
+        return (self._dir(index) / "trained").exists()
+
+    def meta(self, index: int) -> dict:
+        path = self._dir(index) / "meta.json"
+        if not path.exists():
+            raise KeyError(f"experience {index} has not been cut (no {path})")
+        return json.loads(path.read_text())
+
+    def load(self, index: int) -> Experience:
+        meta = self.meta(index)
+        labeled, labels = _samples([r for _, r in read_records(self.spool_dir / meta["labeled_segment"])])
+        unlabeled, _ = _samples([r for _, r in read_records(self._dir(index) / "unlabeled.log")])
+        if len(labeled) != meta["labeled_samples"]:
+            raise ValueError(f"experience {index}: meta says {meta['labeled_samples']} labeled samples, spool holds {len(labeled)}")
+        return Experience(index, labeled, np.asarray(labels, dtype=np.int64), unlabeled, meta)
+
+    def mark_trained(self, index: int) -> None:
+        self.meta(index)  # raises if not cut
+        atomic_write_text(self._dir(index) / "trained", f"{time.time()}\n")
+
+    def write(
+        self,
+        index: int,
+        *,
+        labeled_segment: str,
+        labeled_samples: int,
+        keys: Sequence[tuple[str, int]],
+        unlabeled: Sequence[Frame],
+        reason: str,
+        classes: Sequence[int] = (),
+    ) -> Path:
+        """Make experience ``index`` durable: the unlabeled draw first, the meta last (atomic)."""
+        directory = self._dir(index)
+        directory.mkdir(parents=True, exist_ok=True)
+        body = b"".join(
+            Record(f.source or "frames", i, f.encoding, [f.shape], [], [f.payload], f.color).to_bytes()
+            for i, f in enumerate(unlabeled)
+        )
+        atomic_write_bytes(directory / "unlabeled.log", body)
+        meta = {
+            "index": index,
+            "labeled_segment": labeled_segment,
+            "labeled_samples": labeled_samples,
+            "unlabeled_samples": len(unlabeled),
+            "classes": sorted(set(int(c) for c in classes)),
+            "cut_reason": reason,
+            "cut_at": time.time(),
+            "keys": [list(k) for k in keys],
+        }
+        atomic_write_text(directory / "meta.json", json.dumps(meta))
+        fsync_dir(self.root)
+        return directory
+
+    def committed_keys(self) -> set[tuple[str, int]]:
+        """(sender, seq) of every labeled message in a cut experience (for idempotency across restarts)."""
+        keys: set[tuple[str, int]] = set()
+        for index in self.indices():
+            keys.update((s, q) for s, q in self.meta(index)["keys"])
+        return keys
+
+    def untrained_bytes(self) -> int:
+        """Bytes of labeled segments of cut experiences not yet trained (count against the spool limit)."""
+        total = 0
+        for index in self.pending():
+            path = self.spool_dir / self.meta(index)["labeled_segment"]
+            if path.exists():
+                total += path.stat().st_size
+        return total

@@ -1,0 +1,502 @@
+"""The ingestion service: labeled batches into the durable spool, frames into the reservoir, experiences cut.
+
+One background thread owns every socket and the spool:
+
+    labeled ROUTER  --validate--> label map --> spool.append ... spool.commit (one fsync) --> ack / nack
+    frame PULL|SUB|ROUTER --validate--> reservoir (still encoded), drops counted from sequence gaps
+    control REP     --> end_experience, status
+    policy          --> cut an experience (labeled segment + a draw of frames), numbered, durable
+
+A refused message is answered with a nack that carries the reason and is
+counted per reason; nothing a sender does stops the loop. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from cl_agent.config import (
+    AgentConfig,
+    ExperienceSection,
+    IngestSection,
+    ReservoirSection,
+    SpoolSection,
+)
+from cl_agent.errors import CLAgentError
+from cl_agent.experience import CUT_EXPLICIT, ExperiencePolicy, ExperienceStore
+from cl_agent.labels import LabelError, LabelMap
+from cl_agent.reservoir import Frame, Reservoir
+from cl_agent.spool import DISK_FULL_ERRNOS, Record, Spool, SpoolFull
+from cl_agent.wire import Message, WireError, decode_message, peek_seq, reply
+
+log = logging.getLogger(__name__)
+
+AGENT_SENDER = "agent"
+FRAME_DRAIN = 512  # frames handled per wake-up before the labeled socket gets a turn
+POLL_MS = 50
+
+COUNTER_NAMES = (
+    "labeled_messages",  # labeled-socket messages received
+    "labeled_acked",  # messages acked (stored now or earlier)
+    "labeled_images_acked",  # images newly made durable
+    "labeled_duplicates",  # retried messages acked again without storing
+    "labeled_nacked",  # messages refused
+    "commits",  # fsync group commits
+    "frames_received",  # frame-socket messages received
+    "frames_accepted",  # frames that passed validation
+    "frames_kept",  # frames that entered the reservoir
+    "frames_rejected",  # frames refused by validation
+    "frames_dropped",  # frames lost before reaching the agent (sequence gaps per sender)
+    "control_messages",  # control-socket messages
+    "experiences_cut",  # experiences cut by this process
+)
+
+
+def bind(socket: zmq.Socket, endpoint: str) -> str:
+    """Bind, accepting port 0 for "any free port"; returns the endpoint actually bound."""
+    if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+        endpoint = endpoint[:-2] + ":*"
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as e:
+        raise CLAgentError(f"cannot bind {endpoint}: {e}") from None
+    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def split_envelope(parts: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """ROUTER messages: [identity, (empty delimiter from REQ/our DEALER client), body...]."""
+    if len(parts) >= 2 and parts[1] == b"":
+        return parts[:2], parts[2:]
+    return parts[:1], parts[1:]
+
+
+class IngestService:
+    """Runs the ingestion loop in a background thread with its own zmq context."""
+
+    def __init__(
+        self,
+        ingest: IngestSection,
+        spool: SpoolSection,
+        reservoir: ReservoirSection,
+        experience: ExperienceSection,
+        workdir: str | Path,
+        *,
+        seed: int = 0,
+        on_experience: Callable[[int], None] | None = None,
+    ):
+        self.config = ingest
+        self.wire = ingest.wire
+        self.spool_config = spool
+        self.experience_config = experience
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.store = ExperienceStore(self.workdir)
+        self.labels = LabelMap(self.workdir / "labels.json", spool.max_classes)
+        self.reservoir = Reservoir(reservoir.capacity, reservoir.per_source, seed)
+        self.policy = ExperiencePolicy(experience)
+        self.on_experience = on_experience
+        self.endpoints: dict[str, str] = {}
+        self.spool: Spool | None = None
+        self._counts = dict.fromkeys(COUNTER_NAMES, 0)
+        self._rejected: Counter = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._requests: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._frame_seq: dict[str, int] = {}
+        self._auth = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self, timeout_s: float = 30.0) -> "IngestService":
+        """Open the spool, bind the sockets and start the loop; raises if any of that fails."""
+        self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise CLAgentError(f"ingest did not start within {timeout_s} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def __enter__(self) -> "IngestService":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def end_experience(self, timeout_s: float = 10.0) -> int | None:
+        """Cut the open experience now (from any thread); returns its index, or None if it holds no samples."""
+        done = threading.Event()
+        result: list = []
+        self._requests.put((done, result))
+        if not done.wait(timeout_s):
+            raise CLAgentError(f"ingest loop did not answer end_experience within {timeout_s} s")
+        return result[0]
+
+    def counters(self) -> dict:
+        """Counts since start (see COUNTER_NAMES) plus current sizes; ``rejected`` maps reason -> count."""
+        with self._lock:
+            out = dict(self._counts)
+            out["rejected"] = dict(self._rejected)
+        spool = self.spool
+        out["reservoir_frames"] = len(self.reservoir)
+        out["reservoir_bytes"] = self.reservoir.nbytes
+        out["label_classes"] = len(self.labels)
+        if spool is not None:
+            out["spool_bytes"] = spool.size_bytes
+            out["open_experience"] = spool.segment
+            out["open_experience_samples"] = spool.samples
+        return out
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def _reject(self, reason: str) -> None:
+        with self._lock:
+            self._rejected[reason] += 1
+
+    # ---------------------------------------------------------------- thread
+
+    def _run(self) -> None:
+        try:
+            self._setup()
+        except BaseException as e:  # reported to start() in the caller's thread
+            self._error = e
+            self._teardown()
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop()
+        finally:
+            self._teardown()
+
+    def _setup(self) -> None:
+        cfg = self.config
+        self.spool = Spool(
+            self.workdir / "spool",
+            self.store.last_index + 1,
+            self.spool_config.max_bytes,
+            closed_bytes=self.store.untrained_bytes(),
+            keys=self.store.committed_keys(),
+        )
+        self.context = zmq.Context()
+        if cfg.curve.enabled:
+            from cl_agent.security import start_authenticator
+
+            if cfg.frame_connect:
+                raise CLAgentError("ingest.frame_connect cannot be used with curve.enabled (CURVE covers bound endpoints)")
+            self._auth = start_authenticator(self.context, cfg.curve)
+
+        def server_socket(kind: int) -> zmq.Socket:
+            socket = self.context.socket(kind)
+            socket.linger = 0
+            # A part far larger than any accepted message ends the connection before it fills memory.
+            socket.maxmsgsize = self.wire.max_message_bytes
+            if cfg.curve.enabled:
+                from cl_agent.security import make_server
+
+                make_server(socket, cfg.curve)
+            return socket
+
+        self.labeled_socket = server_socket(zmq.ROUTER)
+        self.endpoints["labeled"] = bind(self.labeled_socket, cfg.labeled_endpoint)
+
+        frame_kind = {"pull": zmq.PULL, "sub": zmq.SUB, "router": zmq.ROUTER}[cfg.frame_socket]
+        self.frame_socket = server_socket(frame_kind)
+        self.frame_socket.rcvhwm = cfg.frame_hwm
+        if cfg.frame_socket == "sub":
+            self.frame_socket.setsockopt(zmq.SUBSCRIBE, b"")
+        if cfg.frame_endpoint:
+            self.endpoints["frames"] = bind(self.frame_socket, cfg.frame_endpoint)
+        for endpoint in cfg.frame_connect:
+            self.frame_socket.connect(endpoint)
+
+        self.control_socket = None
+        if cfg.control_endpoint:
+            self.control_socket = server_socket(zmq.REP)
+            self.endpoints["control"] = bind(self.control_socket, cfg.control_endpoint)
+
+    def _teardown(self) -> None:
+        for name in ("labeled_socket", "frame_socket", "control_socket"):
+            socket = getattr(self, name, None)
+            if socket is not None:
+                socket.close(linger=0)
+                setattr(self, name, None)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if getattr(self, "context", None) is not None:
+            self.context.term()
+            self.context = None
+        if self.spool is not None:
+            self.spool.close()
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.labeled_socket, zmq.POLLIN)
+        poller.register(self.frame_socket, zmq.POLLIN)
+        if self.control_socket is not None:
+            poller.register(self.control_socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            events = dict(poller.poll(POLL_MS))
+            if self.labeled_socket in events:
+                self._handle_labeled()
+            if self.frame_socket in events:
+                self._handle_frames()
+            if self.control_socket is not None and self.control_socket in events:
+                self._handle_control()
+            self._serve_requests()
+            reason = self.policy.reason_to_cut(self.spool.samples, self.spool.first_ts)
+            if reason is not None:
+                self._cut(reason)
+
+    # ---------------------------------------------------------------- labeled path
+
+    def _receive_batch(self) -> list[list[bytes]]:
+        """Drain what has arrived, waiting up to group_commit_ms for more (one fsync covers the batch)."""
+        batch: list[list[bytes]] = []
+        deadline = None
+        wait_s = self.spool_config.group_commit_ms / 1000.0
+        while len(batch) < self.config.max_batch_messages:
+            try:
+                batch.append(self.labeled_socket.recv_multipart(zmq.NOBLOCK))
+                continue
+            except zmq.Again:
+                pass
+            if wait_s <= 0:
+                break
+            now = time.monotonic()
+            deadline = deadline or now + wait_s
+            if now >= deadline or not self.labeled_socket.poll((deadline - now) * 1000):
+                break
+        return batch
+
+    def _handle_labeled(self) -> None:
+        batch = self._receive_batch()
+        replies: list[tuple[list[bytes], Callable[[bool], list[bytes]]]] = []  # envelope, reply(committed_ok)
+        end_requests: list[tuple[list[bytes], int]] = []
+        appended: list[int] = []  # images per appended record, for counting after the commit
+        for raw in batch:
+            self._count("labeled_messages")
+            envelope, body = split_envelope(raw)
+            try:
+                message = decode_message(body, self.wire)
+            except WireError as e:
+                replies.append((envelope, self._nack_now(peek_seq(body, self.wire), e.reason, e.detail)))
+                continue
+            if message.kind == "end_experience":
+                end_requests.append((envelope, message.seq))
+                continue
+            if message.kind != "labeled":
+                replies.append((envelope, self._nack_now(message.seq, "unexpected_kind", f"kind {message.kind!r} on the labeled socket")))
+                continue
+            replies.append((envelope, self._store(message, appended)))
+        commit_error: OSError | None = None
+        try:
+            if self.spool.commit():
+                self._count("commits")
+        except OSError as e:
+            commit_error = e
+            log.error("spool commit failed, nacking %d messages: %s", len(appended), e)
+        if commit_error is None:
+            self._count("labeled_images_acked", sum(appended))
+        for envelope, make_reply in replies:
+            self._send(self.labeled_socket, envelope, make_reply(commit_error))
+        for envelope, seq in end_requests:
+            index = self._cut(CUT_EXPLICIT)
+            if index is None:
+                self._send(self.labeled_socket, envelope, self._nack_now(seq, "nothing_to_cut", "the open experience has no samples")(None))
+            else:
+                self._send(self.labeled_socket, envelope, reply("ack", AGENT_SENDER, seq, experience=index))
+
+    def _nack_now(self, seq: int, reason: str, detail: str) -> Callable[[OSError | None], list[bytes]]:
+        self._reject(reason)
+        self._count("labeled_nacked")
+        return lambda _error: reply("nack", AGENT_SENDER, seq, reason=reason, detail=detail)
+
+    def _store(self, message: Message, appended: list[int]) -> Callable[[OSError | None], list[bytes]]:
+        """Append one labeled message (not yet durable); returns how to answer once the commit is known."""
+        seq, key = message.seq, (message.sender, message.seq)
+        if self.spool.contains(*key):
+            self._count("labeled_duplicates")
+            return self._after_commit(seq, 0, duplicate=True)
+        try:
+            ids = self.labels.ids_for(message.labels)
+        except LabelError as e:
+            return self._nack_now(seq, e.reason, e.detail)
+        record = Record(message.sender, seq, message.encoding, message.shapes, ids, message.payloads, message.color, time.time())
+        try:
+            self._append(record)
+        except SpoolFull as e:
+            return self._nack_now(seq, "spool_full", str(e))
+        except OSError as e:
+            reason = "disk_full" if e.errno in DISK_FULL_ERRNOS else "spool_error"
+            return self._nack_now(seq, reason, str(e))
+        appended.append(len(message.payloads))
+        return self._after_commit(seq, len(message.payloads), duplicate=False)
+
+    def _append(self, record: Record) -> None:
+        try:
+            self.spool.append(record)
+        except SpoolFull:
+            # A trainer (maybe another process) may have marked experiences trained since: recount once.
+            self.spool.closed_bytes = self.store.untrained_bytes()
+            self.spool.append(record)
+
+    def _after_commit(self, seq: int, images: int, *, duplicate: bool) -> Callable[[OSError | None], list[bytes]]:
+        def make(error: OSError | None) -> list[bytes]:
+            if error is not None:
+                reason = "disk_full" if error.errno in DISK_FULL_ERRNOS else "spool_error"
+                self._reject(reason)
+                self._count("labeled_nacked")
+                return reply("nack", AGENT_SENDER, seq, reason=reason, detail=str(error))
+            self._count("labeled_acked")
+            return reply("ack", AGENT_SENDER, seq, accepted=images, duplicate=duplicate, experience=self.spool.segment)
+
+        return make
+
+    @staticmethod
+    def _send(socket: zmq.Socket, envelope: list[bytes], parts: list[bytes]) -> None:
+        try:
+            socket.send_multipart(envelope + parts, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("reply dropped: peer not reachable")
+
+    # ---------------------------------------------------------------- frames
+
+    def _handle_frames(self) -> None:
+        router = self.config.frame_socket == "router"
+        for _ in range(FRAME_DRAIN):
+            try:
+                raw = self.frame_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._count("frames_received")
+            envelope, body = split_envelope(raw) if router else ([], raw)
+            answer = b"OK"
+            try:
+                message = decode_message(body, self.wire)
+                if message.kind != "frame":
+                    raise WireError("unexpected_kind", f"kind {message.kind!r} on the frame socket")
+            except WireError as e:
+                self._reject(e.reason)
+                self._count("frames_rejected")
+                answer = f"ERROR {e.reason}".encode()
+            else:
+                self._keep_frames(message)
+            if router:
+                # imagezmq's REQ sender waits for exactly one reply part.
+                self._send(self.frame_socket, envelope, [answer])
+
+    def _keep_frames(self, message: Message) -> None:
+        if "v" in message.header:
+            last = self._frame_seq.get(message.sender)
+            if last is not None and message.seq > last + 1:
+                self._count("frames_dropped", message.seq - last - 1)
+            self._frame_seq[message.sender] = message.seq
+        kept = 0
+        for payload, shape in zip(message.payloads, message.shapes):
+            kept += self.reservoir.add(Frame(payload, message.encoding, shape, message.color, message.sender))
+        self._count("frames_accepted", len(message.payloads))
+        self._count("frames_kept", kept)
+
+    # ---------------------------------------------------------------- control and experiences
+
+    def _handle_control(self) -> None:
+        try:
+            body = self.control_socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        self._count("control_messages")
+        try:
+            message = decode_message(body, self.wire)
+        except WireError as e:
+            self._reject(e.reason)
+            self.control_socket.send_multipart(reply("nack", AGENT_SENDER, peek_seq(body, self.wire), reason=e.reason, detail=e.detail))
+            return
+        if message.kind == "end_experience":
+            index = self._cut(CUT_EXPLICIT)
+            if index is None:
+                answer = reply("nack", AGENT_SENDER, message.seq, reason="nothing_to_cut", detail="the open experience has no samples")
+            else:
+                answer = reply("ack", AGENT_SENDER, message.seq, experience=index)
+        elif message.kind == "status":
+            answer = reply("status", AGENT_SENDER, message.seq, counters=self.counters())
+        else:
+            self._reject("unexpected_kind")
+            answer = reply("nack", AGENT_SENDER, message.seq, reason="unexpected_kind", detail=f"kind {message.kind!r} on the control socket")
+        self.control_socket.send_multipart(answer)
+
+    def _serve_requests(self) -> None:
+        while True:
+            try:
+                done, result = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            result.append(self._cut(CUT_EXPLICIT))
+            done.set()
+
+    def _cut(self, reason: str) -> int | None:
+        """Cut the open experience (its records are already durable); returns its index, None if empty."""
+        spool = self.spool
+        if spool.samples == 0:
+            return None
+        index = spool.segment
+        frames = self.reservoir.sample(self.experience_config.unlabeled_samples)
+        self.store.write(
+            index,
+            labeled_segment=spool.segment_path(index).name,
+            labeled_samples=spool.samples,
+            keys=spool.segment_keys,
+            unlabeled=frames,
+            reason=reason,
+            classes=spool.segment_classes,
+        )
+        spool.cut()
+        self._count("experiences_cut")
+        log.info("experience %d cut (%s): %d labeled, %d unlabeled", index, reason, self.store.meta(index)["labeled_samples"], len(frames))
+        if self.on_experience is not None:
+            self.on_experience(index)
+        return index
+
+
+def run_ingest(config: AgentConfig) -> int:
+    """Run only the ingestion half until SIGINT/SIGTERM; prints the bound endpoints as one JSON line."""
+    from cl_agent.config import save_resolved
+
+    logging.basicConfig(level=config.agent.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    workdir = Path(config.agent.workdir)
+    service = IngestService(
+        config.ingest, config.spool, config.reservoir, config.experience, workdir, seed=config.agent.seed
+    )
+    save_resolved(config, workdir / "ingest-config.yaml")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    service.start()
+    print(json.dumps({"event": "ingest_ready", "endpoints": service.endpoints}), flush=True)
+    while not stop.wait(0.5):
+        pass
+    service.stop()
+    print(json.dumps({"event": "ingest_stopped", "counters": service.counters()}), flush=True)
+    return 0

@@ -1,0 +1,108 @@
+"""The persisted label map: class names in class-id order.
+
+Labels arrive as class names (strings) or integer class ids. A name not seen
+before becomes the next class id, up to ``max_classes``; past it the whole
+message is refused (nothing is added). An integer id is used as is (it must be
+below ``max_classes``); ids beyond the known names get placeholder names
+(their decimal string), so names and ids never point at different classes.
+The map is written atomically before any sample using a new class is acked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from cl_agent.storage import atomic_write_text
+
+
+class LabelError(ValueError):
+    """A label the map refuses; ``reason`` is a nack reason code."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class LabelMap:
+    def __init__(self, path: str | Path, max_classes: int = 1000):
+        self.path = Path(path)
+        self.max_classes = max_classes
+        self._names: list[str] = []
+        self._ids: dict[str, int] = {}
+        if self.path.exists():
+            data = json.loads(self.path.read_text())
+            names = data.get("names") if isinstance(data, dict) else None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{self.path}: expected {{'names': [str, ...]}}")
+            for name in names:
+                self._add(name)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def _add(self, name: str) -> int:
+        self._ids.setdefault(name, len(self._names))
+        self._names.append(name)
+        return len(self._names) - 1
+
+    def id_for(self, label: str | int) -> int:
+        """The class id of one label, adding (and saving) a new class if needed."""
+        return self.ids_for([label])[0]
+
+    def ids_for(self, labels: Sequence[str | int]) -> list[int]:
+        """Class ids for a message's labels; all or nothing: a refused label adds no class."""
+        new_names: list[str] = []
+        top_id = len(self._names) - 1
+        planned: dict[str, int] = {}
+        ids = []
+        for label in labels:
+            if isinstance(label, str):
+                class_id = self._ids.get(label, planned.get(label))
+                if class_id is None:
+                    class_id = len(self._names) + len(new_names)
+                    if class_id >= self.max_classes:
+                        raise LabelError(
+                            "too_many_classes", f"new class {label!r} would be class {class_id + 1}, max_classes is {self.max_classes}"
+                        )
+                    planned[label] = class_id
+                    new_names.append(label)
+            else:
+                class_id = int(label)
+                if not 0 <= class_id < self.max_classes:
+                    raise LabelError("bad_class_id", f"class id {class_id} outside [0, {self.max_classes})")
+                top_id = max(top_id, class_id)
+            ids.append(class_id)
+        if top_id >= len(self._names) + len(new_names):
+            # Integer ids past the known classes: names interleaved with new string labels
+            # would collide, so placeholders are assigned first and string labels re-planned.
+            return self._ids_with_placeholders(labels, top_id)
+        if new_names:
+            for name in new_names:
+                self._add(name)
+            self.save()
+        return ids
+
+    def _ids_with_placeholders(self, labels: Sequence[str | int], top_id: int) -> list[int]:
+        names = list(self._names)
+        names += [str(i) for i in range(len(names), top_id + 1)]
+        trial = LabelMap.__new__(LabelMap)
+        trial.path, trial.max_classes, trial._names, trial._ids = self.path, self.max_classes, [], {}
+        for name in names:
+            trial._add(name)
+        new = [lab for lab in dict.fromkeys(labels) if isinstance(lab, str) and lab not in trial._ids]
+        if len(names) + len(new) > self.max_classes:
+            raise LabelError("too_many_classes", f"{len(names) + len(new)} classes needed, max_classes is {self.max_classes}")
+        for name in new:
+            trial._add(name)
+        self._names, self._ids = trial._names, trial._ids
+        self.save()
+        return [self._ids[lab] if isinstance(lab, str) else int(lab) for lab in labels]
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"names": self._names}, indent=0))

@@ -1,0 +1,73 @@
+"""Optional CURVE encryption and client authentication for the agent's endpoints.
+
+Keys live in files made by ``cl-agent keys make DIR --name NAME`` (ZeroMQ's
+certificate format: ``NAME.key`` holds the public key, ``NAME.key_secret`` both).
+The agent loads its secret key file; a client loads its own secret key file and
+the agent's public key file. Only clients whose public key file sits in the
+authorized folder can connect; any other connection is dropped during the
+handshake, so an unauthorized client delivers nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from cl_agent.config import CurveSection
+from cl_agent.errors import CLAgentError
+
+
+def make_keypair(directory: str | Path, name: str = "agent") -> tuple[Path, Path]:
+    """Create ``NAME.key`` (public) and ``NAME.key_secret`` in ``directory``; returns (public_path, secret_path)."""
+    if not name or "/" in name or name.startswith("."):
+        raise CLAgentError(f"key name {name!r} must be a plain file name")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    Path(secret).chmod(0o600)
+    return Path(public), Path(secret)
+
+
+def load_keys(path: str | Path, *, need_secret: bool) -> tuple[bytes, bytes | None]:
+    """(public, secret) z85 keys from a key file; a missing or unreadable file is a CLAgentError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLAgentError(f"CURVE key file not found: {path}")
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (ValueError, OSError) as e:
+        raise CLAgentError(f"CURVE key file {path} is not readable: {e}") from None
+    if need_secret and not secret:
+        raise CLAgentError(f"CURVE key file {path} has no secret key (use the .key_secret file)")
+    return public, secret
+
+
+def start_authenticator(context: zmq.Context, curve: CurveSection) -> ThreadAuthenticator:
+    """Allow CURVE clients whose public keys are in ``curve.authorized_clients_dir``; call .stop() when done."""
+    folder = Path(curve.authorized_clients_dir)
+    if not folder.is_dir():
+        raise CLAgentError(f"curve.authorized_clients_dir is not a folder: {folder!s}")
+    auth = ThreadAuthenticator(context)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(folder))
+    return auth
+
+
+def make_server(socket: zmq.Socket, curve: CurveSection) -> None:
+    """Turn ``socket`` (before bind) into a CURVE server with the agent's keys."""
+    public, secret = load_keys(curve.server_secret_key, need_secret=True)
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_server = True
+
+
+def make_client(socket: zmq.Socket, client_secret_key: str | Path, server_public_key: str | Path) -> None:
+    """Turn ``socket`` (before connect) into a CURVE client of the server whose public key file is given."""
+    public, secret = load_keys(client_secret_key, need_secret=True)
+    server_public, _ = load_keys(server_public_key, need_secret=False)
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_serverkey = server_public
