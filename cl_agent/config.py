@@ -88,8 +88,10 @@ class WireSection:
 class IngestSection:
     labeled_endpoint: str = "tcp://127.0.0.1:5555"  # ROUTER that labeled senders (DEALER/REQ) connect to
     frame_endpoint: str = "tcp://127.0.0.1:5556"  # where camera frames arrive
-    frame_socket: Literal["pull", "sub"] = "pull"  # PULL (PUSH senders, imagezmq REQ_REP=False uses PUB: pick sub)
+    frame_socket: Literal["pull", "sub", "router"] = "pull"  # pull: PUSH senders; sub: PUB senders (imagezmq REQ_REP=False); router: REQ senders (imagezmq default), each frame answered "OK"
+    frame_connect: list[str] = field(default_factory=list)  # also connect the frame socket to these (e.g. imagezmq PUB senders, which bind)
     frame_hwm: int = field(default=64, metadata=_range(ge=1))  # receive high-water mark: excess frames are dropped
+    max_batch_messages: int = field(default=64, metadata=_range(ge=1))  # labeled messages per group commit (one fsync)
     control_endpoint: str = "tcp://127.0.0.1:5559"  # REP socket for status queries and end-of-experience markers
     curve: CurveSection = field(default_factory=CurveSection)  # optional CURVE authentication
     wire: WireSection = field(default_factory=WireSection)  # message validation limits
@@ -98,7 +100,7 @@ class IngestSection:
 @dataclass
 class SpoolSection:
     max_bytes: int = field(default=2_000_000_000, metadata=_range(ge=1))  # labeled spool size limit; past it senders get a negative ack
-    group_commit_ms: float = field(default=2.0, metadata=_range(ge=0))  # batch fsyncs of messages arriving within this window
+    group_commit_ms: float = field(default=0.0, metadata=_range(ge=0))  # extra wait for more messages before one fsync; 0 = one fsync per drained batch
     max_classes: int = field(default=1000, metadata=_range(ge=1))  # label map size; a new class past it is refused
 
 
