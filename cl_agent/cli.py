@@ -57,6 +57,15 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def ingest(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run only the ingestion half (labeled spool, frame reservoir, experiences) until SIGINT/SIGTERM."""
+    from cl_agent.ingest import run_ingest
+
+    cfg = resolve_config(config, set_)
+    raise typer.Exit(run_ingest(cfg))
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Working directory for the demo's agent, models and logs.")] = Path(
         "runs/demo"
