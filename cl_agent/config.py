@@ -161,6 +161,12 @@ class TrainSection:
     memory_weight: float = 0.4  # replay loss weight (CE + KL to stored logits)
     margin_weight: float = 0.0  # optional X-DER margin constraint weight (0.01 in the reference)
     margin: float = 0.1  # X-DER margin
+    kd_unlabeled_start: int = field(default=1, metadata=_range(ge=0))  # first experience t with distillation on unlabeled data
+    lwf_weight: float = 1.0  # lwf_unlabeled: KL weight against the frozen previous model
+    lwf_temperature: float = field(default=2.0, metadata=_range(gt=0))  # lwf_unlabeled: KL temperature
+    ema_copy_classifier: bool = True  # EMA teachers take the student's classifier each step (reference) instead of averaging it
+    teacher_batch_statistics: bool = True  # teachers normalise BN with the batch's statistics (as the student in training), not stored ones
+    crop_scale_min: float = field(default=0.5, metadata=_range(gt=0, le=1))  # random resized crop: smallest area fraction
     augment: bool = True  # random resized crop + flip + RandAugment(2, 9), batched on the device
     randaugment_ops: int = field(default=2, metadata=_range(ge=0))  # RandAugment ops per image
     randaugment_magnitude: int = field(default=9, metadata=_range(ge=0, le=30))  # RandAugment magnitude

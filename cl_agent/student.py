@@ -1,0 +1,76 @@
+"""The student network: a timm backbone by name, a linear classifier and a 4-way rotation head.
+
+The backbone is created with ``num_classes=0`` so that it returns pooled features;
+their size is read from the model (``num_features``), so any timm model works.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from cl_agent.config import ModelSection
+from cl_agent.errors import CLAgentError
+
+ROTATIONS = 4  # 0, 90, 180, 270 degrees
+
+
+class Student(nn.Module):
+    """Backbone -> pooled features (B, D) -> class logits (B, K) and rotation logits (B, 4).
+
+    Input: float32 (B, 3, H, W), already normalised with ModelSection.mean/std.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.rotation = nn.Linear(feature_dim, ROTATIONS)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)  # (B, D): timm with num_classes=0 pools and skips its own head
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)  # (B, K)
+
+    def forward_rotation(self, features: torch.Tensor) -> torch.Tensor:
+        return self.rotation(features)  # (B, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def create_student(model: ModelSection) -> Student:
+    """Build the student for ``model.backbone`` (any name ``timm.list_models()`` knows), untrained."""
+    if not timm.is_model(model.backbone):
+        raise CLAgentError(
+            f"model.backbone = {model.backbone!r}: timm has no model of that name (see timm.list_models())"
+        )
+    backbone = timm.create_model(model.backbone, pretrained=False, num_classes=0)
+    feature_dim = int(getattr(backbone, "num_features", 0))
+    if feature_dim <= 0:
+        raise CLAgentError(f"model.backbone = {model.backbone!r}: timm model reports no feature size (num_features)")
+    return Student(backbone, feature_dim, model.num_classes)
+
+
+HIDDEN_LOGIT_OFFSET = -1e4  # added to unseen classes at inference (finite, so fp16 runtimes stay finite)
+
+
+class SeenClassMask(nn.Module):
+    """Wraps a network for inference: classes never trained on get a large negative logit.
+
+    An untrained class keeps its initial bias and would otherwise be predicted
+    now and then; the mask is a constant buffer, so it exports to ONNX as one Add.
+    """
+
+    def __init__(self, network: nn.Module, seen: torch.Tensor):
+        super().__init__()
+        self.network = network
+        hidden = ~seen.bool() if seen.any() else torch.zeros_like(seen, dtype=torch.bool)
+        self.register_buffer("offset", hidden.float() * HIDDEN_LOGIT_OFFSET)  # (K,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x) + self.offset
