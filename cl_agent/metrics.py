@@ -215,7 +215,9 @@ class AgentMetrics:
         try:
             httpd, thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as e:
-            hint = " (port already in use: pick another metrics.port, or 0 for a free one)" if e.errno == errno.EADDRINUSE else ""
+            hint = ""
+            if e.errno == errno.EADDRINUSE:
+                hint = " (port already in use: pick another metrics.port, or 0 for a free one)"
             raise CLAgentError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}{hint}") from None
         server = MetricsServer(host=host, port=httpd.server_address[1], _httpd=httpd, _thread=thread)
         log.info("metrics at %s", server.url, extra={"metrics_port": server.port})

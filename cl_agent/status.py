@@ -279,6 +279,10 @@ def _flatten(counters: Mapping, prefix: str = "") -> list[tuple[str, object]]:
     return items
 
 
+def _losses_text(losses: Mapping) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in losses.items()) or "none"
+
+
 def _or_none(value, fmt: str = "{}") -> str:
     return "none" if value is None else fmt.format(value)
 
@@ -301,6 +305,7 @@ def print_status(workdir: Path) -> int:
         rows.append(("agent", f"unknown ({STATE_FILE} missing)"))
     else:
         _, liveness = describe_liveness(state)
+        metrics_host = state.get("metrics_host") or "127.0.0.1"
         rows += [
             ("agent", liveness),
             ("started", str(state.get("started_at"))),
@@ -309,7 +314,7 @@ def print_status(workdir: Path) -> int:
             ("pending", f"{state.get('pending_experiences', 0)} experience(s) waiting to be trained"),
             ("model version", _or_none(state.get("model_version"))),
             ("served version", _or_none(state.get("served_version"))),
-            ("metrics", _or_none(state.get("metrics_port"), f"http://{state.get('metrics_host') or '127.0.0.1'}:{{}}/metrics")),
+            ("metrics", _or_none(state.get("metrics_port"), f"http://{metrics_host}:{{}}/metrics")),
         ]
     if records:
         last = records[-1]
@@ -322,7 +327,7 @@ def print_status(workdir: Path) -> int:
                 f"last {_or_none(acc, '{:.3f}')} ({last.get('online_correct', 0)}/{last.get('online_total', 0)}), "
                 f"cumulative {_or_none(total['accuracy'], '{:.3f}')} ({total['correct']}/{total['total']})",
             ),
-            ("last losses", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (last.get("losses") or {}).items()) or "none"),
+            ("last losses", _losses_text(last.get("losses") or {})),
             ("last version", _or_none(last.get("version"))),
         ]
     else:
@@ -388,7 +393,8 @@ def write_report(workdir: Path, out: Path | None = None) -> int:
         )
     out = Path(out) if out is not None else workdir / REPORT_FILE
     summary = online_summary(records)
-    title = f"{workdir.name}: {len(records)} updates, cumulative online accuracy {_or_none(summary['accuracy'], '{:.3f}')}"
+    accuracy = _or_none(summary["accuracy"], "{:.3f}")
+    title = f"{workdir.name}: {len(records)} updates, cumulative online accuracy {accuracy}"
     try:
         atomic_write_bytes(out, _render_report(records, title))
     except OSError as e:
