@@ -248,8 +248,11 @@ def describe_liveness(state: Mapping, now: dt.datetime | None = None) -> tuple[b
         age = (now - parse_iso(state["updated_at"])).total_seconds()
     except (KeyError, TypeError, ValueError):
         age = math.inf
-    heartbeat_s = state.get("heartbeat_s") or DEFAULT_HEARTBEAT_S
-    stale_after = max(STALE_FACTOR * float(heartbeat_s), MIN_STALE_S)
+    try:
+        heartbeat_s = float(state.get("heartbeat_s") or DEFAULT_HEARTBEAT_S)
+    except (TypeError, ValueError):
+        heartbeat_s = DEFAULT_HEARTBEAT_S
+    stale_after = max(STALE_FACTOR * heartbeat_s, MIN_STALE_S)
     beat = f"last heartbeat {_age_text(age)} ago" if math.isfinite(age) else "no readable heartbeat"
 
     if state.get("status") == "stopped":
