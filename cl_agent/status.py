@@ -245,8 +245,8 @@ def describe_liveness(state: Mapping, now: dt.datetime | None = None) -> tuple[b
     now = now or dt.datetime.now(dt.timezone.utc)
     pid, host = state.get("pid"), state.get("host")
     try:
-        age = (now - parse_iso(state["updated_at"])).total_seconds()
-    except (KeyError, TypeError, ValueError):
+        age = (now - parse_iso(str(state["updated_at"]))).total_seconds()
+    except (KeyError, ValueError):
         age = math.inf
     try:
         heartbeat_s = float(state.get("heartbeat_s") or DEFAULT_HEARTBEAT_S)
