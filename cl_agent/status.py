@@ -338,7 +338,8 @@ def print_status(workdir: Path) -> int:
 
     width = max(len(name) for name, _ in rows)
     lines = [f"{name + ':':<{width + 1}} {value}" for name, value in rows]
-    counters = _flatten((state or {}).get("counters") or {})
+    raw_counters = (state or {}).get("counters")
+    counters = _flatten(raw_counters) if isinstance(raw_counters, Mapping) else []
     if counters:
         lines.append("counters:")
         lines += [f"  {name} = {value}" for name, value in counters]
