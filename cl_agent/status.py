@@ -52,7 +52,7 @@ EXPERIENCE_KEYS = (
     "time",  # ISO 8601 UTC, when training finished
     "labeled",  # int: labeled samples trained on
     "unlabeled",  # int: unlabeled frames used
-    "merged",  # [int]: experience indices merged into this update (backlog policy "merge"); [] if none
+    "merged",  # [int]: every experience index trained in this update ([experience] unless the "merge" backlog policy combined several)
     "online_accuracy",  # float | null: accuracy of the model *before* training on these labeled samples
     "online_correct",  # int
     "online_total",  # int

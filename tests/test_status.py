@@ -28,7 +28,7 @@ def record(experience: int, correct: int, total: int = 50, **overrides) -> dict:
         "experience": experience,
         "labeled": total,
         "unlabeled": 100,
-        "merged": [],
+        "merged": [experience],
         "online_accuracy": correct / total if total else None,
         "online_correct": correct,
         "online_total": total,
