@@ -1,0 +1,86 @@
+"""Experiences: the cut policy, the durable store, decoding on demand; the label map."""
+
+import cv2
+import numpy as np
+import pytest
+
+from cl_agent.config import ExperienceSection
+from cl_agent.experience import CUT_COUNT, CUT_TIME, ExperiencePolicy, ExperienceStore, Sample, decode_sample
+from cl_agent.labels import LabelError, LabelMap
+from cl_agent.reservoir import Frame
+from cl_agent.spool import Record, Spool
+
+
+def test_policy_count_time_and_minimum():
+    policy = ExperiencePolicy(ExperienceSection(labeled_samples=100, max_wait_s=10, min_samples=5))
+    assert policy.reason_to_cut(100, 0.0, now=1.0) == CUT_COUNT
+    assert policy.reason_to_cut(50, 0.0, now=5.0) is None
+    assert policy.reason_to_cut(50, 0.0, now=10.0) == CUT_TIME
+    assert policy.reason_to_cut(4, 0.0, now=100.0) is None  # too few samples: keep waiting
+    assert policy.reason_to_cut(0, None, now=100.0) is None
+
+
+def _jpeg(h, w, value):
+    image = np.full((h, w, 3), value, np.uint8)
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def test_store_cut_load_decode_and_mark_trained(tmp_path):
+    spool = Spool(tmp_path / "spool", 0, 10**9)
+    payloads = [_jpeg(40, 60, 10 * i) for i in range(3)]
+    spool.append(Record("s", 1, "jpeg", [(40, 60, 3)] * 3, [0, 1, 1], payloads))
+    spool.commit()
+    store = ExperienceStore(tmp_path)
+    assert store.last_index == -1 and store.pending() == []
+    frames = [Frame(_jpeg(480, 640, 200), "jpeg", (480, 640, 3), "rgb", "cam")]
+    store.write(0, labeled_segment=spool.segment_path(0).name, labeled_samples=3, keys=spool.segment_keys,
+                unlabeled=frames, reason="count", classes=[0, 1])
+    spool.cut()
+    assert store.last_index == 0 and store.pending() == [0]
+    assert store.committed_keys() == {("s", 1)}
+    experience = store.load(0)
+    labeled, labels, unlabeled = experience.decode(32)
+    assert labeled.shape == (3, 32, 32, 3) and labeled.dtype == np.uint8
+    assert labels.tolist() == [0, 1, 1] and labels.dtype == np.int64
+    assert unlabeled.shape == (1, 32, 32, 3) and abs(int(unlabeled.mean()) - 200) < 5
+    assert abs(int(labeled[2].mean()) - 20) < 5
+    store.mark_trained(0)
+    assert store.pending() == [] and store.is_trained(0)
+    # A second store on the same folder (another process) sees the same state.
+    assert ExperienceStore(tmp_path).pending() == [] and ExperienceStore(tmp_path).last_index == 0
+    with pytest.raises(KeyError):
+        store.load(1)
+
+
+def test_decode_raw_grey_and_bgr():
+    grey = Sample(bytes([7]) * 64, "raw", (8, 8, 1))
+    assert decode_sample(grey, 8).shape == (8, 8, 3)
+    bgr = np.zeros((8, 8, 3), np.uint8)
+    bgr[..., 2] = 255  # red in OpenCV order
+    out = decode_sample(Sample(bgr.tobytes(), "raw", (8, 8, 3), "bgr"), 4)
+    assert out.shape == (4, 4, 3) and out[..., 0].min() == 255 and out[..., 2].max() == 0
+
+
+def test_label_map_names_ids_limit_and_persistence(tmp_path):
+    path = tmp_path / "labels.json"
+    labels = LabelMap(path, max_classes=4)
+    assert labels.ids_for(["cat", "dog", "cat"]) == [0, 1, 0]
+    assert labels.id_for(1) == 1 and labels.names == ["cat", "dog"]
+    with pytest.raises(LabelError) as info:
+        labels.ids_for(["bird", "fish", "cow"])  # 5 classes > 4: refused as a whole
+    assert info.value.reason == "too_many_classes" and labels.names == ["cat", "dog"]
+    with pytest.raises(LabelError) as info:
+        labels.id_for(4)
+    assert info.value.reason == "bad_class_id"
+    assert labels.ids_for([3]) == [3] and labels.names == ["cat", "dog", "2", "3"]  # placeholders fill ids 2..3
+    with pytest.raises(LabelError):
+        labels.id_for("bird")  # the map is full
+    reloaded = LabelMap(path, max_classes=4)
+    assert reloaded.names == labels.names and reloaded.id_for("cat") == 0
+
+
+def test_label_map_integer_ids_get_placeholder_names(tmp_path):
+    labels = LabelMap(tmp_path / "labels.json", max_classes=10)
+    assert labels.ids_for([3]) == [3]
+    assert labels.names == ["0", "1", "2", "3"]
+    assert labels.id_for("new") == 4 and labels.id_for("2") == 2
