@@ -177,6 +177,17 @@ class LabeledClient:
         self._done.clear()
         return done
 
+    def poll_acks(self) -> list[Ack]:
+        """Answers that have arrived (without waiting), in seq order."""
+        while self._pending and self._socket.poll(0):
+            try:
+                self._on_reply(self._socket.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        done = [self._done[s] for s in sorted(self._done)]
+        self._done.clear()
+        return done
+
     @property
     def in_flight(self) -> int:
         return len(self._pending)
