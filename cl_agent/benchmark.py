@@ -108,14 +108,11 @@ def forgetting(per_class_history: list[list], classes: set[int]) -> float | None
     return float(np.mean(drops)) if drops else None
 
 
-def epochs_at(train: TrainSection, t: int) -> int:
-    """The reference epoch schedule: epochs(t) = max(epochs_min, epochs_base - t)."""
-    return max(train.epochs_min, train.epochs_base - t)
-
-
 def streamed_steps(train: TrainSection, labeled_counts: list[int]) -> int:
-    """Optimizer steps of the streamed run: sum over t of epochs(t) * ceil(N_t / labeled_batch)."""
-    return sum(epochs_at(train, t) * math.ceil(n / train.labeled_batch) for t, n in enumerate(labeled_counts))
+    """Optimizer steps of the streamed run: sum over t of epochs(t) * ceil(N_t / labeled_batch), as the Trainer plans them."""
+    from cl_agent.method import epochs_for
+
+    return sum(epochs_for(train, t) * math.ceil(n / train.labeled_batch) for t, n in enumerate(labeled_counts))
 
 
 def resolve_device(device: str) -> str:
@@ -157,8 +154,8 @@ class BenchRun:
 
 
 def _loss_terms(metrics: dict) -> dict:
-    skip = {"steps", "seconds", "stopped_by_budget", "experience", "epochs"}
-    return {k: float(v) for k, v in metrics.items() if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The Trainer's mean loss terms: "loss" (total) and "loss_<term>"."""
+    return {k.removeprefix("loss_"): float(v) for k, v in metrics.items() if k.startswith("loss") and isinstance(v, float)}
 
 
 def _format_eta(seconds: float) -> str:
@@ -262,8 +259,17 @@ def run_benchmark(run: BenchRun, echo: Callable[[str], None] = print) -> dict:
 
 
 def _metrics_json(metrics: dict) -> dict:
-    return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-            for k, v in metrics.items() if isinstance(v, (int, float, bool, str))}  # fmt: skip
+    """The Trainer's metrics, JSON-safe (scalars, and flat dicts of numbers such as loss weights)."""
+    def plain(v):
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    kept = {}
+    for k, v in metrics.items():
+        if v is None or isinstance(v, (int, float, bool, str)):
+            kept[k] = plain(v)
+        elif isinstance(v, dict):
+            kept[k] = {str(a): plain(b) for a, b in v.items() if isinstance(b, (int, float))}
+    return kept
 
 
 def _scores(accuracies: list[float], per_class_history: list[list], evaluated_after: list[int], seen: set[int]) -> dict:
