@@ -165,6 +165,7 @@ class TrainSection:
     lwf_weight: float = 1.0  # lwf_unlabeled: KL weight against the frozen previous model
     lwf_temperature: float = field(default=2.0, metadata=_range(gt=0))  # lwf_unlabeled: KL temperature
     ema_copy_classifier: bool = True  # EMA teachers take the student's classifier each step (reference) instead of averaging it
+    memory_online: bool = True  # also store each step's labeled items in the memory (ER-ACE), not only at the experience end
     teacher_batch_statistics: bool = True  # teachers normalise BN with the batch's statistics (as the student in training), not stored ones
     crop_scale_min: float = field(default=0.5, metadata=_range(gt=0, le=1))  # random resized crop: smallest area fraction
     augment: bool = True  # random resized crop + flip + RandAugment(2, 9), batched on the device

@@ -5,10 +5,13 @@ when the memory is full, a new item replaces a random item of the most
 frequent class (counting the new item's class), so every class keeps about
 capacity / classes items.
 
-INVARIANT: len(self) <= capacity; self.count[c] == (self.labels[:len] == c).sum().
+INVARIANT: len(self) <= capacity; slots[c] lists exactly the slots holding class c, sorted
+(so a restored memory makes the same random choices as the original).
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 
@@ -19,41 +22,46 @@ class Memory:
         self.features = torch.zeros(capacity, feature_dim, device=device)  # (N, D)
         self.logits = torch.zeros(capacity, num_classes, device=device)  # (N, K)
         self.labels = torch.zeros(capacity, dtype=torch.long, device=device)  # (N,)
-        self.item_labels: list[int] = []  # host copy of labels[:len] for bookkeeping
-        self.count: dict[int, int] = {}
+        self.size = 0
+        self.slots: dict[int, list[int]] = {}  # class -> slots holding it (host-side bookkeeping)
 
     def __len__(self) -> int:
-        return len(self.item_labels)
+        return self.size
 
-    def add(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> None:
+    def _slot_for(self, label: int, gen: torch.Generator) -> int | None:
+        """Where a new item of ``label`` goes, updating the bookkeeping; None = not stored."""
+        if self.size < self.capacity:
+            self.size += 1
+            slot = self.size - 1
+        else:
+            counts = {c: len(s) for c, s in self.slots.items() if s}
+            counts[label] = counts.get(label, 0) + 1
+            top = max(counts.values())
+            largest = sorted(c for c, n in counts.items() if n == top)
+            victim = largest[int(torch.randint(len(largest), (1,), generator=gen))]
+            if not self.slots.get(victim):
+                return None  # the new item's own class is the largest and holds nothing (capacity < classes)
+            victims = self.slots[victim]
+            slot = victims.pop(int(torch.randint(len(victims), (1,), generator=gen)))
+        bisect.insort(self.slots.setdefault(label, []), slot)
+        return slot
+
+    def add(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | list[int], gen: torch.Generator) -> None:
         """Offer items (B, D), (B, K), (B,) in order; class-balanced replacement once full."""
         if self.capacity == 0:
             return
-        slots: dict[int, int] = {}  # slot -> index of the item written there (the last one wins)
-        for i, label in enumerate(labels.tolist()):
-            if len(self.item_labels) < self.capacity:
-                slot = len(self.item_labels)
-                self.item_labels.append(label)
-            else:
-                counts = dict(self.count)
-                counts[label] = counts.get(label, 0) + 1
-                top = max(counts.values())
-                largest = sorted(c for c, n in counts.items() if n == top)
-                victim_class = largest[int(torch.randint(len(largest), (1,), generator=gen))]
-                if victim_class == label and self.count.get(label, 0) == 0:
-                    continue  # a class not in memory that is itself the largest: nothing to replace (capacity 1)
-                candidates = [s for s, c in enumerate(self.item_labels) if c == victim_class]
-                slot = candidates[int(torch.randint(len(candidates), (1,), generator=gen))]
-                self.count[victim_class] -= 1
-                self.item_labels[slot] = label
-            self.count[label] = self.count.get(label, 0) + 1
-            slots[slot] = i
-        if slots:
-            where = torch.tensor(list(slots.keys()), device=self.labels.device)
-            which = torch.tensor(list(slots.values()), device=features.device)
+        labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+        written: dict[int, int] = {}  # slot -> item written there (a later item in the same call wins)
+        for i, label in enumerate(labels):
+            slot = self._slot_for(label, gen)
+            if slot is not None:
+                written[slot] = i
+        if written:
+            where = torch.tensor(list(written.keys())).to(self.labels.device)
+            which = torch.tensor(list(written.values())).to(features.device)
             self.features[where] = features[which].to(self.features)
             self.logits[where] = logits[which].to(self.logits)
-            self.labels[where] = labels[which].to(self.labels.device)
+            self.labels[where] = torch.tensor([labels[i] for i in written.values()]).to(self.labels.device)
 
     def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Up to n distinct random items: features (n, D), labels (n,), logits (n, K)."""
@@ -62,10 +70,10 @@ class Memory:
         return self.features[index], self.labels[index], self.logits[index]
 
     def class_counts(self) -> dict[int, int]:
-        return {c: n for c, n in sorted(self.count.items()) if n > 0}
+        return {c: len(s) for c, s in sorted(self.slots.items()) if s}
 
     def state_dict(self) -> dict:
-        n = len(self)
+        n = self.size
         return {"features": self.features[:n].cpu(), "logits": self.logits[:n].cpu(), "labels": self.labels[:n].cpu()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -75,7 +83,7 @@ class Memory:
         self.features[:n] = state["features"].to(self.features)
         self.logits[:n] = state["logits"].to(self.logits)
         self.labels[:n] = state["labels"].to(self.labels.device)
-        self.item_labels = state["labels"].tolist()
-        self.count = {}
-        for label in self.item_labels:
-            self.count[label] = self.count.get(label, 0) + 1
+        self.size = n
+        self.slots = {}
+        for slot, label in enumerate(state["labels"].tolist()):
+            self.slots.setdefault(label, []).append(slot)

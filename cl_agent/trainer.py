@@ -196,6 +196,8 @@ class Trainer:
                 + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
                 + f" (method {self.method.name}, lr {self.train_config.lr}); the step was not applied"
             )
+        if self.method.memory and self.train_config.memory_online:  # ER-ACE: the stream feeds the memory too
+            self.memory.add(feats[:n_l].detach().float(), losses.apply_mask(logits_l.detach(), self.unseen_mask), labels, self.generator)
         self.optimizer.step()
         self.teachers.update(self.student)
         return values

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from cl_agent.errors import CLAgentError
+from cl_agent.student import SeenClassMask, create_student
+from learning_stream import tiny_model
+
+
+@pytest.mark.parametrize("backbone", ["resnet10t", "resnet18"])
+def test_student_shapes_and_feature_size_read_from_the_model(backbone):
+    student = create_student(tiny_model(num_classes=7, backbone=backbone))
+    x = torch.randn(3, 3, 16, 16)
+    features = student.forward_features(x)
+    assert features.shape == (3, student.feature_dim)
+    assert student.feature_dim == student.backbone.num_features
+    assert student.forward_head(features).shape == (3, 7)
+    assert student.forward_rotation(features).shape == (3, 4)
+    assert torch.equal(student(x), student.forward_head(features))
+
+
+def test_unknown_backbone_is_named_in_the_error():
+    with pytest.raises(CLAgentError, match="no_such_net"):
+        create_student(tiny_model(backbone="no_such_net"))
+
+
+def test_seen_class_mask_pushes_unseen_classes_down():
+    student = create_student(tiny_model(num_classes=4)).eval()
+    seen = torch.tensor([True, False, True, False])
+    masked = SeenClassMask(student, seen)
+    x = torch.randn(2, 3, 16, 16)
+    out, raw = masked(x), student(x)
+    assert torch.allclose(out[:, seen], raw[:, seen])
+    assert (out[:, ~seen] < -1000).all()
+    assert torch.equal(SeenClassMask(student, torch.zeros(4, dtype=torch.bool))(x), raw)  # nothing seen: no mask
