@@ -215,9 +215,14 @@ class IngestService:
             if cfg.curve.enabled:
                 from cl_agent.security import make_server
 
-                make_server(socket, cfg.curve)
+                try:
+                    make_server(socket, cfg.curve)
+                except CLAgentError:
+                    socket.close(linger=0)  # an open socket would block context.term()
+                    raise
             return socket
 
+        # Attributes are set before binding, so _teardown closes a socket whose bind failed.
         self.labeled_socket = server_socket(zmq.ROUTER)
         self.endpoints["labeled"] = bind(self.labeled_socket, cfg.labeled_endpoint)
 

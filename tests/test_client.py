@@ -1,0 +1,70 @@
+"""LabeledClient: Lazy Pirate retries keep the seq, reconnect to a restarted agent, give up loudly."""
+
+import json
+import threading
+import time
+
+import pytest
+import zmq
+
+from cl_agent.client import AgentUnavailable, LabeledClient
+from cl_agent.wire import reply
+from ingest_support import free_port, images, make_service
+
+
+def test_no_agent_raises_after_retries_and_keeps_the_message_pending():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    client = LabeledClient(endpoint, "s", timeout_s=0.1, retries=2)
+    start = time.monotonic()
+    with pytest.raises(AgentUnavailable, match="after 2 retries"):
+        client.send(images(1), ["a"])
+    assert 0.25 < time.monotonic() - start < 2 and client.in_flight == 1 and client.reconnects == 2
+    client.close()
+
+
+def test_retry_resends_the_same_seq_after_a_silent_agent():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    seen: list[int] = []
+
+    def silent_then_ack():
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.bind(endpoint)
+        for answer in (False, True):
+            identity, empty, header, *_ = sock.recv_multipart()
+            seq = json.loads(header)["seq"]
+            seen.append(seq)
+            if answer:
+                sock.send_multipart([identity, b"", *reply("ack", "agent", seq, accepted=1)])
+        sock.close(linger=1000)
+
+    thread = threading.Thread(target=silent_then_ack)
+    thread.start()
+    client = LabeledClient(endpoint, "s", timeout_s=0.3, retries=3)
+    ack = client.send(images(1), ["a"])
+    thread.join(5)
+    client.close()
+    assert ack.ok and len(seen) == 2 and seen[0] == seen[1] == ack.seq
+
+
+def test_reconnects_to_an_agent_that_starts_late_and_pipelines(tmp_path):
+    port = free_port()
+    client = LabeledClient(f"tcp://127.0.0.1:{port}", "s", timeout_s=0.3, retries=20, window=4)
+    seqs = [client.submit(images(2, seed=i), ["a", "b"]) for i in range(4)]  # window full, nobody listening
+    service = make_service(tmp_path, ingest={"labeled_endpoint": f"tcp://127.0.0.1:{port}"})
+    time.sleep(0.4)
+    with service:
+        seqs += [client.submit(images(2, seed=i), ["a", "b"]) for i in range(4, 10)]
+        acks = client.flush()
+        counters = service.counters()
+    client.close()
+    assert [a.seq for a in acks] == seqs and all(a.ok and not a.duplicate for a in acks)
+    assert counters["labeled_images_acked"] == 20
+
+
+def test_nack_is_returned_not_raised(tmp_path):
+    with make_service(tmp_path, spool={"max_classes": 1}) as service:
+        client = LabeledClient(service.endpoints["labeled"], "s")
+        assert client.send(images(1), ["a"]).ok
+        ack = client.send(images(1), ["b"])
+        client.close()
+    assert not ack.ok and ack.reason == "too_many_classes" and "max_classes" in ack.detail
