@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -62,6 +63,17 @@ def _teacher_setup(method_teachers: str, train: TrainSection) -> dict:
     if method_teachers == "previous":
         return dict(keep=1, mode="frozen", source="student", ema_is_teacher=False)
     return dict(keep=0, mode="frozen", source="ema", ema_is_teacher=False)
+
+
+class _InstanceOrClassMethod:
+    """A method bound to the instance when called on one, else to the class."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        functools.update_wrapper(self, function)
+
+    def __get__(self, instance, owner):
+        return functools.partial(self.function, instance if instance is not None else owner)
 
 
 class Trainer:
@@ -386,17 +398,31 @@ class Trainer:
         """Write everything needed to continue (atomic). ``extra``: plain data of the caller, e.g. label names."""
         return save_state(path, {**self.state_dict(), "extra": dict(extra or {})})
 
-    @classmethod
-    def load_checkpoint(
-        cls, path: str | Path, device: torch.device | str = "cpu", train: TrainSection | None = None
-    ) -> "Trainer":
-        """Rebuild a trainer from ``save_checkpoint``; ``train`` replaces the stored train section (e.g. a new budget)."""
+    def _load_checkpoint(self_or_class, path: str | Path, device: torch.device | str = "cpu", train: TrainSection | None = None):
+        """Restore a ``save_checkpoint`` file.
+
+        On an instance (``trainer.load_checkpoint(path)``): restores in place,
+        keeping this trainer's train section and device, and returns it; the model
+        section must match. On the class (``Trainer.load_checkpoint(path, device,
+        train)``): builds a new trainer from the stored sections (``train``
+        replaces the stored one, e.g. for a new budget).
+        """
         state = load_state(path)
-        model = _section(ModelSection, state["model"], path)
-        trainer = cls(model, train or _section(TrainSection, state["train"], path), device, seed=int(state["seed"]))
+        stored_model = _section(ModelSection, state["model"], path)
+        if isinstance(self_or_class, Trainer):
+            trainer = self_or_class
+            if stored_model != trainer.model_config:
+                raise CLAgentError(
+                    f"checkpoint {str(path)!r} was made for model {stored_model}, this trainer has {trainer.model_config}"
+                )
+        else:
+            stored_train = train or _section(TrainSection, state["train"], path)
+            trainer = self_or_class(stored_model, stored_train, device, seed=int(state["seed"]))
         trainer.load_state_dict(state)
         trainer.checkpoint_extra = state.get("extra", {})
         return trainer
+
+    load_checkpoint = _InstanceOrClassMethod(_load_checkpoint)
 
 
 def _section(section: type, data: dict, path) -> object:

@@ -39,6 +39,18 @@ def test_restore_and_continue_equals_never_stopping(tmp_path, experiences):
     assert torch.equal(uninterrupted.memory.features, restored.memory.features)
 
 
+def test_load_checkpoint_in_place_on_an_instance(tmp_path, experiences):
+    source = Trainer(tiny_model(8), tiny_train(epochs_base=1), seed=1)
+    source.train_experience(*experiences[0])
+    path = source.save_checkpoint(tmp_path / "a.pt")
+    target = Trainer(tiny_model(8), tiny_train(epochs_base=1, time_budget_s=5.0), seed=2)
+    assert target.load_checkpoint(path) is target
+    assert target.experience_index == 1 and target.train_config.time_budget_s == 5.0
+    assert torch.equal(target.predict(experiences[1][0]), source.predict(experiences[1][0]))
+    with pytest.raises(CLAgentError, match="made for model"):
+        Trainer(tiny_model(6), tiny_train()).load_checkpoint(path)
+
+
 def test_checkpoint_loads_with_weights_only_and_holds_everything(tmp_path, experiences):
     trainer = Trainer(tiny_model(8), tiny_train(epochs_base=1), seed=0)
     trainer.train_experience(*experiences[0])

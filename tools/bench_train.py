@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Price one training step of the method against the work it cannot avoid.
+
+naive_step_s:    a plain cross-entropy step on `labeled_batch` labeled images.
+mlkd_ssl_step_s: a full method step at t = 2: 3 teachers (EMA + 2 snapshots),
+                 labeled + unlabeled + 4 x rotation images through the student,
+                 memory replay, EMA update, optimizer step.
+floor_step_s:    the student's forward+backward time per image x the images it must
+                 pass (64 + 100 + 100) + the forward time per image x the teachers'
+                 images (3 x 164), both measured in this run at the same batch sizes.
+overhead:        mlkd_ssl_step_s / floor_step_s.
+
+Usage: python tools/bench_train.py --json [--device cpu|cuda] [--backbone resnet18] [--image-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from cl_agent.config import ModelSection, TrainSection
+from cl_agent.teacher import teacher_outputs
+from cl_agent.trainer import Trainer, resolve_device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, repeats: int, warmup: int) -> float:
+    """Median seconds of fn() over repeats, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _images(n: int, size: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the student")
+    parser.add_argument("--snapshot-mode", default="frozen", choices=["frozen", "ema"])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = resolve_device(args.device)
+    model = ModelSection(backbone=args.backbone, num_classes=args.num_classes, image_size=args.image_size)
+    train = TrainSection(compile=args.compile, snapshot_mode=args.snapshot_mode)
+    gen = torch.Generator().manual_seed(0)
+    s, nl, nu, nr = args.image_size, train.labeled_batch, train.unlabeled_batch, train.rotation_images
+    labeled, labels = _images(nl, s, device, gen), torch.randint(0, 10, (nl,), generator=gen).to(device)
+    unlabeled = _images(nu, s, device, gen)
+
+    # naive: one plain cross-entropy step
+    naive = Trainer(model, TrainSection(method="naive", compile=args.compile), device=device)
+    naive.begin_experience(labels)
+    naive_step = _time(lambda: naive.step(labeled, labels, unlabeled[:0]), device, args.repeats, args.warmup)
+    del naive
+
+    # the method at t = 2: two tiny experiences first, so 2 snapshots and a filled memory exist
+    method = Trainer(model, train, device=device)
+    for t in range(2):
+        method.train_experience(labeled.cpu(), labels.cpu() + 10 * (t + 1), unlabeled.cpu(), steps=1)
+    method.begin_experience(labels + 30)
+    teachers = method.teachers.modules()
+    assert len(teachers) == 3 and len(method.memory) > 0
+    method_step = _time(lambda: method.step(labeled, labels + 30, unlabeled), device, args.repeats, args.warmup)
+
+    # the floor, priced with the same networks and batch sizes
+    student_images = nl + nu + 4 * nr
+    x_student = method._input(_images(student_images, s, device, gen))
+    x_teacher = method._input(_images(nl + nu, s, device, gen))
+
+    def student_pass() -> None:
+        method.student.zero_grad(set_to_none=True)
+        with method._autocast():
+            features = method.features(x_student)
+            loss = method.student.forward_head(features).float().logsumexp(1).mean()
+        loss.backward()
+
+    def teacher_pass() -> None:
+        with method._autocast():
+            teacher_outputs(teachers[:1], x_teacher, train.teacher_batch_statistics)
+
+    fwd_bwd_per_image = _time(student_pass, device, args.repeats, args.warmup) / student_images
+    fwd_per_image = _time(teacher_pass, device, args.repeats, args.warmup) / (nl + nu)
+    floor = fwd_bwd_per_image * student_images + fwd_per_image * len(teachers) * (nl + nu)
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "backbone": args.backbone,
+        "image_size": s,
+        "naive_step_s": round(naive_step, 4),
+        "mlkd_ssl_step_s": round(method_step, 4),
+        "floor_step_s": round(floor, 4),
+        "overhead": round(method_step / floor, 3),
+        "student_fwd_bwd_per_image_s": fwd_bwd_per_image,
+        "forward_per_image_s": fwd_per_image,
+        "naive_images_per_s": round(nl / naive_step, 1),
+        "mlkd_ssl_labeled_images_per_s": round(nl / method_step, 1),
+        "mlkd_ssl_network_images_per_s": round((student_images + len(teachers) * (nl + nu)) / method_step, 1),
+        "amp_bf16": device.type == "cuda" and train.amp,
+        "channels_last": device.type == "cuda" and train.channels_last,
+        "compile": args.compile,
+        "snapshot_mode": args.snapshot_mode,
+        "torch": torch.__version__,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:32s} {value}")
+
+
+if __name__ == "__main__":
+    main()
