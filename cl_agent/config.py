@@ -196,7 +196,9 @@ class RepositorySection:
 class ServeSection:
     endpoint: str = "tcp://127.0.0.1:5558"  # ROUTER inference endpoint
     providers: list[str] = field(default_factory=lambda: ["auto"])  # onnxruntime providers; auto = TensorRT/CUDA if present, else CPU
-    intra_op_threads: int = field(default=0, metadata=_range(ge=0))  # onnxruntime threads; 0 = library default
+    intra_op_threads: int = field(default=1, metadata=_range(ge=0))  # onnxruntime threads per run; 0 = one per core
+    allow_spinning: bool = False  # onnxruntime worker threads busy-wait between runs (a little faster, burns idle CPU)
+    loader_nice: int = field(default=10, metadata=_range(ge=0, le=19))  # priority drop of the thread loading a new version (with 1 intra-op thread)
     max_batch: int = field(default=32, metadata=_range(ge=1))  # micro-batch size limit
     max_wait_ms: float = field(default=2.0, metadata=_range(ge=0))  # how long a micro-batch waits to fill
     top_k: int = field(default=5, metadata=_range(ge=1))  # classes returned per image

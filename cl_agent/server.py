@@ -17,9 +17,10 @@ stays open up to ``max_wait_ms`` to fill to ``max_batch`` images.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import zmq
 
 from cl_agent.config import AgentConfig, ServeSection, WireSection
 from cl_agent.errors import CLAgentError
-from cl_agent.repository import ModelRepository, parse_announcement
+from cl_agent.repository import ModelRepository, parse_announcement, sha256_file
 from cl_agent.wire import Message, WireError, decode_message, reply
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,22 @@ def choose_providers(requested: list[str]) -> list[str]:
     return list(requested)
 
 
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def load_model(repository: ModelRepository, version: int, serve: ServeSection) -> LoadedModel:
-    """Read, verify (sha256 of the bytes actually loaded), open and warm one version."""
+    """Verify (sha256 against the manifest), open and warm one version."""
     import onnxruntime as ort
 
+    path = repository.model_path(version)
     try:
         manifest = repository.load_manifest(version)
-        data = repository.model_path(version).read_bytes()
+        before = _identity(path)
+        digest = sha256_file(path)
     except (CLAgentError, OSError) as e:
         raise ModelLoadError(f"version {version}: {e}") from None
-    digest = hashlib.sha256(data).hexdigest()
     if digest != manifest.get("sha256"):
         raise ModelLoadError(f"version {version}: model sha256 {digest[:12]}... differs from the manifest's")
     names, size = manifest.get("class_names"), manifest.get("image_size")
@@ -93,10 +100,16 @@ def load_model(repository: ModelRepository, version: int, serve: ServeSection) -
     if serve.intra_op_threads:
         options.intra_op_num_threads = serve.intra_op_threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if serve.allow_spinning else "0")
     try:
-        session = ort.InferenceSession(data, options, providers=choose_providers(serve.providers))
-    except Exception as e:  # onnxruntime raises untyped errors for a bad graph
+        # Opened by path, not from bytes: onnxruntime holds the GIL while it parses, and a 45 MB
+        # bytes object would stall the serving thread several times longer.
+        session = ort.InferenceSession(str(path), options, providers=choose_providers(serve.providers))
+        unchanged = _identity(path) == before
+    except Exception as e:  # onnxruntime raises untyped errors for a bad graph, OSError for a vanished file
         raise ModelLoadError(f"version {version}: onnxruntime cannot load the model: {e}") from None
+    if not unchanged:
+        raise ModelLoadError(f"version {version}: {path} changed while it was being loaded")
     inputs, outputs = session.get_inputs(), {o.name: o for o in session.get_outputs()}
     if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)":
         got = [(i.name, i.type) for i in inputs]
@@ -142,6 +155,7 @@ class Server:
         self.announce_endpoint = announce_endpoint
         self._context = context or zmq.Context.instance()
         self._model: LoadedModel | None = None  # INVARIANT: replaced whole, never mutated
+        self._retired: list[LoadedModel] = []  # replaced versions, freed by the watcher thread
         self._failed: set[tuple[int, str]] = set()  # (version, manifest sha) refused before: not retried
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -214,12 +228,30 @@ class Server:
                 self.counters["swap_failures"] += 1
                 log.error("not swapping to version %d, still serving %s: %s", version, self.version, e)
                 continue
+            if self._model is not None:
+                self._retired.append(self._model)
             self._model = model  # the swap: one reference; running batches keep the session they hold
             self.counters["swaps"] += 1
             log.info("now serving version %d (loaded in %.0f ms)", version, 1000 * (time.perf_counter() - started))
             return
 
+    def _release_retired(self) -> None:
+        """Free replaced sessions here once no batch uses them: freeing one in the serving thread would stall it."""
+        still_used = []
+        for model in self._retired:
+            # 3 references = this list, the loop variable and getrefcount's argument: nobody else holds it.
+            if sys.getrefcount(model) > 3:
+                still_used.append(model)
+        self._retired = still_used
+
     def _watch_loop(self) -> None:
+        # Loading and warming a version must not slow the serving thread: run it at a lower priority.
+        # Only with one intra-op thread: the session's worker threads would inherit the priority.
+        if self.serve.loader_nice and self.serve.intra_op_threads == 1 and hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.serve.loader_nice)
+            except OSError as e:
+                log.warning("cannot lower the loader thread's priority: %s", e)
         sub = None
         if self.announce_endpoint:
             sub = self._context.socket(zmq.SUB)
@@ -229,6 +261,7 @@ class Server:
         next_poll = time.monotonic() + self.serve.poll_s
         try:
             while not self._stop.is_set():
+                self._release_retired()
                 if sub is not None and sub.poll(50):
                     frames = sub.recv_multipart()
                     try:
@@ -259,6 +292,7 @@ class Server:
                 batch = self._collect(router, model)
                 if batch:
                     self._run(router, model, batch)
+                model = batch = None  # hold no old session between batches (the watcher frees it)
         finally:
             router.close()
 

@@ -200,6 +200,8 @@ def test_rollback_moves_the_server_to_the_old_model(repo, onnx_models):
         v3 = repo.rollback(1)
         assert wait_for(lambda: server.version == v3)
         assert server._model.sha256 == repo.load_manifest(1)["sha256"]
+        # The replaced sessions are freed by the watcher once no batch holds them.
+        assert wait_for(lambda: server._retired == [])
 
 
 def test_requests_sent_during_swaps_all_get_answers(repo, onnx_models):

@@ -1,0 +1,287 @@
+"""Serving benchmark: latency and throughput through the server, against torch eager and bare onnxruntime,
+and hot swaps under a steady load.
+
+    python tools/bench_serve.py --json
+
+Prints one JSON object. Model: the student (ResNet-18) at 32 px, exported with
+the project's exporter and published to a temporary repository; the server runs
+as a separate ``cl-agent serve`` process, the clients run here.
+
+- batch1 / batch32: one client, one request after another; p50/p99 of the round
+  trip, throughput in images per second. The flat p50_ms/p99_ms/throughput_per_s
+  are batch 1.
+- torch_p50_ms / ort_p50_ms: the same graph in torch eager and in a bare
+  onnxruntime ``session.run`` with the same thread count, measured interleaved
+  with the served requests so background load hits all three alike.
+- steady / swaps: an open-loop load (requests sent on a fixed schedule, replies
+  collected asynchronously, latency counted from the scheduled send time) at
+  --rate requests/s; first without swaps (steady p99), then while a new version
+  is published and announced every --swap-interval seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZE = 32
+CLASSES = [f"class_{i}" for i in range(10)]
+
+
+def percentiles(samples_s: list[float]) -> dict:
+    ms = np.asarray(samples_s) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 4), "p99_ms": round(float(np.percentile(ms, 99)), 4)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_models(folder: Path, threads: int) -> tuple[object, list[Path]]:
+    """Two students with different weights, exported; returns (torch graph of the first, onnx paths)."""
+    import torch
+
+    from cl_agent.config import ExportSection, ModelSection
+    from cl_agent.export import ServingGraph, export_onnx
+    from cl_agent.student import create_student
+
+    section = ModelSection(backbone="resnet18", num_classes=len(CLASSES), image_size=SIZE)
+    paths, graphs = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        student = create_student(section).eval()
+        path = folder / f"student{seed}.onnx"
+        export_onnx([student], path, image_size=SIZE, mean=section.mean, std=section.std, export=ExportSection())
+        paths.append(path)
+        graphs.append(ServingGraph([student], section.mean, section.std).eval())
+    torch.set_num_threads(threads)
+    return graphs[0], paths
+
+
+def start_server(repo_root: Path, endpoint: str, announce: str, threads: int) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "cl_agent.cli", "serve", "--repo", str(repo_root), "--model", "student",
+        "--set", f"serve.endpoint={endpoint}",
+        "--set", f"serve.intra_op_threads={threads}",
+        "--set", "serve.poll_s=5.0",
+        "--set", f"repository.announce_endpoint={announce}",
+        "--set", "agent.log_level=warning",
+    ]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_round: int) -> dict:
+    """Interleaved rounds of served / bare onnxruntime / torch eager calls on the same images."""
+    import torch
+
+    images = np.random.default_rng(batch).integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(images)
+    served, bare, eager = [], [], []
+    served_time = 0.0
+    for _ in range(3):  # warm-up
+        client.predict(images)
+        session.run(["probs"], {"images": images})
+        with torch.inference_mode():
+            torch_graph(tensor)
+    for _ in range(rounds):
+        round_start = time.perf_counter()
+        for _ in range(per_round):
+            t = time.perf_counter()
+            client.predict(images)
+            served.append(time.perf_counter() - t)
+        served_time += time.perf_counter() - round_start
+        for _ in range(per_round):
+            t = time.perf_counter()
+            session.run(["probs"], {"images": images})
+            bare.append(time.perf_counter() - t)
+        with torch.inference_mode():
+            for _ in range(max(1, per_round // 5)):
+                t = time.perf_counter()
+                torch_graph(tensor)
+                eager.append(time.perf_counter() - t)
+    result = percentiles(served)
+    result["throughput_per_s"] = round(len(served) * batch / served_time, 1)
+    result["requests"] = len(served)
+    return {"served": result, "ort": percentiles(bare), "torch": percentiles(eager)}
+
+
+def open_loop_load(endpoint: str, rate: float, duration_s: float, timeout_s: float, conn) -> None:
+    """Child process: send batch-1 requests on a fixed schedule over one DEALER socket; report per request."""
+    import zmq
+
+    from cl_agent.config import WireSection
+    from cl_agent.wire import decode_message, encode_message
+
+    limits = WireSection()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    image = np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    interval = 1.0 / rate
+    total = int(rate * duration_s)
+    scheduled: dict[int, float] = {}
+    done: dict[int, tuple[float, int]] = {}  # seq -> (latency, version or -1 on an error reply)
+    conn.send("ready")
+    start = time.perf_counter() + 0.05
+    seq = 0
+    deadline = start + duration_s + timeout_s
+    while time.perf_counter() < deadline and len(done) < total:
+        now = time.perf_counter()
+        next_send = start + seq * interval if seq < total else deadline
+        if now >= next_send and seq < total:
+            scheduled[seq] = next_send
+            sock.send_multipart(encode_message("infer", "load", seq, list(image), encoding="raw", top_k=1))
+            seq += 1
+            continue
+        if sock.poll(max(0.0, (next_send - now) * 1000)):
+            frames = sock.recv_multipart()
+            received = time.perf_counter()
+            message = decode_message(frames, limits)
+            version = int(message.header["model_version"]) if message.kind == "prediction" else -1
+            done[message.seq] = (received - scheduled[message.seq], version)
+    conn.send({"scheduled": {k: v - start for k, v in scheduled.items()}, "done": done, "total": total})
+    conn.close()
+
+
+def run_load(endpoint: str, rate: float, duration_s: float, during=None) -> dict:
+    """Run the load in a child process; call ``during()`` meanwhile; return per-request results."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=open_loop_load, args=(endpoint, rate, duration_s, 5.0, child))
+    process.start()
+    assert parent.recv() == "ready"
+    if during is not None:
+        during()
+    result = parent.recv()
+    process.join()
+    return result
+
+
+def summarise(result: dict, rate: float) -> dict:
+    done, total = result["done"], result["total"]
+    latencies = [lat for lat, version in done.values() if version >= 0]
+    failed = total - len(latencies)
+    ordered = [done[s][1] for s in sorted(done) if done[s][1] >= 0]
+    changes = sum(1 for a, b in zip(ordered, ordered[1:]) if b != a)
+    summary = {"requests": total, "failed_requests": failed, "target_rate_per_s": rate, "version_changes": changes}
+    summary.update(percentiles(latencies) if latencies else {"p50_ms": None, "p99_ms": None})
+    summary["versions_seen"] = sorted(set(ordered))
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print only the JSON object")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (server and bare) and torch threads")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved measurement rounds per batch size")
+    parser.add_argument("--rate", type=float, default=250.0, help="requests/s of the steady load")
+    parser.add_argument("--steady-s", type=float, default=6.0, help="seconds of steady load without swaps")
+    parser.add_argument("--swaps", type=int, default=12, help="versions to publish under load")
+    parser.add_argument("--swap-interval", type=float, default=1.0, help="seconds between publishes")
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+
+    from cl_agent.inference import InferenceClient
+    from cl_agent.repository import Announcer, ModelRepository
+
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        tmp = Path(tmp)
+        say("exporting two students ...")
+        torch_graph, paths = build_models(tmp, args.threads)
+        repo = ModelRepository(tmp / "models", "student", keep_last=3)
+        manifest = {"class_names": CLASSES, "image_size": SIZE}
+        repo.publish(paths[0], manifest)
+        announcer = Announcer(f"tcp://127.0.0.1:{free_port()}")
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        server = start_server(tmp / "models", endpoint, announcer.endpoint, args.threads)
+        try:
+            client = InferenceClient(endpoint, timeout_s=2, retries=30)
+            client.predict(np.zeros((1, SIZE, SIZE, 3), np.uint8))  # waits until the server is up
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(str(paths[0]), options, providers=["CPUExecutionProvider"])
+
+            say("latency at batch 1 and 32 ...")
+            b1 = measure_latency(client, torch_graph, session, 1, args.rounds, 100)
+            b32 = measure_latency(client, torch_graph, session, 32, args.rounds, 10)
+
+            say(f"steady open-loop load at {args.rate:.0f} req/s ...")
+            steady = summarise(run_load(endpoint, args.rate, args.steady_s), args.rate)
+
+            def publish_versions() -> None:
+                time.sleep(0.5)
+                for k in range(args.swaps):
+                    version = repo.publish(paths[(k + 1) % 2], manifest)
+                    announcer.announce("student", version, repo.load_manifest(version)["sha256"])
+                    time.sleep(args.swap_interval)
+
+            swap_duration = 0.5 + args.swaps * args.swap_interval + 1.0
+            say(f"{args.swaps} swaps under the same load ...")
+            swaps = summarise(run_load(endpoint, args.rate, swap_duration, during=publish_versions), args.rate)
+            client.close()
+        finally:
+            server.terminate()
+            _, stderr = server.communicate(timeout=30)
+            announcer.close()
+    if server.returncode != 0:
+        print(stderr.decode(), file=sys.stderr)
+
+    batch1 = b1["served"]
+    batch32 = b32["served"]
+    report = {
+        "model": "resnet18 (cl_agent.student) at 32 px, 10 classes, fp32, CPUExecutionProvider",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "threads": args.threads,
+        "batch1": batch1,
+        "batch32": batch32,
+        "p50_ms": batch1["p50_ms"],
+        "p99_ms": batch1["p99_ms"],
+        "throughput_per_s": batch1["throughput_per_s"],
+        "torch_p50_ms": b1["torch"]["p50_ms"],
+        "torch_batch32_p50_ms": b32["torch"]["p50_ms"],
+        "ort_p50_ms": b1["ort"]["p50_ms"],
+        "ort_batch32_p50_ms": b32["ort"]["p50_ms"],
+        "served_over_torch_batch1": round(batch1["p50_ms"] / b1["torch"]["p50_ms"], 3),
+        "overhead_ms_batch1": round(batch1["p50_ms"] - b1["ort"]["p50_ms"], 4),
+        "overhead_pct_batch32": round(100 * (batch32["p50_ms"] / b32["ort"]["p50_ms"] - 1), 2),
+        "steady": steady,
+        "steady_p99_ms": steady["p99_ms"],
+        "swaps": swaps["version_changes"],
+        "requests_during_swaps": swaps["requests"],
+        "failed_requests": swaps["failed_requests"] + steady["failed_requests"],
+        "p99_during_swaps_ms": swaps["p99_ms"],
+        "p50_during_swaps_ms": swaps["p50_ms"],
+        "swap_load_rate_per_s": args.rate,
+        "server_exit_code": server.returncode,
+    }
+    report["targets_met"] = {
+        "served_p50_batch1_le_0.25x_torch": report["served_over_torch_batch1"] <= 0.25,
+        "overhead_batch1_le_0.3ms": report["overhead_ms_batch1"] <= 0.3,
+        "overhead_batch32_le_10pct": report["overhead_pct_batch32"] <= 10,
+        "swaps_ge_10": report["swaps"] >= 10,
+        "zero_failed_requests": report["failed_requests"] == 0,
+        "p99_during_swaps_le_2x_steady": swaps["p99_ms"] is not None and swaps["p99_ms"] <= 2 * steady["p99_ms"],
+    }
+    print(json.dumps(report, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
