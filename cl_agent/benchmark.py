@@ -38,6 +38,7 @@ JOINT = "joint"
 class BenchSection:
     experiences: int = field(default=0, metadata=_range(ge=0))  # experiences to run from the start of the stream; 0 = all
     eval_per_class: int = field(default=0, metadata=_range(ge=0))  # val images per class scored; 0 = all
+    curve_per_class: int = field(default=0, metadata=_range(ge=0))  # >0: before the last experience, score only this many per class (CPU time); 0 = the full val set every time
     eval_batch: int = field(default=256, metadata=_range(ge=1))  # images per predict() call
     threads: int = field(default=0, metadata=_range(ge=0))  # torch CPU threads; 0 = torch's default
 
@@ -84,16 +85,31 @@ def load_profile(name: str | Path) -> BenchProfile:
 # --------------------------------------------------------------------------- scoring
 
 
-def evaluate(trainer, images: np.ndarray, labels: np.ndarray, num_classes: int, batch: int) -> tuple[float, list]:
-    """Accuracy on (images, labels) and per class (index = class id; None for a class with no images)."""
+def predict_correct(trainer, images: np.ndarray, labels: np.ndarray, batch: int) -> np.ndarray:
+    """1.0 where the trainer's prediction for an image is its label, else 0.0; (N,) float64."""
     import torch
 
     logits = trainer.predict(torch.from_numpy(images), batch_size=batch)  # (N, num_model_classes)
-    correct = (logits.argmax(1).numpy() == labels).astype(np.float64)
+    return (logits.argmax(1).numpy() == labels).astype(np.float64)
+
+
+def score(correct: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[float, list]:
+    """Accuracy and accuracy per class (index = class id; None for a class with no images)."""
     hits = np.bincount(labels, weights=correct, minlength=num_classes)
     counts = np.bincount(labels, minlength=num_classes)
     per_class = [float(h / n) if n else None for h, n in zip(hits, counts)]
     return float(correct.mean()), per_class
+
+
+def curve_subset(labels: np.ndarray, per_class: int) -> np.ndarray | None:
+    """Indices of the first ``per_class`` val images of each class (None for 0: use the whole val set)."""
+    if per_class <= 0:
+        return None
+    rank = np.zeros(len(labels), np.int64)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        rank[where] = np.arange(len(where))
+    return np.flatnonzero(rank < per_class)
 
 
 def forgetting(per_class_history: list[list], classes: set[int]) -> float | None:
@@ -198,7 +214,30 @@ def run_benchmark(run: BenchRun, echo: Callable[[str], None] = print) -> dict:
         "val_images": int(len(val_labels)),
         "config": {"model": to_dict(model), "train": to_dict(train), "bench": to_dict(bench), **run.sources},
     }
+    classes = run.table.learnable_classes
+    subset = curve_subset(val_labels, bench.curve_per_class)
+    if subset is not None:
+        results["curve_val_images"] = int(len(subset))
+
+    def evaluate(last: bool) -> tuple[float, list, list | None]:
+        """(accuracy for the curve, per-class row for forgetting, full per-class row or None).
+
+        With a curve subset, experiences before the last are scored on the subset only; the
+        last is scored on the whole val set, and its subset row keeps forgetting comparable.
+        """
+        if subset is None:
+            accuracy, per_class = score(predict_correct(trainer, val_images, val_labels, bench.eval_batch), val_labels, classes)
+            return accuracy, per_class, per_class
+        if not last:
+            correct = predict_correct(trainer, val_images[subset], val_labels[subset], bench.eval_batch)
+            accuracy, per_class = score(correct, val_labels[subset], classes)
+            return accuracy, per_class, None
+        correct = predict_correct(trainer, val_images, val_labels, bench.eval_batch)
+        accuracy, per_class_full = score(correct, val_labels, classes)
+        return accuracy, score(correct[subset], val_labels[subset], classes)[1], per_class_full
+
     accuracies, per_class_history, evaluated_after, log = [], [], [], []
+    per_class_final: list = []
     seen: set[int] = set()
     total_steps = 0
 
@@ -219,13 +258,14 @@ def run_benchmark(run: BenchRun, echo: Callable[[str], None] = print) -> dict:
         t0 = time.perf_counter()
         metrics = trainer.train_experience(torch.from_numpy(labeled), torch.from_numpy(labels),
                                            torch.from_numpy(unlabeled), steps=steps, time_budget_s=budget)  # fmt: skip
-        accuracy, per_class = evaluate(trainer, val_images, val_labels, run.table.learnable_classes, bench.eval_batch)
+        train_seconds = time.perf_counter() - t0
+        accuracy, per_class, per_class_final = evaluate(last=True)
         total_steps = int(metrics.get("steps", steps))
         accuracies.append(accuracy)
         per_class_history.append(per_class)
         evaluated_after.append(n_experiences - 1)
         seconds = time.perf_counter() - t0
-        log.append({"t": n_experiences - 1, "accuracy": accuracy, "seconds": seconds, **_metrics_json(metrics)})
+        log.append(_log_entry(n_experiences - 1, accuracy, metrics, seconds, train_seconds))
         echo(_progress_line(label, n_experiences - 1, n_experiences, accuracy, metrics, seconds, 0.0))
     else:
         for experience in stream:
@@ -233,22 +273,24 @@ def run_benchmark(run: BenchRun, echo: Callable[[str], None] = print) -> dict:
             seen.update(experience.labels.tolist())
             metrics = trainer.train_experience(torch.from_numpy(experience.labeled), torch.from_numpy(experience.labels),
                                                torch.from_numpy(experience.unlabeled))  # fmt: skip
-            accuracy, per_class = evaluate(trainer, val_images, val_labels, run.table.learnable_classes, bench.eval_batch)
+            train_seconds = time.perf_counter() - t0
+            accuracy, per_class, full = evaluate(last=experience.index == n_experiences - 1)
+            per_class_final = full or per_class_final
             total_steps += int(metrics.get("steps", 0))
             accuracies.append(accuracy)
             per_class_history.append(per_class)
             evaluated_after.append(experience.index)
             seconds = time.perf_counter() - t0
-            log.append({"t": experience.index, "accuracy": accuracy, "seconds": seconds, **_metrics_json(metrics)})
+            log.append(_log_entry(experience.index, accuracy, metrics, seconds, train_seconds))
             done = experience.index + 1
             eta = (time.perf_counter() - started) / done * (n_experiences - done)
             echo(_progress_line(label, experience.index, n_experiences, accuracy, metrics, seconds, eta))
             if run.out is not None and done < n_experiences:
-                _write(run.out, {**results, **_scores(accuracies, per_class_history, evaluated_after, seen),
+                _write(run.out, {**results, **_scores(accuracies, per_class_history, per_class_final, evaluated_after, seen),
                                  "log": log, "total_steps": total_steps, "complete": False,
                                  "wall_seconds": time.perf_counter() - started})  # fmt: skip
 
-    results.update(_scores(accuracies, per_class_history, evaluated_after, seen))
+    results.update(_scores(accuracies, per_class_history, per_class_final, evaluated_after, seen))
     results.update(log=log, total_steps=total_steps, complete=True, wall_seconds=time.perf_counter() - started)
     if run.out is not None:
         _write(run.out, results)
@@ -272,14 +314,20 @@ def _metrics_json(metrics: dict) -> dict:
     return kept
 
 
-def _scores(accuracies: list[float], per_class_history: list[list], evaluated_after: list[int], seen: set[int]) -> dict:
+def _log_entry(t: int, accuracy: float, metrics: dict, seconds: float, train_seconds: float) -> dict:
+    entry = {"t": t, "accuracy": accuracy, **_metrics_json(metrics)}
+    entry.update(seconds=seconds, train_seconds=train_seconds, eval_seconds=seconds - train_seconds)
+    return entry
+
+
+def _scores(accuracies: list, per_class_history: list, per_class_final: list, evaluated_after: list, seen: set) -> dict:
     return {
         "accuracy_per_experience": accuracies,  # one value per evaluation; see evaluated_after
         "evaluated_after": evaluated_after,  # experience index after which each accuracy was measured
         "final_accuracy": accuracies[-1] if accuracies else None,
         "mean_accuracy": float(np.mean(accuracies)) if accuracies else None,
         "forgetting": forgetting(per_class_history, seen),
-        "per_class_final": per_class_history[-1] if per_class_history else [],
+        "per_class_final": per_class_final,  # on the whole val set
         "classes_seen": sorted(seen),
     }
 

@@ -146,3 +146,13 @@ def test_cli_reports_bad_input(tmp_path):
     result = runner.invoke(app, ["bench", "cir", "--scenario", "1", "--profile", "nope", "--out", str(tmp_path),
                                  "--data", str(tmp_path), "--scenarios", str(tmp_path)])  # fmt: skip
     assert result.exit_code != 0 and "unknown bench profile 'nope'" in str(result.exception)
+
+
+def test_curve_subset_before_the_last_experience(smoke_run):
+    """With curve_per_class, the curve's early points use a class-balanced subset; the final score uses all."""
+    profile = dataclasses.replace(smoke_run.profile, bench=dataclasses.replace(smoke_run.profile.bench, curve_per_class=1))
+    results = run_benchmark(dataclasses.replace(smoke_run, profile=profile), echo=lambda line: None)
+    assert results["curve_val_images"] == 4 and results["val_images"] == 8
+    assert len(results["accuracy_per_experience"]) == 3
+    assert results["final_accuracy"] == results["accuracy_per_experience"][-1]
+    assert len(results["per_class_final"]) == 4 and all(a in (0.0, 0.5, 1.0) for a in results["per_class_final"])
