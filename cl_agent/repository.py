@@ -73,9 +73,16 @@ def triton_config(model_name: str, image_size: int, num_classes: int, max_batch:
     )
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def _copy_hashed(source: Path, target: Path, chunk: int = 1 << 20) -> str:
+    """Copy ``source`` to ``target`` (fsynced) and return the sha256 of the bytes written, in one pass."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        while block := src.read(chunk):
+            digest.update(block)
+            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return digest.hexdigest()
 
 
 class ModelRepository:
@@ -187,8 +194,7 @@ class ModelRepository:
             temp = self.model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
             temp.mkdir()
             try:
-                shutil.copyfile(onnx_path, temp / MODEL_FILE)
-                _fsync_file(temp / MODEL_FILE)
+                digest = _copy_hashed(onnx_path, temp / MODEL_FILE)
                 size = int(manifest["image_size"])
                 full = {
                     "model": self.model_name,
@@ -200,7 +206,7 @@ class ModelRepository:
                     "experience_index": None,
                     "metrics": {},
                     **manifest,
-                    "sha256": sha256_file(temp / MODEL_FILE),
+                    "sha256": digest,
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                 }
                 full["version"] = version
