@@ -391,39 +391,44 @@ class IngestService:
 
     def _handle_frames(self) -> None:
         router = self.config.frame_socket == "router"
-        for _ in range(FRAME_DRAIN):
-            try:
-                raw = self.frame_socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._count("frames_received")
-            envelope, body = split_envelope(raw) if router else ([], raw)
-            answer = b"OK"
-            try:
-                message = decode_message(body, self.wire)
-                if message.kind != "frame":
-                    raise WireError("unexpected_kind", f"kind {message.kind!r} on the frame socket")
-            except WireError as e:
-                self._reject(e.reason)
-                self._count("frames_rejected")
-                answer = f"ERROR {e.reason}".encode()
-            else:
-                self._keep_frames(message)
-            if router:
-                # imagezmq's REQ sender waits for exactly one reply part.
-                self._send(self.frame_socket, envelope, [answer])
+        counts = dict.fromkeys(("frames_received", "frames_rejected", "frames_accepted", "frames_kept", "frames_dropped"), 0)
+        try:
+            for _ in range(FRAME_DRAIN):
+                try:
+                    # Zero-copy: payloads stay in zmq's buffers; only frames the reservoir keeps are retained.
+                    raw = [part.buffer for part in self.frame_socket.recv_multipart(zmq.NOBLOCK, copy=False)]
+                except zmq.Again:
+                    return
+                counts["frames_received"] += 1
+                envelope, body = split_envelope([bytes(p) for p in raw[:2]] + raw[2:]) if router else ([], raw)
+                answer = b"OK"
+                try:
+                    message = decode_message(body, self.wire)
+                    if message.kind != "frame":
+                        raise WireError("unexpected_kind", f"kind {message.kind!r} on the frame socket")
+                except WireError as e:
+                    self._reject(e.reason)
+                    counts["frames_rejected"] += 1
+                    answer = f"ERROR {e.reason}".encode()
+                else:
+                    self._keep_frames(message, counts)
+                if router:
+                    # imagezmq's REQ sender waits for exactly one reply part.
+                    self._send(self.frame_socket, envelope, [answer])
+        finally:
+            with self._lock:  # one update per drained burst, not three per frame
+                for name, value in counts.items():
+                    self._counts[name] += value
 
-    def _keep_frames(self, message: Message) -> None:
+    def _keep_frames(self, message: Message, counts: dict) -> None:
         if "v" in message.header:
             last = self._frame_seq.get(message.sender)
             if last is not None and message.seq > last + 1:
-                self._count("frames_dropped", message.seq - last - 1)
+                counts["frames_dropped"] += message.seq - last - 1
             self._frame_seq[message.sender] = message.seq
-        kept = 0
         for payload, shape in zip(message.payloads, message.shapes):
-            kept += self.reservoir.add(Frame(payload, message.encoding, shape, message.color, message.sender))
-        self._count("frames_accepted", len(message.payloads))
-        self._count("frames_kept", kept)
+            counts["frames_kept"] += self.reservoir.add(Frame(payload, message.encoding, shape, message.color, message.sender))
+        counts["frames_accepted"] += len(message.payloads)
 
     # ---------------------------------------------------------------- control and experiences
 

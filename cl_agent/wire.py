@@ -41,6 +41,8 @@ _KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (baseline, progressive, lossless...); C4, C8, CC are not frames.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_MARKER = struct.Struct(">BBH")  # 0xFF, marker, segment length
+_SOF = struct.Struct(">BHHB")  # (after the length) precision, height, width, components
 
 
 class WireError(ValueError):
@@ -80,32 +82,29 @@ class Message:
 
 def jpeg_dimensions(data: bytes | memoryview) -> tuple[int, int, int]:
     """(height, width, components) from a JPEG's start-of-frame segment, without decoding pixels."""
-    data = memoryview(data)
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         raise WireError("bad_image_header", "payload does not start with a JPEG SOI marker")
     i = 2
+    unpack = _MARKER.unpack_from
     while i + 4 <= n:
-        if data[i] != 0xFF:
+        prefix, marker, length = unpack(data, i)
+        if prefix != 0xFF:
             raise WireError("bad_image_header", f"expected a JPEG marker at byte {i}")
-        marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             i += 2
             continue
-        if marker in (0xD9, 0xDA):
+        if marker == 0xD9 or marker == 0xDA:
             break
-        length = (data[i + 2] << 8) | data[i + 3]
         if length < 2:
             raise WireError("bad_image_header", f"JPEG segment length {length} at byte {i}")
         if marker in _JPEG_SOF:
             if i + 10 > n:
                 break
-            height = (data[i + 5] << 8) | data[i + 6]
-            width = (data[i + 7] << 8) | data[i + 8]
-            components = data[i + 9]
+            _, height, width, components = _SOF.unpack_from(data, i + 4)
             if height == 0 or width == 0 or components not in (1, 3, 4):
                 raise WireError("bad_image_header", f"JPEG frame {height}x{width} with {components} components")
             return height, width, components
@@ -309,10 +308,14 @@ def _parse_shapes(raw: Any, count: int, encoding: str) -> list[tuple[int, int, i
     if not isinstance(raw, list) or len(raw) != count:
         raise WireError("bad_shape", f"'shapes' must list one [H, W, C] per image ({count}), got {raw!r:.200}")
     shapes = []
+    default_channels = 1 if encoding == "raw" else 3
     for i, shape in enumerate(raw):
-        if not isinstance(shape, list) or len(shape) not in (2, 3) or not all(_is_int(s) and s > 0 for s in shape):
+        if type(shape) is not list or not 2 <= len(shape) <= 3:
             raise WireError("bad_shape", f"shape {i} must be [H, W] or [H, W, C] of positive ints, got {shape!r:.100}")
-        channels = shape[2] if len(shape) == 3 else (1 if encoding == "raw" else 3)
+        for s in shape:
+            if type(s) is not int or s <= 0:  # type() also excludes bools
+                raise WireError("bad_shape", f"shape {i} must be [H, W] or [H, W, C] of positive ints, got {shape!r:.100}")
+        channels = shape[2] if len(shape) == 3 else default_channels
         if encoding == "raw" and channels not in (1, 3):
             raise WireError("bad_shape", f"shape {i}: raw images need 1 or 3 channels, got {channels}")
         shapes.append((shape[0], shape[1], channels))
