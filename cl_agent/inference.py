@@ -89,7 +89,7 @@ class InferenceClient:
         for _attempt in range(self.retries + 1):
             if self._socket is None:
                 self._socket = self._connect()
-            self._socket.send_multipart(request, copy=False)
+            self._socket.send_multipart(request)
             if self._socket.poll(self.timeout_ms):
                 return self._result(self._socket.recv_multipart(), seq)
             # Lazy Pirate: the REQ socket is stuck waiting for a reply that is lost; start over with a new one.

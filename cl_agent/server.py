@@ -211,7 +211,12 @@ class Server:
     def _check_for_new_version(self) -> None:
         """Load the newest version above the current one that has not failed before; swap it in."""
         current = self.version or 0
-        for version in reversed(self.repository.versions()):
+        try:
+            versions = self.repository.versions()
+        except OSError as e:  # the repository folder is unreadable or being replaced; try again next time
+            log.warning("cannot list %s: %s", self.repository.model_dir, e)
+            return
+        for version in reversed(versions):
             if version <= current:
                 return
             try:
@@ -341,7 +346,8 @@ class Server:
             images = [_resize(message.image(i, self.wire), size) for i in range(len(message.payloads))]
         except WireError as e:
             return self._refuse(router, envelope, message.seq, e.reason, e.detail)
-        return _Request(envelope, message, np.stack(images), min(top_k, len(model.class_names)))
+        batch = images[0][None] if len(images) == 1 else np.stack(images)  # (n, S, S, 3)
+        return _Request(envelope, message, batch, min(top_k, len(model.class_names)))
 
     def _refuse(self, router: zmq.Socket, envelope: list[bytes], seq: int, reason: str, detail: str) -> None:
         self.counters["errors"] += 1
@@ -359,13 +365,15 @@ class Server:
             return
         self.counters["batches"] += 1
         self.counters["images"] += len(images)
-        start = 0
+        # One argsort for the whole batch, then plain Python lists: cheaper than per-row numpy calls.
+        order = np.argsort(-probs, axis=1)[:, : max(r.top_k for r in batch)].tolist()
+        values = probs.tolist()
         names = model.class_names
+        start = 0
         for request in batch:
-            rows = probs[start : start + len(request.images)]
+            rows = range(start, start + len(request.images))
             start += len(request.images)
-            top = np.argsort(-rows, axis=1)[:, : request.top_k]
-            predictions = [[[names[c], round(float(row[c]), 6)] for c in idx] for row, idx in zip(rows, top)]
+            predictions = [[[names[c], values[i][c]] for c in order[i][: request.top_k]] for i in rows]
             router.send_multipart(
                 request.envelope
                 + reply(
