@@ -1,0 +1,66 @@
+"""tools/send_labeled.py (folder and tar) and tools/stream_camera.py (video file) against a live ingest service."""
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cl_agent.experience import ExperienceStore
+from ingest_support import images, make_service, wait_until
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _tree(root: Path) -> Path:
+    for c, name in enumerate(["cat", "dog", "owl"]):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i, image in enumerate(images(4, 20, seed=c)):
+            cv2.imwrite(str(folder / f"{i}.jpg"), image)
+        cv2.imwrite(str(folder / "extra.png"), images(1, 12, seed=9)[0])
+        (folder / "notes.txt").write_text("not an image")
+    return root / "train"
+
+
+def _run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_send_labeled_from_folder_or_tar(tmp_path, as_tar):
+    root = _tree(tmp_path / "data")
+    if as_tar:
+        with tarfile.open(tmp_path / "data.tar", "w") as tar:
+            tar.add(root, arcname="train")
+        root = tmp_path / "data.tar"
+    with make_service(tmp_path / "agent") as service:
+        result = _run(TOOLS / "send_labeled.py", root, "--endpoint", service.endpoints["labeled"], "--batch", "4", "--end-experience")
+        assert result.returncode == 0, result.stderr
+        assert "15 images acked, 0 refused" in result.stdout
+    labeled, labels, _ = ExperienceStore(tmp_path / "agent").load(0).decode(16)
+    assert labeled.shape == (15, 16, 16, 3)
+    assert sorted(np.bincount(labels).tolist()) == [5, 5, 5]
+    assert service.labels.names == ["cat", "dog", "owl"]
+
+
+def test_stream_camera_from_a_video_file(tmp_path):
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (160, 120))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG video")
+    for image in images(10, 1):
+        writer.write(cv2.resize(image, (160, 120)))
+    writer.release()
+    with make_service(tmp_path / "agent") as service:
+        result = _run(TOOLS / "stream_camera.py", video, "--endpoint", service.endpoints["frames"], "--width", "64",
+                      "--fps", "200", "--loop", "--max-frames", "25", "--sender", "clip")
+        assert result.returncode == 0, result.stderr
+        assert wait_until(lambda: service.counters()["frames_accepted"] >= 1)
+        frames = service.reservoir.sample(100)
+        sent = int(result.stdout.split()[0])
+    assert sent >= 1 and service.counters()["frames_accepted"] == sent
+    assert all(f.shape == (48, 64, 3) and f.encoding == "jpeg" and f.source == "clip" for f in frames)

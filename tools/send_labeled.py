@@ -1,0 +1,167 @@
+"""Send labeled batches from an image-folder tree (<root>/<class>/<image>) or a tar of that layout.
+
+The class of an image is the name of the folder that holds it, so a tar with
+`train/<class>/<image>` members works as is:
+
+    python tools/send_labeled.py ../shared/datasets/tiny-imagenet-130/train.tar --endpoint tcp://127.0.0.1:5555 --limit 2000
+
+JPEG and PNG files are sent as they are (their size is read from the header
+bytes); other formats OpenCV reads are re-encoded as PNG. Every batch is acked
+by the agent only once it is on disk; a refused batch is reported with its
+reason, and a batch refused for a full spool or disk is retried after a pause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tarfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from cl_agent.client import AgentUnavailable, LabeledClient
+from cl_agent.wire import WireError, image_dimensions
+
+AS_IS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
+READABLE = {".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+RETRY_REASONS = {"spool_full", "disk_full"}
+
+
+def list_images(root: Path) -> list[tuple[str, str]]:
+    """(member or path, class name) for every image under root (a folder or a tar file)."""
+    found = []
+    if root.is_dir():
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.suffix.lower() in AS_IS.keys() | READABLE and path.parent != root:
+                found.append((str(path), path.parent.name))
+    elif tarfile.is_tarfile(root):
+        with tarfile.open(root) as tar:
+            for member in tar.getmembers():
+                path = PurePosixPath(member.name)
+                if member.isfile() and path.suffix.lower() in AS_IS.keys() | READABLE and len(path.parts) >= 2:
+                    found.append((member.name, path.parent.name))
+    else:
+        raise SystemExit(f"error: {root} is neither a folder nor a tar file")
+    if not found:
+        raise SystemExit(f"error: no images in {root} (expected <root>/<class>/<image>)")
+    return found
+
+
+def read_bytes(root: Path, items: list[tuple[str, str]]) -> Iterator[tuple[bytes, str, str]]:
+    """(file bytes, suffix, class) in the order of items."""
+    if root.is_dir():
+        for path, label in items:
+            yield Path(path).read_bytes(), Path(path).suffix.lower(), label
+        return
+    with tarfile.open(root) as tar:
+        for name, label in items:
+            yield tar.extractfile(name).read(), PurePosixPath(name).suffix.lower(), label
+
+
+def to_payload(data: bytes, suffix: str) -> tuple[bytes, str, list[int]] | None:
+    """(payload, encoding, [H, W, 3]); None if the file is not a readable image."""
+    encoding = AS_IS.get(suffix)
+    if encoding is not None:
+        try:
+            height, width, _ = image_dimensions(data, encoding)
+            return data, encoding, [height, width, 3]
+        except WireError:
+            pass  # wrong extension or odd file: let OpenCV try
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        return None
+    ok, buf = cv2.imencode(".png", image)
+    return buf.tobytes(), "png", [image.shape[0], image.shape[1], 3]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="folder <root>/<class>/<image>, or a tar of that layout")
+    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="the agent's labeled endpoint")
+    parser.add_argument("--batch", type=int, default=32, help="images per message")
+    parser.add_argument("--limit", type=int, default=0, help="send at most this many images (0 = all)")
+    parser.add_argument("--classes", default="", help="comma-separated class names to send (default: all)")
+    parser.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="shuffle the images with this seed")
+    parser.add_argument("--sender", default=None, help="sender id (default: host name + random suffix)")
+    parser.add_argument("--window", type=int, default=8, help="messages in flight")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an ack before retrying")
+    parser.add_argument("--retries", type=int, default=10, help="retries before giving up")
+    parser.add_argument("--end-experience", action="store_true", help="ask the agent to cut an experience at the end")
+    parser.add_argument("--curve-secret", type=Path, default=None, help="this client's CURVE secret key file")
+    parser.add_argument("--curve-server", type=Path, default=None, help="the agent's CURVE public key file")
+    args = parser.parse_args()
+
+    items = list_images(args.root)
+    if args.classes:
+        wanted = set(args.classes.split(","))
+        items = [item for item in items if item[1] in wanted]
+    if args.shuffle is not None:
+        random.Random(args.shuffle).shuffle(items)
+    if args.limit:
+        items = items[: args.limit]
+    client = LabeledClient(
+        args.endpoint, args.sender, timeout_s=args.timeout, retries=args.retries, window=args.window,
+        curve_secret_key=args.curve_secret, curve_server_key=args.curve_server,
+    )
+    sent = acked = refused = skipped = 0
+    batches: dict[int, tuple] = {}
+    start = time.perf_counter()
+
+    def settle(acks) -> None:
+        nonlocal acked, refused
+        for ack in acks:
+            batch = batches.pop(ack.seq)
+            if ack.ok:
+                acked += len(batch[0])
+            elif ack.reason in RETRY_REASONS:
+                print(f"batch refused ({ack.reason}): retrying in 1 s", file=sys.stderr)
+                time.sleep(1.0)
+                batches[client.submit_encoded(*batch[:3], encoding=batch[3])] = batch
+            else:
+                refused += len(batch[0])
+                print(f"batch of {len(batch[0])} refused: {ack.reason}: {ack.detail}", file=sys.stderr)
+
+    def flush_group(group) -> None:
+        # One message per encoding (a message has a single encoding).
+        for encoding in sorted({g[1] for g in group}):
+            part = [g for g in group if g[1] == encoding]
+            batch = ([g[0] for g in part], [g[2] for g in part], [g[3] for g in part], encoding)
+            batches[client.submit_encoded(*batch[:3], encoding=encoding)] = batch
+            settle(client.poll_acks())
+
+    try:
+        group = []
+        for data, suffix, label in read_bytes(args.root, items):
+            converted = to_payload(data, suffix)
+            if converted is None:
+                skipped += 1
+                continue
+            group.append((*converted, label))
+            sent += 1
+            if len(group) == args.batch:
+                flush_group(group)
+                group = []
+        if group:
+            flush_group(group)
+        while batches:
+            settle(client.flush())
+        if args.end_experience:
+            ack = client.end_experience()
+            print(f"end of experience: {'experience ' + str(ack.experience) if ack.ok else ack.reason}")
+    except AgentUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    elapsed = time.perf_counter() - start
+    print(f"{acked} images acked, {refused} refused, {skipped} unreadable, {elapsed:.1f} s ({acked / max(elapsed, 1e-9):.0f} images/s)")
+    return 0 if refused == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Stream frames from an OpenCV source (camera index, video file or RTSP URL) to the agent's frame socket.
+
+    python tools/stream_camera.py 0 --endpoint tcp://127.0.0.1:5556 --width 640 --height 480 --quality 80 --fps 15
+    python tools/stream_camera.py clip.mp4 --loop
+    python tools/stream_camera.py rtsp://camera.local/stream --socket pub
+
+Frames are JPEG-encoded here and sent without blocking: a frame the agent
+cannot take right now is dropped (and counted), so a slow agent never stalls
+the camera.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import cv2
+
+from cl_agent.client import FrameClient
+
+
+def open_source(source: str) -> cv2.VideoCapture:
+    capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
+    if not capture.isOpened():
+        raise SystemExit(f"error: OpenCV cannot open the source {source!r}")
+    return capture
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="camera index (0), video file, or RTSP/HTTP URL")
+    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5556", help="the agent's frame endpoint")
+    parser.add_argument("--socket", choices=["push", "pub"], default="push", help="push (agent PULL) or pub (agent SUB)")
+    parser.add_argument("--width", type=int, default=0, help="resize to this width (0 = keep; with only one of width/height the aspect is kept)")
+    parser.add_argument("--height", type=int, default=0, help="resize to this height")
+    parser.add_argument("--quality", type=int, default=80, help="JPEG quality 1-100")
+    parser.add_argument("--fps", type=float, default=0.0, help="frame-rate cap (0 = as fast as the source)")
+    parser.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0 = never)")
+    parser.add_argument("--loop", action="store_true", help="restart a video file at its end")
+    parser.add_argument("--sender", default=None, help="sender id (default: camera + random suffix)")
+    parser.add_argument("--curve-secret", type=Path, default=None, help="this client's CURVE secret key file")
+    parser.add_argument("--curve-server", type=Path, default=None, help="the agent's CURVE public key file")
+    args = parser.parse_args()
+    if not 1 <= args.quality <= 100:
+        raise SystemExit(f"error: --quality must be 1-100, got {args.quality}")
+
+    capture = open_source(args.source)
+    frames = FrameClient(
+        args.endpoint, args.sender, socket_type=args.socket,
+        curve_secret_key=args.curve_secret, curve_server_key=args.curve_server,
+    )
+    interval = 1.0 / args.fps if args.fps > 0 else 0.0
+    next_time = time.monotonic()
+    count = 0
+    start = time.monotonic()
+    try:
+        while not args.max_frames or count < args.max_frames:
+            ok, bgr = capture.read()
+            if not ok:
+                if args.loop and not args.source.isdigit():
+                    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                    ok, bgr = capture.read()
+                if not ok:
+                    break
+            if args.width or args.height:
+                h, w = bgr.shape[:2]
+                width = args.width or round(w * args.height / h)
+                height = args.height or round(h * args.width / w)
+                bgr = cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA)
+            # OpenCV frames are BGR; the JPEG holds the true colours, so the agent decodes them as RGB.
+            ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, args.quality])
+            if not ok:
+                continue
+            frames.send_encoded(jpeg.tobytes(), [bgr.shape[0], bgr.shape[1], 3])
+            count += 1
+            if interval:
+                next_time += interval
+                delay = next_time - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                else:
+                    next_time = time.monotonic()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        capture.release()
+        frames.close()
+    elapsed = max(time.monotonic() - start, 1e-9)
+    print(f"{frames.sent} frames sent, {frames.dropped} dropped, {count / elapsed:.1f} frames/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
