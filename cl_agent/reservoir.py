@@ -63,7 +63,8 @@ class Reservoir:
         self.nbytes = 0
 
     def __len__(self) -> int:
-        return sum(len(p.items) for p in self._pools.values())
+        # list() copies the pools atomically, so another thread (metrics) may call this while frames arrive.
+        return sum(len(p.items) for p in list(self._pools.values()))
 
     def _pool(self, source: str) -> _Pool:
         key = source if self.per_source else ""
@@ -99,4 +100,4 @@ class Reservoir:
         return self._rng.sample(items, min(k, len(items)))
 
     def sources(self) -> dict[str, int]:
-        return {name: len(p.items) for name, p in self._pools.items()}
+        return {name: len(p.items) for name, p in list(self._pools.items())}
