@@ -39,15 +39,18 @@ def ema_update(target: Student, source: Student, decay: float, copy_classifier: 
     With ``copy_classifier`` the classifier is copied instead of averaged (the
     reference implementation does this so the teacher scores the current class space).
     """
-    target_params = dict(target.named_parameters())
-    for name, param in source.named_parameters():
+    averaged_t, averaged_s, copied_t, copied_s = [], [], [], []
+    for (name, p_t), p_s in zip(target.named_parameters(), source.parameters()):
         if copy_classifier and name.startswith("classifier."):
-            target_params[name].copy_(param)
+            copied_t.append(p_t)
+            copied_s.append(p_s)
         else:
-            target_params[name].lerp_(param, 1.0 - decay)
-    target_buffers = dict(target.named_buffers())
-    for name, buffer in source.named_buffers():
-        target_buffers[name].copy_(buffer)
+            averaged_t.append(p_t)
+            averaged_s.append(p_s)
+    copied_t += list(target.buffers())
+    copied_s += list(source.buffers())
+    torch._foreach_lerp_(averaged_t, averaged_s, 1.0 - decay)  # one fused launch per group, not one per tensor
+    torch._foreach_copy_(copied_t, copied_s)
 
 
 class Teachers:

@@ -6,7 +6,7 @@ from cl_agent.student import SeenClassMask, create_student
 from learning_stream import tiny_model
 
 
-@pytest.mark.parametrize("backbone", ["resnet10t", "resnet18"])
+@pytest.mark.parametrize("backbone", ["resnet10t", "resnet18", "mobilenetv3_small_050"])
 def test_student_shapes_and_feature_size_read_from_the_model(backbone):
     student = create_student(tiny_model(num_classes=7, backbone=backbone))
     x = torch.randn(3, 3, 16, 16)
