@@ -1,0 +1,3 @@
+from cl_agent.cli import main
+
+main()

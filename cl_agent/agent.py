@@ -1,0 +1,280 @@
+"""``cl-agent run``: one process tree for the whole product.
+
+- this process: ingestion (sockets, spool, reservoir, experiences), /metrics,
+  ``state.json`` heartbeat, the live view, signal handling;
+- a trainer process: the update loop (``cl_agent.updater``), which reads only
+  durable experiences, so ingestion never waits for training;
+- optionally a serving process (``agent.host_server``), which shares nothing
+  with the trainer but the model repository.
+
+Children die with this process (PR_SET_PDEATHSIG on Linux, plus a parent check),
+so a restarted agent never races an orphaned trainer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cl_agent.config import AgentConfig, save_resolved
+from cl_agent.errors import CLAgentError
+
+log = logging.getLogger("cl_agent.agent")
+
+LOCK_FILE = "agent.lock"
+RESOLVED_CONFIG = "config.yaml"
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux); elsewhere rely on polling."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def quiet_libraries() -> None:
+    """The ONNX exporter logs every optimisation pass at INFO; keep the agent's log readable."""
+    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo", "torch.export"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _trainer_main(cfg: AgentConfig, stop: mp.Event, results: mp.Queue, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (via ``stop``)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from cl_agent.logs import setup_logging
+    from cl_agent.updater import update_loop
+
+    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "trainer.log")
+    quiet_libraries()
+    flag = threading.Event()
+
+    def watch() -> None:  # mirror the cross-process event and the parent's liveness into a thread event
+        while not flag.is_set():
+            if stop.wait(0.2) or os.getppid() != parent_pid:
+                flag.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+    def on_result(result) -> None:
+        results.put(result.record)
+
+    def on_progress(info: dict) -> None:
+        try:
+            results.put_nowait({"progress": info})
+        except queue.Full:
+            pass
+
+    try:
+        update_loop(cfg, flag, on_result=on_result, on_progress=on_progress)
+    except Exception as error:  # noqa: BLE001 - report to the parent, which logs and restarts
+        log.exception("trainer failed")
+        results.put({"error": f"{type(error).__name__}: {error}"})
+        raise SystemExit(1) from None
+
+
+def _server_main(cfg: AgentConfig, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from cl_agent.logs import setup_logging
+    from cl_agent.server import serve_forever
+
+    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "server.log")
+    raise SystemExit(serve_forever(cfg))
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.workdir = Path(cfg.agent.workdir)
+        self.ctx = mp.get_context("spawn")
+        self.stop_requested = threading.Event()
+        self.trainer: mp.Process | None = None
+        self.server: mp.Process | None = None
+        self.trainer_stop = self.ctx.Event()
+        self.results: mp.Queue = self.ctx.Queue(maxsize=1000)
+        self.trainer_restarts = 0
+        self._lock_file = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _lock(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.workdir / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "unknown"
+            raise CLAgentError(f"another agent (pid {holder}) is running in {self.workdir}") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"{os.getpid()}\n")
+        self._lock_file.flush()
+
+    def _start_trainer(self) -> None:
+        self.trainer = self.ctx.Process(
+            target=_trainer_main, args=(self.cfg, self.trainer_stop, self.results, os.getpid()), name="cl-agent-trainer"
+        )
+        self.trainer.start()
+
+    def _start_server(self) -> None:
+        self.server = self.ctx.Process(target=_server_main, args=(self.cfg, os.getpid()), name="cl-agent-server")
+        self.server.start()
+
+    def run(self) -> int:
+        from cl_agent.console import LiveView
+        from cl_agent.ingest import IngestService
+        from cl_agent.metrics import AgentMetrics, serve_from_config
+        from cl_agent.status import initial_state, write_state
+
+        cfg = self.cfg
+        self._lock()
+        save_resolved(cfg, self.workdir / RESOLVED_CONFIG)
+        metrics = AgentMetrics()
+        metrics_server = serve_from_config(metrics, cfg.metrics)
+        state = initial_state(metrics_port=metrics_server.port if metrics_server else None, metrics_host=cfg.metrics.host)
+        state["heartbeat_s"] = cfg.metrics.state_interval_s
+        ingest = IngestService(
+            cfg.ingest, cfg.spool, cfg.reservoir, cfg.experience, self.workdir, seed=cfg.agent.seed
+        ).start()
+        log.info("ingest listening: %s", ", ".join(f"{k}={v}" for k, v in ingest.endpoints.items()))
+        self._start_trainer()
+        if cfg.agent.host_server:
+            self._start_server()
+        view = LiveView.from_section(cfg.metrics, sys.stderr)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: self.stop_requested.set())
+        last_state = 0.0
+        try:
+            while not self.stop_requested.is_set():
+                self._drain_results(state, metrics, view)
+                self._supervise()
+                counters = ingest.counters()
+                pending = len(ingest.store.pending())
+                metrics.sync_totals(
+                    accepted={"labeled": counters["labeled_acked"], "frame": counters["frames_accepted"]},
+                    rejected=counters["rejected"],
+                    dropped=counters["frames_dropped"],
+                )
+                metrics.set_counts(
+                    spool_samples=counters.get("open_experience_samples"),
+                    spool_bytes=counters.get("spool_bytes"),
+                    reservoir_size=counters["reservoir_frames"],
+                    backlog=pending,
+                )
+                state.update(counters=counters, pending_experiences=pending)
+                if view is not None:
+                    view.update({"ingest": {k: v for k, v in counters.items() if isinstance(v, (int, float))}, "backlog": pending})
+                now = time.monotonic()
+                if now - last_state >= cfg.metrics.state_interval_s:
+                    write_state(self.workdir, state)
+                    last_state = now
+                self.stop_requested.wait(0.25)
+        finally:
+            self._shutdown(ingest, state, view, metrics_server)
+        return 0
+
+    def _drain_results(self, state: dict, metrics, view) -> None:
+        while True:
+            try:
+                item = self.results.get_nowait()
+            except queue.Empty:
+                return
+            if "progress" in item:
+                if view is not None:
+                    info = item["progress"]
+                    view.update({"phase": "training", **{k: info[k] for k in ("experience", "step", "steps", "losses") if k in info}})
+                continue
+            if "error" in item:
+                log.error("trainer reported: %s", item["error"])
+                metrics.inc_publish_failures()
+                continue
+            state["last_experience"] = item["experience"]
+            state["model_version"] = item["version"]
+            metrics.inc_experiences_trained(len(item.get("merged", [item["experience"]])))
+            metrics.observe_update(item["update_seconds"], item["losses"])
+            metrics.observe_export(item["export_seconds"])
+            if item["online_accuracy"] is not None:
+                metrics.set_online_accuracy(item["online_accuracy"])
+            if item["version"] is not None:
+                metrics.set_published_version(item["version"])
+            log.info(
+                "experience %d trained (%d labeled, %d unlabeled) in %.1f s, online accuracy %s, published version %s",
+                item["experience"], item["labeled"], item["unlabeled"], item["update_seconds"],
+                "n/a" if item["online_accuracy"] is None else f"{item['online_accuracy']:.3f}", item["version"],
+            )
+            if view is not None:
+                view.update(
+                    {"phase": "waiting", "published_version": item["version"], "online_accuracy": item["online_accuracy"]}
+                )
+
+    def _supervise(self) -> None:
+        """Restart a crashed trainer (with a growing pause); its work is durable, so it resumes."""
+        if self.trainer is not None and not self.trainer.is_alive() and not self.stop_requested.is_set():
+            self.trainer_restarts += 1
+            pause = min(30.0, 2.0**self.trainer_restarts)
+            log.error("trainer exited with code %s; restarting in %.0f s", self.trainer.exitcode, pause)
+            self.stop_requested.wait(pause)
+            if not self.stop_requested.is_set():
+                self._start_trainer()
+        if self.server is not None and not self.server.is_alive() and not self.stop_requested.is_set():
+            log.error("server exited with code %s; restarting", self.server.exitcode)
+            self._start_server()
+
+    def _shutdown(self, ingest, state: dict, view, metrics_server) -> None:
+        """Stop taking work, let the trainer abandon its update at the next step, close everything."""
+        deadline = time.monotonic() + self.cfg.agent.grace_period_s
+        log.info("stopping: closing ingestion, then the trainer (grace %.0f s)", self.cfg.agent.grace_period_s)
+        ingest.stop()
+        self.trainer_stop.set()
+        for child in (self.trainer, self.server):
+            if child is None:
+                continue
+            if child is self.server and child.is_alive():
+                child.terminate()  # SIGTERM: the server finishes in-flight requests and exits
+            child.join(max(0.1, deadline - time.monotonic()))
+            if child.is_alive():
+                log.warning("%s did not stop within the grace period; killing it", child.name)
+                child.kill()
+                child.join(5)
+        state["status"] = "stopped"
+        from cl_agent.status import write_state
+
+        write_state(self.workdir, state)
+        if view is not None:
+            view.close()
+        if metrics_server is not None:
+            metrics_server.stop()
+        self.results.cancel_join_thread()
+        log.info("stopped")
+
+
+def run_agent(cfg: AgentConfig) -> int:
+    from cl_agent.logs import setup_logging
+
+    Path(cfg.agent.workdir).mkdir(parents=True, exist_ok=True)
+    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "agent.log")
+    quiet_libraries()
+    return Agent(cfg).run()

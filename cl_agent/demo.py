@@ -1,0 +1,202 @@
+"""``cl-agent demo``: the whole product on one machine, with no external data.
+
+It starts ``cl-agent run`` (agent + hosted server) as a child process on free
+loopback ports, then plays a camera and a labeler: for each experience it
+streams unlabeled frames and labeled batches of the built-in shape stream
+(``cl_agent.synthetic``: classes arrive over time and come back), marks the
+end of the experience, waits until the server answers with the new model
+version, and measures that served model on held-out images of the classes
+seen so far, as an inference client would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cl_agent.config import load_config, save_resolved
+from cl_agent.errors import CLAgentError
+from cl_agent.synthetic import CLASS_NAMES, make_batch, schedule
+
+LABELED_PER_CLASS = 60
+FRAMES_PER_EXPERIENCE = 150
+TEST_PER_CLASS = 25
+IMAGE_SIZE = 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_config(workdir: Path, device: str):
+    """A small, fast configuration on free loopback ports."""
+    port = {name: _free_port() for name in ("labeled", "frame", "control", "announce", "fetch", "serve")}
+    overrides = {
+        "agent.workdir": str(workdir / "agent"),
+        "agent.device": device,
+        "agent.host_server": True,
+        "ingest.labeled_endpoint": f"tcp://127.0.0.1:{port['labeled']}",
+        "ingest.frame_endpoint": f"tcp://127.0.0.1:{port['frame']}",
+        "ingest.control_endpoint": f"tcp://127.0.0.1:{port['control']}",
+        "repository.root": str(workdir / "models"),
+        "repository.announce_endpoint": f"tcp://127.0.0.1:{port['announce']}",
+        "repository.fetch_endpoint": f"tcp://127.0.0.1:{port['fetch']}",
+        "serve.endpoint": f"tcp://127.0.0.1:{port['serve']}",
+        "serve.poll_s": 0.5,
+        "metrics.port": 0,
+        "metrics.console": False,
+        "experience.labeled_samples": 100_000,  # experiences end on the demo's explicit marker
+        "experience.max_wait_s": 86_400.0,
+        "experience.unlabeled_samples": FRAMES_PER_EXPERIENCE,
+        "reservoir.capacity": 1000,
+        "model.num_classes": len(CLASS_NAMES),
+        "model.image_size": IMAGE_SIZE,
+        "model.backbone": "resnet18",
+        "train.labeled_batch": 32,
+        "train.unlabeled_batch": 32,
+        "train.rotation_images": 8,
+        "train.epochs_base": 8,
+        "train.epochs_min": 5,
+    }
+    return load_config(None, overrides)
+
+
+class _Agent:
+    """The agent child process, with its output in a log file."""
+
+    def __init__(self, config_path: Path, log_path: Path):
+        self.log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cl_agent", "run", "--config", str(config_path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            raise CLAgentError(f"the agent exited with code {self.process.returncode}; see {self.log.name}")
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _wait_for_version(client, agent: _Agent, version: int, probe: np.ndarray, timeout_s: float) -> int:
+    """Poll the server until it answers with ``version`` or newer; shows elapsed time."""
+    started = time.monotonic()
+    last_shown = 0.0
+    while True:
+        agent.check()
+        try:
+            served = client.predict(probe).model_version
+        except CLAgentError:
+            served = None
+        if served is not None and served >= version:
+            return served
+        elapsed = time.monotonic() - started
+        if elapsed > timeout_s:
+            raise CLAgentError(f"no model version {version} served after {timeout_s:.0f} s (served: {served})")
+        if elapsed - last_shown >= 10:
+            _say(f"    ... updating the model ({elapsed:.0f} s; serving version {served})")
+            last_shown = elapsed
+        time.sleep(0.5)
+
+
+def run_demo(workdir: Path, experiences: int = 6, device: str = "auto", timeout_s: float = 900.0) -> int:
+    from cl_agent.client import FrameClient, LabeledClient
+    from cl_agent.inference import InferenceClient
+    from cl_agent.status import read_experience_records
+
+    workdir = Path(workdir)
+    if workdir.exists() and any(workdir.iterdir()):
+        import shutil
+
+        shutil.rmtree(workdir)  # the demo starts from nothing each time
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(workdir, device)
+    config_path = save_resolved(cfg, workdir / "demo.yaml")
+    plan = schedule(experiences, classes_per_experience=3, seed=0)
+    rng = np.random.default_rng(0)
+    test_rng = np.random.default_rng(12345)
+    test_images = {c: make_batch([c] * TEST_PER_CLASS, test_rng, IMAGE_SIZE) for c in range(len(CLASS_NAMES))}
+
+    _say(f"cl-agent demo: {experiences} experiences of a built-in shape stream ({len(CLASS_NAMES)} classes), workdir {workdir}")
+    _say(f"  starting the agent + server (log: {workdir / 'agent.log'}) ...")
+    agent = _Agent(config_path, workdir / "agent.log")
+    labeled = LabeledClient(cfg.ingest.labeled_endpoint, "demo-labeler", timeout_s=10.0, retries=6)
+    frames = FrameClient(cfg.ingest.frame_endpoint, "demo-camera", hwm=1000)
+    inference = InferenceClient(cfg.serve.endpoint, timeout_s=2.0, retries=1)
+    seen: set[int] = set()
+    rows = []
+    try:
+        for t, classes in enumerate(plan):
+            agent.check()
+            seen |= set(classes)
+            names = ", ".join(CLASS_NAMES[c] for c in classes)
+            _say(f"experience {t + 1}/{experiences}: classes [{names}]")
+            # the camera: unlabeled frames of what is in view now, plus some of everything else
+            in_view = rng.choice(classes + list(range(len(CLASS_NAMES))), size=FRAMES_PER_EXPERIENCE)
+            for image in make_batch(in_view, rng, IMAGE_SIZE):
+                frames.send(image)
+            # the labeler: labeled batches, acked only once durable
+            ids = np.repeat(classes, LABELED_PER_CLASS)
+            rng.shuffle(ids)
+            images = make_batch(ids, rng, IMAGE_SIZE)
+            for start in range(0, len(ids), 30):
+                labels = [CLASS_NAMES[c] for c in ids[start : start + 30]]
+                ack = labeled.send(images[start : start + 30], labels)
+                if not ack.ok:
+                    raise CLAgentError(f"labeled batch refused: {ack.reason} {ack.detail}")
+            end = labeled.end_experience()
+            if not end.ok:
+                raise CLAgentError(f"end of experience refused: {end.reason} {end.detail}")
+            _say(f"    sent {len(ids)} labeled images (all acked) and {FRAMES_PER_EXPERIENCE} camera frames")
+            served = _wait_for_version(inference, agent, t + 1, test_images[classes[0]][:1], timeout_s)
+            # the served model on held-out images of every class seen so far
+            correct = total = 0
+            for c in sorted(seen):
+                result = inference.predict(test_images[c])
+                correct += sum(label == CLASS_NAMES[c] for label in result.labels)
+                total += len(test_images[c])
+            records = read_experience_records(cfg.agent.workdir)
+            online = records[-1]["online_accuracy"] if records else None
+            row = (t + 1, served, online, correct / total)
+            rows.append(row)
+            online_text = "n/a" if online is None else f"{online:.0%}"
+            _say(
+                f"    served version {served}: accuracy on held-out images of the {len(seen)} classes seen so far "
+                f"{correct / total:.0%}; online accuracy on this experience before learning it {online_text}"
+            )
+    finally:
+        labeled.close()
+        frames.close()
+        inference.close()
+        code = agent.stop()
+    _say("\nexperience  version  online accuracy (before learning)  served accuracy (seen classes)")
+    for t, version, online, served_acc in rows:
+        online_text = "n/a" if online is None else f"{online:.0%}"
+        _say(f"{t:>10}  {version:>7}  {online_text:>33}  {served_acc:>30.0%}")
+    _say(f"agent stopped (exit code {code}); `cl-agent status --workdir {cfg.agent.workdir}` and "
+         f"`cl-agent report --workdir {cfg.agent.workdir}` show more")
+    return 0 if code == 0 else 1

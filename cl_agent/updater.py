@@ -1,0 +1,293 @@
+"""The update loop: durable experiences in, trained + exported + published models out.
+
+One update, in this order (each step durable before the next):
+
+1. take the pending experiences (cut, durable, not trained) in order; with the
+   ``merge`` backlog policy, all of them become one update;
+2. predict their labeled samples with the current model (online accuracy:
+   data the model has not trained on yet);
+3. train; 4. checkpoint atomically as ``checkpoints/exp-<last>.pt``;
+5. export to ONNX + parity check, publish a version, announce it;
+6. mark the experiences trained; append the record to ``experiences.jsonl``.
+
+INVARIANT: the newest checkpoint's name is the last experience trained into it.
+On restart, experiences at or below it are never trained again (marked if a
+crash came before step 6, exported again if before step 5); experiences above
+it are trained from that checkpoint, so an interrupted update is redone and no
+sample is learned twice as new data.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cl_agent.config import AgentConfig
+from cl_agent.experience import ExperienceStore
+from cl_agent.labels import LabelMap
+from cl_agent.repository import Announcer, ModelRepository
+from cl_agent.status import append_experience_record, now_iso
+
+log = logging.getLogger("cl_agent.updater")
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_RE = re.compile(r"^exp-(\d{6})\.pt$")
+KEEP_CHECKPOINTS = 2
+
+
+class UpdateInterrupted(Exception):
+    """Raised inside an update when the agent is asked to stop; the update is redone on restart."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from cl_agent.errors import CLAgentError
+
+        raise CLAgentError(f"agent.device = {name!r} but no CUDA device is available")
+    return device
+
+
+def online_accuracy(logits: torch.Tensor, labels: np.ndarray, class_names: list[str]) -> dict:
+    """Accuracy of predictions made before training, overall and per class name."""
+    predicted = logits.argmax(dim=1).numpy()
+    correct = predicted == labels
+    per_class = {}
+    for class_id in np.unique(labels):
+        mask = labels == class_id
+        name = class_names[class_id] if class_id < len(class_names) else str(class_id)
+        per_class[name] = float(correct[mask].mean())
+    return {
+        "online_accuracy": float(correct.mean()) if len(labels) else None,
+        "online_correct": int(correct.sum()),
+        "online_total": int(len(labels)),
+        "online_accuracy_per_class": per_class,
+    }
+
+
+def loss_terms(values: dict) -> dict[str, float]:
+    """The loss terms of a trainer metrics or progress dict, named without the ``loss_`` prefix."""
+    terms = {}
+    for key, value in values.items():
+        if key in ("loss", "total"):
+            terms["total"] = float(value)
+        elif key.startswith("loss_"):
+            terms[key.removeprefix("loss_")] = float(value)
+    return terms
+
+
+@dataclass
+class UpdateResult:
+    experiences: list[int]
+    version: int | None
+    record: dict
+
+
+class Updater:
+    """Owns the trainer, the checkpoints and publishing for one working directory."""
+
+    def __init__(self, cfg: AgentConfig, device: torch.device | str = "cpu"):
+        from cl_agent.trainer import Trainer
+
+        self.cfg = cfg
+        self.workdir = Path(cfg.agent.workdir)
+        self.device = torch.device(device)
+        self.store = ExperienceStore(self.workdir)
+        self.repository = ModelRepository(cfg.repository.root, cfg.agent.model_name, keep_last=cfg.repository.keep_last)
+        self.trainer = Trainer(cfg.model, cfg.train, device=self.device, seed=cfg.agent.seed)
+        self.checkpoint_dir = self.workdir / CHECKPOINT_DIR
+        self.last_trained = -1
+        self.announcer = self._open_announcer()
+        self._restore()
+
+    def _open_announcer(self) -> Announcer | None:
+        # Long-lived: a PUB socket bound just before sending loses the message (subscribers join late).
+        try:
+            return Announcer(self.cfg.repository.announce_endpoint)
+        except Exception as error:  # noqa: BLE001 - servers also poll the repository
+            log.warning("cannot bind %s for announcements (servers will poll): %s", self.cfg.repository.announce_endpoint, error)
+            return None
+
+    def close(self) -> None:
+        if self.announcer is not None:
+            self.announcer.close()
+            self.announcer = None
+
+    # ------------------------------------------------------------------ state
+
+    def _checkpoints(self) -> list[tuple[int, Path]]:
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = []
+        for path in self.checkpoint_dir.iterdir():
+            match = CHECKPOINT_RE.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def _restore(self) -> None:
+        checkpoints = self._checkpoints()
+        if not checkpoints:
+            return
+        self.last_trained, path = checkpoints[-1]
+        self.trainer.load_checkpoint(path)
+        log.info("restored checkpoint %s (experiences up to %d trained)", path.name, self.last_trained)
+        latest = self.repository.latest_version()
+        published = self.repository.load_manifest(latest).get("experience_index") if latest is not None else None
+        if published is None or published < self.last_trained:
+            log.info("checkpoint of experience %d was never published: exporting it now", self.last_trained)
+            self._publish(self.last_trained, metrics={"recovered": True})
+        for index in self.store.pending():
+            if index <= self.last_trained:
+                self.store.mark_trained(index)
+
+    def class_names(self) -> list[str]:
+        names = LabelMap(self.workdir / "labels.json", self.cfg.spool.max_classes).names
+        size = self.cfg.model.num_classes
+        return [names[i] if i < len(names) else str(i) for i in range(size)]
+
+    def pending(self) -> list[int]:
+        return [i for i in self.store.pending() if i > self.last_trained]
+
+    # ------------------------------------------------------------------ one update
+
+    def run_once(self, should_stop: callable = lambda: False, progress: callable | None = None) -> UpdateResult | None:
+        """Train on what is pending (one update); None if nothing is pending."""
+        pending = self.pending()
+        if not pending:
+            return None
+        policy = self.cfg.agent.backlog_policy
+        chosen = pending if policy == "merge" else pending[:1]
+        budget = self.cfg.train.time_budget_s or None
+        if policy == "shorten" and budget and len(pending) > 1:
+            budget = budget / len(pending)
+
+        labeled, labels, unlabeled = self._load(chosen)
+        names = self.class_names()
+        before = online_accuracy(self.trainer.predict(torch.from_numpy(labeled)), labels, names)
+
+        def on_progress(info: dict) -> None:
+            if should_stop():
+                raise UpdateInterrupted()
+            if progress is not None:
+                progress({"experience": chosen[-1], "step": info.get("step"), "steps": info.get("steps"), "losses": loss_terms(info)})
+
+        started = time.monotonic()
+        metrics = self.trainer.train_experience(
+            torch.from_numpy(labeled),
+            torch.from_numpy(labels),
+            torch.from_numpy(unlabeled),
+            time_budget_s=budget,
+            progress=on_progress,
+        )
+        update_seconds = time.monotonic() - started
+        self._checkpoint(chosen[-1])
+
+        started = time.monotonic()
+        version = self._publish(chosen[-1], metrics=_jsonable(metrics), real_images=labeled)
+        export_seconds = time.monotonic() - started
+        for index in chosen:
+            self.store.mark_trained(index)
+
+        record = {
+            "experience": chosen[-1],
+            "time": now_iso(),
+            "labeled": int(len(labels)),
+            "unlabeled": int(len(unlabeled)),
+            "merged": chosen,
+            **before,
+            "losses": loss_terms(metrics),
+            "update_seconds": update_seconds,
+            "export_seconds": export_seconds,
+            "version": version,
+            "stopped_by_budget": bool(metrics.get("stopped_by_budget", False)),
+            "backlog": len(pending) - len(chosen),
+        }
+        append_experience_record(self.workdir, record)
+        return UpdateResult(chosen, version, record)
+
+    def _load(self, indices: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        size = self.cfg.model.image_size
+        parts = [self.store.load(i).decode(size) for i in indices]
+        return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+
+    def _checkpoint(self, experience: int) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.trainer.save_checkpoint(self.checkpoint_dir / f"exp-{experience:06d}.pt")
+        self.last_trained = experience
+        for _, old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
+            old.unlink(missing_ok=True)
+
+    def _publish(self, experience: int, metrics: dict, real_images: np.ndarray | None = None) -> int:
+        from cl_agent.export import export_onnx
+
+        model = self.cfg.model
+        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            parity = export_onnx(
+                self.trainer.inference_modules(),
+                onnx_path,
+                image_size=model.image_size,
+                mean=model.mean,
+                std=model.std,
+                export=self.cfg.export,
+                real_images=real_images[: self.cfg.export.parity_samples] if real_images is not None else None,
+            )
+            manifest = {
+                "class_names": self.class_names(),
+                "image_size": model.image_size,
+                "experience_index": experience,
+                "metrics": metrics,
+                "export": _jsonable(parity),
+                "backbone": model.backbone,
+            }
+            version = self.repository.publish(onnx_path, manifest)
+        if self.announcer is not None:
+            sha = self.repository.load_manifest(version)["sha256"]
+            self.announcer.announce(self.cfg.agent.model_name, version, sha)
+        return version
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item() if getattr(value, "ndim", 0) == 0 else value.tolist()
+    return value
+
+
+def update_loop(
+    cfg: AgentConfig,
+    stop: threading.Event | None = None,
+    poll_s: float = 0.5,
+    on_result=None,
+    on_progress=None,
+) -> None:
+    """Run updates until ``stop`` is set (the trainer process's main loop)."""
+    stop = stop or threading.Event()
+    updater = Updater(cfg, resolve_device(cfg.agent.device))
+    try:
+        while not stop.is_set():
+            try:
+                result = updater.run_once(should_stop=stop.is_set, progress=on_progress)
+            except UpdateInterrupted:
+                log.info("update interrupted by shutdown; it will be redone on restart")
+                return
+            if result is None:
+                stop.wait(poll_s)
+            elif on_result is not None:
+                on_result(result)
+    finally:
+        updater.close()
