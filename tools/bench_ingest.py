@@ -6,7 +6,8 @@ Runs `cl-agent ingest` as a separate process on loopback and drives it from this
 
 labeled_images_per_s: 64x64 JPEG, 32 images per message, counted when the durable ack arrives.
 frames_per_s:         640x480 JPEG frames (one per message) accepted into the reservoir (still encoded).
-raw_zmq_images_per_s: the same labeled messages through a bare pyzmq PUSH -> PULL pair (no validation, no disk).
+raw_zmq_images_per_s: the same labeled messages through a bare pyzmq PUSH -> PULL pair into another process
+                      (no validation, no disk); raw_zmq_frames_per_s: the same for the frame messages.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -132,37 +132,39 @@ def bench_frames(endpoints: dict, frames: list[bytes], seconds: float) -> float:
     return accepted / elapsed
 
 
-def bench_raw(batches, seconds: float) -> float:
-    """Bare pyzmq: the same labeled multipart messages PUSH -> PULL, receiver in a thread (zmq releases the GIL)."""
-    ctx = zmq.Context.instance()
-    pull = ctx.socket(zmq.PULL)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
-    push = ctx.socket(zmq.PUSH)
+def raw_receiver(port: int) -> None:
+    """Subprocess side of the bare-pyzmq baseline: PULL, count payload parts, stop at b"END"."""
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(f"tcp://127.0.0.1:{port}")
+    print("ready", flush=True)
+    images = 0
+    while True:
+        parts = pull.recv_multipart(copy=False)
+        if len(parts) == 1 and parts[0].bytes == b"END":
+            break
+        images += len(parts) - 1
+    print(images, flush=True)
+
+
+def bench_raw(messages: list[list[bytes]], seconds: float) -> float:
+    """Bare pyzmq: the same multipart messages PUSH -> PULL into another process, no validation, no disk."""
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, __file__, "--raw-receiver", str(port)], stdout=subprocess.PIPE, text=True)
+    assert receiver.stdout.readline().strip() == "ready"
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.sndhwm = 64
     push.connect(f"tcp://127.0.0.1:{port}")
-    messages = [pack_message("labeled", "raw", i, p, shapes=s, labels=lab) for i, (p, s, lab) in enumerate(batches)]
-    received = [0]
-    done = threading.Event()
-
-    def receive():
-        while not done.is_set() or pull.poll(0):
-            if pull.poll(100):
-                received[0] += len(pull.recv_multipart()) - 1
-
-    thread = threading.Thread(target=receive)
-    thread.start()
     start = time.perf_counter()
     sent = 0
     while time.perf_counter() - start < seconds:
         push.send_multipart(messages[sent % len(messages)])
-        sent += 32
-    while received[0] < sent:
-        time.sleep(0.001)
+        sent += 1
+    push.send(b"END")
+    received = int(receiver.stdout.readline())
     elapsed = time.perf_counter() - start
-    done.set()
-    thread.join()
+    receiver.wait(10)
     push.close()
-    pull.close()
-    return received[0] / elapsed
+    return received / elapsed
 
 
 def main() -> None:
@@ -171,7 +173,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
     parser.add_argument("--window", type=int, default=32, help="labeled messages in flight")
     parser.add_argument("--workdir", type=Path, default=None, help="spool folder (default: a temporary folder)")
+    parser.add_argument("--raw-receiver", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.raw_receiver is not None:
+        return raw_receiver(args.raw_receiver)
 
     rng = np.random.default_rng(0)
     batches = labeled_messages(64, rng)
@@ -179,7 +184,10 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    raw = bench_raw(batches, args.seconds)
+    labeled_parts = [pack_message("labeled", "raw", i, p, shapes=sh, labels=lab) for i, (p, sh, lab) in enumerate(batches)]
+    frame_parts = [pack_message("frame", "raw", 0, [f], shapes=[[480, 640, 3]]) for f in frames]
+    raw = bench_raw(labeled_parts, args.seconds)
+    raw_frames = bench_raw(frame_parts, args.seconds)
     process, endpoints = start_ingest(workdir)
     try:
         labeled = bench_labeled(endpoints["labeled"], batches, args.window, args.seconds)
@@ -193,6 +201,8 @@ def main() -> None:
         "frames_per_s": round(frames_per_s, 1),
         "raw_zmq_images_per_s": round(raw, 1),
         "labeled_vs_raw_ratio": round(labeled / raw, 3),
+        "raw_zmq_frames_per_s": round(raw_frames, 1),
+        "frames_vs_raw_ratio": round(frames_per_s / raw_frames, 3),
         "labeled_message": "32 x 64x64 JPEG",
         "labeled_jpeg_bytes_mean": round(float(np.mean([len(p) for b in batches for p in b[0]])), 1),
         "frame_jpeg_bytes_mean": round(float(np.mean([len(f) for f in frames])), 1),
