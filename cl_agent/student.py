@@ -1,7 +1,7 @@
 """The student network: a timm backbone by name, a linear classifier and a 4-way rotation head.
 
 The backbone is created with ``num_classes=0`` so that it returns pooled features;
-their size is read from the model (``num_features``), so any timm model works.
+their size is read from the model (one forward pass), so any timm model works.
 """
 
 from __future__ import annotations
@@ -43,6 +43,28 @@ class Student(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _pooled_feature_size(backbone: nn.Module, model: ModelSection) -> int:
+    """D of the backbone's pooled output, measured with one tiny forward pass.
+
+    ``num_features`` is not enough: models with a pre-logits layer (e.g. MobileNetV3's
+    conv head) return ``head_hidden_size`` features instead.
+    """
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            out = backbone(torch.zeros(1, 3, model.image_size, model.image_size))
+    except (RuntimeError, ValueError, AssertionError) as e:  # timm raises these for unsupported input sizes
+        raise CLAgentError(
+            f"model.backbone = {model.backbone!r} cannot run on {model.image_size}x{model.image_size} images "
+            f"(model.image_size): {e}"
+        ) from None
+    finally:
+        backbone.train()
+    if out.ndim != 2:
+        raise CLAgentError(f"model.backbone = {model.backbone!r} returns {tuple(out.shape)}, not pooled (B, D) features")
+    return int(out.shape[1])
+
+
 def create_student(model: ModelSection) -> Student:
     """Build the student for ``model.backbone`` (any name ``timm.list_models()`` knows), untrained."""
     if not timm.is_model(model.backbone):
@@ -50,9 +72,7 @@ def create_student(model: ModelSection) -> Student:
             f"model.backbone = {model.backbone!r}: timm has no model of that name (see timm.list_models())"
         )
     backbone = timm.create_model(model.backbone, pretrained=False, num_classes=0)
-    feature_dim = int(getattr(backbone, "num_features", 0))
-    if feature_dim <= 0:
-        raise CLAgentError(f"model.backbone = {model.backbone!r}: timm model reports no feature size (num_features)")
+    feature_dim = _pooled_feature_size(backbone, model)
     return Student(backbone, feature_dim, model.num_classes)
 
 

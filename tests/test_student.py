@@ -12,10 +12,14 @@ def test_student_shapes_and_feature_size_read_from_the_model(backbone):
     x = torch.randn(3, 3, 16, 16)
     features = student.forward_features(x)
     assert features.shape == (3, student.feature_dim)
-    assert student.feature_dim == student.backbone.num_features
     assert student.forward_head(features).shape == (3, 7)
     assert student.forward_rotation(features).shape == (3, 4)
     assert torch.equal(student(x), student.forward_head(features))
+
+
+def test_backbone_that_cannot_take_the_image_size_is_reported():
+    with pytest.raises(CLAgentError, match="vit_tiny_patch16_224.*16x16"):
+        create_student(tiny_model(backbone="vit_tiny_patch16_224"))
 
 
 def test_unknown_backbone_is_named_in_the_error():
