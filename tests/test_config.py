@@ -1,0 +1,97 @@
+"""The typed config: unknown keys and bad values are errors naming key, value and file."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cl_agent.config import AgentConfig, ConfigError, load_config, save_resolved, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_without_a_file():
+    cfg = load_config(None)
+    assert isinstance(cfg, AgentConfig)
+    assert cfg.train.lr == pytest.approx(4e-4)
+
+
+def test_unknown_key_names_key_value_and_file(tmp_path):
+    path = write(tmp_path, "train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "train.lrr" in message and "0.1" in message and str(path) in message
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(write(tmp_path, "trian:\n  lr: 0.1\n"))
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("train:\n  lr: -1\n", "train.lr"),
+        ("train:\n  lr: fast\n", "train.lr"),
+        ("train:\n  labeled_batch: 1.5\n", "train.labeled_batch"),
+        ("agent:\n  host_server: 1\n", "agent.host_server"),
+        ("agent:\n  device: tpu\n", "agent.device"),
+        ("train:\n  snapshot_mode: thawed\n", "train.snapshot_mode"),
+        ("model:\n  mean: [0.5, 0.5]\n", "model.mean"),
+        ("ingest:\n  wire:\n    encodings: [gif]\n", "ingest.wire.encodings"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.key == key
+    assert str(tmp_path) in str(info.value)
+
+
+def test_non_mapping_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_apply_and_are_checked():
+    cfg = load_config(None, {"train.lr": 0.01, "model.image_size": 64})
+    assert cfg.train.lr == 0.01 and cfg.model.image_size == 64
+    with pytest.raises(ConfigError, match="train.epochs_min"):
+        load_config(None, {"train.epochs_min": 0})
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, {"train.method": "naive"})
+    path = save_resolved(cfg, tmp_path / "resolved.yaml")
+    again = load_config(path)
+    assert to_dict(again) == to_dict(cfg)
+
+
+def _keys(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _keys(value, path + ".")
+        else:
+            yield path
+
+
+def test_robot_yaml_is_complete_valid_and_commented():
+    path = ROOT / "configs" / "robot.yaml"
+    load_config(path)  # valid
+    documented = set(_keys(yaml.safe_load(path.read_text())))
+    every = set(_keys(to_dict(AgentConfig())))
+    assert every - documented == set(), "keys missing from configs/robot.yaml"
+    for line in path.read_text().splitlines():
+        if re.match(r"^\s*[a-z_]+:\s*\S", line):  # a key with a value
+            assert "#" in line, f"uncommented key in robot.yaml: {line!r}"
