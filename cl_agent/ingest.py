@@ -224,6 +224,8 @@ class IngestService:
 
         # Attributes are set before binding, so _teardown closes a socket whose bind failed.
         self.labeled_socket = server_socket(zmq.ROUTER)
+        # Per sender: a few groups queued at most; past that TCP pushes back and the client waits (nothing is lost).
+        self.labeled_socket.rcvhwm = 2 * cfg.max_batch_messages
         self.endpoints["labeled"] = bind(self.labeled_socket, cfg.labeled_endpoint)
 
         frame_kind = {"pull": zmq.PULL, "sub": zmq.SUB, "router": zmq.ROUTER}[cfg.frame_socket]

@@ -413,13 +413,20 @@ def reply(kind: str, sender: str, seq: int, **fields: Any) -> list[bytes]:
     return pack_message(kind, sender, seq, **fields)
 
 
+_SEQ_RE = re.compile(rb'"seq"\s*:\s*(\d{1,20})')
+
+
 def peek_seq(parts: Sequence[bytes], limits: WireSection) -> int:
     """Best-effort seq of a refused message, so its nack can name it; 0 when the header is unreadable."""
-    if not parts or len(parts[0]) > limits.max_header_bytes:
+    if not parts:
         return 0
-    try:
-        header = json.loads(bytes(parts[0]))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return 0
-    seq = header.get("seq") if isinstance(header, dict) else None
-    return seq if _is_int(seq) and seq >= 0 else 0
+    head = bytes(parts[0][:4096])
+    if len(parts[0]) <= min(limits.max_header_bytes, 4096):
+        try:
+            header = json.loads(head)
+            seq = header.get("seq") if isinstance(header, dict) else None
+            return seq if _is_int(seq) and seq >= 0 else 0
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass
+    match = _SEQ_RE.search(head)  # an oversized or broken header: look for the field without parsing it all
+    return int(match.group(1)) if match else 0

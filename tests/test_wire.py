@@ -186,3 +186,9 @@ def test_corrupt_jpeg_body_fails_only_at_decode():
 def test_peek_seq_names_refused_messages():
     assert peek_seq(with_header(_valid(1), seq=42), LIMITS) == 42
     assert peek_seq([b"garbage"], LIMITS) == 0
+
+
+def test_peek_seq_finds_the_seq_of_an_oversized_header():
+    parts = with_header(_valid(1), seq=77, pad="x" * 10_000)
+    assert reason(parts, WireSection(max_header_bytes=1024)) == "header_too_large"
+    assert peek_seq(parts, WireSection(max_header_bytes=1024)) == 77
