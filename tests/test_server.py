@@ -155,26 +155,33 @@ def test_partial_version_folders_are_never_loaded(repo, onnx_models):
 
 def test_corrupt_or_mismatched_versions_are_refused_and_old_keeps_answering(repo, onnx_models, caplog):
     publish(repo, onnx_models[0])
-    with Server(repo, serve_section()) as server, InferenceClient(server.endpoint) as client:
+    # No polling: the server looks only when told, so each bad version is complete before it is seen.
+    with Server(repo, serve_section(poll_s=3600)) as server, InferenceClient(server.endpoint) as client:
         # v2: bytes changed after publishing (sha256 mismatch).
         v2 = publish(repo, onnx_models[1])
         data = bytearray(repo.model_path(v2).read_bytes())
         data[len(data) // 2] ^= 0xFF
         repo.model_path(v2).write_bytes(bytes(data))
-        assert wait_for(lambda: server.counters["swap_failures"] >= 1)
-        # v3: consistent hash but not an ONNX model; v4: a model whose input size disagrees with its manifest.
+        server.check_now()
+        assert wait_for(lambda: server.counters["swap_failures"] == 1)
+        # v3: consistent hash but not an ONNX model.
         junk = repo.model_dir.parent / "junk.onnx"
         junk.write_bytes(b"this is not onnx")
         publish(repo, junk)
-        assert wait_for(lambda: server.counters["swap_failures"] >= 2)
+        server.check_now()
+        assert wait_for(lambda: server.counters["swap_failures"] == 2)
+        # v4: a model whose input size disagrees with its manifest.
         repo.publish(onnx_models[1], {"class_names": CLASSES, "image_size": 32})
-        assert wait_for(lambda: server.counters["swap_failures"] >= 3)
-        time.sleep(0.2)  # refused versions are not retried on every poll
+        server.check_now()
+        assert wait_for(lambda: server.counters["swap_failures"] == 3)
+        server.check_now()
+        time.sleep(0.2)  # refused versions are not retried
         assert server.counters["swap_failures"] == 3
         assert server.version == 1 and client.predict(images(2)).model_version == 1
         assert "sha256" in caplog.text and "cannot load" in caplog.text and "image_size" in caplog.text
         # A good version after the bad ones is taken.
         assert publish(repo, onnx_models[1]) == 5
+        server.check_now()
         assert wait_for(lambda: server.version == 5)
         assert client.predict(images(1)).model_version == 5
 
