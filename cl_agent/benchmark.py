@@ -6,8 +6,7 @@ classes is scored (overall and per class). ``joint`` is the upper bound: every
 labeled (and unlabeled) image of the stream, shuffled together, trained with the
 total number of steps the streamed run would take, and scored once at the end.
 
-A profile (``configs/bench/<name>.yaml``) holds the ``model`` and ``train``
-sections the Trainer takes and a ``bench`` section for the benchmark itself.
+Profiles (smoke, quick, full) are in ``cl_agent.bench_profile``.
 """
 
 from __future__ import annotations
@@ -23,63 +22,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import yaml
 
-from cl_agent.config import ConfigError, ModelSection, TrainSection, _range, build, to_dict
+from cl_agent.bench_profile import BenchProfile
+from cl_agent.config import TrainSection, to_dict
 from cl_agent.errors import CLAgentError
 from cl_agent.scenario import ImageFolder, ScenarioTable, build_stream, val_set
 from cl_agent.storage import atomic_write_text
 
-PROFILES_DIR = Path(__file__).resolve().parents[1] / "configs" / "bench"
 JOINT = "joint"
-
-
-@dataclass
-class BenchSection:
-    experiences: int = field(default=0, metadata=_range(ge=0))  # experiences to run from the start of the stream; 0 = all
-    eval_per_class: int = field(default=0, metadata=_range(ge=0))  # val images per class scored; 0 = all
-    curve_per_class: int = field(default=0, metadata=_range(ge=0))  # >0: before the last experience, score only this many per class (CPU time); 0 = the full val set every time
-    eval_batch: int = field(default=256, metadata=_range(ge=1))  # images per predict() call
-    threads: int = field(default=0, metadata=_range(ge=0))  # torch CPU threads; 0 = torch's default
-
-
-@dataclass
-class BenchProfile:
-    model: ModelSection = field(default_factory=ModelSection)  # the student (image_size is the benchmark's too)
-    train: TrainSection = field(default_factory=TrainSection)  # the update (train.method is set by --method)
-    bench: BenchSection = field(default_factory=BenchSection)  # stream length, evaluation
-
-
-def profile_path(name: str | Path) -> Path:
-    """A profile name (smoke, quick, full: ``configs/bench/<name>.yaml``) or a path to a YAML file."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        return path
-    for folder in (PROFILES_DIR, Path.cwd() / "configs" / "bench"):
-        if (folder / f"{name}.yaml").is_file():
-            return folder / f"{name}.yaml"
-    known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-    raise CLAgentError(f"unknown bench profile {str(name)!r} (known: {', '.join(known) or 'none found'})")
-
-
-def portable_path(path: str | Path) -> str:
-    """``path`` relative to the repository root when it lies beside it (``../shared/...``), so results carry no machine paths."""
-    path, root = Path(path).resolve(), PROFILES_DIR.parents[1]
-    return os.path.relpath(path, root) if path.is_relative_to(root.parent) else str(path)
-
-
-def load_profile(name: str | Path) -> BenchProfile:
-    """Load a bench profile; unknown keys and bad values raise ConfigError naming the key."""
-    path = profile_path(name)
-    if not path.is_file():
-        raise ConfigError("<file>", str(path), str(path), "profile file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError("<file>", str(path), str(path), f"not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError("<file>", type(data).__name__, str(path), "top level must be a mapping of sections")
-    return build(BenchProfile, data, str(path))
 
 
 # --------------------------------------------------------------------------- scoring

@@ -176,7 +176,8 @@ def bench_cir(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Run one CIR scenario x one method x one profile; writes OUT/results.json and OUT/accuracy.png."""
-    from cl_agent.benchmark import BenchRun, load_profile, portable_path, profile_path, resolve_device, run_benchmark
+    from cl_agent.bench_profile import load_profile, portable_path, profile_path
+    from cl_agent.benchmark import BenchRun, resolve_device, run_benchmark
     from cl_agent.scenario import (
         ImageFolder,
         default_data_dir,

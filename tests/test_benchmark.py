@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cl_agent.benchmark import BenchRun, forgetting, load_profile, run_benchmark, streamed_steps
+from cl_agent.bench_profile import load_profile
+from cl_agent.benchmark import BenchRun, forgetting, run_benchmark, streamed_steps
 from cl_agent.cli import app
 from cl_agent.config import ConfigError
 from cl_agent.scenario import ImageFolder, parse_scenario
