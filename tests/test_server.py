@@ -39,14 +39,20 @@ def tiny_net(seed: int) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory) -> list[Path]:
-    """Two exported tiny models with different weights."""
+    """Two tiny models with different weights: one exported, the other a copy with every weight scaled."""
+    import onnx
+    from onnx import numpy_helper
+
     folder = tmp_path_factory.mktemp("onnx")
-    paths = []
-    for seed in (0, 1):
-        path = folder / f"tiny{seed}.onnx"
-        export_onnx([tiny_net(seed)], path, image_size=SIZE, mean=[0.5] * 3, std=[0.25] * 3, export=ExportSection())
-        paths.append(path)
-    return paths
+    first, second = folder / "tiny0.onnx", folder / "tiny1.onnx"
+    export_onnx([tiny_net(0)], first, image_size=SIZE, mean=[0.5] * 3, std=[0.25] * 3, export=ExportSection())
+    graph = onnx.load(str(first))
+    for init in graph.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype == np.float32 and array.size > 3:  # weights, not the normalisation constants
+            init.CopyFrom(numpy_helper.from_array(array * -1.5, init.name))
+    onnx.save(graph, str(second))
+    return [first, second]
 
 
 def publish(repo: ModelRepository, path: Path, **manifest) -> int:
