@@ -29,7 +29,8 @@ import numpy as np
 import zmq
 
 from cl_agent.errors import CLAgentError
-from cl_agent.wire import encode_image, pack_message
+from cl_agent.codec import encode_image
+from cl_agent.wire import pack_message
 
 
 class AgentUnavailable(CLAgentError):

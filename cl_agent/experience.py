@@ -28,7 +28,7 @@ from cl_agent.config import ExperienceSection, WireSection
 from cl_agent.reservoir import Frame
 from cl_agent.spool import Record, read_records
 from cl_agent.storage import atomic_write_bytes, atomic_write_text, fsync_dir
-from cl_agent.wire import WireError, image_dimensions
+from cl_agent.codec import WireError, check_size, decode_image, image_dimensions
 
 CUT_COUNT, CUT_TIME, CUT_EXPLICIT = "count", "time", "explicit"
 
@@ -68,13 +68,10 @@ def decode_sample(sample: Sample, image_size: int, limits: WireSection | None = 
 
     limits = limits or WireSection()
     if sample.encoding == "raw":
-        from cl_agent.wire import decode_image
-
         image = decode_image(sample.payload, "raw", limits, shape=sample.shape, color=sample.color)
     else:
         height, width, _ = image_dimensions(sample.payload, sample.encoding)
-        if height > limits.max_image_side or width > limits.max_image_side or height * width > limits.max_image_pixels:
-            raise WireError("image_too_large", f"stored image {height}x{width} exceeds the wire limits")
+        check_size(height, width, limits, "stored image")
         flag = cv2.IMREAD_COLOR
         if sample.encoding == "jpeg":
             # JPEG can decode at 1/2, 1/4, 1/8 scale for a fraction of the cost.
