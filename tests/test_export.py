@@ -94,9 +94,11 @@ def test_ensemble_averages_logits_in_the_graph(tmp_path):
     np.testing.assert_allclose(logits, ((la + lb) / 2).numpy(), atol=1e-5)
 
 
-def test_resnet18_at_32px_passes_parity(tmp_path):
-    timm = pytest.importorskip("timm")
-    net = timm.create_model("resnet18", num_classes=10).eval()
+def test_resnet18_student_at_32px_passes_parity(tmp_path):
+    from cl_agent.config import ModelSection
+    from cl_agent.student import create_student
+
+    net = create_student(ModelSection(backbone="resnet18", num_classes=10, image_size=32)).eval()
     stats = export_onnx(
         [net], tmp_path / "r18.onnx", image_size=32, mean=MEAN, std=STD, export=ExportSection(), real_images=real_images(4, 32)
     )
