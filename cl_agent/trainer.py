@@ -273,6 +273,8 @@ class Trainer:
         unlabeled = self._check_images("unlabeled_images", unlabeled_images, allow_empty=True)
         labels = torch.as_tensor(labels)
         k = self.model_config.num_classes
+        if len(labeled) < 2:
+            raise CLAgentError(f"labeled_images: an experience needs at least 2 labeled images, got {len(labeled)}")
         if labels.shape != (len(labeled),) or labels.dtype != torch.int64:
             raise CLAgentError(f"labels: expected int64 ({len(labeled)},), got {labels.dtype} {tuple(labels.shape)}")
         if len(labels) and (labels.min() < 0 or labels.max() >= k):
@@ -286,7 +288,8 @@ class Trainer:
         self.begin_experience(labels)
         batch = self.train_config.labeled_batch
         epochs = epochs_for(self.train_config, t)
-        planned = steps if steps is not None else epochs * math.ceil(len(labeled) / batch)
+        per_epoch = math.ceil(len(labeled) / batch) - (1 if len(labeled) > batch and len(labeled) % batch == 1 else 0)
+        planned = steps if steps is not None else epochs * per_epoch
         sums = dict.fromkeys(["total", *LOSS_TERMS], 0.0)
         counts = dict.fromkeys(sums, 0)
         order, position, done, stopped = torch.empty(0, dtype=torch.long), 0, 0, False
@@ -295,8 +298,9 @@ class Trainer:
         for _ in range(planned):
             if position >= len(order):  # a new epoch over the labeled data
                 order, position = torch.randperm(len(labeled), generator=self.generator).to(self.device), 0
-            index = order[position : position + batch]
-            position += batch
+            end = position + batch + (1 if len(order) - (position + batch) == 1 else 0)  # no 1-image batch (BN)
+            index = order[position:end]
+            position = end
             pick = torch.randperm(len(unlabeled), generator=self.generator)[: self.train_config.unlabeled_batch]
             values = self.step(labeled[index], labels[index], unlabeled[pick.to(self.device)])
             done += 1

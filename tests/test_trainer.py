@@ -75,8 +75,19 @@ def test_bad_inputs_are_refused():
         trainer.train_experience(good, torch.tensor([0, 9]), empty)
     with pytest.raises(CLAgentError, match="int64"):
         trainer.train_experience(good, torch.tensor([0.0, 1.0]), empty)
+    with pytest.raises(CLAgentError, match="at least 2"):
+        trainer.train_experience(good[:1], torch.tensor([0]), empty)
     with pytest.raises(CLAgentError, match="nproc"):
         Trainer(tiny_model(4), tiny_train(nproc=2))
+
+
+def test_no_single_image_batches_without_unlabeled_data():
+    # 17 labeled images in batches of 16 would leave a 1-image batch, which BN cannot train on
+    trainer = Trainer(tiny_model(4), tiny_train("naive"))
+    images = torch.randint(0, 256, (17, 16, 16, 3), dtype=torch.uint8)
+    empty = torch.zeros(0, 16, 16, 3, dtype=torch.uint8)
+    result = trainer.train_experience(images, torch.arange(17) % 2, empty)
+    assert result["steps"] == result["planned_steps"] == 2 * 1  # 2 epochs of one 17-image batch
 
 
 def test_rotations_are_labeled_by_quarter_turns():
