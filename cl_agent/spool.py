@@ -15,6 +15,7 @@ meta: {"sender", "seq", "encoding", "shapes", "labels" (class ids), "sizes", "co
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import struct
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from cl_agent.errors import CLAgentError
 from cl_agent.storage import fsync_dir
 
 MAGIC = b"CLR1"
@@ -102,6 +104,13 @@ class Spool:
     def __init__(self, directory: str | Path, segment: int, max_bytes: int, *, closed_bytes: int = 0, keys: set | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # One writer per spool: a second process would interleave records. The lock dies with the process.
+        self._lock = open(self.directory / ".lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise CLAgentError(f"the spool {self.directory} is in use by another ingest process") from None
         self.max_bytes = max_bytes
         self.closed_bytes = closed_bytes  # bytes of cut, not yet trained segments (count against max_bytes)
         self.keys: set[tuple[str, int]] = set(keys or ())  # committed (sender, seq): also those of earlier segments
@@ -229,3 +238,5 @@ class Spool:
                 self.rollback()
             self._file.close()
             self._file = None
+        if not self._lock.closed:
+            self._lock.close()  # releases the flock

@@ -95,3 +95,13 @@ def test_cut_opens_the_next_segment_and_keeps_keys(tmp_path):
     assert (index, keys) == (0, [("s", 0)]) and size > 0
     assert spool.segment == 1 and spool.samples == 0 and spool.contains("s", 0)
     assert spool.size_bytes == size
+
+
+def test_one_writer_per_spool(tmp_path):
+    from cl_agent.errors import CLAgentError
+
+    spool = Spool(tmp_path, 0, max_bytes=10**9)
+    with pytest.raises(CLAgentError, match="in use"):
+        Spool(tmp_path, 0, max_bytes=10**9)
+    spool.close()
+    Spool(tmp_path, 0, max_bytes=10**9).close()
