@@ -19,7 +19,6 @@ import queue
 import signal
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -34,14 +33,14 @@ from cl_agent.config import (
 )
 from cl_agent.errors import CLAgentError
 from cl_agent.experience import CUT_EXPLICIT, ExperiencePolicy, ExperienceStore
-from cl_agent.labels import LabelError, LabelMap
+from cl_agent.intake import AGENT_SENDER, Counters, EndRequest, LabeledIntake
+from cl_agent.labels import LabelMap
 from cl_agent.reservoir import Frame, Reservoir
-from cl_agent.spool import DISK_FULL_ERRNOS, Record, Spool, SpoolFull
+from cl_agent.spool import Spool
 from cl_agent.wire import Message, WireError, decode_message, peek_seq, reply
 
 log = logging.getLogger(__name__)
 
-AGENT_SENDER = "agent"
 FRAME_DRAIN = 512  # frames handled per wake-up before the labeled socket gets a turn
 POLL_MS = 50
 
@@ -107,9 +106,8 @@ class IngestService:
         self.on_experience = on_experience
         self.endpoints: dict[str, str] = {}
         self.spool: Spool | None = None
-        self._counts = dict.fromkeys(COUNTER_NAMES, 0)
-        self._rejected: Counter = Counter()
-        self._lock = threading.Lock()
+        self._counters = Counters(COUNTER_NAMES)
+        self.intake: LabeledIntake | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._requests: queue.Queue = queue.Queue()
@@ -153,9 +151,7 @@ class IngestService:
 
     def counters(self) -> dict:
         """Counts since start (see COUNTER_NAMES) plus current sizes; ``rejected`` maps reason -> count."""
-        with self._lock:
-            out = dict(self._counts)
-            out["rejected"] = dict(self._rejected)
+        out = self._counters.snapshot()
         spool = self.spool
         out["reservoir_frames"] = len(self.reservoir)
         out["reservoir_bytes"] = self.reservoir.nbytes
@@ -165,14 +161,6 @@ class IngestService:
             out["open_experience"] = spool.segment
             out["open_experience_samples"] = spool.samples
         return out
-
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += n
-
-    def _reject(self, reason: str) -> None:
-        with self._lock:
-            self._rejected[reason] += 1
 
     # ---------------------------------------------------------------- thread
 
@@ -199,6 +187,7 @@ class IngestService:
             closed_bytes=self.store.untrained_bytes(),
             keys=self.store.committed_keys(),
         )
+        self.intake = LabeledIntake(self.spool, self.labels, self.wire, self._counters, self.store.untrained_bytes)
         self.context = zmq.Context()
         if cfg.curve.enabled:
             from cl_agent.security import start_authenticator
@@ -299,88 +288,12 @@ class IngestService:
         return batch
 
     def _handle_labeled(self) -> None:
-        batch = self._receive_batch()
-        replies: list[tuple[list[bytes], Callable[[bool], list[bytes]]]] = []  # envelope, reply(committed_ok)
-        end_requests: list[tuple[list[bytes], int]] = []
-        appended: list[int] = []  # images per appended record, for counting after the commit
-        for raw in batch:
-            self._count("labeled_messages")
-            envelope, body = split_envelope(raw)
-            try:
-                message = decode_message(body, self.wire)
-            except WireError as e:
-                replies.append((envelope, self._nack_now(peek_seq(body, self.wire), e.reason, e.detail)))
-                continue
-            if message.kind == "end_experience":
-                end_requests.append((envelope, message.seq))
-                continue
-            if message.kind != "labeled":
-                replies.append((envelope, self._nack_now(message.seq, "unexpected_kind", f"kind {message.kind!r} on the labeled socket")))
-                continue
-            replies.append((envelope, self._store(message, appended)))
-        commit_error: OSError | None = None
-        try:
-            if self.spool.commit():
-                self._count("commits")
-        except OSError as e:
-            commit_error = e
-            log.error("spool commit failed, nacking %d messages: %s", len(appended), e)
-        if commit_error is None:
-            self._count("labeled_images_acked", sum(appended))
-        for envelope, make_reply in replies:
-            self._send(self.labeled_socket, envelope, make_reply(commit_error))
-        for envelope, seq in end_requests:
-            index = self._cut(CUT_EXPLICIT)
-            if index is None:
-                self._send(self.labeled_socket, envelope, self._nack_now(seq, "nothing_to_cut", "the open experience has no samples")(None))
-            else:
-                self._send(self.labeled_socket, envelope, reply("ack", AGENT_SENDER, seq, experience=index))
-
-    def _nack_now(self, seq: int, reason: str, detail: str) -> Callable[[OSError | None], list[bytes]]:
-        self._reject(reason)
-        self._count("labeled_nacked")
-        return lambda _error: reply("nack", AGENT_SENDER, seq, reason=reason, detail=detail)
-
-    def _store(self, message: Message, appended: list[int]) -> Callable[[OSError | None], list[bytes]]:
-        """Append one labeled message (not yet durable); returns how to answer once the commit is known."""
-        seq, key = message.seq, (message.sender, message.seq)
-        if self.spool.contains(*key):
-            self._count("labeled_duplicates")
-            return self._after_commit(seq, 0, duplicate=True)
-        try:
-            ids = self.labels.ids_for(message.labels)
-        except LabelError as e:
-            return self._nack_now(seq, e.reason, e.detail)
-        record = Record(message.sender, seq, message.encoding, message.shapes, ids, message.payloads, message.color, time.time())
-        try:
-            self._append(record)
-        except SpoolFull as e:
-            return self._nack_now(seq, "spool_full", str(e))
-        except OSError as e:
-            reason = "disk_full" if e.errno in DISK_FULL_ERRNOS else "spool_error"
-            return self._nack_now(seq, reason, str(e))
-        appended.append(len(message.payloads))
-        return self._after_commit(seq, len(message.payloads), duplicate=False)
-
-    def _append(self, record: Record) -> None:
-        try:
-            self.spool.append(record)
-        except SpoolFull:
-            # A trainer (maybe another process) may have marked experiences trained since: recount once.
-            self.spool.closed_bytes = self.store.untrained_bytes()
-            self.spool.append(record)
-
-    def _after_commit(self, seq: int, images: int, *, duplicate: bool) -> Callable[[OSError | None], list[bytes]]:
-        def make(error: OSError | None) -> list[bytes]:
-            if error is not None:
-                reason = "disk_full" if error.errno in DISK_FULL_ERRNOS else "spool_error"
-                self._reject(reason)
-                self._count("labeled_nacked")
-                return reply("nack", AGENT_SENDER, seq, reason=reason, detail=str(error))
-            self._count("labeled_acked")
-            return reply("ack", AGENT_SENDER, seq, accepted=images, duplicate=duplicate, experience=self.spool.segment)
-
-        return make
+        received = [split_envelope(raw) for raw in self._receive_batch()]
+        answers = self.intake.process([body for _, body in received])
+        for (envelope, _), answer in zip(received, answers):
+            if isinstance(answer, EndRequest):
+                answer = self._end_reply(answer.seq)
+            self._send(self.labeled_socket, envelope, answer)
 
     @staticmethod
     def _send(socket: zmq.Socket, envelope: list[bytes], parts: list[bytes]) -> None:
@@ -409,7 +322,7 @@ class IngestService:
                     if message.kind != "frame":
                         raise WireError("unexpected_kind", f"kind {message.kind!r} on the frame socket")
                 except WireError as e:
-                    self._reject(e.reason)
+                    self._counters.reject(e.reason)
                     counts["frames_rejected"] += 1
                     answer = f"ERROR {e.reason}".encode()
                 else:
@@ -418,9 +331,7 @@ class IngestService:
                     # imagezmq's REQ sender waits for exactly one reply part.
                     self._send(self.frame_socket, envelope, [answer])
         finally:
-            with self._lock:  # one update per drained burst, not three per frame
-                for name, value in counts.items():
-                    self._counts[name] += value
+            self._counters.add_many(counts)  # one update per drained burst, not three per frame
 
     def _keep_frames(self, message: Message, counts: dict) -> None:
         if "v" in message.header:
@@ -439,25 +350,29 @@ class IngestService:
             body = self.control_socket.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        self._count("control_messages")
+        self._counters.add("control_messages")
         try:
             message = decode_message(body, self.wire)
         except WireError as e:
-            self._reject(e.reason)
-            self.control_socket.send_multipart(reply("nack", AGENT_SENDER, peek_seq(body, self.wire), reason=e.reason, detail=e.detail))
-            return
-        if message.kind == "end_experience":
-            index = self._cut(CUT_EXPLICIT)
-            if index is None:
-                answer = reply("nack", AGENT_SENDER, message.seq, reason="nothing_to_cut", detail="the open experience has no samples")
-            else:
-                answer = reply("ack", AGENT_SENDER, message.seq, experience=index)
-        elif message.kind == "status":
-            answer = reply("status", AGENT_SENDER, message.seq, counters=self.counters())
+            self._counters.reject(e.reason)
+            answer = reply("nack", AGENT_SENDER, peek_seq(body, self.wire), reason=e.reason, detail=e.detail)
         else:
-            self._reject("unexpected_kind")
-            answer = reply("nack", AGENT_SENDER, message.seq, reason="unexpected_kind", detail=f"kind {message.kind!r} on the control socket")
-        self.control_socket.send_multipart(answer)
+            if message.kind == "end_experience":
+                answer = self._end_reply(message.seq)
+            elif message.kind == "status":
+                answer = reply("status", AGENT_SENDER, message.seq, counters=self.counters())
+            else:
+                self._counters.reject("unexpected_kind")
+                answer = reply("nack", AGENT_SENDER, message.seq, reason="unexpected_kind", detail=f"kind {message.kind!r} on the control socket")
+        self.control_socket.send_multipart(answer)  # REP: exactly one answer per request
+
+    def _end_reply(self, seq: int) -> list[bytes]:
+        """Cut the open experience for an end_experience message and say which one it was."""
+        index = self._cut(CUT_EXPLICIT)
+        if index is None:
+            self._counters.reject("nothing_to_cut")
+            return reply("nack", AGENT_SENDER, seq, reason="nothing_to_cut", detail="the open experience has no samples")
+        return reply("ack", AGENT_SENDER, seq, experience=index)
 
     def _serve_requests(self) -> None:
         while True:
@@ -485,7 +400,7 @@ class IngestService:
             classes=spool.segment_classes,
         )
         spool.cut()
-        self._count("experiences_cut")
+        self._counters.add("experiences_cut")
         log.info("experience %d cut (%s): %d labeled, %d unlabeled", index, reason, self.store.meta(index)["labeled_samples"], len(frames))
         if self.on_experience is not None:
             self.on_experience(index)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 
 from cl_agent.client import AgentUnavailable, LabeledClient

@@ -5,7 +5,6 @@ import time
 
 import cv2
 import numpy as np
-import pytest
 import zmq
 
 from cl_agent.client import FrameClient, LabeledClient

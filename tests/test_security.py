@@ -1,6 +1,5 @@
 """CURVE: an allowed key delivers, an unknown key or no key delivers nothing."""
 
-import dataclasses
 import time
 
 import pytest

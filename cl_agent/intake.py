@@ -1,0 +1,155 @@
+"""Labeled intake: a group of labeled messages in, durable spool records and one answer per message out.
+
+No sockets here: the ingestion service hands over the message bodies it
+drained and sends back what this returns. The whole group shares one commit
+(one fsync), and every answer is decided only after that commit:
+
+    validate -> duplicate? -> class ids -> spool.append ... spool.commit -> ack | nack
+
+INVARIANT: an ack is produced only for a record whose commit returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from cl_agent.config import WireSection
+from cl_agent.labels import LabelError, LabelMap
+from cl_agent.spool import DISK_FULL_ERRNOS, Record, Spool, SpoolFull
+from cl_agent.wire import Message, WireError, decode_message, peek_seq, reply
+
+log = logging.getLogger(__name__)
+
+AGENT_SENDER = "agent"
+
+
+class Counters:
+    """Named counts plus refusals per reason; updated by the ingest thread, read from any thread."""
+
+    def __init__(self, names: Iterable[str]):
+        self._counts = dict.fromkeys(names, 0)
+        self._rejected: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def add_many(self, counts: dict[str, int]) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                self._counts[name] += n
+
+    def reject(self, reason: str) -> None:
+        with self._lock:
+            self._rejected[reason] += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            out = dict(self._counts)
+            out["rejected"] = dict(self._rejected)
+        return out
+
+
+@dataclass
+class EndRequest:
+    """An end_experience message met in the group: the service cuts and answers it after the commit."""
+
+    seq: int
+
+
+Answer = Callable[[OSError | None], list[bytes]]  # the reply, once the commit's outcome is known
+
+
+def _disk_reason(error: OSError) -> str:
+    return "disk_full" if error.errno in DISK_FULL_ERRNOS else "spool_error"
+
+
+class LabeledIntake:
+    def __init__(
+        self,
+        spool: Spool,
+        labels: LabelMap,
+        wire: WireSection,
+        counters: Counters,
+        untrained_bytes: Callable[[], int],
+    ):
+        self.spool = spool
+        self.labels = labels
+        self.wire = wire
+        self.counters = counters
+        self.untrained_bytes = untrained_bytes  # recount of cut, untrained spool bytes (a trainer may have freed some)
+
+    def process(self, bodies: Sequence[list[bytes]]) -> list[list[bytes] | EndRequest]:
+        """Store a group of labeled messages with one commit; one reply (or EndRequest) per body, in order."""
+        pending: list[Answer | EndRequest] = []
+        appended: list[int] = []  # images per appended record
+        for body in bodies:
+            self.counters.add("labeled_messages")
+            try:
+                message = decode_message(body, self.wire)
+            except WireError as e:
+                pending.append(self._nack(peek_seq(body, self.wire), e.reason, e.detail))
+                continue
+            if message.kind == "end_experience":
+                pending.append(EndRequest(message.seq))
+            elif message.kind != "labeled":
+                pending.append(self._nack(message.seq, "unexpected_kind", f"kind {message.kind!r} on the labeled socket"))
+            else:
+                pending.append(self._store(message, appended))
+        error: OSError | None = None
+        try:
+            if self.spool.commit():
+                self.counters.add("commits")
+        except OSError as e:
+            error = e
+            log.error("spool commit failed, nacking %d messages: %s", len(appended), e)
+        if error is None:
+            self.counters.add("labeled_images_acked", sum(appended))
+        return [item if isinstance(item, EndRequest) else item(error) for item in pending]
+
+    def _nack(self, seq: int, reason: str, detail: str) -> Answer:
+        self.counters.reject(reason)
+        self.counters.add("labeled_nacked")
+        return lambda _error: reply("nack", AGENT_SENDER, seq, reason=reason, detail=detail)
+
+    def _store(self, message: Message, appended: list[int]) -> Answer:
+        """Append one message (not yet durable); the answer waits for the commit."""
+        seq = message.seq
+        if self.spool.contains(message.sender, seq):
+            self.counters.add("labeled_duplicates")
+            return self._after_commit(seq, 0, duplicate=True)
+        try:
+            ids = self.labels.ids_for(message.labels)
+        except LabelError as e:
+            return self._nack(seq, e.reason, e.detail)
+        record = Record(message.sender, seq, message.encoding, message.shapes, ids, message.payloads, message.color, time.time())
+        try:
+            try:
+                self.spool.append(record)
+            except SpoolFull:
+                self.spool.closed_bytes = self.untrained_bytes()
+                self.spool.append(record)
+        except SpoolFull as e:
+            return self._nack(seq, "spool_full", str(e))
+        except OSError as e:
+            return self._nack(seq, _disk_reason(e), str(e))
+        appended.append(len(message.payloads))
+        return self._after_commit(seq, len(message.payloads), duplicate=False)
+
+    def _after_commit(self, seq: int, images: int, *, duplicate: bool) -> Answer:
+        def answer(error: OSError | None) -> list[bytes]:
+            if error is not None:
+                reason = _disk_reason(error)
+                self.counters.reject(reason)
+                self.counters.add("labeled_nacked")
+                return reply("nack", AGENT_SENDER, seq, reason=reason, detail=str(error))
+            self.counters.add("labeled_acked")
+            return reply("ack", AGENT_SENDER, seq, accepted=images, duplicate=duplicate, experience=self.spool.segment)
+
+        return answer
