@@ -33,18 +33,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median seconds of fn() over repeats, after warmup calls."""
+def _time_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int) -> dict:
+    """Median seconds of each fn, measured in rounds (one call of each per round), so that
+    load from other processes on a shared machine affects every figure alike."""
     for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _images(n: int, size: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
@@ -78,8 +81,6 @@ def main() -> None:
     # naive: one plain cross-entropy step
     naive = Trainer(model, TrainSection(method="naive", compile=args.compile), device=device)
     naive.begin_experience(labels)
-    naive_step = _time(lambda: naive.step(labeled, labels, unlabeled[:0]), device, args.repeats, args.warmup)
-    del naive
 
     # the method at t = 2: two tiny experiences first, so 2 snapshots and a filled memory exist
     method = Trainer(model, train, device=device)
@@ -88,7 +89,6 @@ def main() -> None:
     method.begin_experience(labels + 30)
     teachers = method.teachers.modules()
     assert len(teachers) == 3 and len(method.memory) > 0
-    method_step = _time(lambda: method.step(labeled, labels + 30, unlabeled), device, args.repeats, args.warmup)
 
     # the floor, priced with the same networks and batch sizes
     student_images = nl + nu + 4 * nr
@@ -106,8 +106,20 @@ def main() -> None:
         with method._autocast():
             teacher_outputs(teachers[:1], x_teacher, train.teacher_batch_statistics)
 
-    fwd_bwd_per_image = _time(student_pass, device, args.repeats, args.warmup) / student_images
-    fwd_per_image = _time(teacher_pass, device, args.repeats, args.warmup) / (nl + nu)
+    timed = _time_interleaved(
+        {
+            "naive": lambda: naive.step(labeled, labels, unlabeled[:0]),
+            "method": lambda: method.step(labeled, labels + 30, unlabeled),
+            "student": student_pass,
+            "teacher": teacher_pass,
+        },
+        device,
+        args.repeats,
+        args.warmup,
+    )
+    naive_step, method_step = timed["naive"], timed["method"]
+    fwd_bwd_per_image = timed["student"] / student_images
+    fwd_per_image = timed["teacher"] / (nl + nu)
     floor = fwd_bwd_per_image * student_images + fwd_per_image * len(teachers) * (nl + nu)
 
     result = {
