@@ -132,6 +132,11 @@ class Agent:
         self._lock_file.write(f"{os.getpid()}\n")
         self._lock_file.flush()
 
+    def _latest_version(self) -> int | None:
+        from cl_agent.repository import ModelRepository
+
+        return ModelRepository(self.cfg.repository.root, self.cfg.agent.model_name).latest_version()
+
     def _start_trainer(self) -> None:
         self.trainer = self.ctx.Process(
             target=_trainer_main, args=(self.cfg, self.trainer_stop, self.results, os.getpid()), name="cl-agent-trainer"
@@ -155,6 +160,7 @@ class Agent:
         metrics_server = serve_from_config(metrics, cfg.metrics)
         state = initial_state(metrics_port=metrics_server.port if metrics_server else None, metrics_host=cfg.metrics.host)
         state["heartbeat_s"] = cfg.metrics.state_interval_s
+        state["model_version"] = self._latest_version()
         ingest = IngestService(
             cfg.ingest, cfg.spool, cfg.reservoir, cfg.experience, self.workdir, seed=cfg.agent.seed
         ).start()

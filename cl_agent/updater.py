@@ -34,7 +34,7 @@ from cl_agent.config import AgentConfig
 from cl_agent.experience import ExperienceStore
 from cl_agent.labels import LabelMap
 from cl_agent.repository import Announcer, ModelRepository
-from cl_agent.status import append_experience_record, now_iso
+from cl_agent.status import append_experience_record, now_iso, read_experience_records
 
 log = logging.getLogger("cl_agent.updater")
 
@@ -144,12 +144,17 @@ class Updater:
         log.info("restored checkpoint %s (experiences up to %d trained)", path.name, self.last_trained)
         latest = self.repository.latest_version()
         published = self.repository.load_manifest(latest).get("experience_index") if latest is not None else None
+        version = latest
         if published is None or published < self.last_trained:
             log.info("checkpoint of experience %d was never published: exporting it now", self.last_trained)
-            self._publish(self.last_trained, metrics={"recovered": True})
-        for index in self.store.pending():
-            if index <= self.last_trained:
-                self.store.mark_trained(index)
+            version = self._publish(self.last_trained, metrics={"recovered": True})
+        recovered = [i for i in self.store.pending() if i <= self.last_trained]
+        recorded = {i for r in read_experience_records(self.workdir) for i in r.get("merged", [])}
+        if recovered and not set(recovered) <= recorded:
+            # trained and checkpointed before a crash, but never recorded: record it (its online accuracy is lost)
+            append_experience_record(self.workdir, self._record(recovered, len(recovered), {}, None, None, 0.0, 0.0, version))
+        for index in recovered:
+            self.store.mark_trained(index)
 
     def class_names(self) -> list[str]:
         names = LabelMap(self.workdir / "labels.json", self.cfg.spool.max_classes).names
@@ -196,25 +201,36 @@ class Updater:
         started = time.monotonic()
         version = self._publish(chosen[-1], metrics=_jsonable(metrics), real_images=labeled)
         export_seconds = time.monotonic() - started
+        # the record goes before the marks: a crash between them leaves a recorded, unmarked experience,
+        # which _restore marks without recording it again
+        record = self._record(chosen, len(pending), before, metrics, (labels, unlabeled), update_seconds, export_seconds, version)
+        append_experience_record(self.workdir, record)
         for index in chosen:
             self.store.mark_trained(index)
+        return UpdateResult(chosen, version, record)
 
-        record = {
+    def _record(self, chosen, pending, before, metrics, data, update_seconds, export_seconds, version) -> dict:
+        labels, unlabeled = data if data else ((), ())
+        metrics = metrics or {}
+        return {
             "experience": chosen[-1],
             "time": now_iso(),
             "labeled": int(len(labels)),
             "unlabeled": int(len(unlabeled)),
-            "merged": chosen,
+            "merged": list(chosen),
+            "online_accuracy": None,
+            "online_correct": 0,
+            "online_total": 0,
+            "online_accuracy_per_class": {},
             **before,
             "losses": loss_terms(metrics),
             "update_seconds": update_seconds,
             "export_seconds": export_seconds,
             "version": version,
             "stopped_by_budget": bool(metrics.get("stopped_by_budget", False)),
-            "backlog": len(pending) - len(chosen),
+            "backlog": pending - len(chosen),
+            "recovered": not data,
         }
-        append_experience_record(self.workdir, record)
-        return UpdateResult(chosen, version, record)
 
     def _load(self, indices: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         size = self.cfg.model.image_size

@@ -1,0 +1,99 @@
+"""`cl-agent run` end to end, as a real process on loopback sockets with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from agent_harness import AgentProcess, send_experience, tiny_agent_config, wait_for_version
+from cl_agent.cli import app
+from cl_agent.client import FrameClient, LabeledClient
+from cl_agent.experience import ExperienceStore
+from cl_agent.inference import InferenceClient, InferenceError
+from cl_agent.repository import ModelRepository
+from cl_agent.status import read_experience_records, read_state
+
+
+def served_version(client) -> int | None:
+    try:
+        return client.predict(np.zeros((1, 16, 16, 3), np.uint8)).model_version
+    except InferenceError:  # e.g. no_model while the server loads its first version
+        return None
+
+
+def wait_served(client, version: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while served_version(client) != version:
+        assert time.monotonic() < deadline, f"server never moved to version {version}"
+        time.sleep(0.2)
+
+
+def test_agent_learns_publishes_serves_and_survives_kill9(tmp_path):
+    cfg, path = tiny_agent_config(tmp_path)
+    rng = np.random.default_rng(0)
+    agent = AgentProcess(path, tmp_path / "agent.log")
+    labeled = LabeledClient(cfg.ingest.labeled_endpoint, "test-labeler", timeout_s=5.0, retries=10)
+    frames = FrameClient(cfg.ingest.frame_endpoint, "test-camera")
+    acked = 0
+    try:
+        # experience 0: learned, exported, published, served
+        acked += send_experience(labeled, [0, 1], 16, rng, frames)
+        assert wait_for_version(cfg, 1, 180, agent) == 1
+        inference = InferenceClient(cfg.serve.endpoint, timeout_s=5.0, retries=10)
+        wait_served(inference, 1)
+
+        # experience 1 arrives; the agent is killed while it trains, then restarted
+        acked += send_experience(labeled, [1, 2], 16, rng, frames)
+        time.sleep(1.0)
+        agent.kill9()
+        agent = AgentProcess(path, tmp_path / "agent.log")
+        assert wait_for_version(cfg, 2, 180, agent) == 2
+
+        # experience 2 after the restart; the same client reconnects by itself
+        acked += send_experience(labeled, [3, 0], 16, rng)
+        assert wait_for_version(cfg, 3, 180, agent) == 3
+        wait_served(inference, 3)
+        inference.close()
+
+        result = CliRunner().invoke(app, ["status", "--workdir", cfg.agent.workdir])
+        assert result.exit_code == 0, result.output
+        assert "running" in result.output.lower()
+        assert agent.terminate(cfg.agent.grace_period_s + 10) == 0
+    finally:
+        labeled.close()
+        frames.close()
+        if agent.alive():
+            agent.kill9()
+
+    # every acked labeled sample is in exactly one experience, each experience trained once
+    store = ExperienceStore(cfg.agent.workdir)
+    assert store.indices() == [0, 1, 2] and store.pending() == []
+    assert sum(store.meta(i)["labeled_samples"] for i in store.indices()) == acked == 96
+    records = read_experience_records(cfg.agent.workdir)
+    trained = [i for r in records for i in r["merged"]]
+    assert sorted(trained) == [0, 1, 2], "an experience was trained twice or never"
+    assert records[0]["online_accuracy"] is not None
+    # versions only increase and each one is complete
+    repository = ModelRepository(cfg.repository.root, cfg.agent.model_name)
+    assert repository.versions() == [1, 2, 3]
+    for version in repository.versions():
+        repository.verify(version)
+    assert [repository.load_manifest(v)["experience_index"] for v in (1, 2, 3)] == [0, 1, 2]
+    state = read_state(cfg.agent.workdir)
+    assert state["status"] == "stopped" and state["model_version"] == 3
+    assert json.loads(json.dumps(state))  # plain JSON
+
+
+def test_second_agent_on_the_same_workdir_is_refused(tmp_path):
+    from cl_agent.agent import Agent
+    from cl_agent.errors import CLAgentError
+
+    cfg, _ = tiny_agent_config(tmp_path)
+    first = Agent(cfg)
+    first._lock()
+    with pytest.raises(CLAgentError, match="another agent"):
+        Agent(cfg)._lock()
