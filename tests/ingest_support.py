@@ -1,4 +1,4 @@
-"""Helpers shared by the ingestion tests: a service on free loopback ports, small images, raw sockets."""
+"""Shared by the ingestion tests: a service on free loopback ports, small images, raw sockets."""
 
 from __future__ import annotations
 

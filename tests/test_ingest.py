@@ -186,5 +186,5 @@ def test_router_replies_reach_req_senders(tmp_path):
     assert answer["kind"] == "ack"
 
 
-def test_reply_helper_is_single_part():
+def test_reply_is_single_part():
     assert len(reply("ack", "agent", 1, accepted=3)) == 1
