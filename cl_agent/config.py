@@ -108,6 +108,7 @@ class SpoolSection:
 class ReservoirSection:
     capacity: int = field(default=5000, metadata=_range(ge=1))  # encoded frames kept (bounded memory)
     per_source: bool = False  # a separate reservoir per sender id, capacity split evenly
+    max_sources: int = field(default=64, metadata=_range(ge=1))  # per_source: senders past this many share one reservoir
 
 
 @dataclass

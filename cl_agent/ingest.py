@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 FRAME_DRAIN = 512  # frames handled per wake-up before the labeled socket gets a turn
 POLL_MS = 50
+MAX_TRACKED_SENDERS = 10_000  # frame senders whose last seq is remembered (to count drops)
 
 COUNTER_NAMES = (
     "labeled_messages",  # labeled-socket messages received
@@ -101,7 +102,7 @@ class IngestService:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.store = ExperienceStore(self.workdir)
         self.labels = LabelMap(self.workdir / "labels.json", spool.max_classes)
-        self.reservoir = Reservoir(reservoir.capacity, reservoir.per_source, seed)
+        self.reservoir = Reservoir(reservoir.capacity, reservoir.per_source, seed, reservoir.max_sources)
         self.policy = ExperiencePolicy(experience)
         self.on_experience = on_experience
         self.endpoints: dict[str, str] = {}
@@ -335,6 +336,8 @@ class IngestService:
 
     def _keep_frames(self, message: Message, counts: dict) -> None:
         if "v" in message.header:
+            if len(self._frame_seq) > MAX_TRACKED_SENDERS:
+                self._frame_seq.clear()  # bounded memory; at worst one gap per sender goes uncounted
             last = self._frame_seq.get(message.sender)
             if last is not None and message.seq > last + 1:
                 counts["frames_dropped"] += message.seq - last - 1

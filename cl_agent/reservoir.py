@@ -14,6 +14,9 @@ import random
 from typing import NamedTuple
 
 
+OVERFLOW_SOURCE = "\x00other"  # the shared pool of senders past max_sources
+
+
 class Frame(NamedTuple):
     """One encoded frame: payload bytes plus what is needed to decode them (a tuple: cheap at 10k frames/s)."""
 
@@ -52,11 +55,12 @@ class _Pool:
 
 
 class Reservoir:
-    def __init__(self, capacity: int, per_source: bool = False, seed: int = 0):
+    def __init__(self, capacity: int, per_source: bool = False, seed: int = 0, max_sources: int = 64):
         if capacity < 1:
             raise ValueError(f"reservoir capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.per_source = per_source
+        self.max_sources = max_sources  # senders past this many share one pool (names can be per-frame text)
         self._rng = random.Random(seed)
         self._pools: dict[str, _Pool] = {}
         self.seen = 0
@@ -69,6 +73,9 @@ class Reservoir:
     def _pool(self, source: str) -> _Pool:
         key = source if self.per_source else ""
         pool = self._pools.get(key)
+        if pool is None and len(self._pools) >= self.max_sources:
+            key = OVERFLOW_SOURCE
+            pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = _Pool(self.capacity)
             if self.per_source:

@@ -2,7 +2,7 @@
 
 import random
 
-from cl_agent.reservoir import Frame, Reservoir
+from cl_agent.reservoir import OVERFLOW_SOURCE, Frame, Reservoir
 
 
 def frame(i, source="cam"):
@@ -48,3 +48,12 @@ def test_more_sources_than_slots_stays_bounded():
     for i in range(50):
         reservoir.add(frame(i, f"cam-{i % 10}"))
         assert len(reservoir) <= 3
+
+
+def test_per_frame_source_names_share_one_pool_past_max_sources():
+    reservoir = Reservoir(20, per_source=True, max_sources=4)
+    for i in range(2000):
+        reservoir.add(frame(i, f"frame-{i}"))  # imagezmq senders often put per-frame text in msg
+        assert len(reservoir) <= 20
+    sources = reservoir.sources()
+    assert len(sources) == 5 and sources[OVERFLOW_SOURCE] == 4  # 4 named pools + the shared one, 20 / 5 slots each
