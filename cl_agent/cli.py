@@ -87,9 +87,11 @@ def serve(
     set_: SetOpt = None,
 ) -> None:
     """Serve the newest model version over ZeroMQ with onnxruntime, hot-swapping new versions."""
+    from cl_agent.logs import setup_logging
     from cl_agent.server import serve_forever
 
     cfg = resolve_config(config, set_)
+    setup_logging(cfg.agent.log_level, cfg.agent.log_json)
     raise typer.Exit(serve_forever(cfg, repo=repo, model=model))
 
 

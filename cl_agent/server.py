@@ -396,10 +396,11 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str | None = None) -> int:
-    """``cl-agent serve``: serve until SIGINT/SIGTERM; returns the exit code (0 on a signal)."""
-    from cl_agent.logs import setup_logging
+    """``cl-agent serve``: serve until SIGINT/SIGTERM; returns the exit code (0 on a signal).
 
-    setup_logging(cfg.agent.log_level, cfg.agent.log_json)
+    Logging is the caller's to set up. A signal the caller ignores (SIG_IGN, e.g. SIGINT in a
+    child process of the agent) stays ignored.
+    """
     repository = ModelRepository(repo or cfg.repository.root, model or cfg.agent.model_name, cfg.repository.keep_last)
     stopping = threading.Event()
 
@@ -407,7 +408,9 @@ def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str |
         log.info("received %s, stopping", signal.Signals(signum).name)
         stopping.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN
+    }
     server = Server(repository, cfg.serve, cfg.ingest.wire, announce_endpoint=cfg.repository.announce_endpoint)
     try:
         server.start()
