@@ -186,6 +186,7 @@ def export_onnx(
 def _cpu_eval_copy(module: nn.Module) -> nn.Module:
     import copy
 
+    module = getattr(module, "_orig_mod", module)  # torch.compile wrapper: export the plain module
     return copy.deepcopy(module).to("cpu").float().eval()
 
 
