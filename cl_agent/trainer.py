@@ -160,8 +160,12 @@ class Trainer:
         # student: one pass over every image it learns from; teachers: one pass each
         with self._autocast():
             feats = self.features(torch.cat([x_l] + ([x_u] if n_u else []) + ([x_r] if rotations else [])))
-            teacher_x = torch.cat(([x_l] if distill_labeled else []) + ([x_u] if n_u else [])) if teachers else None
-            t_feats, t_logits = teacher_outputs(teachers, teacher_x, self.train_config.teacher_batch_statistics) if teacher_x is not None and len(teacher_x) else (None, None)
+            teacher_inputs = ([x_l] if distill_labeled else []) + ([x_u] if n_u else [])
+            t_feats, t_logits = (
+                teacher_outputs(teachers, torch.cat(teacher_inputs), self.train_config.teacher_batch_statistics)
+                if teacher_inputs
+                else (None, None)
+            )
             logits_l = self.student.forward_head(feats[:n_l]).float()
             logits_u = self.student.forward_head(feats[n_l : n_l + n_u]).float() if n_u else None
             rot_logits = self.student.forward_rotation(feats[n_l + n_u :]).float() if rotations else None

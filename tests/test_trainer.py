@@ -141,3 +141,40 @@ def test_method_beats_naive_on_old_classes_more_seeds(seed):
     mlkd_old, mlkd_new = _old_and_new_accuracy("mlkd_ssl", seed=seed, epochs=10)
     assert mlkd_old > naive_old + 0.5
     assert mlkd_old + mlkd_new > naive_old + naive_new + 0.2
+
+
+EXPECTED_TERMS_AT_T1 = {
+    "mlkd_ssl": {"ce", "kd_feature", "kd_feature_unlabeled", "kd_logit", "ssl", "memory"},
+    "naive": {"ce"},
+    "joint": {"ce"},
+    "lwf_unlabeled": {"ce", "lwf"},
+    "mlkd_ssl_no_feature_kd": {"ce", "kd_logit", "ssl", "memory"},
+    "mlkd_ssl_no_logit_kd": {"ce", "kd_feature", "kd_feature_unlabeled", "ssl", "memory"},
+    "mlkd_ssl_no_ssl": {"ce", "kd_feature", "kd_feature_unlabeled", "kd_logit", "memory"},
+    "mlkd_ssl_fixed_ssl": {"ce", "kd_feature", "kd_feature_unlabeled", "kd_logit", "ssl", "memory"},
+    "mlkd_ssl_single_teacher": {"ce", "kd_feature", "kd_feature_unlabeled", "kd_logit", "ssl", "memory"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_TERMS_AT_T1))
+def test_every_method_runs_with_its_loss_terms(stream, method):
+    (experiences, _) = stream
+    trainer = Trainer(tiny_model(4), tiny_train(method))
+    trainer.train_experience(*experiences[0], steps=1)
+    result = trainer.train_experience(*experiences[1], steps=1)
+    terms = {k.removeprefix("loss_") for k in result if k.startswith("loss_")}
+    assert terms == EXPECTED_TERMS_AT_T1[method]
+    assert math.isfinite(result["loss"])
+    assert len(trainer.teachers.modules()) == {"naive": 0, "joint": 0, "lwf_unlabeled": 1, "mlkd_ssl_single_teacher": 1}.get(method, 2)
+
+
+@pytest.mark.parametrize(
+    "options", [{"kd_logit_kind": "kl"}, {"snapshot_mode": "ema"}, {"margin_weight": 0.01}, {"augment": False, "memory_online": False}]
+)
+def test_method_options_run(stream, options):
+    (experiences, _) = stream
+    trainer = Trainer(tiny_model(4), tiny_train(**options))
+    trainer.train_experience(*experiences[0], steps=1)
+    result = trainer.train_experience(*experiences[1], steps=2)
+    assert math.isfinite(result["loss"])
+    assert ("loss_margin" in result) == ("margin_weight" in options)
