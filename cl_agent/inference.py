@@ -74,6 +74,12 @@ class InferenceClient:
         socket.connect(self.endpoint)
         return socket
 
+    def status(self) -> dict:
+        """The server's model name, served version (None before the first) and counters."""
+        seq = next(self._seq)
+        header = self._call(encode_message("status", self.sender, seq), seq, "status")
+        return {k: header.get(k) for k in ("model", "model_version", "counters")}
+
     def predict(self, images: Sequence[np.ndarray] | np.ndarray, top_k: int | None = None) -> InferenceResult:
         """Classify uint8 RGB images ((N, H, W, 3) array or a list of (H, W, 3)); any size, the server resizes."""
         if isinstance(images, np.ndarray) and images.ndim == 3:
@@ -86,18 +92,26 @@ class InferenceClient:
             request = encode_message("infer", self.sender, seq, list(images), encoding=self.encoding, **fields)
         except ValueError as e:
             raise CLAgentError(f"cannot encode the images: {e}") from None
+        header = self._call(request, seq, "prediction")
+        predictions = [[(str(name), float(p)) for name, p in image] for image in header["predictions"]]
+        return InferenceResult(predictions, int(header["model_version"]), str(header.get("model", "")))
+
+    def _call(self, request: list[bytes], seq: int, expected_kind: str) -> dict:
+        """Send ``request`` (sequence number ``seq``), Lazy Pirate style; return the reply's header."""
         for _attempt in range(self.retries + 1):
             if self._socket is None:
                 self._socket = self._connect()
             self._socket.send_multipart(request)
             if self._socket.poll(self.timeout_ms):
-                return self._result(self._socket.recv_multipart(), seq)
+                frames = self._socket.recv_multipart()
+                break
             # Lazy Pirate: the REQ socket is stuck waiting for a reply that is lost; start over with a new one.
             self._socket.close()
             self._socket = None
-        raise InferenceError("timeout", f"no reply from {self.endpoint} after {self.retries + 1} attempts of {self.timeout_ms} ms")
-
-    def _result(self, frames: list[bytes], seq: int) -> InferenceResult:
+        else:
+            raise InferenceError(
+                "timeout", f"no reply from {self.endpoint} after {self.retries + 1} attempts of {self.timeout_ms} ms"
+            )
         try:
             message = decode_message(frames, self._limits)
         except WireError as e:
@@ -105,10 +119,9 @@ class InferenceClient:
         header = message.header
         if message.kind == "error":
             raise InferenceError(str(header.get("reason", "error")), str(header.get("detail", "")))
-        if message.kind != "prediction" or message.seq != seq:
-            raise InferenceError("bad_reply", f"expected prediction #{seq}, got {message.kind} #{message.seq}")
-        predictions = [[(str(name), float(p)) for name, p in image] for image in header["predictions"]]
-        return InferenceResult(predictions, int(header["model_version"]), str(header.get("model", "")))
+        if message.kind != expected_kind or message.seq != seq:
+            raise InferenceError("bad_reply", f"expected {expected_kind} #{seq}, got {message.kind} #{message.seq}")
+        return header
 
     def close(self) -> None:
         if self._socket is not None:

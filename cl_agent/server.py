@@ -332,8 +332,14 @@ class Server:
             message = decode_message(parts, self.wire)
         except WireError as e:
             return self._refuse(router, envelope, 0, e.reason, e.detail)
+        if message.kind == "status":
+            fields = {"model": self.repository.model_name, "model_version": self.version, "counters": dict(self.counters)}
+            router.send_multipart(envelope + reply("status", SENDER, message.seq, **fields))
+            return None
         if message.kind != "infer":
-            return self._refuse(router, envelope, message.seq, "bad_kind", f"expected 'infer', got {message.kind!r}")
+            return self._refuse(
+                router, envelope, message.seq, "bad_kind", f"expected 'infer' or 'status', got {message.kind!r}"
+            )
         if not message.payloads:
             return self._refuse(router, envelope, message.seq, "no_images", "an infer request needs at least one image")
         if model is None:

@@ -116,6 +116,9 @@ def test_bad_requests_get_errors_and_server_keeps_answering(repo, onnx_models):
         assert reasons == ["bad_json", "bad_kind"]
         dealer.close(0)
         assert client.predict(images(1)).model_version == 1
+        status = client.status()
+        assert status["model"] == "student" and status["model_version"] == 1
+        assert status["counters"]["errors"] == 3 and status["counters"]["images"] == 1
 
 
 def test_no_model_yet_then_first_version_is_picked_up(repo, onnx_models):
