@@ -103,7 +103,7 @@ class ModelRepository:
     def _numbered_dirs(self) -> list[int]:
         if not self.model_dir.is_dir():
             return []
-        return sorted(int(p.name) for p in self.model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+        return sorted(int(p.name) for p in self.model_dir.iterdir() if p.name.isascii() and p.name.isdigit() and p.is_dir())
 
     def versions(self) -> list[int]:
         """Published versions, ascending (folders with a model and a readable manifest)."""
@@ -186,6 +186,9 @@ class ModelRepository:
         missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
         if missing:
             raise CLAgentError(f"manifest is missing {', '.join(missing)} (got keys: {', '.join(sorted(manifest))})")
+        size = manifest["image_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise CLAgentError(f"manifest image_size must be a positive int, got {size!r}")
         names = manifest["class_names"]
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise CLAgentError(f"manifest class_names must be a non-empty list of strings, got {names!r:.200}")
@@ -195,7 +198,6 @@ class ModelRepository:
             temp.mkdir()
             try:
                 digest = _copy_hashed(onnx_path, temp / MODEL_FILE)
-                size = int(manifest["image_size"])
                 full = {
                     "model": self.model_name,
                     "version": version,
@@ -226,7 +228,7 @@ class ModelRepository:
 
     def _apply_retention(self) -> None:
         """Keep the newest ``keep_last`` versions; rename a folder away before deleting it."""
-        doomed = self._numbered_dirs()[: -self.keep_last]
+        doomed = self.versions()[: -self.keep_last]  # folders that are not versions are left for a person to look at
         for version in doomed:
             trash = self.model_dir / f".deleted-{version}-{uuid.uuid4().hex[:8]}"
             os.rename(self.version_dir(version), trash)
