@@ -64,8 +64,9 @@ def demo_config(workdir: Path, device: str):
         "train.labeled_batch": 32,
         "train.unlabeled_batch": 32,
         "train.rotation_images": 8,
-        "train.epochs_base": 8,
-        "train.epochs_min": 5,
+        "train.epochs_base": 10,  # a short schedule: minutes on a laptop CPU
+        "train.epochs_min": 10,
+        "train.lr": 1e-3,
     }
     return load_config(None, overrides)
 

@@ -1,8 +1,8 @@
 """A built-in image stream that needs no external data: procedurally drawn shapes.
 
-Each class is a shape kind (circle, square, triangle, ...) drawn at a random
-position, size, rotation and colour over a random textured background, with
-noise. The classes are easy for a human and non-trivial for a small network
+Each class is a shape kind (circle, square, triangle, ...) in its own colour
+family, drawn at a random position, size and rotation over a random muted
+gradient background, with noise. The classes are easy for a human and non-trivial for a small network
 trained from scratch, which makes forgetting and recovery visible within a few
 minutes on a CPU. It is a stand-in for camera data, not a benchmark: the real
 benchmark is ``cl-agent bench cir`` on Tiny-ImageNet.
@@ -41,16 +41,19 @@ def draw(class_id: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     """One RGB uint8 image (size, size, 3) of class ``class_id``."""
     if not 0 <= class_id < len(CLASS_NAMES):
         raise ValueError(f"class_id {class_id} out of range 0..{len(CLASS_NAMES) - 1}")
-    base = rng.integers(0, 256, size=3)
+    base = rng.integers(0, 120, size=3)  # muted backgrounds
     image = np.empty((size, size, 3), np.float32)
     # background: a random linear gradient between two colours
-    other = rng.integers(0, 256, size=3)
+    other = rng.integers(0, 120, size=3)
     ramp = np.linspace(0, 1, size, dtype=np.float32)
     ramp = ramp[:, None] if rng.random() < 0.5 else ramp[None, :]
     image[:] = (base * (1 - ramp[..., None]) + other * ramp[..., None]).astype(np.float32)
     image = image.astype(np.uint8)
 
-    colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    # each class has its own colour family (hue), like objects that tend to look alike
+    hue = (class_id * 180 // len(CLASS_NAMES) + rng.integers(-8, 9)) % 180  # OpenCV hue range 0..179
+    hsv = np.uint8([[[hue, rng.integers(150, 256), rng.integers(170, 256)]]])
+    colour = tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
     center = rng.uniform(0.35, 0.65, size=2) * size
     radius = rng.uniform(0.18, 0.32) * size
     angle = rng.uniform(0, 2 * math.pi)
