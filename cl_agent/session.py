@@ -1,0 +1,109 @@
+"""One servable model version: verified, opened in onnxruntime, signature-checked and warmed.
+
+``load_model`` is what the server's watcher thread calls before a swap; everything
+that can be wrong with a version (hash, graph, signature, a failing warm-up)
+surfaces here as ``ModelLoadError``, so the serving thread only ever sees a
+session that has already answered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cl_agent.config import ServeSection
+from cl_agent.errors import CLAgentError
+from cl_agent.repository import ModelRepository, sha256_file
+
+
+class ModelLoadError(CLAgentError):
+    """A version that cannot be served (bad hash, bad signature, failed warm-up)."""
+
+
+@dataclass
+class LoadedModel:
+    """One servable version: an onnxruntime session and what its outputs mean."""
+
+    version: int
+    sha256: str
+    class_names: list[str]
+    image_size: int
+    session: object  # onnxruntime.InferenceSession
+    manifest: dict = field(repr=False, default_factory=dict)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, K)."""
+        (probs,) = self.session.run(["probs"], {"images": images})
+        return probs
+
+
+def choose_providers(requested: list[str]) -> list[str]:
+    """onnxruntime providers: ``auto`` = TensorRT, then CUDA, when installed, always ending with CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested == ["auto"]:
+        preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+        return [p for p in preferred if p in available] + ["CPUExecutionProvider"]
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise CLAgentError(f"serve.providers = {requested}: {', '.join(missing)} not available (have {', '.join(available)})")
+    return list(requested)
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def load_model(repository: ModelRepository, version: int, serve: ServeSection) -> LoadedModel:
+    """Verify (sha256 against the manifest), open and warm one version."""
+    import onnxruntime as ort
+
+    path = repository.model_path(version)
+    try:
+        manifest = repository.load_manifest(version)
+        before = _identity(path)
+        digest = sha256_file(path)
+    except (CLAgentError, OSError) as e:
+        raise ModelLoadError(f"version {version}: {e}") from None
+    if digest != manifest.get("sha256"):
+        raise ModelLoadError(f"version {version}: model sha256 {digest[:12]}... differs from the manifest's")
+    names, size = manifest.get("class_names"), manifest.get("image_size")
+    if not isinstance(names, list) or not isinstance(size, int):
+        raise ModelLoadError(f"version {version}: manifest lacks class_names or image_size")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if serve.intra_op_threads:
+        options.intra_op_num_threads = serve.intra_op_threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if serve.allow_spinning else "0")
+    try:
+        # Opened by path, not from bytes: onnxruntime holds the GIL while it parses, and a 45 MB
+        # bytes object would stall the serving thread several times longer.
+        session = ort.InferenceSession(str(path), options, providers=choose_providers(serve.providers))
+        unchanged = _identity(path) == before
+    except Exception as e:  # onnxruntime raises untyped errors for a bad graph, OSError for a vanished file
+        raise ModelLoadError(f"version {version}: onnxruntime cannot load the model: {e}") from None
+    if not unchanged:
+        raise ModelLoadError(f"version {version}: {path} changed while it was being loaded")
+    inputs, outputs = session.get_inputs(), {o.name: o for o in session.get_outputs()}
+    if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)":
+        got = [(i.name, i.type) for i in inputs]
+        raise ModelLoadError(f"version {version}: expected one uint8 input 'images', got {got}")
+    if list(inputs[0].shape[1:]) != [size, size, 3]:
+        raise ModelLoadError(f"version {version}: input shape {inputs[0].shape} does not match image_size {size}")
+    if "probs" not in outputs or outputs["probs"].shape[-1] != len(names):
+        raise ModelLoadError(f"version {version}: no 'probs' output with {len(names)} classes ({list(outputs)})")
+    model = LoadedModel(version, digest, list(names), size, session, manifest)
+    # Warm-up at the batch sizes the server will run, so the first real requests pay no first-run costs.
+    for n in sorted({1, serve.max_batch}):
+        try:
+            probs = model.probabilities(np.zeros((n, size, size, 3), np.uint8))
+        except Exception as e:  # a graph that loads but cannot run
+            raise ModelLoadError(f"version {version}: warm-up at batch {n} failed: {e}") from None
+        if probs.shape != (n, len(names)) or not np.isfinite(probs).all():
+            raise ModelLoadError(f"version {version}: warm-up output {probs.shape} is not finite (N, {len(names)})")
+    return model
