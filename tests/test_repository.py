@@ -142,3 +142,24 @@ def test_models_list_and_rollback_commands(tmp_path):
     bad = runner.invoke(app, ["models", "rollback", "--to", "9", "--repo", str(root), "--model", "student"])
     assert bad.exit_code != 0 and isinstance(bad.exception, CLAgentError) and "no version 9" in str(bad.exception)
     assert json.loads((root / "student" / "3" / "manifest.json").read_text())["version"] == 3
+
+
+def test_concurrent_publishers_get_distinct_versions(tmp_path):
+    import threading
+
+    repo_root = tmp_path / "models"
+    sources = [fake_model(tmp_path, b"model %d" % i) for i in range(4)]
+    results: list[int] = []
+
+    def publisher(source):
+        repo = ModelRepository(repo_root, "student", keep_last=100)  # each its own instance, like separate processes
+        for _ in range(3):
+            results.append(repo.publish(source, {"class_names": CLASSES, "image_size": 16}))
+
+    threads = [threading.Thread(target=publisher, args=(s,)) for s in sources]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(1, 13))
+    assert ModelRepository(repo_root, "student").versions() == list(range(1, 13))
