@@ -37,38 +37,74 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def demo_config(workdir: Path, device: str):
-    """A small, fast configuration on free loopback ports."""
+def local_config(workdir: Path, device: str = "auto", **overrides):
+    """An agent config for one machine: every endpoint on a free loopback port, files under ``workdir``.
+
+    ``overrides`` are dotted keys (``{"train.lr": 0.01}``) applied last.
+    """
     port = {name: _free_port() for name in ("labeled", "frame", "control", "announce", "fetch", "serve")}
-    overrides = {
-        "agent.workdir": str(workdir / "agent"),
+    values = {
+        "agent.workdir": str(Path(workdir) / "agent"),
         "agent.device": device,
-        "agent.host_server": True,
         "ingest.labeled_endpoint": f"tcp://127.0.0.1:{port['labeled']}",
         "ingest.frame_endpoint": f"tcp://127.0.0.1:{port['frame']}",
         "ingest.control_endpoint": f"tcp://127.0.0.1:{port['control']}",
-        "repository.root": str(workdir / "models"),
+        "repository.root": str(Path(workdir) / "models"),
         "repository.announce_endpoint": f"tcp://127.0.0.1:{port['announce']}",
         "repository.fetch_endpoint": f"tcp://127.0.0.1:{port['fetch']}",
         "serve.endpoint": f"tcp://127.0.0.1:{port['serve']}",
-        "serve.poll_s": 0.5,
         "metrics.port": 0,
         "metrics.console": False,
-        "experience.labeled_samples": 100_000,  # experiences end on the demo's explicit marker
-        "experience.max_wait_s": 86_400.0,
-        "experience.unlabeled_samples": FRAMES_PER_EXPERIENCE,
-        "reservoir.capacity": 1000,
-        "model.num_classes": len(CLASS_NAMES),
-        "model.image_size": IMAGE_SIZE,
-        "model.backbone": "resnet18",
-        "train.labeled_batch": 32,
-        "train.unlabeled_batch": 32,
-        "train.rotation_images": 8,
-        "train.epochs_base": 10,  # a short schedule: minutes on a laptop CPU
-        "train.epochs_min": 10,
-        "train.lr": 1e-3,
     }
-    return load_config(None, overrides)
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_config(None, values)
+
+
+# A tiny model and schedule for tests and fault tools: an update takes seconds on one CPU thread.
+TINY = {
+    "model.backbone": "test_resnet",
+    "model.num_classes": len(CLASS_NAMES),
+    "model.image_size": 16,
+    "train.labeled_batch": 16,
+    "train.unlabeled_batch": 8,
+    "train.rotation_images": 4,
+    "train.memory_batch": 4,
+    "train.epochs_base": 2,
+    "train.epochs_min": 2,
+    "train.augment": False,
+    "export.parity_samples": 4,
+    "serve.poll_s": 0.2,
+    "serve.intra_op_threads": 1,
+    "metrics.state_interval_s": 0.5,
+    "experience.labeled_samples": 10_000,
+    "experience.max_wait_s": 3600.0,
+    "experience.unlabeled_samples": 16,
+}
+
+
+def demo_config(workdir: Path, device: str):
+    """The demo's configuration: a ResNet-18 at 32 px with a short schedule."""
+    return local_config(
+        workdir,
+        device,
+        **{
+            "agent.host_server": True,
+            "serve.poll_s": 0.5,
+            "experience.labeled_samples": 100_000,  # experiences end on the demo's explicit marker
+            "experience.max_wait_s": 86_400.0,
+            "experience.unlabeled_samples": FRAMES_PER_EXPERIENCE,
+            "reservoir.capacity": 1000,
+            "model.num_classes": len(CLASS_NAMES),
+            "model.image_size": IMAGE_SIZE,
+            "model.backbone": "resnet18",
+            "train.labeled_batch": 32,
+            "train.unlabeled_batch": 32,
+            "train.rotation_images": 8,
+            "train.epochs_base": 10,  # a short schedule: minutes on a laptop CPU
+            "train.epochs_min": 10,
+            "train.lr": 1e-3,
+        },
+    )
 
 
 class _Agent:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,56 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from cl_agent.config import load_config, save_resolved
+from cl_agent.config import save_resolved
+from cl_agent.demo import TINY, local_config
 from cl_agent.repository import ModelRepository
 from cl_agent.synthetic import CLASS_NAMES, make_batch
 
 IMAGE_SIZE = 16
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_agent_config(tmp_path: Path, **extra):
-    ports = {n: free_port() for n in ("labeled", "frame", "control", "announce", "fetch", "serve")}
-    overrides = {
-        "agent.workdir": str(tmp_path / "agent"),
-        "agent.device": "cpu",
-        "agent.grace_period_s": 20.0,
-        "ingest.labeled_endpoint": f"tcp://127.0.0.1:{ports['labeled']}",
-        "ingest.frame_endpoint": f"tcp://127.0.0.1:{ports['frame']}",
-        "ingest.control_endpoint": f"tcp://127.0.0.1:{ports['control']}",
-        "repository.root": str(tmp_path / "models"),
-        "repository.announce_endpoint": f"tcp://127.0.0.1:{ports['announce']}",
-        "repository.fetch_endpoint": f"tcp://127.0.0.1:{ports['fetch']}",
-        "serve.endpoint": f"tcp://127.0.0.1:{ports['serve']}",
-        "serve.poll_s": 0.2,
-        "serve.intra_op_threads": 1,
-        "metrics.port": 0,
-        "metrics.console": False,
-        "metrics.state_interval_s": 0.5,
-        "experience.labeled_samples": 10_000,
-        "experience.max_wait_s": 3600.0,
-        "experience.unlabeled_samples": 16,
-        "model.backbone": "test_resnet",
-        "model.num_classes": len(CLASS_NAMES),
-        "model.image_size": IMAGE_SIZE,
-        "train.labeled_batch": 16,
-        "train.unlabeled_batch": 8,
-        "train.rotation_images": 4,
-        "train.memory_batch": 4,
-        "train.epochs_base": 2,
-        "train.epochs_min": 2,
-        "train.augment": False,
-        "export.parity_samples": 4,
-        **extra,
-    }
-    cfg = load_config(None, overrides)
-    path = save_resolved(cfg, tmp_path / "agent.yaml")
-    return cfg, path
+    cfg = local_config(tmp_path, "cpu", **{**TINY, "agent.grace_period_s": 20.0, **extra})
+    return cfg, save_resolved(cfg, tmp_path / "agent.yaml")
 
 
 class AgentProcess:
