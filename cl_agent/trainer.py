@@ -145,67 +145,15 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def step(self, labeled: torch.Tensor, labels: torch.Tensor, unlabeled: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on uint8 images already on the device; returns the loss terms (unweighted) and total."""
-        w, teachers = self.weights, self.teachers.modules()
-        distill_labeled = bool(teachers) and w["kd_feature"] > 0
-        distill_unlabeled = bool(teachers) and len(unlabeled) > 0 and (w["kd_feature_unlabeled"] + w["kd_logit"] + w["lwf"]) > 0
-        rotations = min(self.train_config.rotation_images, len(unlabeled)) if w["ssl"] > 0 else 0
+        """One optimizer step on uint8 images already on the device; returns the unweighted terms and "total"."""
+        terms, (features_l, logits_l) = self._loss_terms(labeled, labels, unlabeled)
+        total = sum(self.weights[name] * value for name, value in terms.items())
 
-        # augment once: the teachers see the student's views
-        x_l = self._input(labeled)
-        x_u = self._input(unlabeled) if (distill_unlabeled or rotations) else None
-        x_r, y_r = rotate_four_ways(x_u[:rotations]) if rotations else (None, None)
-        n_l, n_u = len(x_l), (len(x_u) if distill_unlabeled else 0)
-
-        # student: one pass over every image it learns from; teachers: one pass each
-        with self._autocast():
-            feats = self.features(torch.cat([x_l] + ([x_u] if n_u else []) + ([x_r] if rotations else [])))
-            teacher_inputs = ([x_l] if distill_labeled else []) + ([x_u] if n_u else [])
-            t_feats, t_logits = (
-                teacher_outputs(teachers, torch.cat(teacher_inputs), self.train_config.teacher_batch_statistics)
-                if teacher_inputs
-                else (None, None)
-            )
-            logits_l = self.student.forward_head(feats[:n_l]).float()
-            logits_u = self.student.forward_head(feats[n_l : n_l + n_u]).float() if n_u else None
-            rot_logits = self.student.forward_rotation(feats[n_l + n_u :]).float() if rotations else None
-            replay = self.memory.sample(self.train_config.memory_batch, self.generator) if w["memory"] and len(self.memory) else None
-            replay_logits = self.student.forward_head(replay[0]).float() if replay else None
-        t_logits = losses.apply_mask(t_logits.float(), self.unseen_mask) if t_logits is not None else None
-        n_tl = n_l if distill_labeled else 0
-
-        terms = {}
-        hidden = losses.ace_mask(labels, self.seen_mask, self.previous_mask) if self.method.masked_ce else None
-        terms["ce"] = losses.masked_cross_entropy(logits_l, labels, hidden)
-        if distill_labeled:
-            pick = select_teacher(t_logits[:, :n_tl], labels)
-            terms["kd_feature"] = losses.feature_distillation(feats[:n_l].float(), gather_selected(t_feats[:, :n_tl], pick).float())
-        if n_u:
-            pick = select_teacher(t_logits[:, n_tl:])
-            teacher_u_feats, teacher_u_logits = gather_selected(t_feats[:, n_tl:], pick).float(), gather_selected(t_logits[:, n_tl:], pick)
-            student_u_logits = losses.apply_mask(logits_u, self.unseen_mask)
-            if w["kd_feature_unlabeled"]:
-                terms["kd_feature_unlabeled"] = losses.feature_distillation(feats[n_l : n_l + n_u].float(), teacher_u_feats)
-            if w["kd_logit"] and self.train_config.kd_logit_kind == "symmetry":
-                terms["kd_logit"] = losses.symmetry_distillation(student_u_logits, teacher_u_logits)
-            elif w["kd_logit"]:
-                terms["kd_logit"] = losses.kl_distillation(student_u_logits, teacher_u_logits, self.train_config.kd_temperature)
-            if w["lwf"]:
-                terms["lwf"] = losses.kl_distillation(student_u_logits, teacher_u_logits, self.train_config.lwf_temperature)
-        if rotations:
-            terms["ssl"] = losses.rotation_loss(rot_logits, y_r)
-        if replay:
-            terms["memory"] = losses.memory_replay(losses.apply_mask(replay_logits, self.unseen_mask), replay[1], replay[2])
-        if w["margin"]:
-            terms["margin"] = losses.margin_constraint(
-                logits_l, self.current_mask, self.previous_mask & ~self.current_mask, ~self.seen_mask, self.train_config.margin
-            )
-        total = sum(w[name] * value for name, value in terms.items())
-
-        # update: backward, check (one host sync for all terms), step, then the teachers follow
+        # backward, one host sync for every term, then the step and the teachers follow
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        values = dict(zip(["total", *terms], torch.stack([total.detach(), *(v.detach() for v in terms.values())]).tolist()))
+        stacked = torch.stack([total.detach(), *(value.detach() for value in terms.values())])
+        values = dict(zip(["total", *terms], stacked.tolist()))
         if not all(math.isfinite(v) for v in values.values()):
             raise TrainingDivergedError(
                 f"non-finite loss at experience {self.experience_index}: "
@@ -213,10 +161,72 @@ class Trainer:
                 + f" (method {self.method.name}, lr {self.train_config.lr}); the step was not applied"
             )
         if self.method.memory and self.train_config.memory_online:  # ER-ACE: the stream feeds the memory too
-            self.memory.add(feats[:n_l].detach().float(), losses.apply_mask(logits_l.detach(), self.unseen_mask), labels, self.generator)
+            self.memory.add(features_l, logits_l, labels, self.generator)
         self.optimizer.step()
         self.teachers.update(self.student)
         return values
+
+    def _loss_terms(self, labeled: torch.Tensor, labels: torch.Tensor, unlabeled: torch.Tensor):
+        """The forward passes and every loss term with a non-zero weight.
+
+        Returns ({term: scalar tensor}, (labeled features, masked labeled logits) detached, for the memory).
+        """
+        w, teachers, cfg = self.weights, self.teachers.modules(), self.train_config
+        distill_l = bool(teachers) and w["kd_feature"] > 0
+        distill_u = bool(teachers) and len(unlabeled) > 0 and (w["kd_feature_unlabeled"] + w["kd_logit"] + w["lwf"]) > 0
+        rotations = min(cfg.rotation_images, len(unlabeled)) if w["ssl"] > 0 else 0
+
+        # augment once: the teachers see the student's views
+        x_l = self._input(labeled)  # (L, 3, S, S)
+        x_u = self._input(unlabeled) if (distill_u or rotations) else None  # (U, 3, S, S)
+        x_r, y_r = rotate_four_ways(x_u[:rotations]) if rotations else (None, None)  # (4R, 3, S, S)
+        n_l, n_u = len(x_l), (len(x_u) if distill_u else 0)
+        student_inputs = [x_l] + ([x_u] if n_u else []) + ([x_r] if rotations else [])
+        teacher_inputs = ([x_l] if distill_l else []) + ([x_u] if n_u else [])
+
+        # student: one pass over every image it learns from; teachers: one pass each, no grad
+        with self._autocast():
+            feats = self.features(torch.cat(student_inputs))  # (L + U + 4R, D)
+            if teacher_inputs:
+                t_feats, t_logits = teacher_outputs(teachers, torch.cat(teacher_inputs), cfg.teacher_batch_statistics)
+            logits_l = self.student.forward_head(feats[:n_l]).float()  # (L, K)
+            logits_u = self.student.forward_head(feats[n_l : n_l + n_u]).float()  # (U, K)
+            rot_logits = self.student.forward_rotation(feats[n_l + n_u :]).float()  # (4R, 4)
+            replay = self.memory.sample(cfg.memory_batch, self.generator) if w["memory"] and len(self.memory) else None
+            replay_logits = self.student.forward_head(replay[0]).float() if replay else None
+
+        terms = {}
+        hidden = losses.ace_mask(labels, self.seen_mask, self.previous_mask) if self.method.masked_ce else None
+        terms["ce"] = losses.masked_cross_entropy(logits_l, labels, hidden)
+        if teacher_inputs:
+            t_logits = losses.apply_mask(t_logits.float(), self.unseen_mask)  # (T, L' + U, K)
+            n_tl = n_l if distill_l else 0
+        if distill_l:
+            pick = select_teacher(t_logits[:, :n_tl], labels)
+            teacher_f = gather_selected(t_feats[:, :n_tl], pick).float()
+            terms["kd_feature"] = losses.feature_distillation(feats[:n_l].float(), teacher_f)
+        if n_u:
+            pick = select_teacher(t_logits[:, n_tl:])
+            teacher_f, teacher_z = gather_selected(t_feats[:, n_tl:], pick).float(), gather_selected(t_logits[:, n_tl:], pick)
+            student_z = losses.apply_mask(logits_u, self.unseen_mask)
+            if w["kd_feature_unlabeled"]:
+                terms["kd_feature_unlabeled"] = losses.feature_distillation(feats[n_l : n_l + n_u].float(), teacher_f)
+            if w["kd_logit"] and cfg.kd_logit_kind == "symmetry":
+                terms["kd_logit"] = losses.symmetry_distillation(student_z, teacher_z)
+            elif w["kd_logit"]:
+                terms["kd_logit"] = losses.kl_distillation(student_z, teacher_z, cfg.kd_temperature)
+            if w["lwf"]:
+                terms["lwf"] = losses.kl_distillation(student_z, teacher_z, cfg.lwf_temperature)
+        if rotations:
+            terms["ssl"] = losses.rotation_loss(rot_logits, y_r)
+        if replay:
+            replay_logits = losses.apply_mask(replay_logits, self.unseen_mask)
+            terms["memory"] = losses.memory_replay(replay_logits, replay[1], replay[2])
+        if w["margin"]:
+            previous_only = self.previous_mask & ~self.current_mask
+            terms["margin"] = losses.margin_constraint(logits_l, self.current_mask, previous_only, ~self.seen_mask, cfg.margin)
+        memory_items = (feats[:n_l].detach().float(), losses.apply_mask(logits_l.detach(), self.unseen_mask))
+        return terms, memory_items
 
     # ------------------------------------------------------------------ an experience
 
