@@ -116,7 +116,7 @@ class Trainer:
         self.checkpoint_extra: dict = {}  # caller data stored with the last loaded checkpoint (e.g. label names)
         self._set_class_masks()
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ internals
 
     def _class_mask(self, classes: set[int]) -> torch.Tensor:
         mask = torch.zeros(self.model_config.num_classes, dtype=torch.bool)
