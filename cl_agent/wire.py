@@ -154,6 +154,8 @@ def _parse_json(part: bytes) -> dict:
         header = json.loads(bytes(part))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WireError("bad_json", f"header is not JSON: {e}") from None
+    except RecursionError:  # e.g. "[[[[..." thousands deep: refuse it, never let it end the receiving loop
+        raise WireError("bad_json", "header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise WireError("bad_header", f"header must be a JSON object, got {type(header).__name__}")
     return header
@@ -302,7 +304,7 @@ def peek_seq(parts: Sequence[bytes], limits: WireSection) -> int:
             header = json.loads(head)
             seq = header.get("seq") if isinstance(header, dict) else None
             return seq if _is_int(seq) and seq >= 0 else 0
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             pass
     match = _SEQ_RE.search(head)  # an oversized or broken header: look for the field without parsing it all
     return int(match.group(1)) if match else 0
