@@ -83,6 +83,14 @@ def demo(
 def serve(
     repo: Annotated[Optional[Path], typer.Option(help="Model repository root.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model name inside the repository.")] = None,
+    follow: Annotated[
+        Optional[str],
+        typer.Option(help="The agent's fetch endpoint (tcp://AGENT:5560): mirror its new versions into --repo (serve.follow_fetch_endpoint)."),
+    ] = None,
+    follow_announce: Annotated[
+        Optional[str],
+        typer.Option(help="The agent's announce endpoint when following (default: the --follow host, announce port)."),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -91,6 +99,10 @@ def serve(
     from cl_agent.server import serve_forever
 
     cfg = resolve_config(config, set_)
+    if follow is not None:
+        cfg.serve.follow_fetch_endpoint = follow
+    if follow_announce is not None:
+        cfg.serve.follow_announce_endpoint = follow_announce
     setup_logging(cfg.agent.log_level, cfg.agent.log_json)
     raise typer.Exit(serve_forever(cfg, repo=repo, model=model))
 
@@ -216,10 +228,12 @@ def bench_compare(
     out: Annotated[Optional[Path], typer.Option(help="PNG to write.")] = Path("runs/bench-compare.png"),
 ) -> None:
     """Plot accuracy over experiences (one line per run) and print a markdown table."""
-    from cl_agent.comparison import load_results, markdown_table, plot_runs
+    from cl_agent.comparison import load_results, markdown_table, method_scenario_table, plot_runs
 
     results = [load_results(p) for p in runs]
     typer.echo(markdown_table(results))
+    typer.echo("\nFinal accuracy (%), method x scenario (mean when all three scenarios are there):\n")
+    typer.echo(method_scenario_table(results))
     if out is not None:
         typer.echo(f"\nplot: {plot_runs(results, out)}")
 

@@ -74,3 +74,18 @@ def markdown_table(runs: list[dict]) -> str:
             f"| {_pct(r.get('mean_accuracy'))} | {_pct(r.get('forgetting'))} | {wall_text} |"
         )
     return "\n".join(lines)
+
+
+def method_scenario_table(runs: list[dict]) -> str:
+    """Final accuracy (%) per method x scenario, with the mean over scenarios when a method has all three."""
+    scenarios = sorted({str(r["scenario"]) for r in runs})
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    final = {(r["method"], str(r["scenario"])): r["final_accuracy"] for r in runs if r.get("complete", True)}
+    header = "| method | " + " | ".join(f"s{s}" for s in scenarios) + " | mean |"
+    lines = [header, "|" + " --- |" * (len(scenarios) + 2)]
+    for m in methods:
+        values = [final.get((m, s)) for s in scenarios]
+        complete = len(scenarios) == 3 and all(v is not None for v in values)
+        mean = sum(values) / 3 if complete else None
+        lines.append(f"| {m} | " + " | ".join(_pct(v) for v in values) + f" | {_pct(mean)} |")
+    return "\n".join(lines)

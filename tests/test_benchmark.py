@@ -139,6 +139,7 @@ def test_cli_on_shared_data_and_compare(shared_dir, tmp_path):
     compare = runner.invoke(app, ["bench", "compare", str(out), str(out), "--out", str(tmp_path / "c.png")])
     assert compare.exit_code == 0, compare.output
     assert "| s1 | naive | smoke | 3 |" in compare.output
+    assert "| method | s1 | mean |" in compare.output and "| naive | " in compare.output
     assert (tmp_path / "c.png").is_file()
 
 
