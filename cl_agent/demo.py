@@ -64,6 +64,7 @@ def local_config(workdir: Path, device: str = "auto", **overrides):
 TINY = {
     "model.backbone": "test_resnet",
     "model.num_classes": len(CLASS_NAMES),
+    "spool.max_classes": len(CLASS_NAMES),
     "model.image_size": 16,
     "train.labeled_batch": 16,
     "train.unlabeled_batch": 8,
@@ -95,6 +96,7 @@ def demo_config(workdir: Path, device: str):
             "experience.unlabeled_samples": FRAMES_PER_EXPERIENCE,
             "reservoir.capacity": 1000,
             "model.num_classes": len(CLASS_NAMES),
+            "spool.max_classes": len(CLASS_NAMES),
             "model.image_size": IMAGE_SIZE,
             "model.backbone": "resnet18",
             "train.labeled_batch": 32,
