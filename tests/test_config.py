@@ -47,6 +47,7 @@ def test_unknown_section_is_an_error(tmp_path):
         ("train:\n  snapshot_mode: thawed\n", "train.snapshot_mode"),
         ("model:\n  mean: [0.5, 0.5]\n", "model.mean"),
         ("ingest:\n  wire:\n    encodings: [gif]\n", "ingest.wire.encodings"),
+        ("spool:\n  max_classes: 200\nmodel:\n  num_classes: 100\n", "spool.max_classes"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, key):
