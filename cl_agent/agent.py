@@ -111,6 +111,7 @@ class Agent:
         self.stop_requested = threading.Event()
         self.trainer: mp.Process | None = None
         self.server: mp.Process | None = None
+        self.fetch_service = None  # cl_agent.fetch.ModelFetchService, in this process
         self.trainer_stop = self.ctx.Event()
         self.results: mp.Queue = self.ctx.Queue(maxsize=1000)
         self.trainer_restarts = 0
@@ -147,6 +148,21 @@ class Agent:
         self.server = self.ctx.Process(target=_server_main, args=(self.cfg, os.getpid()), name="cl-agent-server")
         self.server.start()
 
+    def _start_fetch_service(self) -> None:
+        """Serve the repository's versions to servers on other machines (``cl-agent serve --follow``)."""
+        from cl_agent.fetch import ModelFetchService
+        from cl_agent.repository import ModelRepository
+
+        cfg = self.cfg
+        if not cfg.repository.fetch_endpoint:
+            return
+        repository = ModelRepository(cfg.repository.root, cfg.agent.model_name, cfg.repository.keep_last)
+        service = ModelFetchService(repository, cfg.repository.fetch_endpoint, curve=cfg.ingest.curve, wire=cfg.ingest.wire)
+        try:
+            self.fetch_service = service.start()
+        except CLAgentError as e:  # servers on this machine read the folder; only remote followers lose out
+            log.error("model fetch endpoint not started, remote servers cannot follow: %s", e)
+
     def run(self) -> int:
         from cl_agent.console import LiveView
         from cl_agent.ingest import IngestService
@@ -165,6 +181,7 @@ class Agent:
             cfg.ingest, cfg.spool, cfg.reservoir, cfg.experience, self.workdir, seed=cfg.agent.seed
         ).start()
         log.info("ingest listening: %s", ", ".join(f"{k}={v}" for k, v in ingest.endpoints.items()))
+        self._start_fetch_service()
         self._start_trainer()
         if cfg.agent.host_server:
             self._start_server()
@@ -254,6 +271,8 @@ class Agent:
         deadline = time.monotonic() + self.cfg.agent.grace_period_s
         log.info("stopping: closing ingestion, then the trainer (grace %.0f s)", self.cfg.agent.grace_period_s)
         ingest.stop()
+        if self.fetch_service is not None:
+            self.fetch_service.stop()
         self.trainer_stop.set()
         for child in (self.trainer, self.server):
             if child is None:

@@ -204,6 +204,11 @@ class ServeSection:
     max_wait_ms: float = field(default=2.0, metadata=_range(ge=0))  # how long a micro-batch waits to fill
     top_k: int = field(default=5, metadata=_range(ge=1))  # classes returned per image
     poll_s: float = field(default=2.0, metadata=_range(gt=0))  # repository poll interval (fallback to announcements)
+    follow_fetch_endpoint: str = ""  # the agent's repository.fetch_endpoint: mirror its versions into this server's repository ("" = read the repository folder directly)
+    follow_announce_endpoint: str = ""  # the agent's announce endpoint when following; "" = the fetch endpoint's host with repository.announce_endpoint's port
+    follow_poll_s: float = field(default=5.0, metadata=_range(gt=0))  # when following: ask the agent for a newer version this often (fallback to announcements)
+    follow_curve_secret_key: str = ""  # when following with CURVE: this server's secret key file (cl-agent keys make)
+    follow_curve_server_key: str = ""  # when following with CURVE: the agent's public key file
 
 
 @dataclass

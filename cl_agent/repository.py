@@ -226,6 +226,53 @@ class ModelRepository:
         log.info("published %s version %d (%s)", self.model_name, version, full["sha256"][:12])
         return version
 
+    def install(self, version: int, model_path: str | os.PathLike, manifest: dict) -> int:
+        """Add a copy of another repository's ``version`` under the same number (a follower's mirror).
+
+        ``manifest`` is the source's manifest, kept as it is; the copy's sha256 must
+        match ``manifest["sha256"]``. Written atomically like ``publish``. Refuses a
+        version at or below the highest this repository ever had, so versions only
+        increase here too; the counter follows the installed number.
+        """
+        model_path = Path(model_path)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CLAgentError(f"cannot install version {version!r}: versions are ints >= 1")
+        if not model_path.is_file():
+            raise CLAgentError(f"cannot install {model_path}: no such file")
+        if not isinstance(manifest, dict) or manifest.get("version") != version:
+            raise CLAgentError(f"the manifest does not describe version {version}: {str(manifest)[:200]}")
+        missing = [k for k in (*REQUIRED_MANIFEST_KEYS, "sha256") if k not in manifest]
+        if missing:
+            raise CLAgentError(f"manifest of version {version} is missing {', '.join(missing)}")
+        with self._lock():
+            newest = self.last_version_ever()
+            if version <= newest:
+                raise CLAgentError(f"cannot install version {version} of {self.model_name!r}: this repository already reached {newest}")
+            temp = self.model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+            temp.mkdir()
+            try:
+                digest = _copy_hashed(model_path, temp / MODEL_FILE)
+                if digest != manifest["sha256"]:
+                    raise CLAgentError(
+                        f"cannot install version {version}: {model_path} has sha256 {digest[:12]}..., "
+                        f"the manifest says {str(manifest['sha256'])[:12]}..."
+                    )
+                atomic_write_text(temp / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+                fsync_dir(temp)
+                atomic_write_text(self.model_dir / COUNTER_FILE, f"{version}\n")
+                atomic_write_text(
+                    self.model_dir / CONFIG_FILE,
+                    triton_config(self.model_name, int(manifest["image_size"]), len(manifest["class_names"])),
+                )
+                os.rename(temp, self.version_dir(version))
+                fsync_dir(self.model_dir)
+            except BaseException:
+                shutil.rmtree(temp, ignore_errors=True)
+                raise
+            self._apply_retention()
+        log.info("installed %s version %d (%s)", self.model_name, version, digest[:12])
+        return version
+
     def _apply_retention(self) -> None:
         """Keep the newest ``keep_last`` versions; rename a folder away before deleting it."""
         doomed = self.versions()[: -self.keep_last]  # folders that are not versions are left for a person to look at

@@ -322,6 +322,13 @@ def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str |
     child process of the agent) stays ignored.
     """
     repository = ModelRepository(repo or cfg.repository.root, model or cfg.agent.model_name, cfg.repository.keep_last)
+    from cl_agent.follower import follower_from_config
+
+    following = bool(cfg.serve.follow_fetch_endpoint)
+    # A follower's repository is local: the agent's announcements name versions that are not here yet.
+    announce = None if following else cfg.repository.announce_endpoint
+    server = Server(repository, cfg.serve, cfg.ingest.wire, announce_endpoint=announce)
+    follower = follower_from_config(cfg.serve, cfg.repository.announce_endpoint, repository, on_install=lambda _: server.check_now())
     stopping = threading.Event()
 
     def on_signal(signum, frame) -> None:
@@ -331,8 +338,10 @@ def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str |
     previous = {
         s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN
     }
-    server = Server(repository, cfg.serve, cfg.ingest.wire, announce_endpoint=cfg.repository.announce_endpoint)
     try:
+        if follower is not None:
+            follower.start()
+            log.info("following %s into %s", cfg.serve.follow_fetch_endpoint, repository.model_dir)
         server.start()
         if server.version is None:
             log.warning("no version of %r in %s yet: answering 'no_model' until one is published", repository.model_name, repository.root)
@@ -340,6 +349,8 @@ def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str |
             pass
     finally:
         server.stop()
+        if follower is not None:
+            follower.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
     log.info("stopped; served %s", server.counters)

@@ -1,0 +1,276 @@
+"""Following an agent from another machine: mirror its newest model version into a local repository.
+
+A server that cannot read the trainer's repository folder runs a
+``RepositoryFollower`` next to it. The follower listens to the agent's
+announcements (PUB), also polls every ``poll_s``, and on start catches up to the
+newest version (after being offline it installs only the newest, not every
+version in between). For a version newer than any local one it fetches the
+manifest and the model bytes from the agent's ``ModelFetchService``
+(``cl_agent/fetch.py``) in chunks, appending to a partial file that a later
+attempt resumes, checks the sha256 against the manifest, and installs the
+version under the same number (``ModelRepository.install``, atomic). The local
+``Server`` then hot-swaps it as usual. A corrupt or failed transfer is counted,
+never installed, and retried after ``retry_s`` (doubling up to ``poll_s``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from cl_agent.config import ServeSection
+from cl_agent.errors import CLAgentError
+from cl_agent.fetch import CHUNK_BYTES, FetchClient, FetchError
+from cl_agent.repository import ModelRepository, parse_announcement
+
+log = logging.getLogger(__name__)
+
+PARTIAL_PREFIX = ".fetch-"
+
+
+def download(
+    client: FetchClient, version: int, manifest: dict, folder: Path, max_bytes: int, counters: dict | None = None
+) -> Path:
+    """Fetch ``version``'s model into ``folder`` (resuming a partial file), verified; returns the file's path.
+
+    The partial file is named by the version and the expected sha256, so only the
+    same bytes ever resume it. Raises ``FetchError`` (reason ``corrupt`` after a
+    sha256 mismatch, which also deletes the partial file so the retry starts over).
+    """
+    expected = manifest["sha256"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f"{PARTIAL_PREFIX}*"):  # partial downloads of other versions will never resume
+        if stale.name != f"{PARTIAL_PREFIX}{version}-{expected[:16]}.part":
+            stale.unlink(missing_ok=True)
+    path = folder / f"{PARTIAL_PREFIX}{version}-{expected[:16]}.part"
+    digest = hashlib.sha256()
+    offset = 0
+    if path.exists():  # resume: hash what is already there
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                digest.update(block)
+                offset += len(block)
+    size = None
+    with open(path, "ab") as out:
+        while size is None or offset < size:
+            header, data = client.chunk(version, offset)
+            if header.get("sha256") != expected:
+                raise FetchError("changed", f"version {version} on the agent has sha256 {str(header.get('sha256'))[:12]}..., not {expected[:12]}...")
+            if size is not None and header["size"] != size:
+                raise FetchError("changed", f"version {version} changed size during the transfer ({size} -> {header['size']})")
+            size = header["size"]
+            if size > max_bytes:
+                raise FetchError("too_large", f"version {version} has {size} bytes, limit {max_bytes}")
+            if offset > size:
+                break  # the partial file is longer than the model: the hash check below refuses it
+            if not data and offset < size:
+                raise FetchError("truncated", f"empty chunk at offset {offset} of {size}")
+            out.write(data)
+            digest.update(data)
+            offset += len(data)
+            if counters is not None:
+                counters["bytes"] = counters.get("bytes", 0) + len(data)
+        out.flush()
+        os.fsync(out.fileno())
+    actual = digest.hexdigest()
+    if actual != expected or offset != size:
+        path.unlink(missing_ok=True)
+        raise FetchError("corrupt", f"version {version}: got {offset} bytes with sha256 {actual[:12]}..., the manifest says {expected[:12]}...")
+    return path
+
+
+class RepositoryFollower:
+    """Mirror the agent's newest version into ``local_repository``; one thread, ``start()``/``stop()``.
+
+    Syncs at start (catching up after being offline), on each announcement of a
+    newer version, and every ``poll_s``. A failed or corrupt transfer is counted
+    and retried after ``retry_s`` (doubling up to ``poll_s``). ``on_install`` is
+    called with each installed version (e.g. ``Server.check_now``).
+    """
+
+    def __init__(
+        self,
+        fetch_endpoint: str,
+        announce_endpoint: str | None,
+        local_repository: ModelRepository,
+        *,
+        poll_s: float = 5.0,
+        retry_s: float = 1.0,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        chunk_bytes: int = CHUNK_BYTES,
+        max_model_bytes: int = 4 << 30,
+        curve_secret_key: str | os.PathLike | None = None,
+        curve_server_key: str | os.PathLike | None = None,
+        on_install: Callable[[int], None] | None = None,
+        context: zmq.Context | None = None,
+    ):
+        if poll_s <= 0 or retry_s <= 0:
+            raise CLAgentError(f"poll_s and retry_s must be > 0, got {poll_s}, {retry_s}")
+        self.repository = local_repository
+        self.announce_endpoint = announce_endpoint or None
+        self.poll_s = poll_s
+        self.retry_s = retry_s
+        self.max_model_bytes = max_model_bytes
+        self.on_install = on_install
+        self._context = context or zmq.Context.instance()
+        self.client = FetchClient(
+            fetch_endpoint,
+            local_repository.model_name,
+            timeout_s=timeout_s,
+            retries=retries,
+            chunk_bytes=chunk_bytes,
+            curve_secret_key=curve_secret_key,
+            curve_server_key=curve_server_key,
+            context=self._context,
+        )
+        self.counters = {"syncs": 0, "installs": 0, "announcements": 0, "corrupt": 0, "fetch_errors": 0, "bytes": 0}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned_behind: int | None = None
+
+    @property
+    def version(self) -> int | None:
+        """The newest version in the local repository."""
+        return self.repository.latest_version()
+
+    def start(self) -> "RepositoryFollower":
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="repository-follower", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+            self._thread = None
+
+    def __enter__(self) -> "RepositoryFollower":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def check_now(self) -> None:
+        self._wake.set()
+
+    def sync_once(self) -> int | None:
+        """Install the agent's newest version if it is newer than every local one; returns it, or None."""
+        self.counters["syncs"] += 1
+        versions = self.client.list_versions()
+        if not versions:
+            return None
+        newest, local = versions[-1], self.repository.last_version_ever()
+        if newest <= local:
+            if newest < local and self._warned_behind != newest:
+                self._warned_behind = newest
+                log.warning(
+                    "the agent's newest version %d is below this repository's %d (was the agent's repository reset?): "
+                    "not following until it passes %d; clear %s to follow it now", newest, local, local, self.repository.model_dir,
+                )
+            return None
+        manifest = self.client.manifest(newest)
+        try:
+            path = download(self.client, newest, manifest, self.repository.model_dir, self.max_model_bytes, self.counters)
+        except FetchError as e:
+            if e.reason == "corrupt":
+                self.counters["corrupt"] += 1
+            raise
+        try:
+            self.repository.install(newest, path, manifest)
+        finally:
+            path.unlink(missing_ok=True)
+        self.counters["installs"] += 1
+        log.info("installed version %d from %s", newest, self.client.endpoint)
+        if self.on_install is not None:
+            self.on_install(newest)
+        return newest
+
+    def _loop(self) -> None:
+        sub = None
+        if self.announce_endpoint:
+            sub = self._context.socket(zmq.SUB)
+            sub.linger = 0
+            sub.setsockopt(zmq.SUBSCRIBE, self.repository.model_name.encode())
+            sub.connect(self.announce_endpoint)
+        next_sync = time.monotonic()  # at start: catch up to whatever was published while offline
+        delay = self.retry_s
+        try:
+            while not self._stop.is_set():
+                if sub is not None and sub.poll(50):
+                    try:
+                        body = parse_announcement(sub.recv_multipart())
+                    except ValueError as e:
+                        log.warning("ignoring a malformed announcement: %s", e)
+                        continue
+                    self.counters["announcements"] += 1
+                    if body["version"] > self.repository.last_version_ever():
+                        next_sync = time.monotonic()
+                elif self._wake.wait(0 if sub is not None else 0.05):
+                    self._wake.clear()
+                    next_sync = time.monotonic()
+                if self._stop.is_set() or time.monotonic() < next_sync:
+                    continue
+                try:
+                    self.sync_once()
+                except (CLAgentError, OSError) as e:  # counted and retried; the local server keeps serving
+                    if not isinstance(e, FetchError) or e.reason != "corrupt":
+                        self.counters["fetch_errors"] += 1
+                    log.warning("fetch from %s failed, retrying in %.1f s: %s", self.client.endpoint, delay, e)
+                    next_sync = time.monotonic() + delay
+                    delay = min(self.poll_s, delay * 2)
+                    continue
+                delay = self.retry_s
+                next_sync = time.monotonic() + self.poll_s
+        finally:
+            if sub is not None:
+                sub.close(0)
+            self.client.close()
+
+
+def derived_announce_endpoint(fetch_endpoint: str, announce_endpoint: str) -> str | None:
+    """The agent's announce endpoint seen from a follower: the fetch endpoint's host, the announce port.
+
+    ``tcp://agent.lan:5560`` and ``tcp://127.0.0.1:5557`` give ``tcp://agent.lan:5557``;
+    None when either is not ``tcp://HOST:PORT``.
+    """
+    fetch = re.match(r"^tcp://(.+):(\d+)$", fetch_endpoint)
+    announce = re.match(r"^tcp://(.+):(\d+)$", announce_endpoint)
+    if not fetch or not announce:
+        return None
+    return f"tcp://{fetch.group(1)}:{announce.group(2)}"
+
+
+def follower_from_config(
+    serve: ServeSection, announce_endpoint: str, local_repository: ModelRepository, on_install: Callable[[int], None] | None = None
+) -> RepositoryFollower | None:
+    """The follower ``cl-agent serve`` runs when ``serve.follow_fetch_endpoint`` is set (None otherwise).
+
+    ``announce_endpoint`` is ``repository.announce_endpoint``, whose port is used when
+    ``serve.follow_announce_endpoint`` is empty.
+    """
+    if not serve.follow_fetch_endpoint:
+        return None
+    announce = serve.follow_announce_endpoint or derived_announce_endpoint(serve.follow_fetch_endpoint, announce_endpoint)
+    if not announce:
+        log.warning("no announce endpoint for %s: polling every %.1f s only", serve.follow_fetch_endpoint, serve.follow_poll_s)
+    return RepositoryFollower(
+        serve.follow_fetch_endpoint,
+        announce,
+        local_repository,
+        poll_s=serve.follow_poll_s,
+        curve_secret_key=serve.follow_curve_secret_key or None,
+        curve_server_key=serve.follow_curve_server_key or None,
+        on_install=on_install,
+    )
