@@ -74,11 +74,16 @@ class InferenceClient:
         socket.connect(self.endpoint)
         return socket
 
-    def status(self) -> dict:
-        """The server's model name, served version (None before the first) and counters."""
+    def status(self, reset_recent: bool = False) -> dict:
+        """The server's model name, served version (None before the first), counters and recent timings.
+
+        ``reset_recent``: the server forgets its recent batch timings after answering (start of a measurement).
+        """
         seq = next(self._seq)
-        header = self._call(encode_message("status", self.sender, seq), seq, "status")
-        return {k: header.get(k) for k in ("model", "model_version", "counters")}
+        fields = {"reset_recent": True} if reset_recent else {}
+        header = self._call(encode_message("status", self.sender, seq, **fields), seq, "status")
+        keys = ("model", "model_version", "counters", "recent_batches", "handling_ms_p50", "inference_ms_p50")
+        return {k: header.get(k) for k in keys if k in header}
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray, top_k: int | None = None) -> InferenceResult:
         """Classify uint8 RGB images ((N, H, W, 3) array or a list of (H, W, 3)); any size, the server resizes."""

@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,10 @@ class Server:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self.endpoint: str | None = None
+        # busy_s: time spent receiving, decoding, running and replying; inference_s: the part in session.run.
         self.counters = {"requests": 0, "images": 0, "batches": 0, "errors": 0, "swaps": 0, "swap_failures": 0}
+        self.counters.update({"busy_s": 0.0, "inference_s": 0.0})
+        self._recent: deque[tuple[float, float]] = deque(maxlen=2048)  # (handling, inference) seconds per batch
 
     @property
     def version(self) -> int | None:
@@ -111,6 +115,19 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def stats(self) -> dict:
+        """Counters, and medians over the last batches (up to 2048) of the time in session.run and around it."""
+        recent = list(self._recent)
+        medians = {}
+        if recent:
+            handling, inference = np.median(np.asarray(recent), axis=0)
+            medians = {"handling_ms_p50": round(1000 * float(handling), 4), "inference_ms_p50": round(1000 * float(inference), 4)}
+        return {"counters": dict(self.counters), "recent_batches": len(recent), **medians}
+
+    def reset_recent(self) -> None:
+        """Forget the recent batch timings (e.g. before a measurement)."""
+        self._recent.clear()
 
     def check_now(self) -> None:
         """Ask the watcher to look at the repository now (as an announcement would)."""
@@ -204,10 +221,14 @@ class Server:
                 if not router.poll(100):
                     continue
                 model = self._model  # one read per batch: the whole batch runs on this version
+                started = time.perf_counter()
                 try:
                     batch = self._collect(router, model)
                     if batch:
-                        self._run(router, model, batch)
+                        inference = self._run(router, model, batch)
+                        busy = time.perf_counter() - started
+                        self.counters["busy_s"] += busy
+                        self._recent.append((busy - inference, inference))
                 except Exception:  # a bug must not kill the endpoint: log, count, keep serving (clients retry)
                     log.exception("serving loop error")
                     self.counters["errors"] += 1
@@ -247,7 +268,9 @@ class Server:
         except WireError as e:
             return self._refuse(router, envelope, 0, e.reason, e.detail)
         if message.kind == "status":
-            fields = {"model": self.repository.model_name, "model_version": self.version, "counters": dict(self.counters)}
+            fields = {"model": self.repository.model_name, "model_version": self.version, **self.stats()}
+            if message.header.get("reset_recent") is True:
+                self.reset_recent()
             router.send_multipart(envelope + reply("status", SENDER, message.seq, **fields))
             return None
         if message.kind != "infer":
@@ -274,15 +297,19 @@ class Server:
         router.send_multipart(envelope + reply("error", SENDER, seq, reason=reason, detail=detail))
         return None
 
-    def _run(self, router: zmq.Socket, model: LoadedModel, batch: list[_Request]) -> None:
+    def _run(self, router: zmq.Socket, model: LoadedModel, batch: list[_Request]) -> float:
+        """Run one micro-batch and answer each request; returns the seconds spent in session.run."""
         images = batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch])  # (N, S, S, 3)
+        started = time.perf_counter()
         try:
             probs = model.probabilities(images)  # (N, K)
         except Exception as e:  # onnxruntime raises untyped runtime errors; answer, count, keep serving
             log.error("inference failed on version %d: %s", model.version, e)
             for request in batch:
                 self._refuse(router, request.envelope, request.message.seq, "inference_failed", str(e)[:500])
-            return
+            return 0.0
+        inference = time.perf_counter() - started
+        self.counters["inference_s"] += inference
         self.counters["batches"] += 1
         self.counters["images"] += len(images)
         # One argsort for the whole batch, then plain Python lists: cheaper than per-row numpy calls.
@@ -305,6 +332,7 @@ class Server:
                     predictions=predictions,
                 )
             )
+        return inference
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:

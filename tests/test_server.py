@@ -119,6 +119,9 @@ def test_bad_requests_get_errors_and_server_keeps_answering(repo, onnx_models):
         status = client.status()
         assert status["model"] == "student" and status["model_version"] == 1
         assert status["counters"]["errors"] == 3 and status["counters"]["images"] == 1
+        assert status["recent_batches"] == 1 and status["inference_ms_p50"] > 0 and status["handling_ms_p50"] > 0
+        assert client.status(reset_recent=True)["recent_batches"] == 1
+        assert client.status()["recent_batches"] == 0
 
 
 def test_no_model_yet_then_first_version_is_picked_up(repo, onnx_models):

@@ -13,6 +13,9 @@ as a separate ``cl-agent serve`` process, the clients run here.
 - torch_p50_ms / ort_p50_ms: the same graph in torch eager and in a bare
   onnxruntime ``session.run`` with the same thread count, measured interleaved
   with the served requests so background load hits all three alike.
+  ort_after_idle_p50_ms: the bare call after a 0.5 ms sleep, as a server runs it
+  between requests (caches no longer hot); server_*_p50 in batch1/batch32: the
+  server's own medians of time in session.run and of everything else it did.
 - steady / swaps: an open-loop load (requests sent on a fixed schedule, replies
   collected asynchronously, latency counted from the scheduled send time) at
   --rate requests/s; first without swaps (steady p99), then while a new version
@@ -93,13 +96,14 @@ def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_r
 
     images = np.random.default_rng(batch).integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
     tensor = torch.from_numpy(images)
-    served, bare, eager = [], [], []
+    served, bare, eager, after_idle = [], [], [], []
     served_time = 0.0
     for _ in range(3):  # warm-up
         client.predict(images)
         session.run(["probs"], {"images": images})
         with torch.inference_mode():
             torch_graph(tensor)
+    before = client.status(reset_recent=True)["counters"]
     for _ in range(rounds):
         round_start = time.perf_counter()
         for _ in range(per_round):
@@ -111,15 +115,30 @@ def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_r
             t = time.perf_counter()
             session.run(["probs"], {"images": images})
             bare.append(time.perf_counter() - t)
+        # The same call after a short idle gap, as a server sees it between requests (colder caches).
+        for _ in range(per_round // 2):
+            time.sleep(0.0005)
+            t = time.perf_counter()
+            session.run(["probs"], {"images": images})
+            after_idle.append(time.perf_counter() - t)
         with torch.inference_mode():
             for _ in range(max(1, per_round // 5)):
                 t = time.perf_counter()
                 torch_graph(tensor)
                 eager.append(time.perf_counter() - t)
+    status = client.status()
+    after = status["counters"]
     result = percentiles(served)
     result["throughput_per_s"] = round(len(served) * batch / served_time, 1)
     result["requests"] = len(served)
-    return {"served": result, "ort": percentiles(bare), "torch": percentiles(eager)}
+    # The server's own account, per batch: time in session.run, and everything else it did.
+    batches = after["batches"] - before["batches"]
+    inference = after["inference_s"] - before["inference_s"]
+    result["server_inference_ms_mean"] = round(1000 * inference / batches, 4)
+    result["server_handling_ms_mean"] = round(1000 * (after["busy_s"] - before["busy_s"] - inference) / batches, 4)
+    result["server_inference_ms_p50"] = status.get("inference_ms_p50")
+    result["server_handling_ms_p50"] = status.get("handling_ms_p50")
+    return {"served": result, "ort": percentiles(bare), "ort_after_idle": percentiles(after_idle), "torch": percentiles(eager)}
 
 
 def open_loop_load(endpoint: str, rate: float, max_s: float, timeout_s: float, conn) -> None:
@@ -300,6 +319,8 @@ def main() -> int:
         "torch_batch32_p50_ms": b32["torch"]["p50_ms"],
         "ort_p50_ms": b1["ort"]["p50_ms"],
         "ort_batch32_p50_ms": b32["ort"]["p50_ms"],
+        "ort_after_idle_p50_ms": b1["ort_after_idle"]["p50_ms"],
+        "ort_after_idle_batch32_p50_ms": b32["ort_after_idle"]["p50_ms"],
         "served_over_torch_batch1": round(batch1["p50_ms"] / b1["torch"]["p50_ms"], 3),
         "overhead_ms_batch1": round(batch1["p50_ms"] - b1["ort"]["p50_ms"], 4),
         "overhead_pct_batch32": round(100 * (batch32["p50_ms"] / b32["ort"]["p50_ms"] - 1), 2),
