@@ -37,13 +37,20 @@ PARTIAL_PREFIX = ".fetch-"
 
 
 def download(
-    client: FetchClient, version: int, manifest: dict, folder: Path, max_bytes: int, counters: dict | None = None
+    client: FetchClient,
+    version: int,
+    manifest: dict,
+    folder: Path,
+    max_bytes: int,
+    counters: dict | None = None,
+    stop: threading.Event | None = None,
 ) -> Path:
     """Fetch ``version``'s model into ``folder`` (resuming a partial file), verified; returns the file's path.
 
     The partial file is named by the version and the expected sha256, so only the
     same bytes ever resume it. Raises ``FetchError`` (reason ``corrupt`` after a
-    sha256 mismatch, which also deletes the partial file so the retry starts over).
+    sha256 mismatch, which also deletes the partial file so the retry starts over;
+    ``stopped`` when ``stop`` is set, keeping the partial file for the next start).
     """
     expected = manifest["sha256"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,6 +68,8 @@ def download(
     size = None
     with open(path, "ab") as out:
         while size is None or offset < size:
+            if stop is not None and stop.is_set():
+                raise FetchError("stopped", f"stopped at byte {offset} of version {version}")
             header, data = client.chunk(version, offset)
             if header.get("sha256") != expected:
                 raise FetchError("changed", f"version {version} on the agent has sha256 {str(header.get('sha256'))[:12]}..., not {expected[:12]}...")
@@ -182,7 +191,7 @@ class RepositoryFollower:
             return None
         manifest = self.client.manifest(newest)
         try:
-            path = download(self.client, newest, manifest, self.repository.model_dir, self.max_model_bytes, self.counters)
+            path = download(self.client, newest, manifest, self.repository.model_dir, self.max_model_bytes, self.counters, self._stop)
         except FetchError as e:
             if e.reason == "corrupt":
                 self.counters["corrupt"] += 1

@@ -309,3 +309,20 @@ def test_cli_serve_follow(tmp_path, source, models):
             announcer.close()
     assert "following" in output, output[-2000:]
     assert ModelRepository(tmp_path / "edge", "student").versions() == [1, 2]
+
+
+def test_the_agent_hosts_the_fetch_endpoint(tmp_path, models):
+    from cl_agent.agent import Agent
+    from cl_agent.demo import local_config
+
+    cfg = local_config(tmp_path, "cpu")
+    publish(ModelRepository(cfg.repository.root, cfg.agent.model_name), models[0])
+    agent = Agent(cfg)
+    agent._start_fetch_service()
+    try:
+        assert agent.fetch_service is not None and agent.fetch_service.endpoint == cfg.repository.fetch_endpoint
+        client = FetchClient(cfg.repository.fetch_endpoint, cfg.agent.model_name, timeout_s=2.0)
+        assert client.list_versions() == [1]
+        client.close()
+    finally:
+        agent.fetch_service.stop()
