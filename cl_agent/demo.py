@@ -83,8 +83,8 @@ TINY = {
 }
 
 
-def demo_config(workdir: Path, device: str):
-    """The demo's configuration: a ResNet-18 at 32 px with a short schedule."""
+def demo_config(workdir: Path, device: str, overrides: dict | None = None):
+    """The demo's configuration: a ResNet-18 at 32 px with a short schedule (``overrides`` last)."""
     return local_config(
         workdir,
         device,
@@ -105,6 +105,7 @@ def demo_config(workdir: Path, device: str):
             "train.epochs_base": 10,  # a short schedule: minutes on a laptop CPU
             "train.epochs_min": 10,
             "train.lr": 1e-3,
+            **(overrides or {}),
         },
     )
 
@@ -137,6 +138,10 @@ class _Agent:
         return self.process.returncode
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -162,7 +167,9 @@ def _wait_for_version(client, agent: _Agent, version: int, probe: np.ndarray, ti
         time.sleep(0.5)
 
 
-def run_demo(workdir: Path, experiences: int = 6, device: str = "auto", timeout_s: float = 900.0) -> int:
+def run_demo(
+    workdir: Path, experiences: int = 6, device: str = "auto", timeout_s: float = 900.0, overrides: dict | None = None
+) -> int:
     from cl_agent.client import FrameClient, LabeledClient
     from cl_agent.inference import InferenceClient
     from cl_agent.status import read_experience_records
@@ -173,7 +180,7 @@ def run_demo(workdir: Path, experiences: int = 6, device: str = "auto", timeout_
 
         shutil.rmtree(workdir)  # the demo starts from nothing each time
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(workdir, device)
+    cfg = demo_config(workdir, device, overrides)
     config_path = save_resolved(cfg, workdir / "demo.yaml")
     plan = schedule(experiences, classes_per_experience=3, seed=0)
     rng = np.random.default_rng(0)
@@ -182,6 +189,8 @@ def run_demo(workdir: Path, experiences: int = 6, device: str = "auto", timeout_
 
     _say(f"cl-agent demo: {experiences} experiences of a built-in shape stream ({len(CLASS_NAMES)} classes), workdir {workdir}")
     _say(f"  starting the agent + server (log: {workdir / 'agent.log'}) ...")
+    # SIGTERM ends the demo like Ctrl-C does: through the finally below, which stops the agent
+    signal.signal(signal.SIGTERM, _interrupt)
     agent = _Agent(config_path, workdir / "agent.log")
     labeled = LabeledClient(cfg.ingest.labeled_endpoint, "demo-labeler", timeout_s=10.0, retries=6)
     frames = FrameClient(cfg.ingest.frame_endpoint, "demo-camera", hwm=1000)
