@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from cl_agent import losses
+from cl_agent import distributed, losses
 from cl_agent.augment import AugmentSettings, augment, normalize, to_float
 from cl_agent.checkpoint import load_state, save_state
 from cl_agent.config import ModelSection, TrainSection, build
@@ -76,18 +76,57 @@ class _InstanceOrClassMethod:
         return functools.partial(self.function, instance if instance is not None else owner)
 
 
+class StudentPasses(torch.nn.Module):
+    """The student's passes of one step as one forward, so that DistributedDataParallel sees them.
+
+    x (L + U + 4R, 3, S, S) -> features (L + U + 4R, D), logits (L, K), (U, K),
+    rotation logits (4R, 4) and replayed-memory logits (M, K); heads with no
+    rows give None (an unused head must not be in the graph under DDP).
+    """
+
+    def __init__(self, student: torch.nn.Module, features: Callable):
+        super().__init__()
+        self.student, self.features = student, features  # features: student.forward_features, maybe compiled
+
+    def forward(self, x: torch.Tensor, n_l: int, n_u: int, replay_features: torch.Tensor | None):
+        feats = self.features(x)
+        head, n_r = self.student.forward_head, len(x) - n_l - n_u
+        return (
+            feats,
+            head(feats[:n_l]).float(),
+            head(feats[n_l : n_l + n_u]).float() if n_u else None,
+            self.student.forward_rotation(feats[n_l + n_u :]).float() if n_r else None,
+            head(replay_features).float() if replay_features is not None else None,
+        )
+
+
 class Trainer:
-    """Student, teachers, memory and optimizer of one continual learner, and its schedule position."""
+    """Student, teachers, memory and optimizer of one continual learner, and its schedule position.
+
+    Under an initialised process group of ``train.nproc`` processes, every rank
+    builds the same trainer and passes its shard of each global batch (see
+    cl_agent/distributed.py and docs/method.md, "Distributed updates").
+    """
 
     def __init__(self, model: ModelSection, train: TrainSection, device: torch.device | str = "cpu", seed: int = 0):
-        if train.nproc != 1:
-            raise CLAgentError(f"train.nproc = {train.nproc}: multi-process updates are not supported; use 1")
+        self.world = distributed.current_world()
+        if train.nproc != self.world.size:
+            raise CLAgentError(
+                f"train.nproc = {train.nproc} but this update runs in {self.world.size} process(es): "
+                f"an update in several processes is started with torchrun "
+                f"(torchrun --nproc_per_node {train.nproc} -m cl_agent.distributed ...); `cl-agent run` trains in one, set train.nproc = 1"
+            )
+        if self.world.active and train.labeled_batch < distributed.MIN_ROWS_PER_RANK * self.world.size:
+            raise CLAgentError(
+                f"train.labeled_batch = {train.labeled_batch}: with nproc = {self.world.size} it must be at least "
+                f"{distributed.MIN_ROWS_PER_RANK * self.world.size} (the global batch is split across the processes)"
+            )
         self.model_config, self.train_config, self.seed = model, train, seed
-        self.device = resolve_device(device)
+        self.device = distributed.rank_device(resolve_device(device), self.world)
         self.method = get_method(train.method)
         with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
             torch.manual_seed(seed)
-            self.student = create_student(model).to(self.device)
+            self.student = distributed.synchronised_batchnorm(create_student(model), self.device, self.world).to(self.device)
         self.cuda = self.device.type == "cuda"
         self.memory_format = torch.channels_last if (train.channels_last and self.cuda) else torch.contiguous_format
         self.student.to(memory_format=self.memory_format)
@@ -99,13 +138,16 @@ class Trainer:
         )
         self.memory = Memory(train.memory_size, self.student.feature_dim, model.num_classes, self.device)
         self.optimizer = torch.optim.Adam(self.student.parameters(), lr=train.lr, fused=True)  # one kernel; 6x faster on CPU
-        self.generator = torch.Generator().manual_seed(seed)  # every sampling and augmentation choice
+        self.generator = torch.Generator().manual_seed(seed)  # every sampling choice (the same on every rank)
+        # augmentation: the same generator in one process; one per rank (reseeded per experience) in several
+        self.augment_generator = torch.Generator() if self.world.active else self.generator
         self.augment_settings = AugmentSettings(
             ops=train.randaugment_ops, magnitude=train.randaugment_magnitude, crop_scale=(train.crop_scale_min, 1.0)
         )
         self.mean = torch.tensor(model.mean, device=self.device)
         self.std = torch.tensor(model.std, device=self.device)
         self.features = torch.compile(self.student.forward_features) if train.compile else self.student.forward_features
+        self.passes = distributed.data_parallel(StudentPasses(self.student, self.features), self.device, self.world)
         self.hide_unseen = self.method.masked_ce  # the MLKD family scores only classes seen so far
 
         self.experience_index = 0  # t of the next experience to learn
@@ -137,7 +179,7 @@ class Trainer:
     def _input(self, images: torch.Tensor, train: bool = True) -> torch.Tensor:
         """uint8 (B, H, W, 3) on the device -> normalised float (B, 3, H, W), augmented when training."""
         if train and self.train_config.augment:
-            x = augment(images, self.augment_settings, self.generator)
+            x = augment(images, self.augment_settings, self.augment_generator)
         else:
             x = to_float(images)
         return normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
@@ -145,14 +187,18 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def step(self, labeled: torch.Tensor, labels: torch.Tensor, unlabeled: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on uint8 images already on the device; returns the unweighted terms and "total"."""
-        terms, (features_l, logits_l) = self._loss_terms(labeled, labels, unlabeled)
+        """One optimizer step on uint8 images already on the device; returns the unweighted terms and "total".
+
+        The arguments are the global batch; with several processes each rank passes its shard.
+        """
+        mine = self.world.shard(len(labeled))
+        terms, (features_l, logits_l) = self._loss_terms(labeled[mine], labels[mine], unlabeled[self.world.shard(len(unlabeled))])
         total = sum(self.weights[name] * value for name, value in terms.items())
 
-        # backward, one host sync for every term, then the step and the teachers follow
+        # backward (DDP averages the gradients), one host sync for every term (mean over ranks), then the step
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        stacked = torch.stack([total.detach(), *(value.detach() for value in terms.values())])
+        stacked = self.world.average(torch.stack([total.detach(), *(value.detach() for value in terms.values())]))
         values = dict(zip(["total", *terms], stacked.tolist()))
         if not all(math.isfinite(v) for v in values.values()):
             raise TrainingDivergedError(
@@ -161,8 +207,10 @@ class Trainer:
                 + f" (method {self.method.name}, lr {self.train_config.lr}); the step was not applied"
             )
         if self.method.memory and self.train_config.memory_online:  # ER-ACE: the stream feeds the memory too
-            self.memory.add(features_l, logits_l, labels, self.generator)
+            gather = functools.partial(self.world.gather_rows, n=len(labeled))  # every rank inserts the whole batch
+            self.memory.add(gather(features_l), gather(logits_l), labels, self.generator)
         self.optimizer.step()
+        self.world.broadcast_buffers(self.student)  # BN statistics of rank 0 (per-shard without SyncBatchNorm)
         self.teachers.update(self.student)
         return values
 
@@ -174,7 +222,7 @@ class Trainer:
         w, teachers, cfg = self.weights, self.teachers.modules(), self.train_config
         distill_l = bool(teachers) and w["kd_feature"] > 0
         distill_u = bool(teachers) and len(unlabeled) > 0 and (w["kd_feature_unlabeled"] + w["kd_logit"] + w["lwf"]) > 0
-        rotations = min(cfg.rotation_images, len(unlabeled)) if w["ssl"] > 0 else 0
+        rotations = min(self.world.shard_sizes(cfg.rotation_images)[self.world.rank], len(unlabeled)) if w["ssl"] > 0 else 0
 
         # augment once: the teachers see the student's views
         x_l = self._input(labeled)  # (L, 3, S, S)
@@ -184,16 +232,13 @@ class Trainer:
         student_inputs = [x_l] + ([x_u] if n_u else []) + ([x_r] if rotations else [])
         teacher_inputs = ([x_l] if distill_l else []) + ([x_u] if n_u else [])
 
-        # student: one pass over every image it learns from; teachers: one pass each, no grad
+        # student: one pass over every image it learns from (+ replayed memory features); teachers: one pass each, no grad
+        replay = self.memory.sample(cfg.memory_batch, self.generator) if w["memory"] and len(self.memory) else None
         with self._autocast():
-            feats = self.features(torch.cat(student_inputs))  # (L + U + 4R, D)
+            replayed = replay[0] if replay else None
+            feats, logits_l, logits_u, rot_logits, replay_logits = self.passes(torch.cat(student_inputs), n_l, n_u, replayed)
             if teacher_inputs:
                 t_feats, t_logits = teacher_outputs(teachers, torch.cat(teacher_inputs), cfg.teacher_batch_statistics)
-            logits_l = self.student.forward_head(feats[:n_l]).float()  # (L, K)
-            logits_u = self.student.forward_head(feats[n_l : n_l + n_u]).float()  # (U, K)
-            rot_logits = self.student.forward_rotation(feats[n_l + n_u :]).float()  # (4R, 4)
-            replay = self.memory.sample(cfg.memory_batch, self.generator) if w["memory"] and len(self.memory) else None
-            replay_logits = self.student.forward_head(replay[0]).float() if replay else None
 
         terms = {}
         hidden = losses.ace_mask(labels, self.seen_mask, self.previous_mask) if self.method.masked_ce else None
@@ -251,6 +296,8 @@ class Trainer:
         self._set_class_masks()
         self.weights = loss_weights(self.method, self.train_config, t)
         self.teachers.start_experience(self.student, t)
+        if self.world.active:  # each rank augments its own shard: its own draws, reproducible per experience
+            self.augment_generator.manual_seed(distributed.rank_seed(self.seed, self.world.rank, t))
 
     @torch.no_grad()
     def end_experience(self, labeled: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> None:
@@ -259,11 +306,12 @@ class Trainer:
             self.student.eval()
             order = torch.randperm(len(labeled), generator=self.generator).to(labeled.device)
             for chunk in order.split(batch_size):
+                mine, gather = chunk[self.world.shard(len(chunk))], functools.partial(self.world.gather_rows, n=len(chunk))
                 with self._autocast():
-                    feats = self.student.forward_features(self._input(labeled[chunk], train=False))
+                    feats = self.student.forward_features(self._input(labeled[mine], train=False))
                     logits = self.student.forward_head(feats)
                 logits = losses.apply_mask(logits.float(), self.unseen_mask)
-                self.memory.add(feats.float(), logits, labels[chunk], self.generator)
+                self.memory.add(gather(feats.float()), gather(logits), labels[chunk], self.generator)
             self.student.train()
         self.experience_index += 1
 
@@ -355,7 +403,7 @@ class Trainer:
         seen = self.seen_mask.cpu()
         modules = []
         for network in networks:
-            clone = copy.deepcopy(network).cpu().to(memory_format=torch.contiguous_format)
+            clone = distributed.plain_batchnorm(copy.deepcopy(network)).cpu().to(memory_format=torch.contiguous_format)
             modules.append(SeenClassMask(clone, seen).eval().requires_grad_(False))
         return modules
 
@@ -413,7 +461,12 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> Path:
-        """Write everything needed to continue (atomic). ``extra``: plain data of the caller, e.g. label names."""
+        """Write everything needed to continue (atomic). ``extra``: plain data of the caller, e.g. label names.
+
+        With several processes only rank 0 writes (the state is the same on every rank); the others return the path.
+        """
+        if not self.world.main:
+            return Path(path)
         return save_state(path, {**self.state_dict(), "extra": dict(extra or {})})
 
     def _load_checkpoint(self_or_class, path: str | Path, device: torch.device | str = "cpu", train: TrainSection | None = None):
