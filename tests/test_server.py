@@ -198,6 +198,38 @@ def test_corrupt_or_mismatched_versions_are_refused_and_old_keeps_answering(repo
         assert client.predict(images(1)).model_version == 5
 
 
+def nan_model(path: Path) -> Path:
+    """A model with the right signature whose outputs are NaN: it loads, but its warm-up must fail."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2], keepdims=0),  # (N, 3)
+        helper.make_node("Sub", ["m", "m"], ["zero"]),
+        helper.make_node("Div", ["zero", "zero"], ["logits"]),  # 0 / 0
+        helper.make_node("Identity", ["logits"], ["probs"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nan",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", SIZE, SIZE, 3])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", len(CLASSES)]) for name in ("logits", "probs")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_version_failing_warm_up_is_refused(repo, onnx_models, tmp_path, caplog):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section(poll_s=3600)) as server, InferenceClient(server.endpoint) as client:
+        publish(repo, nan_model(tmp_path / "nan.onnx"))
+        server.check_now()
+        assert wait_for(lambda: server.counters["swap_failures"] == 1)
+        assert "not finite" in caplog.text
+        assert server.version == 1 and client.predict(images(1)).model_version == 1
+
+
 def test_announcement_triggers_swap_without_polling(repo, onnx_models):
     publish(repo, onnx_models[0])
     announcer = Announcer("tcp://127.0.0.1:*")
