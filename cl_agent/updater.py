@@ -178,6 +178,13 @@ class Updater:
             budget = budget / len(pending)
 
         labeled, labels, unlabeled = self._load(chosen)
+        known = labels < self.cfg.model.num_classes  # spool.max_classes may allow more names than the model has outputs
+        if not known.all():
+            log.warning("experiences %s: %d labeled samples have a class id >= model.num_classes (%d); left out",
+                        chosen, int((~known).sum()), self.cfg.model.num_classes)
+            labeled, labels = labeled[known], labels[known]
+        if len(labeled) < 2:  # undecodable or too few samples: never let one experience stop the trainer for good
+            return self._skip(chosen, len(pending), f"{len(labeled)} usable labeled images, an update needs 2")
         names = self.class_names()
         before = online_accuracy(self.trainer.predict(torch.from_numpy(labeled)), labels, names)
 
@@ -208,6 +215,17 @@ class Updater:
         for index in chosen:
             self.store.mark_trained(index)
         return UpdateResult(chosen, version, record)
+
+    def _skip(self, chosen: list[int], pending: int, reason: str) -> UpdateResult:
+        """Record and mark experiences that cannot be trained (no update, no version); the record says why."""
+        log.warning("experiences %s skipped: %s", chosen, reason)
+        record = {**self._record(chosen, pending, {}, None, None, 0.0, 0.0, None), "recovered": False, "skipped": reason}
+        recorded = {i for r in read_experience_records(self.workdir) for i in r.get("merged", [])}
+        if not set(chosen) <= recorded:  # a crash between the record and the marks must not record them twice
+            append_experience_record(self.workdir, record)
+        for index in chosen:
+            self.store.mark_trained(index)
+        return UpdateResult(chosen, None, record)
 
     def _record(self, chosen, pending, before, metrics, data, update_seconds, export_seconds, version) -> dict:
         labels, unlabeled = data if data else ((), ())
