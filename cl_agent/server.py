@@ -33,7 +33,7 @@ import zmq
 from cl_agent.config import AgentConfig, ServeSection, WireSection
 from cl_agent.errors import CLAgentError
 from cl_agent.repository import ModelRepository, parse_announcement
-from cl_agent.session import LoadedModel, ModelLoadError, load_model
+from cl_agent.session import LoadedModel, ModelLoadError, choose_providers, load_model
 from cl_agent.wire import Message, WireError, decode_message, reply
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class Server:
     ):
         self.repository = repository
         self.serve = serve
+        self.providers = choose_providers(serve.providers)  # fails here, loudly, on a provider that is not installed
         self.wire = wire or WireSection()
         self.announce_endpoint = announce_endpoint
         self._context = context or zmq.Context.instance()

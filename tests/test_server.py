@@ -323,3 +323,10 @@ def test_serve_command_answers_and_exits_cleanly_on_sigterm(repo, onnx_models):
             process.kill()
     assert process.returncode == 0, output.decode()
     assert b"stopping" in output
+
+
+def test_unknown_provider_is_refused_at_start(repo):
+    from cl_agent.errors import CLAgentError
+
+    with pytest.raises(CLAgentError, match="NoSuchExecutionProvider"):
+        Server(repo, serve_section(providers=["NoSuchExecutionProvider"]))
