@@ -334,7 +334,7 @@ def parse_announcement(frames: list[bytes]) -> dict:
     return body
 
 
-# --------------------------------------------------------------------------- command line helpers
+# --------------------------------------------------------------------------- command line
 
 
 def print_versions(repo: str | os.PathLike, model: str) -> int:
