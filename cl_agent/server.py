@@ -243,9 +243,8 @@ class Server:
         count = 0
         deadline = None
         while count < self.serve.max_batch:
-            try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            # EVENTS rather than a non-blocking recv: no exception raised on the common "nothing more" path.
+            if not router.get(zmq.EVENTS) & zmq.POLLIN:
                 if len(batch) < 2 or self.serve.max_wait_ms <= 0:
                     break
                 deadline = deadline or time.monotonic() + self.serve.max_wait_ms / 1000
@@ -253,7 +252,7 @@ class Server:
                 if remaining <= 0 or not router.poll(remaining * 1000):
                     break
                 continue
-            request = self._parse(router, frames, model)
+            request = self._parse(router, router.recv_multipart(), model)
             if request is not None:
                 batch.append(request)
                 count += len(request.images)
