@@ -332,6 +332,10 @@ def run_fuzz(messages: int = 10_000, seed: int = 0, workdir: Path | None = None,
         sockets[name] = sock
     valid = ValidTraffic(address["labeled"], address["serve"], seed + 1)
     valid.start()
+    # the valid client names every class first, so the fuzzer's new class names cannot take the model's places
+    deadline = time.monotonic() + 120
+    while valid.acked < 1 and not valid.finished.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
     sent: Counter = Counter()
     by_case: Counter = Counter()
     replies: Counter = Counter()
