@@ -41,6 +41,17 @@ class ExportsSomethingElse(nn.Module):
         return logits
 
 
+class FlipsANearTie(nn.Module):
+    """Two classes 1e-5 apart in probability; the export nudges the order: within parity_atol, top-1 changed."""
+
+    def forward(self, x):
+        base = x.mean(dim=(1, 2, 3)).unsqueeze(1) * 0.0  # (B, 1) zeros that depend on the input
+        logits = base + torch.tensor([0.0, 2e-5])
+        if torch.compiler.is_exporting():
+            logits = logits + torch.tensor([4e-5, 0.0])
+        return logits
+
+
 def real_images(n: int, size: int) -> np.ndarray:
     """Smooth, photo-like images (gradients + a disc), unlike uniform noise."""
     import cv2
@@ -111,6 +122,12 @@ def test_export_that_disagrees_with_torch_is_refused_and_leaves_no_file(tmp_path
         export_onnx([ExportsSomethingElse()], path, image_size=16, mean=MEAN, std=STD, export=ExportSection())
     assert isinstance(info.value, CLAgentError)
     assert not path.exists()
+
+
+def test_top1_change_is_refused_even_within_atol(tmp_path):
+    with pytest.raises(ExportError, match="top-1 differs"):
+        export_onnx([FlipsANearTie()], tmp_path / "flip.onnx", image_size=16, mean=MEAN, std=STD, export=ExportSection())
+    assert not (tmp_path / "flip.onnx").exists()
 
 
 def test_bad_arguments_are_named(tmp_path):
