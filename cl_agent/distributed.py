@@ -149,14 +149,15 @@ def plain_batchnorm(module: nn.Module) -> nn.Module:
 def data_parallel(module: nn.Module, device: torch.device, world: World) -> nn.Module:
     """DistributedDataParallel around ``module`` when several processes run; the module itself otherwise.
 
-    Unused parameters are allowed (the rotation head of methods without SSL);
-    buffers are not broadcast at every forward: the trainer broadcasts them
-    once after each step (``World.broadcast_buffers``).
+    Unused parameters are allowed (the rotation head of methods without SSL, or
+    of a step without unlabeled frames); buffers are synchronised at
+    construction but not at every forward: the trainer broadcasts them once
+    after each step (``World.broadcast_buffers``).
     """
     if not world.active:
         return module
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True, forward_sync_buffers=False)
 
 
 # --------------------------------------------------------------------------- processes
