@@ -369,7 +369,11 @@ def rollback(repo: str | os.PathLike, model: str, to: int, announce_endpoint: st
     version = repository.rollback(to)
     typer.echo(f"rolled {model!r} back to version {to}: published as version {version}")
     if announce_endpoint:
-        announcer = Announcer(announce_endpoint)
+        try:
+            announcer = Announcer(announce_endpoint)
+        except CLAgentError as e:  # e.g. the running agent holds the endpoint: servers still find it by polling
+            typer.echo(f"warning: not announced ({e}); servers pick version {version} up at their next poll", err=True)
+            return 0
         # Give subscribers a moment to (re)connect to the new PUB socket; pollers catch up anyway.
         time.sleep(0.5)
         announcer.announce(model, version, repository.load_manifest(version)["sha256"])

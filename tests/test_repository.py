@@ -139,6 +139,16 @@ def test_models_list_and_rollback_commands(tmp_path):
     assert rolled.exit_code == 0, rolled.output
     assert "version 3" in rolled.output and repo.load_manifest(3)["rollback_of"] == 1
 
+    # An endpoint someone else holds: the rollback stands, only the announcement is skipped.
+    holder = Announcer("tcp://127.0.0.1:*")
+    try:
+        busy = runner.invoke(
+            app, ["models", "rollback", "--to", "2", "--repo", str(root), "--model", "student", "--announce", holder.endpoint]
+        )
+    finally:
+        holder.close()
+    assert busy.exit_code == 0 and "not announced" in busy.output and repo.load_manifest(4)["rollback_of"] == 2
+
     bad = runner.invoke(app, ["models", "rollback", "--to", "9", "--repo", str(root), "--model", "student"])
     assert bad.exit_code != 0 and isinstance(bad.exception, CLAgentError) and "no version 9" in str(bad.exception)
     assert json.loads((root / "student" / "3" / "manifest.json").read_text())["version"] == 3
