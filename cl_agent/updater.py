@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -41,6 +42,7 @@ log = logging.getLogger("cl_agent.updater")
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_RE = re.compile(r"^exp-(\d{6})\.pt$")
 KEEP_CHECKPOINTS = 2
+EXPORT_TEMP_PREFIX = "export-"  # temp folders of an export in progress (removed on start if a crash left one)
 
 
 class UpdateInterrupted(Exception):
@@ -136,6 +138,8 @@ class Updater:
         return sorted(found)
 
     def _restore(self) -> None:
+        for stale in self.workdir.glob(f"{EXPORT_TEMP_PREFIX}*"):  # left by an export that a crash interrupted
+            shutil.rmtree(stale, ignore_errors=True)
         checkpoints = self._checkpoints()
         if not checkpoints:
             return
@@ -266,7 +270,7 @@ class Updater:
         from cl_agent.export import export_onnx
 
         model = self.cfg.model
-        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+        with tempfile.TemporaryDirectory(prefix=EXPORT_TEMP_PREFIX, dir=self.workdir) as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             parity = export_onnx(
                 self.trainer.inference_modules(),

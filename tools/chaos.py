@@ -63,6 +63,7 @@ from cl_agent.synthetic import CLASS_NAMES, make_batch
 
 IMAGE_SIZE = 16
 SENDER = "chaos-labeler"
+EXPORT_TEMP_PREFIX = "export-"  # cl_agent.updater.EXPORT_TEMP_PREFIX (not imported: it would load torch here)
 MUST_BE_ZERO = (
     "lost_samples",
     "duplicate_samples",
@@ -195,7 +196,7 @@ def agent_config(workdir: Path, **extra):
 class LabeledStream(threading.Thread):
     """Streams small labeled batches and cuts experiences; remembers what was acked."""
 
-    def __init__(self, endpoint: str, seed: int, end_every: tuple[int, int] = (3, 8), pause_s: float = 0.15):
+    def __init__(self, endpoint: str, seed: int, end_every: tuple[int, int] = (5, 25), pause_s: float = 0.15):
         super().__init__(name="labeled-sender", daemon=True)
         self.endpoint = endpoint
         self.rng = np.random.default_rng(seed)
@@ -379,7 +380,7 @@ def kill_phase(agent: AgentProcess, cfg) -> str:
     model_dir = Path(cfg.repository.root) / cfg.agent.model_name
     if model_dir.is_dir() and any(p.name.startswith(".tmp-") and fresh(p) for p in model_dir.iterdir()):
         return "publish"  # copying a version into the repository
-    if any(p.is_dir() and p.name.startswith("tmp") and fresh(p) for p in workdir.iterdir()):
+    if any(p.is_dir() and p.name.startswith(EXPORT_TEMP_PREFIX) and fresh(p) for p in workdir.iterdir()):
         return "export"  # ONNX export + parity check
     if ExperienceStore(workdir).pending():
         return "backlog"  # experiences waiting: the trainer is starting, restoring or training
@@ -459,6 +460,13 @@ def check_versions(cfg, watcher: RepositoryWatcher) -> dict:
     }
 
 
+def _count_lines(path: Path, text: str) -> int:
+    try:
+        return path.read_text(errors="replace").count(text)
+    except FileNotFoundError:
+        return 0
+
+
 def wait_until_trained(cfg, agent: AgentProcess, timeout_s: float) -> bool:
     store = ExperienceStore(cfg.agent.workdir)
     deadline = time.monotonic() + timeout_s
@@ -486,7 +494,7 @@ def run_chaos(trials: int = 20, seed: int = 0, workdir: Path | None = None, max_
         raise CLAgentError(f"--workdir {workdir} is not empty; the crash test starts from nothing")
     workdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    cfg, config_path = agent_config(workdir, **{"experience.labeled_samples": 40})
+    cfg, config_path = agent_config(workdir, **{"experience.labeled_samples": 60})
     log_path = workdir / "agent-process.log"
     say(f"workdir {workdir}; {trials} trials, kill delay uniform in [{min_delay_s}, {max_delay_s}] s")
 
@@ -540,6 +548,9 @@ def run_chaos(trials: int = 20, seed: int = 0, workdir: Path | None = None, max_
         "nacked_messages": len(labeled.nacked),
         **check_samples(Path(cfg.agent.workdir), labeled.acked),
         **check_versions(cfg, watcher),
+        # versions the hosted server refused to load (informational: a load can race retention)
+        "server_swap_failures": _count_lines(Path(cfg.agent.workdir) / "server.log", "not swapping to version"),
+        "leftover_export_dirs": len(list(Path(cfg.agent.workdir).glob(f"{EXPORT_TEMP_PREFIX}*"))),
         "final_exit_code": exit_code,
         "all_trained": trained_all,
         "kill_phases": dict(phases),
