@@ -277,6 +277,19 @@ def agent_children(pid: int) -> dict[str, int]:
 
 
 
+def drain(sockets: dict, replies: Counter, answers: dict[str, Counter]) -> None:
+    """Take every reply waiting on the DEALER sockets; count them by endpoint and by kind or refusal reason."""
+    for name in ("labeled", "control", "serve"):
+        while sockets[name].poll(0):
+            parts = sockets[name].recv_multipart()
+            replies[name] += 1
+            try:
+                header = json.loads(parts[-1])
+                answers[name][header.get("reason") or header.get("kind", "?")] += 1
+            except (ValueError, AttributeError):
+                answers[name]["unreadable_reply"] += 1
+
+
 def _counters_settled(workdir: str, timeout_s: float = 60.0) -> dict:
     """state.json counters once the agent has taken everything (they stop changing), or after the timeout."""
     deadline = time.monotonic() + timeout_s
@@ -339,6 +352,7 @@ def run_fuzz(messages: int = 10_000, seed: int = 0, workdir: Path | None = None,
     sent: Counter = Counter()
     by_case: Counter = Counter()
     replies: Counter = Counter()
+    answers: dict[str, Counter] = {name: Counter() for name in ("labeled", "control", "serve")}
     send_timeouts = 0
     exit_code = None
     try:
@@ -352,10 +366,7 @@ def run_fuzz(messages: int = 10_000, seed: int = 0, workdir: Path | None = None,
                 continue
             sent[endpoint] += 1
             by_case[case] += 1
-            for name in ("labeled", "control", "serve"):  # drain replies so no queue fills
-                while sockets[name].poll(0):
-                    sockets[name].recv_multipart()
-                    replies[name] += 1
+            drain(sockets, replies, answers)  # so no reply queue fills
             if (i + 1) % 25 == 0:  # valid traffic goes on between the fuzz: at least one valid batch per 25 messages
                 target, wait_until = valid.sent + 1, time.monotonic() + 10
                 while valid.sent < target and time.monotonic() < wait_until and not valid.finished.is_set():
@@ -369,10 +380,7 @@ def run_fuzz(messages: int = 10_000, seed: int = 0, workdir: Path | None = None,
         valid.finished.wait(120)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            for name in ("labeled", "control", "serve"):
-                while sockets[name].poll(0):
-                    sockets[name].recv_multipart()
-                    replies[name] += 1
+            drain(sockets, replies, answers)
             time.sleep(0.1)
         counters = _counters_settled(cfg.agent.workdir)
         server = _server_counters(address["serve"])
@@ -398,6 +406,8 @@ def run_fuzz(messages: int = 10_000, seed: int = 0, workdir: Path | None = None,
         "sent_by_case": dict(sorted(by_case.items())),
         "send_timeouts": send_timeouts,
         "replies_received": dict(replies),
+        # what the fuzzer's own messages got back, per endpoint: ack, or the nack/error reason (the server's by reason too)
+        "replies_by_reason": {name: dict(sorted(c.items())) for name, c in answers.items()},
         "rejected_by_reason": dict(sorted(counters.get("rejected", {}).items())),
         "rejected_total": sum(counters.get("rejected", {}).values()),
         "agent_counters": {k: counters.get(k) for k in ("labeled_messages", "labeled_acked", "labeled_nacked", "frames_received", "frames_accepted", "frames_rejected", "control_messages", "experiences_cut")},
