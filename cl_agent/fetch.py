@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import threading
+import time
 
 import zmq
 
@@ -216,6 +217,7 @@ class FetchClient:
         curve_secret_key: str | os.PathLike | None = None,
         curve_server_key: str | os.PathLike | None = None,
         context: zmq.Context | None = None,
+        stop: threading.Event | None = None,
     ):
         if timeout_s <= 0 or retries < 0 or chunk_bytes < 1:
             raise CLAgentError(f"timeout_s must be > 0, retries >= 0, chunk_bytes >= 1; got {timeout_s}, {retries}, {chunk_bytes}")
@@ -230,6 +232,7 @@ class FetchClient:
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
         self._seq = itertools.count(1)
+        self._stop = stop  # set: a waiting request gives up at once (reason "stopped")
         self.sender = f"follower-{os.getpid()}-{id(self):x}"
 
     def _connect(self) -> zmq.Socket:
@@ -259,9 +262,12 @@ class FetchClient:
             if self._socket is None:
                 self._socket = self._connect()
             self._socket.send_multipart(request)
-            if self._socket.poll(self.timeout_ms):
+            if self._wait_for_reply():
                 frames = self._socket.recv_multipart()
                 break
+            if self._stop is not None and self._stop.is_set():
+                self.close()
+                raise FetchError("stopped", f"stopped while waiting for {self.endpoint}")
             self.close()  # a REQ socket whose reply is lost cannot send again: start over
         else:
             raise FetchError("timeout", f"no reply from {self.endpoint} after {self.retries + 1} attempts of {self.timeout_ms} ms")
@@ -278,6 +284,17 @@ class FetchClient:
         if header.get("kind") != expected or header.get("seq") != seq:
             raise FetchError("bad_reply", f"expected {expected} #{seq}, got {header.get('kind')!r} #{header.get('seq')!r}")
         return header, frames[1:]
+
+    def _wait_for_reply(self) -> bool:
+        """Poll for the reply up to the timeout, in slices, so that a stop does not wait the whole timeout."""
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while not (self._stop is not None and self._stop.is_set()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._socket.poll(min(100, max(1, int(remaining * 1000)))):
+                return True
+        return False
 
     def list_versions(self) -> list[int]:
         header, _ = self._call("list_versions", "versions")

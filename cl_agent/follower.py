@@ -131,6 +131,7 @@ class RepositoryFollower:
         self.max_model_bytes = max_model_bytes
         self.on_install = on_install
         self._context = context or zmq.Context.instance()
+        self._stop = threading.Event()
         self.client = FetchClient(
             fetch_endpoint,
             local_repository.model_name,
@@ -140,9 +141,9 @@ class RepositoryFollower:
             curve_secret_key=curve_secret_key,
             curve_server_key=curve_server_key,
             context=self._context,
+            stop=self._stop,
         )
         self.counters = {"syncs": 0, "installs": 0, "announcements": 0, "corrupt": 0, "fetch_errors": 0, "bytes": 0}
-        self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned_behind: int | None = None
@@ -234,6 +235,8 @@ class RepositoryFollower:
                 try:
                     self.sync_once()
                 except (CLAgentError, OSError) as e:  # counted and retried; the local server keeps serving
+                    if self._stop.is_set():
+                        break
                     if not isinstance(e, FetchError) or e.reason != "corrupt":
                         self.counters["fetch_errors"] += 1
                     log.warning("fetch from %s failed, retrying in %.1f s: %s", self.client.endpoint, delay, e)

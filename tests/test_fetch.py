@@ -272,6 +272,16 @@ def test_curve_follower_needs_an_authorized_key(tmp_path, source, models):
             assert edge.answers(1)
 
 
+def test_a_follower_of_an_unreachable_agent_stops_at_once(tmp_path):
+    follower = RepositoryFollower(f"tcp://127.0.0.1:{free_port()}", None, ModelRepository(tmp_path, "student"), timeout_s=5.0)
+    follower.start()
+    time.sleep(0.3)  # inside its first request, waiting for a reply that will not come
+    started = time.monotonic()
+    follower.stop()
+    assert time.monotonic() - started < 1.0
+    assert follower.counters["syncs"] == 1 and follower.counters["fetch_errors"] == 0
+
+
 def test_derived_announce_endpoint():
     assert derived_announce_endpoint("tcp://agent.lan:5560", "tcp://127.0.0.1:5557") == "tcp://agent.lan:5557"
     assert derived_announce_endpoint("tcp://10.0.0.2:7000", "tcp://0.0.0.0:7001") == "tcp://10.0.0.2:7001"
