@@ -18,7 +18,8 @@ as a separate ``cl-agent serve`` process, the clients run here.
   server's own medians of time in session.run and of everything else it did.
 - steady / swaps: an open-loop load (requests sent on a fixed schedule, replies
   collected asynchronously, latency counted from the scheduled send time) at
-  --rate requests/s; first without swaps (steady p99), then while a new version
+  --rate requests/s; without swaps for --steady-s seconds, half before and half
+  after the swap phase (steady p99), and in between while a new version
   is published and announced by a thread standing in for the trainer (at nice
   --publisher-nice), which waits until the server answers with it and then
   --swap-interval seconds more before publishing the next. Latencies of the first 0.25 s of each load run
@@ -198,14 +199,21 @@ def run_load(endpoint: str, rate: float, during) -> dict:
     return result
 
 
-def summarise(result: dict, rate: float, warmup_s: float = 0.25) -> dict:
-    """Failures over every request; latencies without the first ``warmup_s`` (connection set-up)."""
-    done, total, scheduled = result["done"], result["total"], result["scheduled"]
-    failed = total - sum(1 for _, version in done.values() if version >= 0)
-    latencies = [lat for seq, (lat, version) in done.items() if version >= 0 and scheduled[seq] >= warmup_s]
-    ordered = [done[s][1] for s in sorted(done) if done[s][1] >= 0]
-    changes = sum(1 for a, b in zip(ordered, ordered[1:]) if b != a)
-    seconds = max(scheduled.values(), default=0.0)
+def summarise(results: list[dict], warmup_s: float = 0.25) -> dict:
+    """One summary over load runs: failures over every request; latencies without each run's first ``warmup_s``."""
+    total = failed = changes = 0
+    seconds = 0.0
+    latencies: list[float] = []
+    versions: set[int] = set()
+    for result in results:
+        done, scheduled = result["done"], result["scheduled"]
+        total += result["total"]
+        failed += result["total"] - sum(1 for _, version in done.values() if version >= 0)
+        latencies += [lat for seq, (lat, version) in done.items() if version >= 0 and scheduled[seq] >= warmup_s]
+        ordered = [done[s][1] for s in sorted(done) if done[s][1] >= 0]
+        changes += sum(1 for a, b in zip(ordered, ordered[1:]) if b != a)
+        versions.update(ordered)
+        seconds += max(scheduled.values(), default=0.0)
     summary = {
         "requests": total,
         "failed_requests": failed,
@@ -214,7 +222,7 @@ def summarise(result: dict, rate: float, warmup_s: float = 0.25) -> dict:
         "version_changes": changes,
     }
     summary.update(percentiles(latencies) if latencies else {"p50_ms": None, "p99_ms": None})
-    summary["versions_seen"] = sorted(set(ordered))
+    summary["versions_seen"] = sorted(versions)
     return summary
 
 
@@ -224,7 +232,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (server and bare) and torch threads")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved measurement rounds per batch size")
     parser.add_argument("--rate", type=float, default=250.0, help="requests/s of the steady load")
-    parser.add_argument("--steady-s", type=float, default=6.0, help="seconds of steady load without swaps")
+    parser.add_argument("--steady-s", type=float, default=8.0, help="seconds of steady load without swaps (half before, half after the swaps)")
     parser.add_argument("--swaps", type=int, default=12, help="versions to publish under load")
     parser.add_argument("--swap-interval", type=float, default=0.3, help="seconds a version serves before the next is published")
     parser.add_argument("--publisher-nice", type=int, default=10, help="nice value of the publishing thread (0 = same as the server)")
@@ -259,7 +267,9 @@ def main() -> int:
             b32 = measure_latency(client, torch_graph, session, 32, args.rounds, 10)
 
             say(f"steady open-loop load at {args.rate:.0f} req/s ...")
-            steady = summarise(run_load(endpoint, args.rate, lambda: time.sleep(args.steady_s)), args.rate)
+            # Steady load in two halves, before and after the swaps, so a drift in the background
+            # load over the run weighs on both figures alike.
+            steady_runs = [run_load(endpoint, args.rate, lambda: time.sleep(args.steady_s / 2))]
 
             published: list[int] = []
             probe_failures: list[str] = []
@@ -293,7 +303,10 @@ def main() -> int:
                 thread.join()
 
             say(f"{args.swaps} swaps under the same load ...")
-            swaps = summarise(run_load(endpoint, args.rate, publish_versions), args.rate)
+            swaps = summarise([run_load(endpoint, args.rate, publish_versions)])
+            say("steady load again ...")
+            steady_runs.append(run_load(endpoint, args.rate, lambda: time.sleep(args.steady_s / 2)))
+            steady = summarise(steady_runs)
             swaps["failed_requests"] += len(probe_failures)
             client.close()
         finally:
