@@ -13,7 +13,8 @@ from agent_harness import AgentProcess, send_experience, tiny_agent_config, wait
 from cl_agent.cli import app
 from cl_agent.client import FrameClient, LabeledClient
 from cl_agent.experience import ExperienceStore
-from cl_agent.inference import InferenceClient, InferenceError
+from cl_agent.errors import CLAgentError
+from cl_agent.inference import InferenceClient
 from cl_agent.repository import ModelRepository
 from cl_agent.status import read_experience_records, read_state
 
@@ -21,11 +22,11 @@ from cl_agent.status import read_experience_records, read_state
 def served_version(client) -> int | None:
     try:
         return client.predict(np.zeros((1, 16, 16, 3), np.uint8)).model_version
-    except InferenceError:  # e.g. no_model while the server loads its first version
+    except CLAgentError:  # no_model while the server loads its first version, or a timeout under load
         return None
 
 
-def wait_served(client, version: int, timeout_s: float = 60) -> None:
+def wait_served(client, version: int, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while served_version(client) != version:
         assert time.monotonic() < deadline, f"server never moved to version {version}"
