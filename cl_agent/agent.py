@@ -133,6 +133,25 @@ class Agent:
         self._lock_file.write(f"{os.getpid()}\n")
         self._lock_file.flush()
 
+    def _watch_served_version(self, state: dict, metrics, view) -> None:
+        """Ask the hosted server which version it serves (a thread: a slow server never stalls ingestion)."""
+        from cl_agent.inference import InferenceClient
+
+        client = InferenceClient(self.cfg.serve.endpoint, timeout_s=1.0, retries=0, sender="agent-watch")
+        try:
+            while not self.stop_requested.wait(self.cfg.metrics.state_interval_s):
+                try:
+                    version = client.status().get("model_version")
+                except CLAgentError:
+                    continue  # starting, restarting or busy: try again next time
+                if version is not None and version != state.get("served_version"):
+                    state["served_version"] = version
+                    metrics.set_served_version(version)
+                    if view is not None:
+                        view.update({"served_version": version})
+        finally:
+            client.close()
+
     def _latest_version(self) -> int | None:
         from cl_agent.repository import ModelRepository
 
@@ -186,6 +205,10 @@ class Agent:
         if cfg.agent.host_server:
             self._start_server()
         view = LiveView.from_section(cfg.metrics, sys.stderr)
+        if cfg.agent.host_server:
+            threading.Thread(
+                target=self._watch_served_version, args=(state, metrics, view), name="served-version", daemon=True
+            ).start()
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: self.stop_requested.set())

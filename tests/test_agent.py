@@ -60,6 +60,10 @@ def test_agent_learns_publishes_serves_and_survives_kill9(tmp_path):
         wait_served(inference, 3)
         inference.close()
 
+        deadline = time.monotonic() + 60  # the agent asks its hosted server which version it serves
+        while (read_state(cfg.agent.workdir) or {}).get("served_version") != 3:
+            assert time.monotonic() < deadline, "the agent never saw its server move to version 3"
+            time.sleep(0.2)
         result = CliRunner().invoke(app, ["status", "--workdir", cfg.agent.workdir])
         assert result.exit_code == 0, result.output
         assert "running" in result.output.lower()
