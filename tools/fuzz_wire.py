@@ -257,7 +257,7 @@ class ValidTraffic(threading.Thread):
 
 
 def agent_children(pid: int) -> dict[str, int]:
-    """The agent's child processes by role: the trainer and the server (spawned in that order), multiprocessing helpers."""
+    """The agent's child processes by role: the trainer and the server (spawned in that order) and multiprocessing's resource tracker."""
     roles: dict[str, int] = {}
     workers = []
     for child in sorted(child_pids(pid)):
