@@ -55,15 +55,22 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _trainer_main(cfg: AgentConfig, stop: mp.Event, results: mp.Queue, parent_pid: int) -> None:
+def _child_logging(cfg: AgentConfig, name: str, to_stderr: bool) -> None:
+    """A child logs to its own file in the workdir, and to stderr unless the parent draws a live view there."""
+    from cl_agent.logs import setup_logging
+
+    stream = None if to_stderr else open(os.devnull, "w")
+    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / name, stream=stream)
+    quiet_libraries()
+
+
+def _trainer_main(cfg: AgentConfig, stop: mp.Event, results: mp.Queue, parent_pid: int, to_stderr: bool = True) -> None:
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (via ``stop``)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from cl_agent.logs import setup_logging
     from cl_agent.updater import update_loop
 
-    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "trainer.log")
-    quiet_libraries()
+    _child_logging(cfg, "trainer.log", to_stderr)
     flag = threading.Event()
 
     def watch() -> None:  # mirror the cross-process event and the parent's liveness into a thread event
@@ -90,13 +97,12 @@ def _trainer_main(cfg: AgentConfig, stop: mp.Event, results: mp.Queue, parent_pi
         raise SystemExit(1) from None
 
 
-def _server_main(cfg: AgentConfig, parent_pid: int) -> None:
+def _server_main(cfg: AgentConfig, parent_pid: int, to_stderr: bool = True) -> None:
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from cl_agent.logs import setup_logging
     from cl_agent.server import serve_forever
 
-    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "server.log")
+    _child_logging(cfg, "server.log", to_stderr)
     raise SystemExit(serve_forever(cfg))
 
 
@@ -104,8 +110,10 @@ def _server_main(cfg: AgentConfig, parent_pid: int) -> None:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig):
+    def __init__(self, cfg: AgentConfig, view=None):
         self.cfg = cfg
+        self.view = view  # cl_agent.console.LiveView, or None
+        self.children_log_to_stderr = not (view is not None and view.tty)
         self.workdir = Path(cfg.agent.workdir)
         self.ctx = mp.get_context("spawn")
         self.stop_requested = threading.Event()
@@ -159,12 +167,16 @@ class Agent:
 
     def _start_trainer(self) -> None:
         self.trainer = self.ctx.Process(
-            target=_trainer_main, args=(self.cfg, self.trainer_stop, self.results, os.getpid()), name="cl-agent-trainer"
+            target=_trainer_main,
+            args=(self.cfg, self.trainer_stop, self.results, os.getpid(), self.children_log_to_stderr),
+            name="cl-agent-trainer",
         )
         self.trainer.start()
 
     def _start_server(self) -> None:
-        self.server = self.ctx.Process(target=_server_main, args=(self.cfg, os.getpid()), name="cl-agent-server")
+        self.server = self.ctx.Process(
+            target=_server_main, args=(self.cfg, os.getpid(), self.children_log_to_stderr), name="cl-agent-server"
+        )
         self.server.start()
 
     def _start_fetch_service(self) -> None:
@@ -183,7 +195,6 @@ class Agent:
             log.error("model fetch endpoint not started, remote servers cannot follow: %s", e)
 
     def run(self) -> int:
-        from cl_agent.console import LiveView
         from cl_agent.ingest import IngestService
         from cl_agent.metrics import AgentMetrics, serve_from_config
         from cl_agent.status import initial_state, write_state
@@ -204,7 +215,7 @@ class Agent:
         self._start_trainer()
         if cfg.agent.host_server:
             self._start_server()
-        view = LiveView.from_section(cfg.metrics, sys.stderr)
+        view = self.view
         if cfg.agent.host_server:
             threading.Thread(
                 target=self._watch_served_version, args=(state, metrics, view), name="served-version", daemon=True
@@ -232,7 +243,7 @@ class Agent:
                 )
                 state.update(counters=counters, pending_experiences=pending)
                 if view is not None:
-                    view.update({"ingest": {k: v for k, v in counters.items() if isinstance(v, (int, float))}, "backlog": pending})
+                    view.update({"ingest": _rate_counters(counters), "backlog": pending})
                 now = time.monotonic()
                 if now - last_state >= cfg.metrics.state_interval_s:
                     write_state(self.workdir, state)
@@ -319,10 +330,23 @@ class Agent:
         log.info("stopped")
 
 
+def _rate_counters(counters: dict) -> dict:
+    """The ingest totals the live view shows as rates."""
+    return {
+        "labeled images": counters["labeled_images_acked"],
+        "frames": counters["frames_accepted"],
+        "dropped": counters["frames_dropped"],
+        "rejected": sum(counters["rejected"].values()),
+    }
+
+
 def run_agent(cfg: AgentConfig) -> int:
+    from cl_agent.console import LiveView
     from cl_agent.logs import setup_logging
 
     Path(cfg.agent.workdir).mkdir(parents=True, exist_ok=True)
-    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "agent.log")
+    view = LiveView.from_section(cfg.metrics, sys.stderr)
+    stream = view.log_stream() if view is not None else None
+    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "agent.log", stream=stream)
     quiet_libraries()
-    return Agent(cfg).run()
+    return Agent(cfg, view).run()
