@@ -160,6 +160,16 @@ def data_parallel(module: nn.Module, device: torch.device, world: World) -> nn.M
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True, forward_sync_buffers=False)
 
 
+def check_agent_nproc(nproc: int) -> None:
+    """Refuse train.nproc > 1 for ``cl-agent run``: its trainer is one process (ingestion, export and publishing live beside it)."""
+    if nproc != 1:
+        raise CLAgentError(
+            f"train.nproc = {nproc}: `cl-agent run` trains in one process; set train.nproc = 1. "
+            f"A multi-process update runs under torchrun: torchrun --nproc_per_node {nproc} -m cl_agent.distributed ... "
+            f"(see docs/method.md, Distributed updates)"
+        )
+
+
 # --------------------------------------------------------------------------- processes
 
 
