@@ -476,7 +476,9 @@ class Trainer:
         keeping this trainer's train section and device, and returns it; the model
         section must match. On the class (``Trainer.load_checkpoint(path, device,
         train)``): builds a new trainer from the stored sections (``train``
-        replaces the stored one, e.g. for a new budget).
+        replaces the stored one, e.g. for a new budget; without it the stored one
+        is used with ``nproc`` set to the processes running now, so an update made
+        in several processes loads in one and vice versa).
         """
         state = load_state(path)
         stored_model = _section(ModelSection, state["model"], path)
@@ -487,7 +489,9 @@ class Trainer:
                     f"checkpoint {str(path)!r} was made for model {stored_model}, this trainer has {trainer.model_config}"
                 )
         else:
-            stored_train = train or _section(TrainSection, state["train"], path)
+            stored_train = train or dataclasses.replace(
+                _section(TrainSection, state["train"], path), nproc=distributed.current_world().size
+            )
             trainer = self_or_class(stored_model, stored_train, device, seed=int(state["seed"]))
         trainer.load_state_dict(state)
         trainer.checkpoint_extra = state.get("extra", {})

@@ -55,10 +55,12 @@ def _mirrored(nproc: int) -> dict:
     return {"losses": losses, "initial": initial, "student": trainer.student.state_dict(), "memory": trainer.memory.state_dict()}
 
 
-def _streamed(nproc: int) -> dict:
+def _streamed(nproc: int, checkpoint: str | None = None) -> dict:
     (experiences, templates) = _stream()
     trainer = Trainer(tiny_model(4), tiny_train(augment=False, nproc=nproc), seed=0)
     results = [trainer.train_experience(*experience, steps=8) for experience in experiences]
+    if checkpoint is not None:
+        trainer.save_checkpoint(checkpoint)
     held_out = torch.arange(4).repeat_interleave(16)
     state = trainer.state_dict()
     del state["rng"]["torch"]  # the process-global RNG is not the trainer's (it draws from its own generators)
@@ -69,14 +71,14 @@ def _streamed(nproc: int) -> dict:
     }
 
 
-def _both(nproc: int) -> dict:
-    return {"mirrored": _mirrored(nproc), "stream": _streamed(nproc)}
+def _both(nproc: int, checkpoint: str | None = None) -> dict:
+    return {"mirrored": _mirrored(nproc), "stream": _streamed(nproc, checkpoint)}
 
 
 def _rank(out: str) -> None:
     torch.set_num_threads(1)
     world, _ = distributed.init_from_env("cpu")
-    save_state(f"{out}/rank-{world.rank}.pt", _both(world.size))
+    save_state(f"{out}/rank-{world.rank}.pt", _both(world.size, checkpoint=f"{out}/checkpoint-{world.rank}.pt"))
 
 
 def _leaves(value, prefix=""):
@@ -101,11 +103,11 @@ def _same(a, b) -> list[str]:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     distributed.spawn(_rank, 2, (str(out),))
-    return _both(1), [load_state(out / f"rank-{r}.pt") for r in range(2)]
+    return _both(1), [load_state(out / f"rank-{r}.pt") for r in range(2)], out
 
 
 def test_mirrored_batches_give_the_single_process_update(runs):
-    single, ranks = runs
+    single, ranks, _ = runs
     for rank in ranks:
         sharded = rank["mirrored"]
         reference, initial = single["mirrored"]["student"], single["mirrored"]["initial"]
@@ -125,14 +127,14 @@ def test_mirrored_batches_give_the_single_process_update(runs):
 
 
 def test_every_rank_holds_the_same_student_teachers_and_memory(runs):
-    _, (rank0, rank1) = runs
+    _, (rank0, rank1), _ = runs
     assert _same(rank0, rank1) == []  # student, optimizer, EMA, snapshots, memory, generator, losses, predictions
     state = rank0["stream"]["state"]
     assert len(state["teachers"]["snapshots"]) == 1 and state["memory"]["labels"].numel() > 0
 
 
 def test_sharded_stream_update_is_the_same_method(runs):
-    single, (rank0, _) = runs
+    single, (rank0, _), _ = runs
     sharded, reference = rank0["stream"], single["stream"]
     # the same data order and memory choices: the memory holds the same items in the same slots
     assert torch.equal(sharded["state"]["memory"]["labels"], reference["state"]["memory"]["labels"])
@@ -142,6 +144,17 @@ def test_sharded_stream_update_is_the_same_method(runs):
     assert sharded["losses"] == pytest.approx(reference["losses"], rel=0.25)
     agreement = (sharded["predictions"] == reference["predictions"]).float().mean().item()
     assert agreement >= 0.85, agreement  # observed 0.95
+
+
+def test_only_rank_0_writes_a_checkpoint_that_loads_in_one_process(runs):
+    _, (rank0, _), out = runs
+    assert (out / "checkpoint-0.pt").is_file() and not (out / "checkpoint-1.pt").exists()
+    trainer = Trainer.load_checkpoint(out / "checkpoint-0.pt")  # stored nproc = 2, loaded in one process
+    assert trainer.train_config.nproc == 1
+    (_, templates) = _stream()
+    held_out = torch.arange(4).repeat_interleave(16)
+    predictions = trainer.predict(make_images(templates, held_out, torch.Generator().manual_seed(7))).argmax(1)
+    assert torch.equal(predictions, rank0["stream"]["predictions"])
 
 
 def test_shards_split_a_global_batch_and_gather_in_rank_order():
