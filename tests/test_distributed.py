@@ -24,6 +24,7 @@ Two runs per process count, same seed and global batches:
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -31,6 +32,7 @@ import torch
 
 from cl_agent import distributed
 from cl_agent.checkpoint import load_state, save_state
+from cl_agent.errors import CLAgentError
 from cl_agent.trainer import Trainer
 from learning_stream import make_images, make_stream, tiny_model, tiny_train
 
@@ -165,3 +167,19 @@ def test_shards_split_a_global_batch_and_gather_in_rank_order():
     assert single.shard(7) == slice(0, 7) and single.shard_sizes(1) == [1]
     rows = torch.arange(6.0).view(3, 2)
     assert single.gather_rows(rows, 3) is rows and torch.equal(single.average(rows), rows)
+
+
+def test_module_entry_runs_one_update_in_one_process(tmp_path):
+    distributed.main([
+        "--out", str(tmp_path), "--image-size", "16", "--steps", "2", "--labeled", "8", "--unlabeled", "8",
+        "--train", '{"labeled_batch": 4, "unlabeled_batch": 4, "rotation_images": 2, "augment": false}',
+    ])  # fmt: skip
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["nproc"] == 1 and result["experiences"][0]["steps"] == 2
+    assert Trainer.load_checkpoint(tmp_path / "checkpoint.pt").experience_index == 1
+
+
+def test_the_agent_refuses_several_processes():
+    distributed.check_agent_nproc(1)
+    with pytest.raises(CLAgentError, match=r"train.nproc = 2.*torchrun --nproc_per_node 2"):
+        distributed.check_agent_nproc(2)
