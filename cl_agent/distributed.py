@@ -93,6 +93,14 @@ class World:
         dist.all_reduce(total)
         return total / self.size
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any (decisions that must agree, e.g. a time budget spent)."""
+        if not self.active:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def broadcast_buffers(self, module: nn.Module) -> None:
         """Rank 0's buffers (BN running statistics) to every rank, so the EMA and checkpoints see one student."""
         if not self.active:

@@ -372,7 +372,7 @@ class Trainer:
             elapsed = time.perf_counter() - start
             if progress is not None:
                 progress({"experience": t, "step": done, "steps": planned, "elapsed_s": elapsed, **values})
-            if budget and elapsed >= budget and done < planned:
+            if budget and self.world.any(elapsed >= budget) and done < planned:  # every rank stops at the same step
                 stopped = True
                 break
         train_seconds = time.perf_counter() - start

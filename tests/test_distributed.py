@@ -73,8 +73,15 @@ def _streamed(nproc: int, checkpoint: str | None = None) -> dict:
     }
 
 
+def _budget(nproc: int) -> dict:
+    (experiences, _) = _stream()
+    trainer = Trainer(tiny_model(4), tiny_train("naive", nproc=nproc), seed=0)
+    result = trainer.train_experience(*experiences[0], steps=1000, time_budget_s=0.3)
+    return {"steps": result["steps"], "stopped_by_budget": result["stopped_by_budget"], "memory": trainer.memory.state_dict()}
+
+
 def _both(nproc: int, checkpoint: str | None = None) -> dict:
-    return {"mirrored": _mirrored(nproc), "stream": _streamed(nproc, checkpoint)}
+    return {"mirrored": _mirrored(nproc), "stream": _streamed(nproc, checkpoint), "budget": _budget(nproc)}
 
 
 def _rank(out: str) -> None:
@@ -131,6 +138,7 @@ def test_mirrored_batches_give_the_single_process_update(runs):
 def test_every_rank_holds_the_same_student_teachers_and_memory(runs):
     _, (rank0, rank1), _ = runs
     assert _same(rank0, rank1) == []  # student, optimizer, EMA, snapshots, memory, generator, losses, predictions
+    assert rank0["budget"]["stopped_by_budget"]  # the ranks agreed on the step that spent the time budget
     state = rank0["stream"]["state"]
     assert len(state["teachers"]["snapshots"]) == 1 and state["memory"]["labels"].numel() > 0
 
