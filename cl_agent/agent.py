@@ -342,8 +342,10 @@ def _rate_counters(counters: dict) -> dict:
 
 def run_agent(cfg: AgentConfig) -> int:
     from cl_agent.console import LiveView
+    from cl_agent.distributed import check_agent_nproc
     from cl_agent.logs import setup_logging
 
+    check_agent_nproc(cfg.train.nproc)  # before anything starts: a clear refusal, not a restart loop
     Path(cfg.agent.workdir).mkdir(parents=True, exist_ok=True)
     view = LiveView.from_section(cfg.metrics, sys.stderr)
     stream = view.log_stream() if view is not None else None
