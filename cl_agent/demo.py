@@ -11,11 +11,8 @@ seen so far, as an inference client would.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import numpy as np
 
 from cl_agent.config import load_config, save_resolved
 from cl_agent.errors import CLAgentError
+from cl_agent.launcher import AgentProcess
 from cl_agent.synthetic import CLASS_NAMES, make_batch, schedule
 
 LABELED_PER_CLASS = 60
@@ -110,34 +108,6 @@ def demo_config(workdir: Path, device: str, overrides: dict | None = None):
     )
 
 
-class _Agent:
-    """The agent child process, with its output in a log file."""
-
-    def __init__(self, config_path: Path, log_path: Path):
-        self.log = open(log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cl_agent", "run", "--config", str(config_path)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    def check(self) -> None:
-        if self.process.poll() is not None:
-            raise CLAgentError(f"the agent exited with code {self.process.returncode}; see {self.log.name}")
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
-
-
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -146,7 +116,7 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _wait_for_version(client, agent: _Agent, version: int, probe: np.ndarray, timeout_s: float) -> int:
+def _wait_for_version(client, agent: AgentProcess, version: int, probe: np.ndarray, timeout_s: float) -> int:
     """Poll the server until it answers with ``version`` or newer; shows elapsed time."""
     started = time.monotonic()
     last_shown = 0.0
@@ -191,7 +161,7 @@ def run_demo(
     _say(f"  starting the agent + server (log: {workdir / 'agent.log'}) ...")
     # SIGTERM ends the demo like Ctrl-C does: through the finally below, which stops the agent
     signal.signal(signal.SIGTERM, _interrupt)
-    agent = _Agent(config_path, workdir / "agent.log")
+    agent = AgentProcess(config_path, workdir / "agent.log", threads=None)
     labeled = LabeledClient(cfg.ingest.labeled_endpoint, "demo-labeler", timeout_s=10.0, retries=6)
     frames = FrameClient(cfg.ingest.frame_endpoint, "demo-camera", hwm=1000)
     inference = InferenceClient(cfg.serve.endpoint, timeout_s=2.0, retries=1)
@@ -240,7 +210,7 @@ def run_demo(
         labeled.close()
         frames.close()
         inference.close()
-        code = agent.stop()
+        code = agent.terminate(cfg.agent.grace_period_s + 30)
     _say("\nexperience  version  online accuracy (before learning)  served accuracy (seen classes)")
     for t, version, online, served_acc in rows:
         online_text = "n/a" if online is None else f"{online:.0%}"

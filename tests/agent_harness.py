@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +9,7 @@ import numpy as np
 
 from cl_agent.config import save_resolved
 from cl_agent.demo import TINY, local_config
+from cl_agent.launcher import AgentProcess
 from cl_agent.repository import ModelRepository
 from cl_agent.synthetic import CLASS_NAMES, make_batch
 
@@ -22,34 +19,6 @@ IMAGE_SIZE = 16
 def tiny_agent_config(tmp_path: Path, **extra):
     cfg = local_config(tmp_path, "cpu", **{**TINY, "agent.grace_period_s": 20.0, **extra})
     return cfg, save_resolved(cfg, tmp_path / "agent.yaml")
-
-
-class AgentProcess:
-    def __init__(self, config_path: Path, log_path: Path):
-        self.log = open(log_path, "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cl_agent", "run", "--config", str(config_path)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill9(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def terminate(self, timeout_s: float) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout_s)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-            self.log.close()
 
 
 def send_experience(client, classes: list[int], per_class: int, rng: np.random.Generator, frames=None) -> int:

@@ -57,6 +57,7 @@ from cl_agent.errors import CLAgentError
 from cl_agent.experience import ExperienceStore
 from cl_agent.inference import InferenceClient
 from cl_agent.repository import ModelRepository
+from cl_agent.launcher import AgentProcess, child_pids, is_running, peak_rss_mb  # noqa: F401  (fuzz_wire uses them too)
 from cl_agent.spool import read_records
 from cl_agent.status import read_experience_records
 from cl_agent.synthetic import CLASS_NAMES, make_batch
@@ -81,100 +82,6 @@ def say(text: str) -> None:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc); empty if it is gone."""
-    found: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(p) for p in f.read().split()]
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return found
-
-
-def is_running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    """VmHWM (peak resident set size) of ``pid`` in MiB, None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
-class AgentProcess:
-    """``cl-agent run --config PATH`` as a child process in its own session, output appended to a log."""
-
-    def __init__(self, config_path: Path, log_path: Path):
-        self.log = open(log_path, "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cl_agent", "run", "--config", str(config_path)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        self.pid = self.process.pid
-        self.started = time.monotonic()
-        self.started_wall = time.time()
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def children(self) -> list[int]:
-        return child_pids(self.pid)
-
-    def kill9(self, wait_children_s: float = 20.0) -> None:
-        """SIGKILL the agent process only; its children must die with it (PR_SET_PDEATHSIG), waited for here."""
-        children = self.children()
-        if self.alive():
-            os.kill(self.pid, signal.SIGKILL)
-        self.process.wait(10)
-        deadline = time.monotonic() + wait_children_s
-        while any(is_running(c) for c in children) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        survivors = [c for c in children if is_running(c)]
-        self._kill_group()
-        self.log.close()
-        if survivors:
-            raise RuntimeError(f"agent children {survivors} outlived the killed agent {self.pid}")
-
-    def terminate(self, timeout_s: float) -> int:
-        """SIGTERM and wait; returns the exit code (the group is killed if it does not exit in time)."""
-        try:
-            if self.alive():
-                self.process.send_signal(signal.SIGTERM)
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            return -999
-        finally:
-            self._kill_group()
-            self.log.close()
-
-    def _kill_group(self) -> None:
-        """Clean-up only: the process group this object started (anything left in it)."""
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.alive():
-            self.process.wait(10)
 
 
 def agent_config(workdir: Path, **extra):
@@ -380,6 +287,8 @@ def kill_phase(agent: AgentProcess, cfg) -> str:
     model_dir = Path(cfg.repository.root) / cfg.agent.model_name
     if model_dir.is_dir() and any(p.name.startswith(".tmp-") and fresh(p) for p in model_dir.iterdir()):
         return "publish"  # copying a version into the repository
+    if not workdir.is_dir():
+        return "start"  # killed before the agent made its working directory
     if any(p.is_dir() and p.name.startswith(EXPORT_TEMP_PREFIX) and fresh(p) for p in workdir.iterdir()):
         return "export"  # ONNX export + parity check
     if ExperienceStore(workdir).pending():

@@ -44,7 +44,8 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chaos import AgentProcess, agent_config, child_pids, peak_rss_mb  # noqa: E402  (a sibling tool)
+from chaos import agent_config  # noqa: E402  (a sibling tool)
+from cl_agent.launcher import AgentProcess, child_pids, peak_rss_mb  # noqa: E402
 
 from cl_agent.client import LabeledClient  # noqa: E402
 from cl_agent.errors import CLAgentError  # noqa: E402
