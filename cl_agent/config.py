@@ -101,7 +101,7 @@ class IngestSection:
 class SpoolSection:
     max_bytes: int = field(default=2_000_000_000, metadata=_range(ge=1))  # labeled spool size limit; past it senders get a negative ack
     group_commit_ms: float = field(default=0.0, metadata=_range(ge=0))  # extra wait for more messages before one fsync; 0 = one fsync per drained batch
-    max_classes: int = field(default=100, metadata=_range(ge=1))  # label map size; a new class past it is refused
+    max_classes: int = field(default=0, metadata=_range(ge=0))  # label map size (0 = model.num_classes); a new class past it is refused
 
 
 @dataclass
@@ -236,6 +236,8 @@ class AgentConfig:
     metrics: MetricsSection = field(default_factory=MetricsSection)
 
     def validate(self) -> None:
+        if self.spool.max_classes == 0:  # resolved here, so every component sees the number
+            self.spool.max_classes = self.model.num_classes
         if self.spool.max_classes > self.model.num_classes:
             raise ConfigValueError(
                 "spool.max_classes",

@@ -62,7 +62,6 @@ def local_config(workdir: Path, device: str = "auto", **overrides):
 TINY = {
     "model.backbone": "test_resnet",
     "model.num_classes": len(CLASS_NAMES),
-    "spool.max_classes": len(CLASS_NAMES),
     "model.image_size": 16,
     "train.labeled_batch": 16,
     "train.unlabeled_batch": 8,
@@ -94,8 +93,7 @@ def demo_config(workdir: Path, device: str, overrides: dict | None = None):
             "experience.unlabeled_samples": FRAMES_PER_EXPERIENCE,
             "reservoir.capacity": 1000,
             "model.num_classes": len(CLASS_NAMES),
-            "spool.max_classes": len(CLASS_NAMES),
-            "model.image_size": IMAGE_SIZE,
+                    "model.image_size": IMAGE_SIZE,
             "model.backbone": "resnet18",
             "train.labeled_batch": 32,
             "train.unlabeled_batch": 32,

@@ -27,6 +27,7 @@ class LabelError(ValueError):
 
 class LabelMap:
     def __init__(self, path: str | Path, max_classes: int = 1000):
+        """``max_classes`` 0 means no limit (the agent resolves spool.max_classes 0 to model.num_classes)."""
         self.path = Path(path)
         self.max_classes = max_classes
         self._names: list[str] = []
@@ -66,7 +67,7 @@ class LabelMap:
                 class_id = self._ids.get(label, planned.get(label))
                 if class_id is None:
                     class_id = len(self._names) + len(new_names)
-                    if class_id >= self.max_classes:
+                    if self.max_classes and class_id >= self.max_classes:
                         raise LabelError(
                             "too_many_classes", f"new class {label!r} would be class {class_id + 1}, max_classes is {self.max_classes}"
                         )
@@ -74,7 +75,7 @@ class LabelMap:
                     new_names.append(label)
             else:
                 class_id = int(label)
-                if not 0 <= class_id < self.max_classes:
+                if class_id < 0 or (self.max_classes and class_id >= self.max_classes):
                     raise LabelError("bad_class_id", f"class id {class_id} outside [0, {self.max_classes})")
                 top_id = max(top_id, class_id)
             ids.append(class_id)
@@ -96,7 +97,7 @@ class LabelMap:
         for name in names:
             trial._add(name)
         new = [lab for lab in dict.fromkeys(labels) if isinstance(lab, str) and lab not in trial._ids]
-        if len(names) + len(new) > self.max_classes:
+        if self.max_classes and len(names) + len(new) > self.max_classes:
             raise LabelError("too_many_classes", f"{len(names) + len(new)} classes needed, max_classes is {self.max_classes}")
         for name in new:
             trial._add(name)

@@ -96,3 +96,8 @@ def test_robot_yaml_is_complete_valid_and_commented():
     for line in path.read_text().splitlines():
         if re.match(r"^\s*[a-z_]+:\s*\S", line):  # a key with a value
             assert "#" in line, f"uncommented key in robot.yaml: {line!r}"
+
+
+def test_label_map_size_follows_the_model_unless_set():
+    assert load_config(None, {"model.num_classes": 10}).spool.max_classes == 10
+    assert load_config(None, {"model.num_classes": 10, "spool.max_classes": 6}).spool.max_classes == 6
