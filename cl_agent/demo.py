@@ -96,8 +96,8 @@ def demo_config(workdir: Path, device: str, overrides: dict | None = None):
                     "model.image_size": IMAGE_SIZE,
             "model.backbone": "resnet18",
             "train.labeled_batch": 32,
-            "train.unlabeled_batch": 32,
-            "train.rotation_images": 8,
+            "train.unlabeled_batch": 16,  # a light step: the demo should take minutes on a laptop CPU
+            "train.rotation_images": 4,
             "train.epochs_base": 10,  # a short schedule: minutes on a laptop CPU
             "train.epochs_min": 10,
             "train.lr": 1e-3,
