@@ -116,7 +116,9 @@ def test_kill_9_while_streaming_loses_no_acked_sample_and_stores_each_once(tmp_p
         process.wait(20)
         client.close()
     assert not errors, errors
-    assert len(acked) >= 75 and client.reconnects >= 2
+    # (client.reconnects is not asserted: a batch queued while the agent restarts may be delivered
+    # by ZeroMQ's own reconnect without any request timing out)
+    assert len(acked) >= 75
     records = _stored(tmp_path / "agent")
     keys = [(r.sender, r.seq) for r in records]
     assert len(keys) == len(set(keys)), "a message was stored twice"
