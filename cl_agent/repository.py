@@ -214,11 +214,7 @@ class ModelRepository:
                 full["version"] = version
                 atomic_write_text(temp / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=True) + "\n")
                 fsync_dir(temp)
-                # The counter goes first: if we crash after it, a number is skipped, never reused.
-                atomic_write_text(self.model_dir / COUNTER_FILE, f"{version}\n")
-                atomic_write_text(self.model_dir / CONFIG_FILE, triton_config(self.model_name, size, len(names)))
-                os.rename(temp, self.version_dir(version))
-                fsync_dir(self.model_dir)
+                self._commit(temp, version, size, len(names))
             except BaseException:
                 shutil.rmtree(temp, ignore_errors=True)
                 raise
@@ -259,19 +255,21 @@ class ModelRepository:
                     )
                 atomic_write_text(temp / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
                 fsync_dir(temp)
-                atomic_write_text(self.model_dir / COUNTER_FILE, f"{version}\n")
-                atomic_write_text(
-                    self.model_dir / CONFIG_FILE,
-                    triton_config(self.model_name, int(manifest["image_size"]), len(manifest["class_names"])),
-                )
-                os.rename(temp, self.version_dir(version))
-                fsync_dir(self.model_dir)
+                self._commit(temp, version, int(manifest["image_size"]), len(manifest["class_names"]))
             except BaseException:
                 shutil.rmtree(temp, ignore_errors=True)
                 raise
             self._apply_retention()
         log.info("installed %s version %d (%s)", self.model_name, version, digest[:12])
         return version
+
+    def _commit(self, temp: Path, version: int, image_size: int, num_classes: int) -> None:
+        """Make a complete, fsynced temp folder version ``version``: counter, Triton config, then the rename."""
+        # The counter goes first: if we crash after it, a number is skipped, never reused.
+        atomic_write_text(self.model_dir / COUNTER_FILE, f"{version}\n")
+        atomic_write_text(self.model_dir / CONFIG_FILE, triton_config(self.model_name, image_size, num_classes))
+        os.rename(temp, self.version_dir(version))
+        fsync_dir(self.model_dir)
 
     def _apply_retention(self) -> None:
         """Keep the newest ``keep_last`` versions; rename a folder away before deleting it."""
