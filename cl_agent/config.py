@@ -202,6 +202,7 @@ class ServeSection:
     loader_nice: int = field(default=10, metadata=_range(ge=0, le=19))  # priority drop of the thread loading a new version (with 1 intra-op thread)
     max_batch: int = field(default=32, metadata=_range(ge=1))  # micro-batch size limit
     max_wait_ms: float = field(default=2.0, metadata=_range(ge=0))  # how long a micro-batch waits to fill
+    busy_poll_us: int = field(default=1000, metadata=_range(ge=0, le=100000))  # while requests follow each other within this many microseconds, wait for the next one spinning instead of sleeping (lower latency for back-to-back clients; 0 = always sleep)
     top_k: int = field(default=5, metadata=_range(ge=1))  # classes returned per image
     poll_s: float = field(default=2.0, metadata=_range(gt=0))  # repository poll interval (fallback to announcements)
     follow_fetch_endpoint: str = ""  # the agent's repository.fetch_endpoint: mirror its versions into this server's repository ("" = read the repository folder directly)

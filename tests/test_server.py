@@ -330,3 +330,36 @@ def test_unknown_provider_is_refused_at_start(repo):
 
     with pytest.raises(CLAgentError, match="NoSuchExecutionProvider"):
         Server(repo, serve_section(providers=["NoSuchExecutionProvider"]))
+
+
+def test_busy_polling_starts_only_after_short_gaps_and_stops_after_long_ones():
+    from cl_agent.server import _IdleGaps
+
+    idle = _IdleGaps(window_s=0.001)
+    now = 100.0
+    idle.finished(now)
+    assert idle.spin_until() == 0.0  # nothing seen yet: sleep
+    for _ in range(10):  # a client that sends its next request 0.2 ms after each answer
+        now += 0.0002
+        idle.arrived(now)
+        now += 0.001  # the batch
+        idle.finished(now)
+    assert idle.spin_until() == pytest.approx(now + 0.001)
+    for _ in range(10):  # then requests 4 ms apart (an open-loop camera stream): spinning would only burn CPU
+        now += 0.004
+        idle.arrived(now)
+        now += 0.001
+        idle.finished(now)
+    assert idle.spin_until() == 0.0
+    assert _IdleGaps(window_s=0.0).spin_until() == 0.0
+
+
+@pytest.mark.parametrize("busy_poll_us", [0, 5000])
+def test_back_to_back_requests_are_answered_with_and_without_busy_polling(repo, onnx_models, busy_poll_us):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section(busy_poll_us=busy_poll_us)) as server, InferenceClient(server.endpoint, timeout_s=5) as client:
+        for k in range(30):
+            assert client.predict(images(1, seed=k)).model_version == 1
+        time.sleep(0.05)  # a pause longer than the window, then more
+        assert len(client.predict(images(2)).predictions) == 2
+        assert server.counters["requests"] == 31 and server.counters["errors"] == 0
