@@ -74,7 +74,7 @@ class Server:
         self._threads: list[threading.Thread] = []
         self.endpoint: str | None = None
         # busy_s: time spent receiving, decoding, running and replying; inference_s: the part in session.run.
-        self.counters = {"requests": 0, "images": 0, "batches": 0, "errors": 0, "swaps": 0, "swap_failures": 0}
+        self.counters = {"requests": 0, "images": 0, "batches": 0, "errors": 0, "swaps": 0, "swap_failures": 0, "busy_poll_hits": 0}
         self.counters.update({"busy_s": 0.0, "inference_s": 0.0})
         self._recent: deque[tuple[float, float]] = deque(maxlen=2048)  # (handling, inference) seconds per batch
 
@@ -222,8 +222,11 @@ class Server:
         idle = _IdleGaps(self.serve.busy_poll_us / 1e6)
         try:
             while not self._stop.is_set():
-                if not self._wait_for_request(poller, idle.spin_until()):
+                woke = self._wait_for_request(poller, idle.spin_until())
+                if not woke:
                     continue
+                if woke == "spinning":
+                    self.counters["busy_poll_hits"] += 1
                 model = self._model  # one read per batch: the whole batch runs on this version
                 started = time.perf_counter()
                 idle.arrived(started)
@@ -243,16 +246,17 @@ class Server:
             router.close()
 
     @staticmethod
-    def _wait_for_request(poller: zmq.Poller, spin_until: float) -> bool:
+    def _wait_for_request(poller: zmq.Poller, spin_until: float) -> str:
         """Poll without sleeping until ``spin_until``, then sleep in poll for up to 100 ms.
 
         A request that arrives while this thread spins finds it awake, on a warm core, instead of
         paying a wake-up. Each zero-timeout poll releases the GIL: the watcher thread is not held up.
+        Returns "spinning" or "sleeping" (how the request was found), "" on a timeout.
         """
         while time.perf_counter() < spin_until:
             if poller.poll(0):
-                return True
-        return bool(poller.poll(100))
+                return "spinning"
+        return "sleeping" if poller.poll(100) else ""
 
     def _collect(self, router: zmq.Socket, model: LoadedModel | None) -> list[_Request]:
         """Drain queued requests into one batch; wait up to max_wait_ms only if others are arriving too."""

@@ -363,3 +363,5 @@ def test_back_to_back_requests_are_answered_with_and_without_busy_polling(repo, 
         time.sleep(0.05)  # a pause longer than the window, then more
         assert len(client.predict(images(2)).predictions) == 2
         assert server.counters["requests"] == 31 and server.counters["errors"] == 0
+        # With a 5 ms window, back-to-back requests are found by the spinning thread; without one, never.
+        assert (server.counters["busy_poll_hits"] > 10) == (busy_poll_us > 0)
