@@ -59,9 +59,14 @@ def smoke_run(tmp_path) -> BenchRun:
 
 
 def test_profiles_load_and_reject_unknown_keys(tmp_path):
-    for name in ("smoke", "quick", "full"):
+    for name in ("smoke", "quick", "full", "quick_x1", "quick_ema_snapshots"):
         profile = load_profile(name)
         assert profile.model.image_size in (16, 32, 64)
+    # The study profiles differ from quick only where their names say.
+    quick, x1, ema = load_profile("quick"), load_profile("quick_x1"), load_profile("quick_ema_snapshots")
+    assert (quick.train.epochs_base, quick.train.epochs_min, x1.train.epochs_base, x1.train.epochs_min) == (4, 3, 2, 1)
+    assert ema.train.snapshot_mode == "ema" and quick.train.snapshot_mode == x1.train.snapshot_mode == "frozen"
+    assert dataclasses.replace(x1.train, epochs_base=4, epochs_min=3) == quick.train and x1.bench == quick.bench
     assert load_profile("full").train.epochs_base == 74 and load_profile("full").train.epochs_min == 25
     bad = tmp_path / "bad.yaml"
     bad.write_text("bench:\n  experiences: 2\n  evaluation_cap: 3\n")
