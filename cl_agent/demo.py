@@ -93,7 +93,7 @@ def demo_config(workdir: Path, device: str, overrides: dict | None = None):
             "experience.unlabeled_samples": FRAMES_PER_EXPERIENCE,
             "reservoir.capacity": 1000,
             "model.num_classes": len(CLASS_NAMES),
-                    "model.image_size": IMAGE_SIZE,
+            "model.image_size": IMAGE_SIZE,
             "model.backbone": "resnet18",
             "train.labeled_batch": 32,
             "train.unlabeled_batch": 16,  # a light step: the demo should take minutes on a laptop CPU

@@ -79,7 +79,7 @@ def build_models(folder: Path, threads: int) -> tuple[object, list[Path]]:
     return graphs[0], paths
 
 
-def start_server(repo_root: Path, endpoint: str, announce: str, threads: int, busy_poll_us: int | None) -> subprocess.Popen:
+def start_server(repo_root: Path, endpoint: str, announce: str, threads: int, busy_poll_us: int) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "cl_agent.cli", "serve", "--repo", str(repo_root), "--model", "student",
         "--set", f"serve.endpoint={endpoint}",
@@ -87,9 +87,8 @@ def start_server(repo_root: Path, endpoint: str, announce: str, threads: int, bu
         "--set", "serve.poll_s=5.0",
         "--set", f"repository.announce_endpoint={announce}",
         "--set", "agent.log_level=warning",
+        "--set", f"serve.busy_poll_us={busy_poll_us}",
     ]
-    if busy_poll_us is not None:
-        command += ["--set", f"serve.busy_poll_us={busy_poll_us}"]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -141,7 +140,7 @@ def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_r
     result["server_handling_ms_mean"] = round(1000 * (after["busy_s"] - before["busy_s"] - inference) / batches, 4)
     result["server_inference_ms_p50"] = status.get("inference_ms_p50")
     result["server_handling_ms_p50"] = status.get("handling_ms_p50")
-    result["busy_poll_hits"] = after.get("busy_poll_hits", 0) - before.get("busy_poll_hits", 0)  # requests found while spinning
+    result["busy_poll_hits"] = after["busy_poll_hits"] - before["busy_poll_hits"]  # requests found while spinning
     return {"served": result, "ort": percentiles(bare), "ort_after_idle": percentiles(after_idle), "torch": percentiles(eager)}
 
 
@@ -230,6 +229,8 @@ def summarise(results: list[dict], warmup_s: float = 0.25) -> dict:
 
 
 def main() -> int:
+    from cl_agent.config import ServeSection
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (server and bare) and torch threads")
@@ -238,13 +239,12 @@ def main() -> int:
     parser.add_argument("--steady-s", type=float, default=8.0, help="seconds of steady load without swaps (half before, half after the swaps)")
     parser.add_argument("--swaps", type=int, default=12, help="versions to publish under load")
     parser.add_argument("--swap-interval", type=float, default=0.3, help="seconds a version serves before the next is published")
-    parser.add_argument("--busy-poll-us", type=int, default=None, help="the server's serve.busy_poll_us (default: the config default)")
+    parser.add_argument("--busy-poll-us", type=int, default=ServeSection().busy_poll_us, help="the server's serve.busy_poll_us")
     parser.add_argument("--publisher-nice", type=int, default=10, help="nice value of the publishing thread (0 = same as the server)")
     args = parser.parse_args()
 
     import onnxruntime as ort
 
-    from cl_agent.config import ServeSection
     from cl_agent.inference import InferenceClient
     from cl_agent.repository import Announcer, ModelRepository
 
@@ -352,7 +352,7 @@ def main() -> int:
         "swap_load_rate_per_s": args.rate,
         "versions_published": len(published) + 1,
         "publisher_nice": args.publisher_nice,
-        "busy_poll_us": args.busy_poll_us if args.busy_poll_us is not None else ServeSection().busy_poll_us,
+        "busy_poll_us": args.busy_poll_us,
         "server_exit_code": server.returncode,
     }
     report["targets_met"] = {
