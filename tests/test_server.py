@@ -24,7 +24,7 @@ from cl_agent.export import export_onnx
 from cl_agent.inference import InferenceClient, InferenceError
 from cl_agent.repository import Announcer, ModelRepository
 from cl_agent.server import Server
-from cl_agent.wire import decode_message, encode_message
+from cl_agent.wire import decode_message, encode_message, pack_message
 
 CLASSES = ["cat", "dog", "cup"]
 SIZE = 16
@@ -365,3 +365,35 @@ def test_back_to_back_requests_are_answered_with_and_without_busy_polling(repo, 
         assert server.counters["requests"] == 31 and server.counters["errors"] == 0
         # With a 5 ms window, back-to-back requests are found by the spinning thread; without one, never.
         assert (server.counters["busy_poll_hits"] > 10) == (busy_poll_us > 0)
+
+
+def test_raw_images_at_model_size_give_the_same_answers_as_decoded_ones(repo, onnx_models):
+    """Raw RGB at the model's size takes the no-decode path; PNG (lossless) and raw BGR take the decoding one."""
+    publish(repo, onnx_models[0])
+    batch = images(3, seed=7)
+    with Server(repo, serve_section()) as server, InferenceClient(server.endpoint, timeout_s=5) as raw:
+        fast = raw.predict(batch, top_k=3).predictions
+        with InferenceClient(server.endpoint, timeout_s=5, encoding="png") as png:
+            assert png.predict(batch, top_k=3).predictions == fast
+        bgr = [np.ascontiguousarray(image[:, :, ::-1]).tobytes() for image in batch]
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        for color in ("bgr", "rgb"):  # declared BGR: converted back, same answers; the same bytes read as RGB: not
+            dealer.send_multipart(pack_message("infer", "x", 1, bgr, encoding="raw", shapes=[(SIZE, SIZE, 3)] * 3, color=color, top_k=3))
+            answer = decode_message(dealer.recv_multipart(), server.wire).header["predictions"]
+            assert (answer == [[list(pair) for pair in row] for row in fast]) == (color == "bgr")
+        dealer.close(0)
+
+
+def test_client_that_spins_for_its_reply_gets_the_same_answers(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section()) as server:
+        with InferenceClient(server.endpoint, timeout_s=5) as sleeping, InferenceClient(server.endpoint, timeout_s=5, spin_us=500_000) as spinning:
+            for k in range(5):
+                assert spinning.predict(images(1, seed=k)).predictions == sleeping.predict(images(1, seed=k)).predictions
+        # A tiny model answers well within half a second: every reply was found spinning; never without spinning.
+        assert spinning.spin_hits == 5 and sleeping.spin_hits == 0
+    from cl_agent.errors import CLAgentError
+
+    with pytest.raises(CLAgentError, match="spin_us"):
+        InferenceClient("tcp://127.0.0.1:1", spin_us=-1)

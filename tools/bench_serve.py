@@ -240,6 +240,7 @@ def main() -> int:
     parser.add_argument("--swaps", type=int, default=12, help="versions to publish under load")
     parser.add_argument("--swap-interval", type=float, default=0.3, help="seconds a version serves before the next is published")
     parser.add_argument("--busy-poll-us", type=int, default=ServeSection().busy_poll_us, help="the server's serve.busy_poll_us")
+    parser.add_argument("--client-spin-us", type=int, default=0, help="InferenceClient spin_us of the measuring client (0 = sleeps in poll)")
     parser.add_argument("--publisher-nice", type=int, default=10, help="nice value of the publishing thread (0 = same as the server)")
     args = parser.parse_args()
 
@@ -260,7 +261,7 @@ def main() -> int:
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         server = start_server(tmp / "models", endpoint, announcer.endpoint, args.threads, args.busy_poll_us)
         try:
-            client = InferenceClient(endpoint, timeout_s=2, retries=30)
+            client = InferenceClient(endpoint, timeout_s=2, retries=30, spin_us=args.client_spin_us)
             client.predict(np.zeros((1, SIZE, SIZE, 3), np.uint8))  # waits until the server is up
             options = ort.SessionOptions()
             options.intra_op_num_threads = args.threads
@@ -353,6 +354,7 @@ def main() -> int:
         "versions_published": len(published) + 1,
         "publisher_nice": args.publisher_nice,
         "busy_poll_us": args.busy_poll_us,
+        "client_spin_us": args.client_spin_us,
         "server_exit_code": server.returncode,
     }
     report["targets_met"] = {
