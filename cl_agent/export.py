@@ -81,8 +81,17 @@ def _parity_inputs(image_size: int, samples: int, real_images: np.ndarray | None
     return np.concatenate(batches)
 
 
-def check_parity(graph: nn.Module, onnx_path: str | os.PathLike, images: np.ndarray, atol: float) -> dict:
+def check_parity(
+    graph: nn.Module,
+    onnx_path: str | os.PathLike,
+    images: np.ndarray,
+    atol: float,
+    optimized_path: str | os.PathLike | None = None,
+) -> dict:
     """Compare onnxruntime (CPU, fp32) with torch on ``images``; raise ExportError on disagreement.
+
+    ``optimized_path``: onnxruntime also saves the graph it optimised for this session there,
+    so the graph a server can open without optimising it again is the one checked here.
 
     Top-1 must be identical, except where torch's own probabilities of the two
     classes are equal within ``TIE_TOLERANCE`` (a tie at float32 resolution, where
@@ -92,6 +101,8 @@ def check_parity(graph: nn.Module, onnx_path: str | os.PathLike, images: np.ndar
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
     try:
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped errors on load
@@ -138,11 +149,14 @@ def export_onnx(
     std: Sequence[float],
     export: ExportSection,
     real_images: np.ndarray | None = None,
+    optimized_path: str | os.PathLike | None = None,
 ) -> dict:
     """Export ``modules`` (each: normalised float NCHW -> logits) as one ONNX graph at ``path``.
 
     Graph input ``images``: uint8 (N, image_size, image_size, 3) RGB, N dynamic.
     Outputs ``logits`` (mean over modules) and ``probs`` (softmax of it).
+    ``optimized_path``: also write onnxruntime's optimised graph of it for this machine there
+    (see ``repository.OptimizedModel``).
     Returns the parity stats; raises ExportError (and leaves no file) on failure.
     """
     import onnx
@@ -173,14 +187,18 @@ def export_onnx(
         # Fresh random images on every export; the seed is returned so a failure can be replayed.
         seed = int.from_bytes(os.urandom(4), "little")
         stats = check_parity(
-            graph, path, _parity_inputs(image_size, export.parity_samples, real_images, seed), export.parity_atol
+            graph,
+            path,
+            _parity_inputs(image_size, export.parity_samples, real_images, seed),
+            export.parity_atol,
+            optimized_path,
         )
         stats["seed"] = seed
     except ExportError:
-        _remove(path)
+        _remove(path, optimized_path)
         raise
     except Exception as e:  # the exporter and the checker raise many unrelated types; all mean "not publishable"
-        _remove(path)
+        _remove(path, optimized_path)
         raise ExportError(f"ONNX export of the model failed: {type(e).__name__}: {e}") from e
     stats["modules"] = len(modules)
     stats["opset"] = export.opset
@@ -195,9 +213,11 @@ def _cpu_eval_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).to("cpu").float().eval()
 
 
-def _remove(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".data")):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+def _remove(*paths: str | os.PathLike | None) -> None:
+    """Delete exported files (and an ONNX external-data file beside each), ignoring those never written."""
+    for path in map(Path, filter(None, paths)):
+        for p in (path, path.with_name(path.name + ".data")):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass

@@ -86,14 +86,15 @@ class InferenceClient:
         return socket
 
     def status(self, reset_recent: bool = False) -> dict:
-        """The server's model name, served version (None before the first), counters and recent timings.
+        """The server's model name, served version (None before the first), whether it was opened from its
+        optimised graph, counters and recent timings.
 
         ``reset_recent``: the server forgets its recent batch timings after answering (start of a measurement).
         """
         seq = next(self._seq)
         fields = {"reset_recent": True} if reset_recent else {}
         header = self._call(encode_message("status", self.sender, seq, **fields), seq, "status")
-        keys = ("model", "model_version", "counters", "recent_batches", "handling_ms_p50", "inference_ms_p50")
+        keys = ("model", "model_version", "model_optimized", "counters", "recent_batches", "handling_ms_p50", "inference_ms_p50")
         return {k: header.get(k) for k in keys if k in header}
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray, top_k: int | None = None) -> InferenceResult:

@@ -5,6 +5,8 @@ Layout (Triton's onnxruntime backend can serve it as is)::
     <root>/<model>/config.pbtxt          model configuration (input/output names, types, dims)
     <root>/<model>/<version>/model.onnx  one folder per integer version
     <root>/<model>/<version>/manifest.json
+    <root>/<model>/<version>/model.optimized.onnx  optional: onnxruntime's optimised graph of model.onnx
+                                                   for one machine type (see ``OptimizedModel``)
     <root>/<model>/.last_version         highest version ever published (survives retention)
     <root>/<model>/.publish.lock         serialises publishers (flock)
 
@@ -30,6 +32,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +43,7 @@ from cl_agent.storage import atomic_write_text, fsync_dir
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+OPTIMIZED_FILE = "model.optimized.onnx"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.pbtxt"
 COUNTER_FILE = ".last_version"
@@ -83,6 +87,21 @@ def _copy_hashed(source: Path, target: Path, chunk: int = 1 << 20) -> str:
         dst.flush()
         os.fsync(dst.fileno())
     return digest.hexdigest()
+
+
+@dataclass
+class OptimizedModel:
+    """onnxruntime's optimised graph of a model, saved when the export's parity check opened it.
+
+    Opening it needs no graph optimisation (a fraction of the time and memory traffic of
+    optimising ``model.onnx`` again, which is what a hot swap would otherwise do next to the
+    serving thread), but it may hold layouts for one CPU: ``environment`` (onnxruntime
+    version, machine, instruction sets) says where it was made, and a server elsewhere
+    opens ``model.onnx`` instead.
+    """
+
+    path: Path
+    environment: dict
 
 
 class ModelRepository:
@@ -172,17 +191,20 @@ class ModelRepository:
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
-    def publish(self, onnx_path: str | os.PathLike, manifest: dict) -> int:
+    def publish(self, onnx_path: str | os.PathLike, manifest: dict, optimized: OptimizedModel | None = None) -> int:
         """Publish a copy of ``onnx_path`` as a new version; returns the version number.
 
         ``manifest`` must hold ``class_names`` (output order) and ``image_size``;
         ``experience_index``, ``metrics``, ``export`` and anything else are kept.
         ``version``, ``sha256``, ``created_at``, ``parent_version`` and ``input``
-        are filled in here.
+        are filled in here, and ``optimized`` (file, sha256, environment) when an
+        optimised graph is published alongside.
         """
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise CLAgentError(f"cannot publish {onnx_path}: no such file")
+        if optimized is not None and not Path(optimized.path).is_file():
+            raise CLAgentError(f"cannot publish the optimised graph {optimized.path}: no such file")
         missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
         if missing:
             raise CLAgentError(f"manifest is missing {', '.join(missing)} (got keys: {', '.join(sorted(manifest))})")
@@ -198,6 +220,13 @@ class ModelRepository:
             temp.mkdir()
             try:
                 digest = _copy_hashed(onnx_path, temp / MODEL_FILE)
+                extra = {}
+                if optimized is not None:
+                    extra["optimized"] = {
+                        "file": OPTIMIZED_FILE,
+                        "sha256": _copy_hashed(Path(optimized.path), temp / OPTIMIZED_FILE),
+                        "environment": dict(optimized.environment),
+                    }
                 full = {
                     "model": self.model_name,
                     "version": version,
@@ -207,7 +236,8 @@ class ModelRepository:
                     "outputs": ["logits", "probs"],
                     "experience_index": None,
                     "metrics": {},
-                    **manifest,
+                    **{k: v for k, v in manifest.items() if k != "optimized"},  # only a file published here is named
+                    **extra,
                     "sha256": digest,
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                 }
@@ -290,7 +320,18 @@ class ModelRepository:
         manifest = self.verify(to)
         carried = {k: v for k, v in manifest.items() if k not in ("version", "sha256", "created_at", "parent_version")}
         carried["rollback_of"] = to
-        return self.publish(self.model_path(to), carried)
+        return self.publish(self.model_path(to), carried, self._verified_optimized(to, manifest))
+
+    def _verified_optimized(self, version: int, manifest: dict) -> OptimizedModel | None:
+        """The optimised graph of ``version`` if its manifest names one and the file matches its sha256."""
+        entry = manifest.get("optimized")
+        path = self.version_dir(version) / OPTIMIZED_FILE
+        if not isinstance(entry, dict) or not path.is_file():
+            return None
+        if sha256_file(path) != entry.get("sha256"):
+            log.warning("%s does not match its manifest: not carried over (servers will use %s)", path, MODEL_FILE)
+            return None
+        return OptimizedModel(path, dict(entry.get("environment") or {}))
 
 
 class Announcer:

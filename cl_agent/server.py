@@ -165,7 +165,12 @@ class Server:
                 self._retired.append(self._model)
             self._model = model  # the swap: one reference; running batches keep the session they hold
             self.counters["swaps"] += 1
-            log.info("now serving version %d (loaded in %.0f ms)", version, 1000 * (time.perf_counter() - started))
+            log.info(
+                "now serving version %d (loaded%s in %.0f ms)",
+                version,
+                " from its optimised graph" if model.optimized else "",
+                1000 * (time.perf_counter() - started),
+            )
             return
 
     def _release_retired(self) -> None:
@@ -290,6 +295,7 @@ class Server:
             return self._refuse(router, envelope, 0, e.reason, e.detail)
         if message.kind == "status":
             fields = {"model": self.repository.model_name, "model_version": self.version, **self.stats()}
+            fields["model_optimized"] = model.optimized if model is not None else None  # opened from its optimised graph
             if message.header.get("reset_recent") is True:
                 self.reset_recent()
             router.send_multipart(envelope + reply("status", SENDER, message.seq, **fields))

@@ -4,10 +4,20 @@
 that can be wrong with a version (hash, graph, signature, a failing warm-up)
 surfaces here as ``ModelLoadError``, so the serving thread only ever sees a
 session that has already answered.
+
+A version may also hold onnxruntime's optimised graph (``model.optimized.onnx``,
+saved by the exporter's parity check). When it was made by the same onnxruntime
+version on the same kind of CPU, and the session runs on the CPU provider, it is
+opened with graph optimisation off: the same graph as optimising ``model.onnx``
+would give, in a fraction of the time. Anything wrong with it (another machine,
+a bad hash, a failed check) falls back to ``model.onnx``.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +25,17 @@ import numpy as np
 
 from cl_agent.config import ServeSection
 from cl_agent.errors import CLAgentError
-from cl_agent.repository import ModelRepository, sha256_file
+from cl_agent.repository import OPTIMIZED_FILE, ModelRepository, sha256_file
+
+log = logging.getLogger(__name__)
+
+# CPU features onnxruntime's kernels and layout transforms choose between: an optimised graph
+# made on a CPU with a different set may hold layouts the other CPU's kernels do not use.
+_ISA_FLAGS = (
+    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+    "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
+    "asimd", "sve", "sve2", "i8mm", "bf16",
+)
 
 
 class ModelLoadError(CLAgentError):
@@ -32,6 +52,7 @@ class LoadedModel:
     image_size: int
     session: object  # onnxruntime.InferenceSession
     manifest: dict = field(repr=False, default_factory=dict)
+    optimized: bool = False  # opened from the version's pre-optimised graph
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, K)."""
@@ -58,19 +79,58 @@ def _identity(path: Path) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def load_model(repository: ModelRepository, version: int, serve: ServeSection) -> LoadedModel:
-    """Verify (sha256 against the manifest), open and warm one version."""
+@functools.lru_cache(maxsize=1)
+def runtime_environment() -> dict:
+    """What an optimised graph depends on: onnxruntime's version, the machine and its instruction sets."""
     import onnxruntime as ort
 
-    path = repository.model_path(version)
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+    except OSError:  # not Linux: the processor string stands in
+        flags.add(platform.processor() or "unknown")
+    isa = sorted(flags.intersection(_ISA_FLAGS)) if flags.intersection(_ISA_FLAGS) else sorted(flags)
+    return {"onnxruntime": ort.__version__, "machine": platform.machine(), "isa": isa}
+
+
+def load_model(repository: ModelRepository, version: int, serve: ServeSection) -> LoadedModel:
+    """Verify (sha256 against the manifest), open and warm one version; its optimised graph when it suits."""
     try:
         manifest = repository.load_manifest(version)
+    except CLAgentError as e:
+        raise ModelLoadError(f"version {version}: {e}") from None
+    providers = choose_providers(serve.providers)
+    entry = manifest.get("optimized")
+    if isinstance(entry, dict) and providers == ["CPUExecutionProvider"] and entry.get("environment") == runtime_environment():
+        try:
+            return _load(repository, version, manifest, serve, providers, OPTIMIZED_FILE, entry.get("sha256"))
+        except ModelLoadError as e:
+            log.warning("version %d: not using its optimised graph (%s); opening %s", version, e, repository.model_path(version).name)
+    return _load(repository, version, manifest, serve, providers, None, manifest.get("sha256"))
+
+
+def _load(
+    repository: ModelRepository,
+    version: int,
+    manifest: dict,
+    serve: ServeSection,
+    providers: list[str],
+    optimized_file: str | None,
+    expected_sha256: object,
+) -> LoadedModel:
+    import onnxruntime as ort
+
+    path = repository.version_dir(version) / optimized_file if optimized_file else repository.model_path(version)
+    try:
         before = _identity(path)
         digest = sha256_file(path)
-    except (CLAgentError, OSError) as e:
+    except OSError as e:
         raise ModelLoadError(f"version {version}: {e}") from None
-    if digest != manifest.get("sha256"):
-        raise ModelLoadError(f"version {version}: model sha256 {digest[:12]}... differs from the manifest's")
+    if digest != expected_sha256:
+        raise ModelLoadError(f"version {version}: {path.name} sha256 {digest[:12]}... differs from the manifest's")
     names, size = manifest.get("class_names"), manifest.get("image_size")
     if not isinstance(names, list) or not isinstance(size, int):
         raise ModelLoadError(f"version {version}: manifest lacks class_names or image_size")
@@ -80,13 +140,15 @@ def load_model(repository: ModelRepository, version: int, serve: ServeSection) -
         options.intra_op_num_threads = serve.intra_op_threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if serve.allow_spinning else "0")
+    if optimized_file:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done when it was saved
     try:
         # Opened by path, not from bytes: onnxruntime holds the GIL while it parses, and a 45 MB
         # bytes object would stall the serving thread several times longer.
-        session = ort.InferenceSession(str(path), options, providers=choose_providers(serve.providers))
+        session = ort.InferenceSession(str(path), options, providers=providers)
         unchanged = _identity(path) == before
     except Exception as e:  # onnxruntime raises untyped errors for a bad graph, OSError for a vanished file
-        raise ModelLoadError(f"version {version}: onnxruntime cannot load the model: {e}") from None
+        raise ModelLoadError(f"version {version}: onnxruntime cannot load {path.name}: {e}") from None
     if not unchanged:
         raise ModelLoadError(f"version {version}: {path} changed while it was being loaded")
     inputs, outputs = session.get_inputs(), {o.name: o for o in session.get_outputs()}
@@ -97,7 +159,7 @@ def load_model(repository: ModelRepository, version: int, serve: ServeSection) -
         raise ModelLoadError(f"version {version}: input shape {inputs[0].shape} does not match image_size {size}")
     if "probs" not in outputs or outputs["probs"].shape[-1] != len(names):
         raise ModelLoadError(f"version {version}: no 'probs' output with {len(names)} classes ({list(outputs)})")
-    model = LoadedModel(version, digest, list(names), size, session, manifest)
+    model = LoadedModel(version, str(manifest.get("sha256")), list(names), size, session, manifest, optimized=bool(optimized_file))
     # Warm-up at the batch sizes the server will run, so the first real requests pay no first-run costs.
     for n in sorted({1, serve.max_batch}):
         try:

@@ -34,7 +34,8 @@ import torch
 from cl_agent.config import AgentConfig
 from cl_agent.experience import ExperienceStore
 from cl_agent.labels import LabelMap
-from cl_agent.repository import Announcer, ModelRepository
+from cl_agent.repository import Announcer, ModelRepository, OptimizedModel
+from cl_agent.session import runtime_environment
 from cl_agent.status import append_experience_record, now_iso, read_experience_records
 
 log = logging.getLogger("cl_agent.updater")
@@ -272,6 +273,7 @@ class Updater:
         model = self.cfg.model
         with tempfile.TemporaryDirectory(prefix=EXPORT_TEMP_PREFIX, dir=self.workdir) as tmp:
             onnx_path = Path(tmp) / "model.onnx"
+            optimized_path = Path(tmp) / "model.optimized.onnx" if self.cfg.export.save_optimized else None
             parity = export_onnx(
                 self.trainer.inference_modules(),
                 onnx_path,
@@ -280,6 +282,7 @@ class Updater:
                 std=model.std,
                 export=self.cfg.export,
                 real_images=real_images[: self.cfg.export.parity_samples] if real_images is not None else None,
+                optimized_path=optimized_path,
             )
             manifest = {
                 "class_names": self.class_names(),
@@ -289,7 +292,10 @@ class Updater:
                 "export": _jsonable(parity),
                 "backbone": model.backbone,
             }
-            version = self.repository.publish(onnx_path, manifest)
+            optimized = None
+            if optimized_path is not None and optimized_path.is_file():
+                optimized = OptimizedModel(optimized_path, runtime_environment())
+            version = self.repository.publish(onnx_path, manifest, optimized)
         if self.announcer is not None:
             sha = self.repository.load_manifest(version)["sha256"]
             self.announcer.announce(self.cfg.agent.model_name, version, sha)

@@ -116,12 +116,25 @@ def test_resnet18_student_at_32px_passes_parity(tmp_path):
     assert stats["max_abs_diff_probs"] <= 1e-4 and stats["top1_mismatches"] == 0
 
 
+def test_export_saves_the_optimised_graph_it_checked(tmp_path):
+    net = tiny_net(seed=3)
+    path, optimized = tmp_path / "m.onnx", tmp_path / "m.optimized.onnx"
+    export_onnx([net], path, image_size=16, mean=MEAN, std=STD, export=ExportSection(), optimized_path=optimized)
+    assert optimized.is_file()
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # how a server opens it
+    ready = ort.InferenceSession(str(optimized), options, providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(5).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_allclose(ready.run(["probs"], {"images": images})[0], plain.run(["probs"], {"images": images})[0], atol=1e-6)
+
+
 def test_export_that_disagrees_with_torch_is_refused_and_leaves_no_file(tmp_path):
-    path = tmp_path / "broken.onnx"
+    path, optimized = tmp_path / "broken.onnx", tmp_path / "broken.optimized.onnx"
     with pytest.raises(ExportError, match="parity check failed") as info:
-        export_onnx([ExportsSomethingElse()], path, image_size=16, mean=MEAN, std=STD, export=ExportSection())
+        export_onnx([ExportsSomethingElse()], path, image_size=16, mean=MEAN, std=STD, export=ExportSection(), optimized_path=optimized)
     assert isinstance(info.value, CLAgentError)
-    assert not path.exists()
+    assert not path.exists() and not optimized.exists()
 
 
 def test_top1_change_is_refused_even_within_atol(tmp_path):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cl_agent.cli import app
 from cl_agent.errors import CLAgentError
-from cl_agent.repository import Announcer, ModelRepository, parse_announcement, sha256_file
+from cl_agent.repository import OPTIMIZED_FILE, Announcer, ModelRepository, OptimizedModel, parse_announcement, sha256_file
 
 CLASSES = ["cat", "dog", "cup"]
 
@@ -92,6 +92,28 @@ def test_rollback_republishes_old_model_as_new_version(tmp_path):
     assert repo.model_path(3).read_bytes() == b"v1 bytes" and m["sha256"] == repo.load_manifest(1)["sha256"]
     with pytest.raises(CLAgentError, match="no version 42"):
         repo.rollback(42)
+
+
+def test_optimised_graph_is_published_hashed_and_carried_by_a_verified_rollback(tmp_path):
+    repo = ModelRepository(tmp_path / "models", "student", keep_last=10)
+    environment = {"onnxruntime": "1.0", "machine": "x86_64", "isa": ["avx2"]}
+    optimized = OptimizedModel(fake_model(tmp_path, b"optimised one"), environment)
+    v1 = repo.publish(fake_model(tmp_path, b"one"), {"class_names": CLASSES, "image_size": 16}, optimized)
+    entry = repo.load_manifest(v1)["optimized"]
+    assert entry == {"file": OPTIMIZED_FILE, "sha256": sha256_file(optimized.path), "environment": environment}
+    assert (repo.version_dir(v1) / OPTIMIZED_FILE).read_bytes() == b"optimised one"
+    # A manifest that names an optimised graph nobody published here does not keep the claim.
+    v2 = publish(repo, tmp_path, b"two", optimized=entry)
+    assert "optimized" not in repo.load_manifest(v2) and not (repo.version_dir(v2) / OPTIMIZED_FILE).exists()
+    v3 = repo.rollback(v1)
+    assert repo.load_manifest(v3)["optimized"] == entry
+    assert (repo.version_dir(v3) / OPTIMIZED_FILE).read_bytes() == b"optimised one"
+    # A damaged optimised graph is not carried over; the verified model.onnx still is.
+    (repo.version_dir(v1) / OPTIMIZED_FILE).write_bytes(b"bit rot")
+    v4 = repo.rollback(v1)
+    assert "optimized" not in repo.load_manifest(v4) and repo.model_path(v4).read_bytes() == b"one"
+    with pytest.raises(CLAgentError, match="optimised graph"):
+        repo.publish(fake_model(tmp_path, b"x"), {"class_names": CLASSES, "image_size": 16}, OptimizedModel(tmp_path / "gone.onnx", {}))
 
 
 def test_manifest_must_name_classes_and_size(tmp_path):

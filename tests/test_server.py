@@ -397,3 +397,35 @@ def test_client_that_spins_for_its_reply_gets_the_same_answers(repo, onnx_models
 
     with pytest.raises(CLAgentError, match="spin_us"):
         InferenceClient("tcp://127.0.0.1:1", spin_us=-1)
+
+
+def test_optimised_graph_is_opened_when_made_here_and_model_onnx_otherwise(tmp_path, caplog):
+    from cl_agent.repository import OPTIMIZED_FILE, OptimizedModel
+    from cl_agent.session import load_model, runtime_environment
+
+    plain, optimized = tmp_path / "t.onnx", tmp_path / "t.optimized.onnx"
+    export_onnx([tiny_net(0)], plain, image_size=SIZE, mean=[0.5] * 3, std=[0.25] * 3, export=ExportSection(), optimized_path=optimized)
+    here = runtime_environment()
+    manifest = {"class_names": CLASSES, "image_size": SIZE}
+    repo = ModelRepository(tmp_path / "models", "student", keep_last=5)
+    v_here = repo.publish(plain, manifest, OptimizedModel(optimized, here))
+    v_elsewhere = repo.publish(plain, manifest, OptimizedModel(optimized, {**here, "isa": ["another-cpu"]}))
+    v_damaged = repo.publish(plain, manifest, OptimizedModel(optimized, here))
+    (repo.version_dir(v_damaged) / OPTIMIZED_FILE).write_bytes(b"not a graph")
+    v_plain = repo.publish(plain, manifest)
+    section = serve_section(providers=["CPUExecutionProvider"])
+    loaded = [load_model(repo, v, section) for v in (v_here, v_elsewhere, v_damaged, v_plain)]
+    assert [m.optimized for m in loaded] == [True, False, False, False]
+    assert "not using its optimised graph" in caplog.text
+    batch = images(4)
+    (expected,) = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(["probs"], {"images": batch})
+    for model in loaded:
+        np.testing.assert_allclose(model.probabilities(batch), expected, atol=1e-6)
+    # The server reports which graph answers: the newest version here has none.
+    with Server(repo, section) as server, InferenceClient(server.endpoint, timeout_s=5) as client:
+        assert client.status()["model_optimized"] is False
+        repo.rollback(v_here)  # republished with its optimised graph
+        server.check_now()
+        assert wait_for(lambda: client.status()["model_version"] == v_plain + 1)
+        assert client.status()["model_optimized"] is True
+        np.testing.assert_allclose([p for _, p in client.predict(batch[:1], top_k=3).predictions[0]], np.sort(expected[0])[::-1], atol=1e-6)

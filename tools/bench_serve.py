@@ -59,7 +59,8 @@ def free_port() -> int:
 
 
 def build_models(folder: Path, threads: int) -> tuple[object, list[Path]]:
-    """Two students with different weights, exported; returns (torch graph of the first, onnx paths)."""
+    """Two students with different weights, exported (with their optimised graphs beside them,
+    ``<name>.optimized.onnx``); returns (torch graph of the first, onnx paths)."""
     import torch
 
     from cl_agent.config import ExportSection, ModelSection
@@ -72,14 +73,15 @@ def build_models(folder: Path, threads: int) -> tuple[object, list[Path]]:
         torch.manual_seed(seed)
         student = create_student(section).eval()
         path = folder / f"student{seed}.onnx"
-        export_onnx([student], path, image_size=SIZE, mean=section.mean, std=section.std, export=ExportSection())
+        optimized = path.with_suffix(".optimized.onnx")
+        export_onnx([student], path, image_size=SIZE, mean=section.mean, std=section.std, export=ExportSection(), optimized_path=optimized)
         paths.append(path)
         graphs.append(ServingGraph([student], section.mean, section.std).eval())
     torch.set_num_threads(threads)
     return graphs[0], paths
 
 
-def start_server(repo_root: Path, endpoint: str, announce: str, threads: int, busy_poll_us: int) -> subprocess.Popen:
+def start_server(repo_root: Path, endpoint: str, announce: str, threads: int, busy_poll_us: int, max_wait_ms: float) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "cl_agent.cli", "serve", "--repo", str(repo_root), "--model", "student",
         "--set", f"serve.endpoint={endpoint}",
@@ -88,6 +90,7 @@ def start_server(repo_root: Path, endpoint: str, announce: str, threads: int, bu
         "--set", f"repository.announce_endpoint={announce}",
         "--set", "agent.log_level=warning",
         "--set", f"serve.busy_poll_us={busy_poll_us}",
+        "--set", f"serve.max_wait_ms={max_wait_ms}",
     ]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -240,6 +243,8 @@ def main() -> int:
     parser.add_argument("--swaps", type=int, default=12, help="versions to publish under load")
     parser.add_argument("--swap-interval", type=float, default=0.3, help="seconds a version serves before the next is published")
     parser.add_argument("--busy-poll-us", type=int, default=ServeSection().busy_poll_us, help="the server's serve.busy_poll_us")
+    parser.add_argument("--max-wait-ms", type=float, default=ServeSection().max_wait_ms, help="the server's serve.max_wait_ms")
+    parser.add_argument("--no-optimized", dest="optimized", action="store_false", help="publish model.onnx only (every swap optimises the graph again)")
     parser.add_argument("--client-spin-us", type=int, default=0, help="InferenceClient spin_us of the measuring client (0 = sleeps in poll)")
     parser.add_argument("--publisher-nice", type=int, default=10, help="nice value of the publishing thread (0 = same as the server)")
     args = parser.parse_args()
@@ -247,7 +252,8 @@ def main() -> int:
     import onnxruntime as ort
 
     from cl_agent.inference import InferenceClient
-    from cl_agent.repository import Announcer, ModelRepository
+    from cl_agent.repository import Announcer, ModelRepository, OptimizedModel
+    from cl_agent.session import runtime_environment
 
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -256,10 +262,15 @@ def main() -> int:
         torch_graph, paths = build_models(tmp, args.threads)
         repo = ModelRepository(tmp / "models", "student", keep_last=3)
         manifest = {"class_names": CLASSES, "image_size": SIZE}
-        repo.publish(paths[0], manifest)
+        environment = runtime_environment()
+
+        def optimized(path: Path):
+            return OptimizedModel(path.with_suffix(".optimized.onnx"), environment) if args.optimized else None
+
+        repo.publish(paths[0], manifest, optimized(paths[0]))
         announcer = Announcer(f"tcp://127.0.0.1:{free_port()}")
         endpoint = f"tcp://127.0.0.1:{free_port()}"
-        server = start_server(tmp / "models", endpoint, announcer.endpoint, args.threads, args.busy_poll_us)
+        server = start_server(tmp / "models", endpoint, announcer.endpoint, args.threads, args.busy_poll_us, args.max_wait_ms)
         try:
             client = InferenceClient(endpoint, timeout_s=2, retries=30, spin_us=args.client_spin_us)
             client.predict(np.zeros((1, SIZE, SIZE, 3), np.uint8))  # waits until the server is up
@@ -288,7 +299,7 @@ def main() -> int:
                 probe = InferenceClient(endpoint, timeout_s=5, retries=0)
                 time.sleep(0.5)
                 for k in range(args.swaps):
-                    version = repo.publish(paths[(k + 1) % 2], manifest)
+                    version = repo.publish(paths[(k + 1) % 2], manifest, optimized(paths[(k + 1) % 2]))
                     announcer.announce("student", version, repo.load_manifest(version)["sha256"])
                     published.append(version)
                     # Wait until the server answers with the new version, then leave it serving a while.
@@ -313,6 +324,7 @@ def main() -> int:
             say("steady load again ...")
             steady_runs.append(run_load(endpoint, args.rate, lambda: time.sleep(args.steady_s / 2)))
             steady = summarise(steady_runs)
+            server_optimized = client.status().get("model_optimized")
             swaps["failed_requests"] += len(probe_failures)
             client.close()
         finally:
@@ -355,6 +367,9 @@ def main() -> int:
         "publisher_nice": args.publisher_nice,
         "busy_poll_us": args.busy_poll_us,
         "client_spin_us": args.client_spin_us,
+        "max_wait_ms": args.max_wait_ms,
+        "optimized_graphs_published": args.optimized,
+        "server_opened_optimized": server_optimized,
         "server_exit_code": server.returncode,
     }
     report["targets_met"] = {
