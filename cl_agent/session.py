@@ -100,11 +100,13 @@ def load_model(repository: ModelRepository, version: int, serve: ServeSection) -
     """Verify (sha256 against the manifest), open and warm one version; its optimised graph when it suits."""
     try:
         manifest = repository.load_manifest(version)
+        providers = choose_providers(serve.providers)
     except CLAgentError as e:
         raise ModelLoadError(f"version {version}: {e}") from None
-    providers = choose_providers(serve.providers)
     entry = manifest.get("optimized")
-    if isinstance(entry, dict) and providers == ["CPUExecutionProvider"] and entry.get("environment") == runtime_environment():
+    # A follower installs model.onnx only: a manifest may name an optimised graph that is not here.
+    present = (repository.version_dir(version) / OPTIMIZED_FILE).is_file()
+    if isinstance(entry, dict) and present and providers == ["CPUExecutionProvider"] and entry.get("environment") == runtime_environment():
         try:
             return _load(repository, version, manifest, serve, providers, OPTIMIZED_FILE, entry.get("sha256"))
         except ModelLoadError as e:

@@ -407,15 +407,17 @@ def test_optimised_graph_is_opened_when_made_here_and_model_onnx_otherwise(tmp_p
     export_onnx([tiny_net(0)], plain, image_size=SIZE, mean=[0.5] * 3, std=[0.25] * 3, export=ExportSection(), optimized_path=optimized)
     here = runtime_environment()
     manifest = {"class_names": CLASSES, "image_size": SIZE}
-    repo = ModelRepository(tmp_path / "models", "student", keep_last=5)
+    repo = ModelRepository(tmp_path / "models", "student", keep_last=10)
     v_here = repo.publish(plain, manifest, OptimizedModel(optimized, here))
     v_elsewhere = repo.publish(plain, manifest, OptimizedModel(optimized, {**here, "isa": ["another-cpu"]}))
     v_damaged = repo.publish(plain, manifest, OptimizedModel(optimized, here))
     (repo.version_dir(v_damaged) / OPTIMIZED_FILE).write_bytes(b"not a graph")
+    v_missing = repo.publish(plain, manifest, OptimizedModel(optimized, here))
+    (repo.version_dir(v_missing) / OPTIMIZED_FILE).unlink()  # as on a follower, which installs model.onnx only
     v_plain = repo.publish(plain, manifest)
     section = serve_section(providers=["CPUExecutionProvider"])
-    loaded = [load_model(repo, v, section) for v in (v_here, v_elsewhere, v_damaged, v_plain)]
-    assert [m.optimized for m in loaded] == [True, False, False, False]
+    loaded = [load_model(repo, v, section) for v in (v_here, v_elsewhere, v_damaged, v_missing, v_plain)]
+    assert [m.optimized for m in loaded] == [True, False, False, False, False]
     assert "not using its optimised graph" in caplog.text
     batch = images(4)
     (expected,) = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(["probs"], {"images": batch})
