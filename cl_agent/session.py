@@ -104,9 +104,9 @@ def load_model(repository: ModelRepository, version: int, serve: ServeSection) -
     except CLAgentError as e:
         raise ModelLoadError(f"version {version}: {e}") from None
     entry = manifest.get("optimized")
+    suits = isinstance(entry, dict) and providers == ["CPUExecutionProvider"] and entry.get("environment") == runtime_environment()
     # A follower installs model.onnx only: a manifest may name an optimised graph that is not here.
-    present = (repository.version_dir(version) / OPTIMIZED_FILE).is_file()
-    if isinstance(entry, dict) and present and providers == ["CPUExecutionProvider"] and entry.get("environment") == runtime_environment():
+    if suits and (repository.version_dir(version) / OPTIMIZED_FILE).is_file():
         try:
             return _load(repository, version, manifest, serve, providers, OPTIMIZED_FILE, entry.get("sha256"))
         except ModelLoadError as e:

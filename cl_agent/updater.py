@@ -34,7 +34,7 @@ import torch
 from cl_agent.config import AgentConfig
 from cl_agent.experience import ExperienceStore
 from cl_agent.labels import LabelMap
-from cl_agent.repository import Announcer, ModelRepository, OptimizedModel
+from cl_agent.repository import OPTIMIZED_FILE, Announcer, ModelRepository, OptimizedModel
 from cl_agent.session import runtime_environment
 from cl_agent.status import append_experience_record, now_iso, read_experience_records
 
@@ -273,7 +273,7 @@ class Updater:
         model = self.cfg.model
         with tempfile.TemporaryDirectory(prefix=EXPORT_TEMP_PREFIX, dir=self.workdir) as tmp:
             onnx_path = Path(tmp) / "model.onnx"
-            optimized_path = Path(tmp) / "model.optimized.onnx" if self.cfg.export.save_optimized else None
+            optimized_path = Path(tmp) / OPTIMIZED_FILE if self.cfg.export.save_optimized else None
             parity = export_onnx(
                 self.trainer.inference_modules(),
                 onnx_path,

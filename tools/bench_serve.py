@@ -58,9 +58,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def optimized_path(path: Path) -> Path:
+    """Where ``build_models`` saves the optimised graph of the model at ``path``."""
+    return path.with_suffix(".optimized.onnx")
+
+
 def build_models(folder: Path, threads: int) -> tuple[object, list[Path]]:
-    """Two students with different weights, exported (with their optimised graphs beside them,
-    ``<name>.optimized.onnx``); returns (torch graph of the first, onnx paths)."""
+    """Two students with different weights, exported (with their optimised graphs at ``optimized_path``);
+    returns (torch graph of the first, onnx paths)."""
     import torch
 
     from cl_agent.config import ExportSection, ModelSection
@@ -73,8 +78,9 @@ def build_models(folder: Path, threads: int) -> tuple[object, list[Path]]:
         torch.manual_seed(seed)
         student = create_student(section).eval()
         path = folder / f"student{seed}.onnx"
-        optimized = path.with_suffix(".optimized.onnx")
-        export_onnx([student], path, image_size=SIZE, mean=section.mean, std=section.std, export=ExportSection(), optimized_path=optimized)
+        export_onnx(
+            [student], path, image_size=SIZE, mean=section.mean, std=section.std, export=ExportSection(), optimized_path=optimized_path(path)
+        )
         paths.append(path)
         graphs.append(ServingGraph([student], section.mean, section.std).eval())
     torch.set_num_threads(threads)
@@ -234,6 +240,7 @@ def summarise(results: list[dict], warmup_s: float = 0.25) -> dict:
 def main() -> int:
     from cl_agent.config import ServeSection
 
+    serve_defaults = ServeSection()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (server and bare) and torch threads")
@@ -242,8 +249,8 @@ def main() -> int:
     parser.add_argument("--steady-s", type=float, default=8.0, help="seconds of steady load without swaps (half before, half after the swaps)")
     parser.add_argument("--swaps", type=int, default=12, help="versions to publish under load")
     parser.add_argument("--swap-interval", type=float, default=0.3, help="seconds a version serves before the next is published")
-    parser.add_argument("--busy-poll-us", type=int, default=ServeSection().busy_poll_us, help="the server's serve.busy_poll_us")
-    parser.add_argument("--max-wait-ms", type=float, default=ServeSection().max_wait_ms, help="the server's serve.max_wait_ms")
+    parser.add_argument("--busy-poll-us", type=int, default=serve_defaults.busy_poll_us, help="the server's serve.busy_poll_us")
+    parser.add_argument("--max-wait-ms", type=float, default=serve_defaults.max_wait_ms, help="the server's serve.max_wait_ms")
     parser.add_argument("--no-optimized", dest="optimized", action="store_false", help="publish model.onnx only (every swap optimises the graph again)")
     parser.add_argument("--client-spin-us", type=int, default=0, help="InferenceClient spin_us of the measuring client (0 = sleeps in poll)")
     parser.add_argument("--publisher-nice", type=int, default=10, help="nice value of the publishing thread (0 = same as the server)")
@@ -265,7 +272,7 @@ def main() -> int:
         environment = runtime_environment()
 
         def optimized(path: Path):
-            return OptimizedModel(path.with_suffix(".optimized.onnx"), environment) if args.optimized else None
+            return OptimizedModel(optimized_path(path), environment) if args.optimized else None
 
         repo.publish(paths[0], manifest, optimized(paths[0]))
         announcer = Announcer(f"tcp://127.0.0.1:{free_port()}")
