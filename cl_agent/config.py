@@ -190,6 +190,7 @@ class ExportSection:
 class RepositorySection:
     root: str = "runs/models"  # model repository (Triton layout: <root>/<model>/<version>/model.onnx)
     keep_last: int = field(default=5, metadata=_range(ge=1))  # versions retained
+    publish_pause_us: int = field(default=300, metadata=_range(ge=0, le=100_000))  # pause after each 256 KiB a publish copies, so it does not hold up a server on the same cores (0 = full speed)
     announce_endpoint: str = "tcp://127.0.0.1:5557"  # PUB socket announcing each published version
     fetch_endpoint: str = "tcp://127.0.0.1:5560"  # ROUTER serving manifests and model bytes to remote servers
 
@@ -201,6 +202,7 @@ class ServeSection:
     intra_op_threads: int = field(default=1, metadata=_range(ge=0))  # onnxruntime threads per run; 0 = one per core
     allow_spinning: bool = False  # onnxruntime worker threads busy-wait between runs (a little faster, burns idle CPU)
     loader_nice: int = field(default=10, metadata=_range(ge=0, le=19))  # priority drop of the thread loading a new version (with 1 intra-op thread)
+    loader_pause_us: int = field(default=300, metadata=_range(ge=0, le=100_000))  # pause after each 256 KiB the loader hashes, so requests are not held up (0 = full speed)
     max_batch: int = field(default=32, metadata=_range(ge=1))  # micro-batch size limit
     max_wait_ms: float = field(default=2.0, metadata=_range(ge=0))  # how long a micro-batch waits to fill
     busy_poll_us: int = field(default=1000, metadata=_range(ge=0, le=100000))  # while requests follow each other within this many microseconds, wait for the next one spinning instead of sleeping (lower latency for back-to-back clients; 0 = always sleep)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probs")
 TIE_TOLERANCE = 1e-6  # probabilities this close are a tie: either class is an identical top-1
+WEIGHTS_FILE_MIN_BYTES = 1024  # initializers at least this big go to the optimised graph's weights file
 
 
 class ExportError(CLAgentError):
@@ -91,7 +92,9 @@ def check_parity(
     """Compare onnxruntime (CPU, fp32) with torch on ``images``; raise ExportError on disagreement.
 
     ``optimized_path``: onnxruntime also saves the graph it optimised for this session there,
-    so the graph a server can open without optimising it again is the one checked here.
+    so the graph a server can open without optimising it again is the one checked here. Its
+    weights go to a file beside it, ``<name>.data``: a server memory-maps them instead of
+    copying them (see ``repository.OptimizedModel``).
 
     Top-1 must be identical, except where torch's own probabilities of the two
     classes are equal within ``TIE_TOLERANCE`` (a tie at float32 resolution, where
@@ -103,6 +106,8 @@ def check_parity(
     options.log_severity_level = 3
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", Path(optimized_path).name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(WEIGHTS_FILE_MIN_BYTES))
     try:
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped errors on load
@@ -164,6 +169,8 @@ def export_onnx(
     _check_inputs(modules, image_size, mean, std)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if optimized_path is not None:
+        Path(optimized_path).parent.mkdir(parents=True, exist_ok=True)
     # Export copies on the CPU in eval mode, so the caller's modules (maybe training on a GPU) are untouched.
     graph = ServingGraph([_cpu_eval_copy(m) for m in modules], mean, std).eval()
     example = torch.randint(0, 256, (2, image_size, image_size, 3), dtype=torch.uint8)

@@ -25,7 +25,7 @@ import numpy as np
 
 from cl_agent.config import ServeSection
 from cl_agent.errors import CLAgentError
-from cl_agent.repository import OPTIMIZED_FILE, ModelRepository, sha256_file
+from cl_agent.repository import OPTIMIZED_FILE, ModelRepository, optimized_files, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,10 @@ def load_model(repository: ModelRepository, version: int, serve: ServeSection) -
     # A follower installs model.onnx only: a manifest may name an optimised graph that is not here.
     if suits and (repository.version_dir(version) / OPTIMIZED_FILE).is_file():
         try:
-            return _load(repository, version, manifest, serve, providers, OPTIMIZED_FILE, entry.get("sha256"))
+            return _load(repository, version, manifest, serve, providers, optimized_files(repository.version_dir(version), entry))
         except ModelLoadError as e:
             log.warning("version %d: not using its optimised graph (%s); opening %s", version, e, repository.model_path(version).name)
-    return _load(repository, version, manifest, serve, providers, None, manifest.get("sha256"))
+    return _load(repository, version, manifest, serve, providers, {repository.model_path(version): manifest.get("sha256")})
 
 
 def _load(
@@ -120,19 +120,21 @@ def _load(
     manifest: dict,
     serve: ServeSection,
     providers: list[str],
-    optimized_file: str | None,
-    expected_sha256: object,
+    files: dict[Path, object],
 ) -> LoadedModel:
+    """Open the graph that is the first of ``files`` (each with its manifest sha256; the rest are its weights)."""
     import onnxruntime as ort
 
-    path = repository.version_dir(version) / optimized_file if optimized_file else repository.model_path(version)
+    path = next(iter(files))
+    optimized = path.name == OPTIMIZED_FILE
     try:
-        before = _identity(path)
-        digest = sha256_file(path)
+        before = {f: _identity(f) for f in files}
+        for f, expected in files.items():
+            digest = sha256_file(f, serve.loader_pause_us / 1e6)
+            if digest != expected:
+                raise ModelLoadError(f"version {version}: {f.name} sha256 {digest[:12]}... differs from the manifest's")
     except OSError as e:
         raise ModelLoadError(f"version {version}: {e}") from None
-    if digest != expected_sha256:
-        raise ModelLoadError(f"version {version}: {path.name} sha256 {digest[:12]}... differs from the manifest's")
     names, size = manifest.get("class_names"), manifest.get("image_size")
     if not isinstance(names, list) or not isinstance(size, int):
         raise ModelLoadError(f"version {version}: manifest lacks class_names or image_size")
@@ -142,17 +144,17 @@ def _load(
         options.intra_op_num_threads = serve.intra_op_threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if serve.allow_spinning else "0")
-    if optimized_file:
+    if optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done when it was saved
     try:
         # Opened by path, not from bytes: onnxruntime holds the GIL while it parses, and a 45 MB
         # bytes object would stall the serving thread several times longer.
         session = ort.InferenceSession(str(path), options, providers=providers)
-        unchanged = _identity(path) == before
+        unchanged = all(_identity(f) == identity for f, identity in before.items())
     except Exception as e:  # onnxruntime raises untyped errors for a bad graph, OSError for a vanished file
         raise ModelLoadError(f"version {version}: onnxruntime cannot load {path.name}: {e}") from None
     if not unchanged:
-        raise ModelLoadError(f"version {version}: {path} changed while it was being loaded")
+        raise ModelLoadError(f"version {version}: {path.name} or its weights changed while being loaded")
     inputs, outputs = session.get_inputs(), {o.name: o for o in session.get_outputs()}
     if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)":
         got = [(i.name, i.type) for i in inputs]
@@ -161,9 +163,11 @@ def _load(
         raise ModelLoadError(f"version {version}: input shape {inputs[0].shape} does not match image_size {size}")
     if "probs" not in outputs or outputs["probs"].shape[-1] != len(names):
         raise ModelLoadError(f"version {version}: no 'probs' output with {len(names)} classes ({list(outputs)})")
-    model = LoadedModel(version, str(manifest.get("sha256")), list(names), size, session, manifest, optimized=bool(optimized_file))
-    # Warm-up at the batch sizes the server will run, so the first real requests pay no first-run costs.
-    for n in sorted({1, serve.max_batch}):
+    model = LoadedModel(version, str(manifest.get("sha256")), list(names), size, session, manifest, optimized=optimized)
+    # Warm-up: a session's first run pays one-off costs (about 1 ms for ResNet-18) that no request
+    # should, and batch 2 exercises the dynamic batch axis. Not at max_batch: its first run is
+    # measured no slower than its second, and it would put 20 ms of work beside the serving thread.
+    for n in sorted({1, min(2, serve.max_batch)}):
         try:
             probs = model.probabilities(np.zeros((n, size, size, 3), np.uint8))
         except Exception as e:  # a graph that loads but cannot run

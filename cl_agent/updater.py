@@ -106,7 +106,9 @@ class Updater:
         self.workdir = Path(cfg.agent.workdir)
         self.device = torch.device(device)
         self.store = ExperienceStore(self.workdir)
-        self.repository = ModelRepository(cfg.repository.root, cfg.agent.model_name, keep_last=cfg.repository.keep_last)
+        self.repository = ModelRepository(
+            cfg.repository.root, cfg.agent.model_name, keep_last=cfg.repository.keep_last, pause_s=cfg.repository.publish_pause_us / 1e6
+        )
         self.trainer = Trainer(cfg.model, cfg.train, device=self.device, seed=cfg.agent.seed)
         self.checkpoint_dir = self.workdir / CHECKPOINT_DIR
         self.last_trained = -1

@@ -129,6 +129,25 @@ def test_export_saves_the_optimised_graph_it_checked(tmp_path):
     np.testing.assert_allclose(ready.run(["probs"], {"images": images})[0], plain.run(["probs"], {"images": images})[0], atol=1e-6)
 
 
+def test_optimised_graph_keeps_its_weights_in_a_file_beside_it(tmp_path):
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
+    path, optimized = tmp_path / "m.onnx", tmp_path / "opt" / "m.optimized.onnx"
+    export_onnx([net], path, image_size=16, mean=MEAN, std=STD, export=ExportSection(), optimized_path=optimized)
+    weights = optimized.with_name(optimized.name + ".data")
+    conv_bytes = 32 * 3 * 3 * 3 * 4
+    assert weights.stat().st_size >= conv_bytes > optimized.stat().st_size / 4  # the graph names the file, the file holds the numbers
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ready = ort.InferenceSession(str(optimized), options, providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(6).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probs"], {"images": images})[0]
+    np.testing.assert_allclose(ready.run(["probs"], {"images": images})[0], expected, atol=1e-6)
+    weights.unlink()
+    with pytest.raises(Exception):  # without its weights the graph cannot be opened
+        ort.InferenceSession(str(optimized), options, providers=["CPUExecutionProvider"])
+
+
 def test_export_that_disagrees_with_torch_is_refused_and_leaves_no_file(tmp_path):
     path, optimized = tmp_path / "broken.onnx", tmp_path / "broken.optimized.onnx"
     with pytest.raises(ExportError, match="parity check failed") as info:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 
+import numpy as np
 import pytest
 import zmq
 from typer.testing import CliRunner
 
 from cl_agent.cli import app
 from cl_agent.errors import CLAgentError
-from cl_agent.repository import OPTIMIZED_FILE, Announcer, ModelRepository, OptimizedModel, parse_announcement, sha256_file
+from cl_agent.repository import OPTIMIZED_DATA_FILE, OPTIMIZED_FILE, Announcer, ModelRepository, OptimizedModel, parse_announcement, sha256_file
 
 CLASSES = ["cat", "dog", "cup"]
 
@@ -116,6 +118,32 @@ def test_optimised_graph_is_published_hashed_and_carried_by_a_verified_rollback(
         repo.publish(fake_model(tmp_path, b"x"), {"class_names": CLASSES, "image_size": 16}, OptimizedModel(tmp_path / "gone.onnx", {}))
 
 
+def test_optimised_graph_with_a_weights_file_is_published_and_rolled_back_as_a_pair(tmp_path):
+    repo = ModelRepository(tmp_path / "models", "student", keep_last=10)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / OPTIMIZED_FILE).write_bytes(b"graph naming its weights")
+    (folder / OPTIMIZED_DATA_FILE).write_bytes(b"weights")
+    optimized = OptimizedModel(folder / OPTIMIZED_FILE, {"isa": []})
+    v1 = repo.publish(fake_model(tmp_path, b"one"), {"class_names": CLASSES, "image_size": 16}, optimized)
+    entry = repo.load_manifest(v1)["optimized"]
+    assert entry["data_file"] == OPTIMIZED_DATA_FILE and entry["data_sha256"] == sha256_file(folder / OPTIMIZED_DATA_FILE)
+    assert (repo.version_dir(v1) / OPTIMIZED_DATA_FILE).read_bytes() == b"weights"
+    v2 = repo.rollback(v1)
+    assert repo.load_manifest(v2)["optimized"] == entry and (repo.version_dir(v2) / OPTIMIZED_DATA_FILE).read_bytes() == b"weights"
+    # Damaged weights: the pair is not carried over.
+    (repo.version_dir(v1) / OPTIMIZED_DATA_FILE).write_bytes(b"bit rot")
+    v3 = repo.rollback(v1)
+    assert "optimized" not in repo.load_manifest(v3) and not (repo.version_dir(v3) / OPTIMIZED_DATA_FILE).exists()
+    # The graph records its weights file's name: published under another name the pair would not open.
+    renamed = folder / "other.onnx"
+    (folder / OPTIMIZED_FILE).rename(renamed)
+    renamed.with_name(renamed.name + ".data").write_bytes(b"weights")
+    with pytest.raises(CLAgentError, match=f"must be named {OPTIMIZED_FILE}"):
+        repo.publish(fake_model(tmp_path, b"x"), {"class_names": CLASSES, "image_size": 16}, OptimizedModel(renamed, {}))
+    assert repo.versions() == [v1, v2, v3]
+
+
 def test_manifest_must_name_classes_and_size(tmp_path):
     repo = ModelRepository(tmp_path, "student")
     with pytest.raises(CLAgentError, match="image_size"):
@@ -195,3 +223,27 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path):
         t.join()
     assert sorted(results) == list(range(1, 13))
     assert ModelRepository(repo_root, "student").versions() == list(range(1, 13))
+
+
+def test_a_paced_publish_sleeps_between_chunks_and_writes_out_as_it_goes(tmp_path, monkeypatch):
+    import cl_agent.repository as repository
+
+    data = np.random.default_rng(0).integers(0, 256, 5 * (1 << 20), dtype=np.uint8).tobytes()  # 5 MiB: 20 chunks
+    source = tmp_path / "big.onnx"
+    source.write_bytes(data)
+    sleeps, writeouts = [], []
+    monkeypatch.setattr(repository.time, "sleep", sleeps.append)
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(repository.os, "fdatasync", lambda fd: (writeouts.append(fd), real_fdatasync(fd)))
+    paced = ModelRepository(tmp_path / "paced", "student", pause_s=0.001)
+    v = paced.publish(source, {"class_names": CLASSES, "image_size": 16})
+    assert paced.model_path(v).read_bytes() == data and paced.load_manifest(v)["sha256"] == sha256_file(source)
+    chunks = len(data) // repository.CHUNK
+    assert sleeps.count(0.001) == chunks and len(writeouts) == chunks // repository.WRITE_OUT_CHUNKS
+    sleeps.clear(), writeouts.clear()
+    full_speed = ModelRepository(tmp_path / "fast", "student", pause_s=0)
+    full_speed.publish(source, {"class_names": CLASSES, "image_size": 16})
+    assert sha256_file(source) == full_speed.load_manifest(1)["sha256"] and sleeps == [] and writeouts == []
+    assert sha256_file(source, pause_s=0.002) == sha256_file(source) and sleeps.count(0.002) == chunks
+    with pytest.raises(CLAgentError, match="pause_s"):
+        ModelRepository(tmp_path, "student", pause_s=-1)

@@ -400,10 +400,10 @@ def test_client_that_spins_for_its_reply_gets_the_same_answers(repo, onnx_models
 
 
 def test_optimised_graph_is_opened_when_made_here_and_model_onnx_otherwise(tmp_path, caplog):
-    from cl_agent.repository import OPTIMIZED_FILE, OptimizedModel
+    from cl_agent.repository import OPTIMIZED_DATA_FILE, OPTIMIZED_FILE, OptimizedModel
     from cl_agent.session import load_model, runtime_environment
 
-    plain, optimized = tmp_path / "t.onnx", tmp_path / "t.optimized.onnx"
+    plain, optimized = tmp_path / "t.onnx", tmp_path / "opt" / OPTIMIZED_FILE
     export_onnx([tiny_net(0)], plain, image_size=SIZE, mean=[0.5] * 3, std=[0.25] * 3, export=ExportSection(), optimized_path=optimized)
     here = runtime_environment()
     manifest = {"class_names": CLASSES, "image_size": SIZE}
@@ -412,13 +412,17 @@ def test_optimised_graph_is_opened_when_made_here_and_model_onnx_otherwise(tmp_p
     v_elsewhere = repo.publish(plain, manifest, OptimizedModel(optimized, {**here, "isa": ["another-cpu"]}))
     v_damaged = repo.publish(plain, manifest, OptimizedModel(optimized, here))
     (repo.version_dir(v_damaged) / OPTIMIZED_FILE).write_bytes(b"not a graph")
+    v_bad_weights = repo.publish(plain, manifest, OptimizedModel(optimized, here))
+    weights = repo.version_dir(v_bad_weights) / OPTIMIZED_DATA_FILE
+    weights.write_bytes(bytes(weights.stat().st_size))  # same size, zeroed: only the sha256 can tell
     v_missing = repo.publish(plain, manifest, OptimizedModel(optimized, here))
     (repo.version_dir(v_missing) / OPTIMIZED_FILE).unlink()  # as on a follower, which installs model.onnx only
     v_plain = repo.publish(plain, manifest)
     section = serve_section(providers=["CPUExecutionProvider"])
-    loaded = [load_model(repo, v, section) for v in (v_here, v_elsewhere, v_damaged, v_missing, v_plain)]
-    assert [m.optimized for m in loaded] == [True, False, False, False, False]
+    loaded = [load_model(repo, v, section) for v in (v_here, v_elsewhere, v_damaged, v_bad_weights, v_missing, v_plain)]
+    assert [m.optimized for m in loaded] == [True, False, False, False, False, False]
     assert "not using its optimised graph" in caplog.text
+    assert f"{OPTIMIZED_DATA_FILE} sha256" in caplog.text
     batch = images(4)
     (expected,) = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(["probs"], {"images": batch})
     for model in loaded:

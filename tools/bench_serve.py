@@ -59,8 +59,11 @@ def free_port() -> int:
 
 
 def optimized_path(path: Path) -> Path:
-    """Where ``build_models`` saves the optimised graph of the model at ``path``."""
-    return path.with_suffix(".optimized.onnx")
+    """Where ``build_models`` saves the optimised graph of the model at ``path`` (a folder of its own:
+    the graph names its weights file, so both keep the names they are published under)."""
+    from cl_agent.repository import OPTIMIZED_FILE
+
+    return path.parent / path.stem / OPTIMIZED_FILE
 
 
 def build_models(folder: Path, threads: int) -> tuple[object, list[Path]]:
@@ -87,7 +90,9 @@ def build_models(folder: Path, threads: int) -> tuple[object, list[Path]]:
     return graphs[0], paths
 
 
-def start_server(repo_root: Path, endpoint: str, announce: str, threads: int, busy_poll_us: int, max_wait_ms: float) -> subprocess.Popen:
+def start_server(
+    repo_root: Path, endpoint: str, announce: str, threads: int, busy_poll_us: int, max_wait_ms: float, loader_pause_us: int
+) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "cl_agent.cli", "serve", "--repo", str(repo_root), "--model", "student",
         "--set", f"serve.endpoint={endpoint}",
@@ -97,6 +102,7 @@ def start_server(repo_root: Path, endpoint: str, announce: str, threads: int, bu
         "--set", "agent.log_level=warning",
         "--set", f"serve.busy_poll_us={busy_poll_us}",
         "--set", f"serve.max_wait_ms={max_wait_ms}",
+        "--set", f"serve.loader_pause_us={loader_pause_us}",
     ]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -238,7 +244,7 @@ def summarise(results: list[dict], warmup_s: float = 0.25) -> dict:
 
 
 def main() -> int:
-    from cl_agent.config import ServeSection
+    from cl_agent.config import RepositorySection, ServeSection
 
     serve_defaults = ServeSection()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -254,6 +260,10 @@ def main() -> int:
     parser.add_argument("--no-optimized", dest="optimized", action="store_false", help="publish model.onnx only (every swap optimises the graph again)")
     parser.add_argument("--client-spin-us", type=int, default=0, help="InferenceClient spin_us of the measuring client (0 = sleeps in poll)")
     parser.add_argument("--publisher-nice", type=int, default=10, help="nice value of the publishing thread (0 = same as the server)")
+    parser.add_argument(
+        "--publish-pause-us", type=int, default=RepositorySection().publish_pause_us, help="repository.publish_pause_us of the publisher (0 = copies at full speed)"
+    )
+    parser.add_argument("--loader-pause-us", type=int, default=serve_defaults.loader_pause_us, help="the server's serve.loader_pause_us")
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -267,7 +277,7 @@ def main() -> int:
         tmp = Path(tmp)
         say("exporting two students ...")
         torch_graph, paths = build_models(tmp, args.threads)
-        repo = ModelRepository(tmp / "models", "student", keep_last=3)
+        repo = ModelRepository(tmp / "models", "student", keep_last=3, pause_s=args.publish_pause_us / 1e6)
         manifest = {"class_names": CLASSES, "image_size": SIZE}
         environment = runtime_environment()
 
@@ -277,7 +287,7 @@ def main() -> int:
         repo.publish(paths[0], manifest, optimized(paths[0]))
         announcer = Announcer(f"tcp://127.0.0.1:{free_port()}")
         endpoint = f"tcp://127.0.0.1:{free_port()}"
-        server = start_server(tmp / "models", endpoint, announcer.endpoint, args.threads, args.busy_poll_us, args.max_wait_ms)
+        server = start_server(tmp / "models", endpoint, announcer.endpoint, args.threads, args.busy_poll_us, args.max_wait_ms, args.loader_pause_us)
         try:
             client = InferenceClient(endpoint, timeout_s=2, retries=30, spin_us=args.client_spin_us)
             client.predict(np.zeros((1, SIZE, SIZE, 3), np.uint8))  # waits until the server is up
@@ -372,6 +382,8 @@ def main() -> int:
         "swap_load_rate_per_s": args.rate,
         "versions_published": len(published) + 1,
         "publisher_nice": args.publisher_nice,
+        "publish_pause_us": args.publish_pause_us,
+        "loader_pause_us": args.loader_pause_us,
         "busy_poll_us": args.busy_poll_us,
         "client_spin_us": args.client_spin_us,
         "max_wait_ms": args.max_wait_ms,
