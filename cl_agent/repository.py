@@ -63,8 +63,9 @@ def sha256_file(path: str | os.PathLike, pause_s: float = 0.0) -> str:
 
     The pauses are for work that shares the cores with a server: a thread streaming 45 MB
     without a break keeps the CPU until the scheduler's slice ends, so requests arriving
-    meanwhile wait (measured: p99 4.9 against 3.2 ms steady; 3.3 ms with 0.3 ms pauses after
-    each 256 KiB, see docs/benchmarks.md). It costs about 0.1 s per 45 MB.
+    meanwhile wait (tools/bench_contention.py on 2 cores: p99 4.4 ms against 3.5 ms with
+    nothing beside the server; 3.0 ms with 0.3 ms pauses after each 256 KiB). It costs about
+    0.1 s per 45 MB.
     """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
