@@ -52,7 +52,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-contention-") as tmp:
         tmp = Path(tmp)
         say("exporting the model ...")
-        _, paths = bench_serve.build_models(tmp, 1)
+        _, paths = bench_serve.build_models(tmp, 1, count=1)
         optimized = OptimizedModel(bench_serve.optimized_path(paths[0]), runtime_environment())
         files = [paths[0], optimized.data_path]
         repo = ModelRepository(tmp / "models", "student")

@@ -66,8 +66,8 @@ def optimized_path(path: Path) -> Path:
     return path.parent / path.stem / OPTIMIZED_FILE
 
 
-def build_models(folder: Path, threads: int) -> tuple[object, list[Path]]:
-    """Two students with different weights, exported (with their optimised graphs at ``optimized_path``);
+def build_models(folder: Path, threads: int, count: int = 2) -> tuple[object, list[Path]]:
+    """``count`` students with different weights, exported (with their optimised graphs at ``optimized_path``);
     returns (torch graph of the first, onnx paths)."""
     import torch
 
@@ -77,7 +77,7 @@ def build_models(folder: Path, threads: int) -> tuple[object, list[Path]]:
 
     section = ModelSection(backbone="resnet18", num_classes=len(CLASSES), image_size=SIZE)
     paths, graphs = [], []
-    for seed in (0, 1):
+    for seed in range(count):
         torch.manual_seed(seed)
         student = create_student(section).eval()
         path = folder / f"student{seed}.onnx"
