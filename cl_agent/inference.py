@@ -28,7 +28,7 @@ import zmq
 
 from cl_agent.config import WireSection
 from cl_agent.errors import CLAgentError
-from cl_agent.wire import WireError, decode_message, encode_message
+from cl_agent.wire import WireError, decode_reply, encode_message, pack_message
 
 
 class InferenceError(CLAgentError):
@@ -51,6 +51,11 @@ class InferenceResult:
     def labels(self) -> list[str]:
         """The top-1 class name of each image."""
         return [p[0][0] for p in self.predictions]
+
+
+def _is_rgb_batch(images) -> bool:
+    """A (N, H, W, 3) uint8 array."""
+    return isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3
 
 
 class InferenceClient:
@@ -105,13 +110,21 @@ class InferenceClient:
             raise CLAgentError("predict needs at least one image")
         seq = next(self._seq)
         fields = {} if top_k is None else {"top_k": int(top_k)}
-        try:
-            request = encode_message("infer", self.sender, seq, list(images), encoding=self.encoding, **fields)
-        except ValueError as e:
-            raise CLAgentError(f"cannot encode the images: {e}") from None
+        if self.encoding == "raw" and _is_rgb_batch(images):
+            # The common camera case, without a per-image encode call: one payload per image, as the wire wants.
+            payloads = [image.tobytes() for image in images]
+            request = pack_message("infer", self.sender, seq, payloads, encoding="raw", shapes=[images.shape[1:]] * len(payloads), **fields)
+        else:
+            try:
+                request = encode_message("infer", self.sender, seq, list(images), encoding=self.encoding, **fields)
+            except ValueError as e:
+                raise CLAgentError(f"cannot encode the images: {e}") from None
         header = self._call(request, seq, "prediction")
-        predictions = [[(str(name), float(p)) for name, p in image] for image in header["predictions"]]
-        return InferenceResult(predictions, int(header["model_version"]), str(header.get("model", "")))
+        try:
+            predictions = [[(str(name), float(p)) for name, p in image] for image in header["predictions"]]
+            return InferenceResult(predictions, int(header["model_version"]), str(header.get("model", "")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InferenceError("bad_reply", f"malformed prediction: {e!r:.200}") from None
 
     def _call(self, request: list[bytes], seq: int, expected_kind: str) -> dict:
         """Send ``request`` (sequence number ``seq``), Lazy Pirate style; return the reply's header."""
@@ -130,14 +143,14 @@ class InferenceClient:
                 "timeout", f"no reply from {self.endpoint} after {self.retries + 1} attempts of {self.timeout_ms} ms"
             )
         try:
-            message = decode_message(frames, self._limits)
+            header = decode_reply(frames, self._limits)
         except WireError as e:
             raise InferenceError(e.reason, f"malformed reply: {e.detail}") from None
-        header = message.header
-        if message.kind == "error":
+        kind = header["kind"]
+        if kind == "error":
             raise InferenceError(str(header.get("reason", "error")), str(header.get("detail", "")))
-        if message.kind != expected_kind or message.seq != seq:
-            raise InferenceError("bad_reply", f"expected {expected_kind} #{seq}, got {message.kind} #{message.seq}")
+        if kind != expected_kind or header["seq"] != seq:
+            raise InferenceError("bad_reply", f"expected {expected_kind} #{seq}, got {kind:.50} #{header['seq']}")
         return header
 
     def _wait_for_reply(self, socket: zmq.Socket) -> bool:

@@ -16,6 +16,7 @@ a bad hash, a failed check) falls back to ``model.onnx``.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import platform
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ class LoadedModel:
     session: object  # onnxruntime.InferenceSession
     manifest: dict = field(repr=False, default_factory=dict)
     optimized: bool = False  # opened from the version's pre-optimised graph
+    names_json: list[str] = field(init=False, repr=False)  # class_names as JSON strings, for the replies
+
+    def __post_init__(self) -> None:
+        self.names_json = [json.dumps(name) for name in self.class_names]
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, K)."""

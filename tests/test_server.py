@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ from cl_agent.config import ExportSection, ServeSection
 from cl_agent.export import export_onnx
 from cl_agent.inference import InferenceClient, InferenceError
 from cl_agent.repository import Announcer, ModelRepository
-from cl_agent.server import Server
+from cl_agent.server import Server, _predictions_json, _ranked
 from cl_agent.wire import decode_message, encode_message, pack_message
 
 CLASSES = ["cat", "dog", "cup"]
@@ -435,3 +436,43 @@ def test_optimised_graph_is_opened_when_made_here_and_model_onnx_otherwise(tmp_p
         assert wait_for(lambda: client.status()["model_version"] == v_plain + 1)
         assert client.status()["model_optimized"] is True
         np.testing.assert_allclose([p for _, p in client.predict(batch[:1], top_k=3).predictions[0]], np.sort(expected[0])[::-1], atol=1e-6)
+
+
+@pytest.mark.parametrize("classes", [10, 100])  # the plain-Python path and numpy's
+def test_ranked_predictions_match_a_numpy_ranking_and_are_valid_json(classes):
+    rng = np.random.default_rng(classes)
+    probs = rng.random((4, classes), dtype=np.float32)
+    probs[1, 3] = probs[1, 7] = 2.0  # a tie for first place: the lower index comes first
+    probs[2, 0] = np.nan  # a broken model's output still gives JSON that parses
+    names = [f"c{i}" for i in range(classes)]
+    ranked = _ranked(probs, 5)
+    for row, expected in zip(ranked[:2] + ranked[3:], probs[[0, 1, 3]]):
+        order = np.argsort(-expected, kind="stable")[:5]
+        assert [c for c, _ in row] == order.tolist()
+        assert [p for _, p in row] == expected[order].tolist()
+    assert [c for c, _ in ranked[1][:2]] == [3, 7]
+    text = _predictions_json(ranked, 3, [json.dumps(n) for n in names])
+    parsed = json.loads(text)
+    assert len(parsed) == 4 and all(len(image) == 3 for image in parsed)
+    assert parsed[0] == [[names[c], p] for c, p in ranked[0][:3]]
+
+
+def test_client_raises_a_clear_error_on_a_malformed_prediction():
+    context = zmq.Context.instance()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_without_predictions():
+        frames = router.recv_multipart()
+        seq = json.loads(frames[-2])["seq"]
+        router.send_multipart(frames[:2] + pack_message("prediction", "server", seq, model_version=1))
+
+    thread = threading.Thread(target=answer_without_predictions, daemon=True)
+    thread.start()
+    with InferenceClient(f"tcp://127.0.0.1:{port}", timeout_s=5, retries=0) as client:
+        with pytest.raises(InferenceError) as info:
+            client.predict(images(1))
+    assert info.value.reason == "bad_reply" and "predictions" in info.value.detail
+    thread.join(5)
+    router.close()

@@ -14,7 +14,11 @@ from cl_agent.wire import (
     WireError,
     decode_image,
     decode_message,
+    decode_reply,
     encode_message,
+    json_number,
+    prediction_reply,
+    reply,
     image_dimensions,
     jpeg_dimensions,
     pack_message,
@@ -192,3 +196,37 @@ def test_peek_seq_finds_the_seq_of_an_oversized_header():
     parts = with_header(_valid(1), seq=77, pad="x" * 10_000)
     assert reason(parts, WireSection(max_header_bytes=1024)) == "header_too_large"
     assert peek_seq(parts, WireSection(max_header_bytes=1024)) == 77
+
+
+def test_prediction_reply_parses_to_what_the_generic_reply_holds():
+    predictions = [[["cat \"tabby\"", 0.75], ["d\u00f6g", 1e-05]], [["x", 0.5]]]
+    generic = header_of(reply("prediction", "server", 7, model="m\u00fc", model_version=3, predictions=predictions))
+    fast = prediction_reply("server", 7, "m\u00fc", 3, json.dumps(predictions))
+    assert len(fast) == 1
+    parsed = header_of(fast)
+    assert abs(parsed.pop("ts") - generic.pop("ts")) < 5
+    assert parsed == generic
+    assert decode_reply(fast, LIMITS) == {**parsed, "ts": header_of(fast)["ts"]}
+
+
+@pytest.mark.parametrize("value", [0.0, 0.1, 1e-05, 0.30000001192092896, 1.0, float("nan"), float("inf"), -float("inf")])
+def test_json_number_writes_what_json_dumps_writes(value):
+    assert json_number(value) == json.dumps(value)
+
+
+def test_decode_reply_refuses_what_is_not_a_reply():
+    good = reply("prediction", "server", 3, predictions=[])
+    assert decode_reply(good, LIMITS)["seq"] == 3
+    cases = {
+        "bad_reply": [good[0], b"extra"],
+        "bad_json": [b"{not json"],
+        "bad_header": [b"[1, 2]"],
+        "bad_version": with_header(good, v=99),
+        "bad_kind": with_header(good, kind=5),
+        "bad_seq": with_header(good, seq="3"),
+        "message_too_large": [b" " * (LIMITS.max_message_bytes + 1)],
+    }
+    for expected, parts in cases.items():
+        with pytest.raises(WireError) as info:
+            decode_reply(parts, LIMITS)
+        assert info.value.reason == expected, (expected, info.value)
