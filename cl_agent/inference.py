@@ -7,12 +7,16 @@ times; then ``InferenceError`` with reason ``timeout``. An ``error`` reply from
 the server is raised at once (resending the same request would fail again).
 One client per thread: ZeroMQ sockets are not thread-safe.
 
-``spin_us``: after sending, wait for the reply spinning (zero-timeout polls) for up
-to this many microseconds before sleeping in poll. A sleeping thread pays a
-wake-up when the reply lands (tens of microseconds, more on a virtual machine,
-whose idle core the host may hand to other work in the meantime); a latency-
-critical caller that expects its answer within a few milliseconds can trade that
-much of one core per request for it. 0 (the default) always sleeps.
+``spin_us``: wait for the reply spinning (zero-timeout polls) for a window of this
+many microseconds around the time it is due, and sleep in poll before and after.
+A sleeping thread pays a wake-up when the reply lands (tens of microseconds, more on
+a virtual machine, whose idle core the host may hand to other work in the
+meantime); a latency-critical caller can trade up to ``spin_us`` of one core per
+request for it. When the reply is due comes from the recent round trips of requests
+with the same number of images (a moving average); until there is one, and
+whenever it is due sooner than half the window, the spin starts right after the
+send. A reply that arrives before the window wakes the sleeping poll as usual, so a
+wrong guess costs a wake-up, never a late answer. 0 (the default) always sleeps.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class InferenceClient:
         self.retries = retries
         self.spin_us = int(spin_us)
         self.spin_hits = 0  # replies found while spinning
+        self._round_trip_s: dict[int, float] = {}  # images per request -> moving average of its round trip
         self.encoding = encoding
         self.sender = sender or f"client-{os.getpid()}-{id(self):x}"
         self._context = context or zmq.Context.instance()
@@ -119,21 +124,26 @@ class InferenceClient:
                 request = encode_message("infer", self.sender, seq, list(images), encoding=self.encoding, **fields)
             except ValueError as e:
                 raise CLAgentError(f"cannot encode the images: {e}") from None
-        header = self._call(request, seq, "prediction")
+        header = self._call(request, seq, "prediction", len(images))
         try:
             predictions = [[(str(name), float(p)) for name, p in image] for image in header["predictions"]]
             return InferenceResult(predictions, int(header["model_version"]), str(header.get("model", "")))
         except (KeyError, TypeError, ValueError) as e:
             raise InferenceError("bad_reply", f"malformed prediction: {e!r:.200}") from None
 
-    def _call(self, request: list[bytes], seq: int, expected_kind: str) -> dict:
-        """Send ``request`` (sequence number ``seq``), Lazy Pirate style; return the reply's header."""
+    def _call(self, request: list[bytes], seq: int, expected_kind: str, images: int = 0) -> dict:
+        """Send ``request`` (sequence number ``seq``, ``images`` images), Lazy Pirate style; return the reply's header."""
         for _attempt in range(self.retries + 1):
             if self._socket is None:
                 self._socket = self._connect()
+            sent = time.perf_counter()
             self._socket.send_multipart(request)
-            if self._wait_for_reply(self._socket):
+            if self._wait_for_reply(self._socket, sent, self._round_trip_s.get(images)):
                 frames = self._socket.recv_multipart()
+                if self.spin_us:
+                    elapsed = time.perf_counter() - sent
+                    previous = self._round_trip_s.get(images, elapsed)
+                    self._round_trip_s[images] = previous + 0.2 * (elapsed - previous)
                 break
             # Lazy Pirate: the REQ socket is stuck waiting for a reply that is lost; start over with a new one.
             self._socket.close()
@@ -153,17 +163,26 @@ class InferenceClient:
             raise InferenceError("bad_reply", f"expected {expected_kind} #{seq}, got {kind:.50} #{header['seq']}")
         return header
 
-    def _wait_for_reply(self, socket: zmq.Socket) -> bool:
-        """Spin up to ``spin_us``, then sleep in poll for the rest of the timeout; True once a reply is there."""
-        if self.spin_us:
-            started = time.perf_counter()
-            spin_until = started + self.spin_us / 1e6
-            while time.perf_counter() < spin_until:
-                if socket.poll(0):
-                    self.spin_hits += 1
-                    return True
-            return bool(socket.poll(max(0, self.timeout_ms - int(1000 * (time.perf_counter() - started)))))
-        return bool(socket.poll(self.timeout_ms))
+    def _wait_for_reply(self, socket: zmq.Socket, sent: float, due_s: float | None) -> bool:
+        """Sleep in poll until the spin window, spin through it, then sleep for the rest of the timeout.
+
+        ``sent``: perf_counter at the send; ``due_s``: the expected round trip (None: not known yet).
+        True once a reply is there.
+        """
+        if not self.spin_us:
+            return bool(socket.poll(self.timeout_ms))
+        window_s = self.spin_us / 1e6
+        spin_from = sent + max(0.0, (due_s or 0.0) - window_s / 2)
+        asleep_ms = int(1000 * (spin_from - time.perf_counter()))  # whole milliseconds: poll's resolution
+        if asleep_ms >= 1 and socket.poll(asleep_ms):
+            return True
+        spin_until = max(spin_from, time.perf_counter()) + window_s
+        while time.perf_counter() < spin_until:
+            if socket.poll(0):
+                self.spin_hits += 1
+                return True
+        left_ms = self.timeout_ms - int(1000 * (time.perf_counter() - sent))
+        return bool(socket.poll(max(0, left_ms)))
 
     def close(self) -> None:
         if self._socket is not None:

@@ -476,3 +476,36 @@ def test_client_raises_a_clear_error_on_a_malformed_prediction():
     assert info.value.reason == "bad_reply" and "predictions" in info.value.detail
     thread.join(5)
     router.close()
+
+
+def test_spinning_client_sleeps_until_its_reply_is_due_then_spins():
+    context = zmq.Context.instance()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    delay_s, answered = 0.06, []
+
+    def slow_server():
+        while len(answered) < 6:
+            frames = router.recv_multipart()
+            time.sleep(delay_s)
+            seq = json.loads(frames[-2])["seq"]
+            router.send_multipart(frames[:2] + pack_message("prediction", "server", seq, model_version=1, predictions=[[["a", 1.0]]]))
+            answered.append(seq)
+
+    thread = threading.Thread(target=slow_server, daemon=True)
+    thread.start()
+    with InferenceClient(f"tcp://127.0.0.1:{port}", timeout_s=5, retries=0, spin_us=40_000) as client:
+        client.predict(images(1))  # round trip not known yet: spins from the send for 40 ms, then sleeps
+        assert client.spin_hits == 0
+        for _ in range(3):
+            client.predict(images(1))  # learns the 60 ms round trip
+        cpu_before, hits_before = time.thread_time(), client.spin_hits
+        for _ in range(2):
+            assert client.predict(images(1)).labels == ["a"]
+        cpu_s = time.thread_time() - cpu_before
+    # Due at ~60 ms: sleeps until ~40 ms, then finds the reply spinning; spinning all along would burn 120 ms.
+    assert client.spin_hits - hits_before == 2
+    assert cpu_s < 0.1, cpu_s
+    thread.join(5)
+    router.close()

@@ -16,6 +16,10 @@ as a separate ``cl-agent serve`` process, the clients run here.
   ort_after_idle_p50_ms: the bare call after a 0.5 ms sleep, as a server runs it
   between requests (caches no longer hot); server_*_p50 in batch1/batch32: the
   server's own medians of time in session.run and of everything else it did.
+- floor / floor_overhead_ms_batch1: the same batch-1 round trip through a minimal
+  ZeroMQ server (recv, session.run on the served graph, send the raw probabilities;
+  no checks, no JSON) against the bare call, in interleaved rounds: what the
+  machine costs before any serving code runs.
 - steady / swaps: an open-loop load (requests sent on a fixed schedule, replies
   collected asynchronously, latency counted from the scheduled send time) at
   --rate requests/s; without swaps for --steady-s seconds, half before and half
@@ -159,6 +163,77 @@ def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_r
     return {"served": result, "ort": percentiles(bare), "ort_after_idle": percentiles(after_idle), "torch": percentiles(eager)}
 
 
+def minimal_server(endpoint: str, graph: str, pre_optimized: bool, threads: int, conn) -> None:
+    """Child process: the least a ZeroMQ server can do per request (recv, ``session.run``, send the
+    probabilities' bytes), on the graph the server opens and with its busy-polling; no checks, no JSON.
+
+    The floor under the server's batch-1 overhead on this machine: what two processes, their ZeroMQ
+    I/O threads and a ``session.run`` that is not back to back cost before any serving code runs.
+    """
+    import onnxruntime as ort
+    import zmq
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if pre_optimized:  # opened as the server opens it
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    session.run(["probs"], {"images": np.zeros((1, SIZE, SIZE, 3), np.uint8)})
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    conn.send("ready")
+    while not conn.poll():
+        spin_until = time.perf_counter() + 0.001
+        while not router.poll(0) and time.perf_counter() < spin_until:
+            pass
+        if not router.poll(100):
+            continue
+        frames = router.recv_multipart()
+        image = np.frombuffer(frames[-1], np.uint8).reshape(1, SIZE, SIZE, 3)
+        (probs,) = session.run(["probs"], {"images": image})
+        router.send_multipart([*frames[:-1], probs.tobytes()])
+    router.close()
+
+
+def measure_floor(graph: Path, pre_optimized: bool, session, threads: int, rounds: int, per_round: int) -> dict:
+    """Round trips through ``minimal_server`` in rounds interleaved with bare ``session.run`` calls."""
+    import zmq
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    process = ctx.Process(target=minimal_server, args=(endpoint, str(graph), pre_optimized, threads, child))
+    process.start()
+    assert parent.recv() == "ready"
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    image = np.random.default_rng(1).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    payload = image.tobytes()
+    served, bare = [], []
+    for i in range(rounds + 1):  # the first round warms up
+        for _ in range(per_round):
+            t = time.perf_counter()
+            sock.send_multipart([b"", payload])
+            sock.recv_multipart()
+            if i:
+                served.append(time.perf_counter() - t)
+        for _ in range(per_round):
+            t = time.perf_counter()
+            session.run(["probs"], {"images": image})
+            if i:
+                bare.append(time.perf_counter() - t)
+    sock.close()
+    parent.send("stop")
+    process.join(10)
+    result = percentiles(served)
+    result["ort_p50_ms"] = percentiles(bare)["p50_ms"]
+    result["overhead_ms"] = round(result["p50_ms"] - result["ort_p50_ms"], 4)
+    return result
+
+
 def open_loop_load(endpoint: str, rate: float, max_s: float, timeout_s: float, conn) -> None:
     """Child process: send batch-1 requests on a fixed schedule over one DEALER socket until told to stop."""
     import zmq
@@ -299,6 +374,9 @@ def main() -> int:
             say("latency at batch 1 and 32 ...")
             b1 = measure_latency(client, torch_graph, session, 1, args.rounds, 100)
             b32 = measure_latency(client, torch_graph, session, 32, args.rounds, 10)
+            say("the floor: a minimal ZeroMQ server around session.run ...")
+            graph = optimized_path(paths[0]) if args.optimized else paths[0]
+            floor = measure_floor(graph, args.optimized, session, args.threads, args.rounds, 100)
 
             say(f"steady open-loop load at {args.rate:.0f} req/s ...")
             # Steady load in two halves, before and after the swaps, so a drift in the background
@@ -372,6 +450,8 @@ def main() -> int:
         "served_over_torch_batch1": round(batch1["p50_ms"] / b1["torch"]["p50_ms"], 3),
         "overhead_ms_batch1": round(batch1["p50_ms"] - b1["ort"]["p50_ms"], 4),
         "overhead_pct_batch32": round(100 * (batch32["p50_ms"] / b32["ort"]["p50_ms"] - 1), 2),
+        "floor": floor,
+        "floor_overhead_ms_batch1": floor["overhead_ms"],
         "steady": steady,
         "steady_p99_ms": steady["p99_ms"],
         "swaps": swaps["version_changes"],
