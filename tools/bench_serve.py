@@ -16,10 +16,10 @@ as a separate ``cl-agent serve`` process, the clients run here.
   ort_after_idle_p50_ms: the bare call after a 0.5 ms sleep, as a server runs it
   between requests (caches no longer hot); server_*_p50 in batch1/batch32: the
   server's own medians of time in session.run and of everything else it did.
-- floor / floor_overhead_ms_batch1: the same batch-1 round trip through a minimal
-  ZeroMQ server (recv, session.run on the served graph, send the raw probabilities;
-  no checks, no JSON) against the bare call, in interleaved rounds: what the
-  machine costs before any serving code runs.
+- floor_p50_ms / floor_overhead_ms_batch1: the batch-1 round trip through a minimal
+  ZeroMQ server in another process (recv, session.run on the served graph, send the
+  raw probabilities; no checks, no JSON), in the same interleaved rounds, and its
+  excess over the bare call: what the machine costs before any serving code runs.
 - steady / swaps: an open-loop load (requests sent on a fixed schedule, replies
   collected asynchronously, latency counted from the scheduled send time) at
   --rate requests/s; without swaps for --steady-s seconds, half before and half
@@ -111,16 +111,18 @@ def start_server(
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_round: int) -> dict:
-    """Interleaved rounds of served / bare onnxruntime / torch eager calls on the same images."""
+def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_round: int, floor: MinimalServer | None = None) -> dict:
+    """Interleaved rounds of served / bare onnxruntime / torch eager calls (and ``floor`` round trips) on the same images."""
     import torch
 
     images = np.random.default_rng(batch).integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
     tensor = torch.from_numpy(images)
-    served, bare, eager, after_idle = [], [], [], []
+    served, bare, eager, after_idle, minimal = [], [], [], [], []
     served_time = 0.0
     for _ in range(3):  # warm-up
         client.predict(images)
+        if floor is not None:
+            floor.call(images)
         session.run(["probs"], {"images": images})
         with torch.inference_mode():
             torch_graph(tensor)
@@ -132,6 +134,11 @@ def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_r
             client.predict(images)
             served.append(time.perf_counter() - t)
         served_time += time.perf_counter() - round_start
+        if floor is not None:
+            for _ in range(per_round):
+                t = time.perf_counter()
+                floor.call(images)
+                minimal.append(time.perf_counter() - t)
         for _ in range(per_round):
             t = time.perf_counter()
             session.run(["probs"], {"images": images})
@@ -160,7 +167,10 @@ def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_r
     result["server_inference_ms_p50"] = status.get("inference_ms_p50")
     result["server_handling_ms_p50"] = status.get("handling_ms_p50")
     result["busy_poll_hits"] = after["busy_poll_hits"] - before["busy_poll_hits"]  # requests found while spinning
-    return {"served": result, "ort": percentiles(bare), "ort_after_idle": percentiles(after_idle), "torch": percentiles(eager)}
+    measured = {"served": result, "ort": percentiles(bare), "ort_after_idle": percentiles(after_idle), "torch": percentiles(eager)}
+    if floor is not None:
+        measured["floor"] = percentiles(minimal)
+    return measured
 
 
 def minimal_server(endpoint: str, graph: str, pre_optimized: bool, threads: int, conn) -> None:
@@ -197,41 +207,30 @@ def minimal_server(endpoint: str, graph: str, pre_optimized: bool, threads: int,
     router.close()
 
 
-def measure_floor(graph: Path, pre_optimized: bool, session, threads: int, rounds: int, per_round: int) -> dict:
-    """Round trips through ``minimal_server`` in rounds interleaved with bare ``session.run`` calls."""
-    import zmq
+class MinimalServer:
+    """``minimal_server`` in a child process, and a REQ socket to it: ``call(image)`` is one round trip."""
 
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    process = ctx.Process(target=minimal_server, args=(endpoint, str(graph), pre_optimized, threads, child))
-    process.start()
-    assert parent.recv() == "ready"
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    image = np.random.default_rng(1).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
-    payload = image.tobytes()
-    served, bare = [], []
-    for i in range(rounds + 1):  # the first round warms up
-        for _ in range(per_round):
-            t = time.perf_counter()
-            sock.send_multipart([b"", payload])
-            sock.recv_multipart()
-            if i:
-                served.append(time.perf_counter() - t)
-        for _ in range(per_round):
-            t = time.perf_counter()
-            session.run(["probs"], {"images": image})
-            if i:
-                bare.append(time.perf_counter() - t)
-    sock.close()
-    parent.send("stop")
-    process.join(10)
-    result = percentiles(served)
-    result["ort_p50_ms"] = percentiles(bare)["p50_ms"]
-    result["overhead_ms"] = round(result["p50_ms"] - result["ort_p50_ms"], 4)
-    return result
+    def __init__(self, graph: Path, pre_optimized: bool, threads: int):
+        import zmq
+
+        ctx = multiprocessing.get_context("spawn")
+        self._pipe, child = ctx.Pipe()
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self._process = ctx.Process(target=minimal_server, args=(endpoint, str(graph), pre_optimized, threads, child))
+        self._process.start()
+        assert self._pipe.recv() == "ready"
+        self._socket = zmq.Context.instance().socket(zmq.REQ)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(endpoint)
+
+    def call(self, image: np.ndarray) -> None:
+        self._socket.send_multipart([b"", image.tobytes()])
+        self._socket.recv_multipart()
+
+    def close(self) -> None:
+        self._socket.close()
+        self._pipe.send("stop")
+        self._process.join(10)
 
 
 def open_loop_load(endpoint: str, rate: float, max_s: float, timeout_s: float, conn) -> None:
@@ -371,12 +370,13 @@ def main() -> int:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(str(paths[0]), options, providers=["CPUExecutionProvider"])
 
-            say("latency at batch 1 and 32 ...")
-            b1 = measure_latency(client, torch_graph, session, 1, args.rounds, 100)
+            say("latency at batch 1 (and through a minimal server) and at batch 32 ...")
+            minimal = MinimalServer(optimized_path(paths[0]) if args.optimized else paths[0], args.optimized, args.threads)
+            try:
+                b1 = measure_latency(client, torch_graph, session, 1, args.rounds, 100, floor=minimal)
+            finally:
+                minimal.close()
             b32 = measure_latency(client, torch_graph, session, 32, args.rounds, 10)
-            say("the floor: a minimal ZeroMQ server around session.run ...")
-            graph = optimized_path(paths[0]) if args.optimized else paths[0]
-            floor = measure_floor(graph, args.optimized, session, args.threads, args.rounds, 100)
 
             say(f"steady open-loop load at {args.rate:.0f} req/s ...")
             # Steady load in two halves, before and after the swaps, so a drift in the background
@@ -450,8 +450,8 @@ def main() -> int:
         "served_over_torch_batch1": round(batch1["p50_ms"] / b1["torch"]["p50_ms"], 3),
         "overhead_ms_batch1": round(batch1["p50_ms"] - b1["ort"]["p50_ms"], 4),
         "overhead_pct_batch32": round(100 * (batch32["p50_ms"] / b32["ort"]["p50_ms"] - 1), 2),
-        "floor": floor,
-        "floor_overhead_ms_batch1": floor["overhead_ms"],
+        "floor_p50_ms": b1["floor"]["p50_ms"],
+        "floor_overhead_ms_batch1": round(b1["floor"]["p50_ms"] - b1["ort"]["p50_ms"], 4),
         "steady": steady,
         "steady_p99_ms": steady["p99_ms"],
         "swaps": swaps["version_changes"],
