@@ -1,0 +1,103 @@
+"""Per-request Python steps of batch-1 serving, warm and right after a ``session.run``.
+
+    python tools/bench_request_path.py --json
+
+Prints one JSON object: the median microseconds of each step, measured in a loop
+where each call either follows the previous one (``warm``) or follows a batch-1
+``session.run`` of the benchmark's ResNet-18 (``after_run``), which streams its
+45 MB of weights through the caches as the server's run does before it answers.
+Each step in two forms: ``generic`` (the wire layer's general functions, and
+numpy's argsort for the top-k, as the serving path used them before) and
+``lean`` (what the server and ``InferenceClient`` use now).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_serve import CLASSES, SIZE, build_models, optimized_path  # noqa: E402
+
+
+def steps(probs: np.ndarray, image: np.ndarray) -> dict:
+    from cl_agent.config import WireSection
+    from cl_agent.server import _predictions_json, _ranked
+    from cl_agent.wire import decode_message, decode_reply, encode_message, pack_message, prediction_reply, reply
+
+    limits = WireSection()
+    names_json = [json.dumps(name) for name in CLASSES]
+    top_k = 5
+
+    def generic_top_k_reply():
+        order = np.argsort(-probs, axis=1)[:, :top_k].tolist()
+        values = probs.tolist()
+        predictions = [[[CLASSES[c], values[i][c]] for c in order[i]] for i in range(len(order))]
+        return reply("prediction", "server", 17, model="student", model_version=3, predictions=predictions)
+
+    def lean_top_k_reply():
+        return prediction_reply("server", 17, "student", 3, _predictions_json(_ranked(probs, top_k), top_k, names_json))
+
+    answer = generic_top_k_reply()
+    assert json.loads(answer[0])["predictions"] == json.loads(lean_top_k_reply()[0])["predictions"]
+    return {
+        "server_top_k_and_reply": {"generic": generic_top_k_reply, "lean": lean_top_k_reply},
+        "client_encode": {
+            "generic": lambda: encode_message("infer", "client-1", 17, list(image), encoding="raw"),
+            "lean": lambda: pack_message("infer", "client-1", 17, [i.tobytes() for i in image], encoding="raw", shapes=[image.shape[1:]]),
+        },
+        "client_reply_check": {
+            "generic": lambda: [[(str(n), float(p)) for n, p in row] for row in decode_message(answer, limits).header["predictions"]],
+            "lean": lambda: [[(str(n), float(p)) for n, p in row] for row in decode_reply(answer, limits)["predictions"]],
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print only the JSON object")
+    parser.add_argument("--calls", type=int, default=1000, help="calls of each step per condition")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over both conditions (each pass reported)")
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="bench-request-") as tmp:
+        _, paths = build_models(Path(tmp), threads=1, count=1)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # pre-optimised, as served
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(optimized_path(paths[0])), options, providers=["CPUExecutionProvider"])
+        image = np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+        (probs,) = session.run(["probs"], {"images": image})
+        table = steps(probs, image)
+        passes = []
+        for _ in range(args.repeats):
+            result = {}
+            for condition in ("warm", "after_run"):
+                times = {(step, form): [] for step, forms in table.items() for form in forms}
+                for _ in range(args.calls):
+                    for (step, form), samples in times.items():
+                        if condition == "after_run":
+                            session.run(["probs"], {"images": image})
+                        started = time.perf_counter()
+                        table[step][form]()
+                        samples.append(time.perf_counter() - started)
+                for (step, form), samples in times.items():
+                    result.setdefault(step, {}).setdefault(form, {})[condition + "_us"] = round(float(np.median(samples)) * 1e6, 1)
+            passes.append(result)
+    report = {"model": "resnet18 (cl_agent.student) at 32 px, 10 classes, top_k 5", "calls": args.calls, "passes": passes}
+    print(json.dumps(report, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
