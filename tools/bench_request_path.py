@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serve import CLASSES, SIZE, build_models, optimized_path  # noqa: E402
+from bench_serve import CLASSES, SIZE, bare_session, build_models, optimized_path  # noqa: E402
 
 
 def steps(probs: np.ndarray, image: np.ndarray) -> dict:
@@ -67,15 +67,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="passes over both conditions (each pass reported)")
     args = parser.parse_args()
 
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="bench-request-") as tmp:
         _, paths = build_models(Path(tmp), threads=1, count=1)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # pre-optimised, as served
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(optimized_path(paths[0])), options, providers=["CPUExecutionProvider"])
+        session = bare_session(optimized_path(paths[0]), threads=1, pre_optimized=True)
         image = np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
         (probs,) = session.run(["probs"], {"images": image})
         table = steps(probs, image)

@@ -94,6 +94,19 @@ def build_models(folder: Path, threads: int, count: int = 2) -> tuple[object, li
     return graphs[0], paths
 
 
+def bare_session(path: Path, threads: int, pre_optimized: bool = False):
+    """A plain CPU onnxruntime session with ``threads`` intra-op threads that sleep between calls (as the
+    server's); ``pre_optimized``: a saved optimised graph, opened without optimising it again, as served."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if pre_optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def start_server(
     repo_root: Path, endpoint: str, announce: str, threads: int, busy_poll_us: int, max_wait_ms: float, loader_pause_us: int
 ) -> subprocess.Popen:
@@ -180,15 +193,9 @@ def minimal_server(endpoint: str, graph: str, pre_optimized: bool, threads: int,
     The floor under the server's batch-1 overhead on this machine: what two processes, their ZeroMQ
     I/O threads and a ``session.run`` that is not back to back cost before any serving code runs.
     """
-    import onnxruntime as ort
     import zmq
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    if pre_optimized:  # opened as the server opens it
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    session = bare_session(Path(graph), threads, pre_optimized)
     session.run(["probs"], {"images": np.zeros((1, SIZE, SIZE, 3), np.uint8)})
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -340,8 +347,6 @@ def main() -> int:
     parser.add_argument("--loader-pause-us", type=int, default=serve_defaults.loader_pause_us, help="the server's serve.loader_pause_us")
     args = parser.parse_args()
 
-    import onnxruntime as ort
-
     from cl_agent.inference import InferenceClient
     from cl_agent.repository import Announcer, ModelRepository, OptimizedModel
     from cl_agent.session import runtime_environment
@@ -365,10 +370,7 @@ def main() -> int:
         try:
             client = InferenceClient(endpoint, timeout_s=2, retries=30, spin_us=args.client_spin_us)
             client.predict(np.zeros((1, SIZE, SIZE, 3), np.uint8))  # waits until the server is up
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = args.threads
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = ort.InferenceSession(str(paths[0]), options, providers=["CPUExecutionProvider"])
+            session = bare_session(paths[0], args.threads)
 
             say("latency at batch 1 (and through a minimal server) and at batch 32 ...")
             minimal = MinimalServer(optimized_path(paths[0]) if args.optimized else paths[0], args.optimized, args.threads)
