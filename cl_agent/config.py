@@ -183,6 +183,7 @@ class ExportSection:
     parity_atol: float = field(default=1e-4, metadata=_range(gt=0))  # max |p_onnx - p_torch| allowed
     parity_samples: int = field(default=16, metadata=_range(ge=1))  # random + real images checked before publishing
     opset: int = field(default=18, metadata=_range(ge=13))  # ONNX opset
+    crop_padding_taps: bool = True  # cut kernel taps that only ever read zero padding at the model's input size (same outputs, fewer weights)
     save_optimized: bool = True  # publish onnxruntime's optimised graph too: servers on the same kind of machine open it without optimising again (faster, lighter hot swaps)
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from cl_agent.config import ExportSection
+from cl_agent.crop import crop_padding_taps
 from cl_agent.errors import CLAgentError
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,9 @@ def export_onnx(
 ) -> dict:
     """Export ``modules`` (each: normalised float NCHW -> logits) as one ONNX graph at ``path``.
 
+    With ``export.crop_padding_taps``, convolution taps that only read zero padding at ``image_size``
+    are cut from the exported copies (``crop.py``); the parity check compares with the uncropped model.
+
     Graph input ``images``: uint8 (N, image_size, image_size, 3) RGB, N dynamic.
     Outputs ``logits`` (mean over modules) and ``probs`` (softmax of it).
     ``optimized_path``: also write onnxruntime's optimised graph of it for this machine there
@@ -172,14 +176,15 @@ def export_onnx(
     if optimized_path is not None:
         Path(optimized_path).parent.mkdir(parents=True, exist_ok=True)
     # Export copies on the CPU in eval mode, so the caller's modules (maybe training on a GPU) are untouched.
-    graph = ServingGraph([_cpu_eval_copy(m) for m in modules], mean, std).eval()
+    graph = ServingGraph([_cpu_eval_copy(m) for m in modules], mean, std).eval()  # the reference parity checks against
     example = torch.randint(0, 256, (2, image_size, image_size, 3), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
+        exported, cropped = _cropped(modules, graph, image_size, mean, std) if export.crop_padding_taps else (graph, 0)
         # The exporter prints progress on stdout; keep a library call quiet.
         with contextlib.redirect_stdout(io.StringIO()):
             torch.onnx.export(
-                graph,
+                exported,
                 (example,),
                 str(path),
                 dynamo=True,
@@ -208,9 +213,18 @@ def export_onnx(
         _remove(path, optimized_path)
         raise ExportError(f"ONNX export of the model failed: {type(e).__name__}: {e}") from e
     stats["modules"] = len(modules)
+    stats["cropped_weights"] = cropped
     stats["opset"] = export.opset
     log.info("exported %s: parity max |dp| = %.2e on %d images", path, stats["max_abs_diff_probs"], stats["samples"])
     return stats
+
+
+def _cropped(modules, graph: ServingGraph, image_size: int, mean, std) -> tuple[ServingGraph, int]:
+    """A serving graph of fresh copies of ``modules`` with their padding-only taps cut (or ``graph``
+    itself when none has any), and how many weights were cut."""
+    members = [_cpu_eval_copy(m) for m in modules]
+    removed = sum(crop_padding_taps(member, torch.zeros(1, 3, image_size, image_size)) for member in members)
+    return (ServingGraph(members, mean, std).eval(), removed) if removed else (graph, 0)
 
 
 def _cpu_eval_copy(module: nn.Module) -> nn.Module:
