@@ -12,7 +12,10 @@ as a separate ``cl-agent serve`` process, the clients run here.
   are batch 1.
 - torch_p50_ms / ort_p50_ms: the same graph in torch eager and in a bare
   onnxruntime ``session.run`` with the same thread count, measured interleaved
-  with the served requests so background load hits all three alike.
+  with the served requests so background load hits all three alike. torch is the
+  student as trained; torch_cropped_p50_ms the same student with the kernel taps
+  the export cuts (``cl_agent/crop.py``) cut, for comparison (--no-crop exports
+  without the cut).
   ort_after_idle_p50_ms: the bare call after a 0.5 ms sleep, as a server runs it
   between requests (caches no longer hot); server_*_p50 in batch1/batch32: the
   server's own medians of time in session.run and of everything else it did.
@@ -70,10 +73,15 @@ def optimized_path(path: Path) -> Path:
     return path.parent / path.stem / OPTIMIZED_FILE
 
 
-def build_models(folder: Path, threads: int, count: int = 2) -> tuple[object, list[Path]]:
-    """``count`` students with different weights, exported (with their optimised graphs at ``optimized_path``);
-    returns (torch graph of the first, onnx paths)."""
+def build_models(folder: Path, threads: int, count: int = 2, crop: bool = True) -> tuple[dict, list[Path]]:
+    """``count`` students with different weights, exported (with their optimised graphs at ``optimized_path``;
+    ``crop``: export.crop_padding_taps); returns (torch graphs of the first: "torch" as trained, "torch_cropped"
+    with the taps the export cuts cut, onnx paths)."""
+    import copy
+
     import torch
+
+    from cl_agent.crop import crop_padding_taps
 
     from cl_agent.config import ExportSection, ModelSection
     from cl_agent.export import ServingGraph, export_onnx
@@ -86,12 +94,16 @@ def build_models(folder: Path, threads: int, count: int = 2) -> tuple[object, li
         student = create_student(section).eval()
         path = folder / f"student{seed}.onnx"
         export_onnx(
-            [student], path, image_size=SIZE, mean=section.mean, std=section.std, export=ExportSection(), optimized_path=optimized_path(path)
+            [student], path, image_size=SIZE, mean=section.mean, std=section.std,
+            export=ExportSection(crop_padding_taps=crop), optimized_path=optimized_path(path),
         )
         paths.append(path)
-        graphs.append(ServingGraph([student], section.mean, section.std).eval())
+        graphs.append(student)
+    cropped = copy.deepcopy(graphs[0])
+    crop_padding_taps(cropped, torch.zeros(1, 3, SIZE, SIZE))
     torch.set_num_threads(threads)
-    return graphs[0], paths
+    eager = {"torch": graphs[0], "torch_cropped": cropped}
+    return {name: ServingGraph([m], section.mean, section.std).eval() for name, m in eager.items()}, paths
 
 
 def bare_session(path: Path, threads: int, pre_optimized: bool = False):
@@ -124,13 +136,14 @@ def start_server(
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_round: int, floor: MinimalServer | None = None) -> dict:
+def measure_latency(client, torch_graphs: dict, session, batch: int, rounds: int, per_round: int, floor: MinimalServer | None = None) -> dict:
     """Interleaved rounds of served / bare onnxruntime / torch eager calls (and ``floor`` round trips) on the same images."""
     import torch
 
     images = np.random.default_rng(batch).integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
     tensor = torch.from_numpy(images)
-    served, bare, eager, after_idle, minimal = [], [], [], [], []
+    served, bare, after_idle, minimal = [], [], [], []
+    eager = {name: [] for name in torch_graphs}
     served_time = 0.0
     for _ in range(3):  # warm-up
         client.predict(images)
@@ -138,7 +151,8 @@ def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_r
             floor.call(images)
         session.run(["probs"], {"images": images})
         with torch.inference_mode():
-            torch_graph(tensor)
+            for graph in torch_graphs.values():
+                graph(tensor)
     before = client.status(reset_recent=True)["counters"]
     for _ in range(rounds):
         round_start = time.perf_counter()
@@ -163,10 +177,11 @@ def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_r
             session.run(["probs"], {"images": images})
             after_idle.append(time.perf_counter() - t)
         with torch.inference_mode():
-            for _ in range(max(1, per_round // 5)):
-                t = time.perf_counter()
-                torch_graph(tensor)
-                eager.append(time.perf_counter() - t)
+            for name, graph in torch_graphs.items():
+                for _ in range(max(1, per_round // 5)):
+                    t = time.perf_counter()
+                    graph(tensor)
+                    eager[name].append(time.perf_counter() - t)
     status = client.status()
     after = status["counters"]
     result = percentiles(served)
@@ -180,7 +195,8 @@ def measure_latency(client, torch_graph, session, batch: int, rounds: int, per_r
     result["server_inference_ms_p50"] = status.get("inference_ms_p50")
     result["server_handling_ms_p50"] = status.get("handling_ms_p50")
     result["busy_poll_hits"] = after["busy_poll_hits"] - before["busy_poll_hits"]  # requests found while spinning
-    measured = {"served": result, "ort": percentiles(bare), "ort_after_idle": percentiles(after_idle), "torch": percentiles(eager)}
+    measured = {"served": result, "ort": percentiles(bare), "ort_after_idle": percentiles(after_idle)}
+    measured.update({name: percentiles(samples) for name, samples in eager.items()})
     if floor is not None:
         measured["floor"] = percentiles(minimal)
     return measured
@@ -339,6 +355,7 @@ def main() -> int:
     parser.add_argument("--busy-poll-us", type=int, default=serve_defaults.busy_poll_us, help="the server's serve.busy_poll_us")
     parser.add_argument("--max-wait-ms", type=float, default=serve_defaults.max_wait_ms, help="the server's serve.max_wait_ms")
     parser.add_argument("--no-optimized", dest="optimized", action="store_false", help="publish model.onnx only (every swap optimises the graph again)")
+    parser.add_argument("--no-crop", dest="crop", action="store_false", help="export without cutting padding-only kernel taps")
     parser.add_argument("--client-spin-us", type=int, default=0, help="InferenceClient spin_us of the measuring client (0 = sleeps in poll)")
     parser.add_argument("--publisher-nice", type=int, default=10, help="nice value of the publishing thread (0 = same as the server)")
     parser.add_argument(
@@ -355,7 +372,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         tmp = Path(tmp)
         say("exporting two students ...")
-        torch_graph, paths = build_models(tmp, args.threads)
+        torch_graphs, paths = build_models(tmp, args.threads, crop=args.crop)
         repo = ModelRepository(tmp / "models", "student", keep_last=3, pause_s=args.publish_pause_us / 1e6)
         manifest = {"class_names": CLASSES, "image_size": SIZE}
         environment = runtime_environment()
@@ -375,10 +392,10 @@ def main() -> int:
             say("latency at batch 1 (and through a minimal server) and at batch 32 ...")
             minimal = MinimalServer(optimized_path(paths[0]) if args.optimized else paths[0], args.optimized, args.threads)
             try:
-                b1 = measure_latency(client, torch_graph, session, 1, args.rounds, 100, floor=minimal)
+                b1 = measure_latency(client, torch_graphs, session, 1, args.rounds, 100, floor=minimal)
             finally:
                 minimal.close()
-            b32 = measure_latency(client, torch_graph, session, 32, args.rounds, 10)
+            b32 = measure_latency(client, torch_graphs, session, 32, args.rounds, 10)
 
             say(f"steady open-loop load at {args.rate:.0f} req/s ...")
             # Steady load in two halves, before and after the swaps, so a drift in the background
@@ -445,6 +462,9 @@ def main() -> int:
         "throughput_per_s": batch1["throughput_per_s"],
         "torch_p50_ms": b1["torch"]["p50_ms"],
         "torch_batch32_p50_ms": b32["torch"]["p50_ms"],
+        "torch_cropped_p50_ms": b1["torch_cropped"]["p50_ms"],
+        "torch_cropped_batch32_p50_ms": b32["torch_cropped"]["p50_ms"],
+        "cropped_export": args.crop,
         "ort_p50_ms": b1["ort"]["p50_ms"],
         "ort_batch32_p50_ms": b32["ort"]["p50_ms"],
         "ort_after_idle_p50_ms": b1["ort_after_idle"]["p50_ms"],
