@@ -109,3 +109,13 @@ def test_resnet18_at_32px_loses_most_of_its_last_stage_and_none_of_its_answers()
     assert student.backbone.layer1[0].conv1.kernel_size == (3, 3)  # 8x8 maps: every tap is used
     with torch.no_grad():
         torch.testing.assert_close(student(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_depthwise_conv_on_a_one_by_one_map_is_cut_per_channel():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(6, 6, 5, padding=2, groups=6).eval()
+    x = torch.randn(2, 6, 1, 1)
+    expected = conv_output(conv, x)
+    assert crop_padding_taps(conv, x[:1]) == 6 * 24
+    assert conv.weight.shape == (6, 1, 1, 1)
+    torch.testing.assert_close(conv_output(conv, x), expected)
