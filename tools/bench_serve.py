@@ -106,9 +106,10 @@ def build_models(folder: Path, threads: int, count: int = 2, crop: bool = True) 
     return {name: ServingGraph([m], section.mean, section.std).eval() for name, m in eager.items()}, paths
 
 
-def bare_session(path: Path, threads: int, pre_optimized: bool = False):
-    """A plain CPU onnxruntime session with ``threads`` intra-op threads that sleep between calls (as the
-    server's); ``pre_optimized``: a saved optimised graph, opened without optimising it again, as served."""
+def bare_session(path: Path, threads: int, pre_optimized: bool = False, providers: list[str] | None = None):
+    """A plain onnxruntime session (CPU unless ``providers`` says otherwise) with ``threads`` intra-op threads
+    that sleep between calls (as the server's); ``pre_optimized``: a saved optimised graph, opened without
+    optimising it again, as served."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -116,14 +117,16 @@ def bare_session(path: Path, threads: int, pre_optimized: bool = False):
     if pre_optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
 def start_server(
-    repo_root: Path, endpoint: str, announce: str, threads: int, busy_poll_us: int, max_wait_ms: float, loader_pause_us: int
+    repo_root: Path, endpoint: str, announce: str, threads: int, busy_poll_us: int, max_wait_ms: float, loader_pause_us: int,
+    providers: list[str],
 ) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "cl_agent.cli", "serve", "--repo", str(repo_root), "--model", "student",
+        "--set", f"serve.providers={json.dumps(providers)}",
         "--set", f"serve.endpoint={endpoint}",
         "--set", f"serve.intra_op_threads={threads}",
         "--set", "serve.poll_s=5.0",
@@ -136,12 +139,18 @@ def start_server(
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def measure_latency(client, torch_graphs: dict, session, batch: int, rounds: int, per_round: int, floor: MinimalServer | None = None) -> dict:
-    """Interleaved rounds of served / bare onnxruntime / torch eager calls (and ``floor`` round trips) on the same images."""
+def measure_latency(
+    client, torch_graphs: dict, session, batch: int, rounds: int, per_round: int, floor: MinimalServer | None = None, device: str = "cpu"
+) -> dict:
+    """Interleaved rounds of served / bare onnxruntime / torch eager calls (and ``floor`` round trips) on the same images.
+
+    ``device``: where the torch graphs are; on a GPU each eager call is timed to the end of its work
+    (the tensor is there already, as a torch server would have it after decoding)."""
     import torch
 
     images = np.random.default_rng(batch).integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
-    tensor = torch.from_numpy(images)
+    tensor = torch.from_numpy(images).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     served, bare, after_idle, minimal = [], [], [], []
     eager = {name: [] for name in torch_graphs}
     served_time = 0.0
@@ -181,6 +190,7 @@ def measure_latency(client, torch_graphs: dict, session, batch: int, rounds: int
                 for _ in range(max(1, per_round // 5)):
                     t = time.perf_counter()
                     graph(tensor)
+                    sync()
                     eager[name].append(time.perf_counter() - t)
     status = client.status()
     after = status["counters"]
@@ -202,7 +212,7 @@ def measure_latency(client, torch_graphs: dict, session, batch: int, rounds: int
     return measured
 
 
-def minimal_server(endpoint: str, graph: str, pre_optimized: bool, threads: int, conn) -> None:
+def minimal_server(endpoint: str, graph: str, pre_optimized: bool, threads: int, providers: list[str], conn) -> None:
     """Child process: the least a ZeroMQ server can do per request (recv, ``session.run``, send the
     probabilities' bytes), on the graph the server opens and with its busy-polling; no checks, no JSON.
 
@@ -211,7 +221,7 @@ def minimal_server(endpoint: str, graph: str, pre_optimized: bool, threads: int,
     """
     import zmq
 
-    session = bare_session(Path(graph), threads, pre_optimized)
+    session = bare_session(Path(graph), threads, pre_optimized, providers)
     session.run(["probs"], {"images": np.zeros((1, SIZE, SIZE, 3), np.uint8)})
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -233,13 +243,13 @@ def minimal_server(endpoint: str, graph: str, pre_optimized: bool, threads: int,
 class MinimalServer:
     """``minimal_server`` in a child process, and a REQ socket to it: ``call(image)`` is one round trip."""
 
-    def __init__(self, graph: Path, pre_optimized: bool, threads: int):
+    def __init__(self, graph: Path, pre_optimized: bool, threads: int, providers: list[str]):
         import zmq
 
         ctx = multiprocessing.get_context("spawn")
         self._pipe, child = ctx.Pipe()
         endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self._process = ctx.Process(target=minimal_server, args=(endpoint, str(graph), pre_optimized, threads, child))
+        self._process = ctx.Process(target=minimal_server, args=(endpoint, str(graph), pre_optimized, threads, providers, child))
         self._process.start()
         assert self._pipe.recv() == "ready"
         self._socket = zmq.Context.instance().socket(zmq.REQ)
@@ -355,6 +365,11 @@ def main() -> int:
     parser.add_argument("--busy-poll-us", type=int, default=serve_defaults.busy_poll_us, help="the server's serve.busy_poll_us")
     parser.add_argument("--max-wait-ms", type=float, default=serve_defaults.max_wait_ms, help="the server's serve.max_wait_ms")
     parser.add_argument("--no-optimized", dest="optimized", action="store_false", help="publish model.onnx only (every swap optimises the graph again)")
+    parser.add_argument(
+        "--providers", default="auto",
+        help="onnxruntime providers of the server, the bare session and the minimal server, comma-separated; auto = as serve.providers: "
+        "TensorRT/CUDA when installed, else CPU (torch eager then runs on the GPU too)",
+    )
     parser.add_argument("--no-crop", dest="crop", action="store_false", help="export without cutting padding-only kernel taps")
     parser.add_argument("--client-spin-us", type=int, default=0, help="InferenceClient spin_us of the measuring client (0 = sleeps in poll)")
     parser.add_argument("--publisher-nice", type=int, default=10, help="nice value of the publishing thread (0 = same as the server)")
@@ -366,13 +381,26 @@ def main() -> int:
 
     from cl_agent.inference import InferenceClient
     from cl_agent.repository import Announcer, ModelRepository, OptimizedModel
-    from cl_agent.session import runtime_environment
+    from cl_agent.errors import CLAgentError
+    from cl_agent.session import choose_providers, runtime_environment
 
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
+    requested = [p.strip() for p in args.providers.split(",") if p.strip()]
+    try:
+        providers = choose_providers(requested)
+    except CLAgentError as e:
+        parser.error(f"--providers: {e}")
+    on_cpu = providers == ["CPUExecutionProvider"]  # the saved optimised graph is for the CPU (as the server decides)
+    device = "cpu"
+    if providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # torch eager where the served graph runs
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         tmp = Path(tmp)
         say("exporting two students ...")
         torch_graphs, paths = build_models(tmp, args.threads, crop=args.crop)
+        torch_graphs = {name: graph.to(device) for name, graph in torch_graphs.items()}
         repo = ModelRepository(tmp / "models", "student", keep_last=3, pause_s=args.publish_pause_us / 1e6)
         manifest = {"class_names": CLASSES, "image_size": SIZE}
         environment = runtime_environment()
@@ -383,19 +411,20 @@ def main() -> int:
         repo.publish(paths[0], manifest, optimized(paths[0]))
         announcer = Announcer(f"tcp://127.0.0.1:{free_port()}")
         endpoint = f"tcp://127.0.0.1:{free_port()}"
-        server = start_server(tmp / "models", endpoint, announcer.endpoint, args.threads, args.busy_poll_us, args.max_wait_ms, args.loader_pause_us)
+        server = start_server(tmp / "models", endpoint, announcer.endpoint, args.threads, args.busy_poll_us, args.max_wait_ms, args.loader_pause_us, requested)
         try:
             client = InferenceClient(endpoint, timeout_s=2, retries=30, spin_us=args.client_spin_us)
             client.predict(np.zeros((1, SIZE, SIZE, 3), np.uint8))  # waits until the server is up
-            session = bare_session(paths[0], args.threads)
+            session = bare_session(paths[0], args.threads, providers=providers)
 
             say("latency at batch 1 (and through a minimal server) and at batch 32 ...")
-            minimal = MinimalServer(optimized_path(paths[0]) if args.optimized else paths[0], args.optimized, args.threads)
+            pre_optimized = args.optimized and on_cpu
+            minimal = MinimalServer(optimized_path(paths[0]) if pre_optimized else paths[0], pre_optimized, args.threads, providers)
             try:
-                b1 = measure_latency(client, torch_graphs, session, 1, args.rounds, 100, floor=minimal)
+                b1 = measure_latency(client, torch_graphs, session, 1, args.rounds, 100, floor=minimal, device=device)
             finally:
                 minimal.close()
-            b32 = measure_latency(client, torch_graphs, session, 32, args.rounds, 10)
+            b32 = measure_latency(client, torch_graphs, session, 32, args.rounds, 10, device=device)
 
             say(f"steady open-loop load at {args.rate:.0f} req/s ...")
             # Steady load in two halves, before and after the swaps, so a drift in the background
@@ -451,7 +480,9 @@ def main() -> int:
     batch1 = b1["served"]
     batch32 = b32["served"]
     report = {
-        "model": "resnet18 (cl_agent.student) at 32 px, 10 classes, fp32, CPUExecutionProvider",
+        "model": "resnet18 (cl_agent.student) at 32 px, 10 classes, fp32",
+        "providers": providers,
+        "torch_device": device,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "threads": args.threads,
