@@ -137,8 +137,8 @@ class OptimizedModel:
     opens ``model.onnx`` instead.
 
     Its weights may sit beside it in ``<name>.data`` (the exporter writes them so): the
-    graph records that name, onnxruntime memory-maps the file instead of copying 45 MB
-    into the new session, and the version folder stores both as ``model.optimized.onnx``
+    graph records that name, onnxruntime memory-maps the file instead of copying the
+    weights into the new session, and the version folder stores both as ``model.optimized.onnx``
     and ``model.optimized.onnx.data``.
     """
 
