@@ -104,7 +104,7 @@ class InferenceClient:
         seq = next(self._seq)
         fields = {"reset_recent": True} if reset_recent else {}
         header = self._call(encode_message("status", self.sender, seq, **fields), seq, "status")
-        keys = ("model", "model_version", "model_optimized", "counters", "recent_batches", "handling_ms_p50", "inference_ms_p50")
+        keys = ("model", "model_version", "model_optimized", "model_providers", "counters", "recent_batches", "handling_ms_p50", "inference_ms_p50")
         return {k: header.get(k) for k in keys if k in header}
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray, top_k: int | None = None) -> InferenceResult:

@@ -296,6 +296,7 @@ class Server:
         if message.kind == "status":
             fields = {"model": self.repository.model_name, "model_version": self.version, **self.stats()}
             fields["model_optimized"] = model.optimized if model is not None else None  # opened from its optimised graph
+            fields["model_providers"] = model.providers if model is not None else None  # what onnxruntime runs it with
             if message.header.get("reset_recent") is True:
                 self.reset_recent()
             router.send_multipart(envelope + reply("status", SENDER, message.seq, **fields))

@@ -54,6 +54,7 @@ class LoadedModel:
     session: object  # onnxruntime.InferenceSession
     manifest: dict = field(repr=False, default_factory=dict)
     optimized: bool = False  # opened from the version's pre-optimised graph
+    providers: list[str] = field(default_factory=list)  # the providers onnxruntime runs it with (one it could not start is left out)
     names_json: list[str] = field(init=False, repr=False)  # class_names as JSON strings, for the replies
 
     def __post_init__(self) -> None:
@@ -99,6 +100,30 @@ def runtime_environment() -> dict:
         flags.add(platform.processor() or "unknown")
     isa = sorted(flags.intersection(_ISA_FLAGS)) if flags.intersection(_ISA_FLAGS) else sorted(flags)
     return {"onnxruntime": ort.__version__, "machine": platform.machine(), "isa": isa}
+
+
+def provider_options(providers: list[str], image_size: int, max_batch: int, trt_cache_dir: str = "") -> list:
+    """``providers`` with the options serving needs, in the form ``InferenceSession(providers=...)`` takes.
+
+    TensorRT gets one optimisation profile for every batch size from 1 to ``max_batch`` (without it,
+    a micro-batch bigger than any before makes it build a new engine on the serving thread), and an
+    engine cache in ``trt_cache_dir`` when one is given. The other providers keep their defaults.
+    """
+    chosen: list = []
+    for name in providers:
+        if name == "TensorrtExecutionProvider":
+            shape = f"{image_size}x{image_size}x3"
+            options = {
+                "trt_profile_min_shapes": f"images:1x{shape}",
+                "trt_profile_opt_shapes": f"images:1x{shape}",
+                "trt_profile_max_shapes": f"images:{max_batch}x{shape}",
+            }
+            if trt_cache_dir:
+                options.update(trt_engine_cache_enable="True", trt_engine_cache_path=trt_cache_dir)
+            chosen.append((name, options))
+        else:
+            chosen.append(name)
+    return chosen
 
 
 def load_model(repository: ModelRepository, version: int, serve: ServeSection) -> LoadedModel:
@@ -154,7 +179,8 @@ def _load(
     try:
         # Opened by path, not from bytes: onnxruntime holds the GIL while it parses, and a 45 MB
         # bytes object would stall the serving thread several times longer.
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        chosen = provider_options(providers, size, serve.max_batch, serve.trt_cache_dir)
+        session = ort.InferenceSession(str(path), options, providers=chosen)
         unchanged = all(_identity(f) == identity for f, identity in before.items())
     except Exception as e:  # onnxruntime raises untyped errors for a bad graph, OSError for a vanished file
         raise ModelLoadError(f"version {version}: onnxruntime cannot load {path.name}: {e}") from None
@@ -168,11 +194,16 @@ def _load(
         raise ModelLoadError(f"version {version}: input shape {inputs[0].shape} does not match image_size {size}")
     if "probs" not in outputs or outputs["probs"].shape[-1] != len(names):
         raise ModelLoadError(f"version {version}: no 'probs' output with {len(names)} classes ({list(outputs)})")
-    model = LoadedModel(version, str(manifest.get("sha256")), list(names), size, session, manifest, optimized=optimized)
+    model = LoadedModel(
+        version, str(manifest.get("sha256")), list(names), size, session, manifest, optimized=optimized, providers=session.get_providers()
+    )
     # Warm-up: a session's first run pays one-off costs (about 1 ms for ResNet-18) that no request
-    # should, and batch 2 exercises the dynamic batch axis. Not at max_batch: its first run is
-    # measured no slower than its second, and it would put 20 ms of work beside the serving thread.
-    for n in sorted({1, min(2, serve.max_batch)}):
+    # should, and batch 2 exercises the dynamic batch axis. On the CPU not at max_batch: its first
+    # run is measured no slower than its second, and it would put 20 ms of work beside the serving
+    # thread. On a GPU every batch size: CUDA picks its convolution algorithms per input shape on
+    # the first run of that shape, which no request should wait for either.
+    on_gpu = model.providers[0] != "CPUExecutionProvider"
+    for n in range(1, serve.max_batch + 1) if on_gpu else sorted({1, min(2, serve.max_batch)}):
         try:
             probs = model.probabilities(np.zeros((n, size, size, 3), np.uint8))
         except Exception as e:  # a graph that loads but cannot run

@@ -431,11 +431,27 @@ def test_optimised_graph_is_opened_when_made_here_and_model_onnx_otherwise(tmp_p
     # The server reports which graph answers: the newest version here has none.
     with Server(repo, section) as server, InferenceClient(server.endpoint, timeout_s=5) as client:
         assert client.status()["model_optimized"] is False
+        assert client.status()["model_providers"] == ["CPUExecutionProvider"]
         repo.rollback(v_here)  # republished with its optimised graph
         server.check_now()
         assert wait_for(lambda: client.status()["model_version"] == v_plain + 1)
         assert client.status()["model_optimized"] is True
         np.testing.assert_allclose([p for _, p in client.predict(batch[:1], top_k=3).predictions[0]], np.sort(expected[0])[::-1], atol=1e-6)
+
+
+def test_provider_options_give_tensorrt_one_profile_up_to_max_batch_and_leave_the_others_alone():
+    from cl_agent.session import provider_options
+
+    cpu = provider_options(["CPUExecutionProvider"], 32, 16)
+    assert cpu == ["CPUExecutionProvider"]
+    trt, cuda, last = provider_options(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], 48, 16)
+    name, options = trt
+    assert name == "TensorrtExecutionProvider" and (cuda, last) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert options["trt_profile_min_shapes"] == options["trt_profile_opt_shapes"] == "images:1x48x48x3"
+    assert options["trt_profile_max_shapes"] == "images:16x48x48x3"
+    assert "trt_engine_cache_enable" not in options
+    (_, cached), *_ = provider_options(["TensorrtExecutionProvider", "CPUExecutionProvider"], 32, 8, trt_cache_dir="engines")
+    assert cached["trt_engine_cache_enable"] == "True" and cached["trt_engine_cache_path"] == "engines"
 
 
 @pytest.mark.parametrize("classes", [10, 100])  # the plain-Python path and numpy's

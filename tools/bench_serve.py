@@ -31,6 +31,10 @@ as a separate ``cl-agent serve`` process, the clients run here.
   --publisher-nice), which waits until the server answers with it and then
   --swap-interval seconds more before publishing the next. Latencies of the first 0.25 s of each load run
   (connection set-up) are left out; failures are counted over every request.
+- providers: what --providers chose (with the server's provider options, as
+  cl_agent.session.provider_options gives them, for the bare and minimal sessions
+  too); server_providers: what onnxruntime started in the server (it leaves out a
+  provider it cannot start).
 """
 
 from __future__ import annotations
@@ -117,7 +121,11 @@ def bare_session(path: Path, threads: int, pre_optimized: bool = False, provider
     if pre_optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    from cl_agent.config import ServeSection
+    from cl_agent.session import provider_options
+
+    chosen = provider_options(providers or ["CPUExecutionProvider"], SIZE, ServeSection().max_batch)  # the server's options
+    return ort.InferenceSession(str(path), options, providers=chosen)
 
 
 def start_server(
@@ -467,7 +475,9 @@ def main() -> int:
             say("steady load again ...")
             steady_runs.append(run_load(endpoint, args.rate, lambda: time.sleep(args.steady_s / 2)))
             steady = summarise(steady_runs)
-            server_optimized = client.status().get("model_optimized")
+            final_status = client.status()
+            server_optimized = final_status.get("model_optimized")
+            server_providers = final_status.get("model_providers")  # what onnxruntime started (it leaves out one it cannot)
             swaps["failed_requests"] += len(probe_failures)
             client.close()
         finally:
@@ -482,6 +492,7 @@ def main() -> int:
     report = {
         "model": "resnet18 (cl_agent.student) at 32 px, 10 classes, fp32",
         "providers": providers,
+        "server_providers": server_providers,
         "torch_device": device,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),
