@@ -9,6 +9,12 @@ where each call either follows the previous one (``warm``) or follows a batch-1
 Each step in two forms: ``generic`` (the wire layer's general functions, and
 numpy's argsort for the top-k, as the serving path used them before) and
 ``lean`` (what the server and ``InferenceClient`` use now).
+
+``run_after_gap``: the median batch-1 ``session.run`` (ms) right after a gap of
+``gap_us`` microseconds in which this thread either spins in Python (``spin_ms``)
+or sleeps (``sleep_ms``); gap 0 is back to back. A served request always has such
+a gap between two runs (the round trip), so this is the part of the server's
+overhead over a back-to-back bare call that no serving code can remove.
 """
 
 from __future__ import annotations
@@ -60,11 +66,36 @@ def steps(probs: np.ndarray, image: np.ndarray) -> dict:
     }
 
 
+def run_after_gap(session, image: np.ndarray, gaps_us: list[int], rounds: int, per_round: int = 20) -> dict:
+    """Median ``session.run`` (ms) after each gap, spinning and sleeping; the conditions interleave by round."""
+    clock = time.perf_counter
+    samples = {(gap, how): [] for gap in gaps_us for how in ("spin", "sleep") if gap or how == "spin"}
+    for _ in range(per_round):
+        session.run(["probs"], {"images": image})
+    for _ in range(rounds):
+        for gap, how in samples:
+            for _ in range(per_round):
+                if how == "sleep":
+                    time.sleep(gap / 1e6)
+                else:
+                    until = clock() + gap / 1e6
+                    while clock() < until:
+                        pass
+                started = clock()
+                session.run(["probs"], {"images": image})
+                samples[gap, how].append(clock() - started)
+    result: dict = {}
+    for (gap, how), times in samples.items():
+        result.setdefault(str(gap), {})[how + "_ms"] = round(float(np.median(times)) * 1e3, 4)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--calls", type=int, default=1000, help="calls of each step per condition")
     parser.add_argument("--repeats", type=int, default=2, help="passes over both conditions (each pass reported)")
+    parser.add_argument("--gaps", default="0,20,50,100,200,400,800", help="gaps (us) before a run, comma-separated, for run_after_gap")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-request-") as tmp:
@@ -88,7 +119,10 @@ def main() -> int:
                 for (step, form), samples in times.items():
                     result.setdefault(step, {}).setdefault(form, {})[condition + "_us"] = round(float(np.median(samples)) * 1e6, 1)
             passes.append(result)
-    report = {"model": "resnet18 (cl_agent.student) at 32 px, 10 classes, top_k 5", "calls": args.calls, "passes": passes}
+        after_gap = run_after_gap(session, image, [int(g) for g in args.gaps.split(",")], max(1, args.calls // 20))
+    report = {
+        "model": "resnet18 (cl_agent.student) at 32 px, 10 classes, top_k 5", "calls": args.calls, "passes": passes, "run_after_gap": after_gap,
+    }
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
 
