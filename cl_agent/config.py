@@ -12,6 +12,8 @@ reason)``; the loader adds the key path and the file.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,9 +26,10 @@ import yaml
 class ConfigError(ValueError):
     """A configuration problem, with the key, value and file that caused it."""
 
-    def __init__(self, key: str, value: Any, source: str, reason: str):
+    def __init__(self, key: str | None, value: Any, source: str, reason: str):
         self.key, self.value, self.source, self.reason = key, value, source, reason
-        super().__init__(f"{source}: key '{key}' = {value!r}: {reason}")
+        # key None: a problem with the file as a whole (missing, unreadable, not YAML)
+        super().__init__(f"{source}: {reason}" if key is None else f"{source}: key '{key}' = {value!r}: {reason}")
 
 
 class ConfigValueError(ValueError):
@@ -255,6 +258,9 @@ class AgentConfig:
 # --------------------------------------------------------------------------- loading
 
 
+_PLAIN_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -263,6 +269,8 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     """Check/convert one value against a type annotation."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}  # a section left empty in YAML (`train:` with every key commented out)
         if not isinstance(value, dict):
             raise ConfigError(key, value, source, "expected a mapping (section)")
         return build(tp, value, source, prefix=key)
@@ -299,14 +307,27 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
             raise ConfigError(key, value, source, "expected true or false")
         return value
     if tp is int:
+        if isinstance(value, str) and _PLAIN_INTEGER.fullmatch(value.strip()):
+            return int(value)  # "1000" from a quoted YAML value or --set
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, value, source, "expected an integer")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = value
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot in the mantissa) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                number = value
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(key, value, source, "expected a number")
-        return float(value)
+        if not math.isfinite(number):
+            raise ConfigError(key, value, source, "expected a finite number")
+        return float(number)
     if tp is str:
+        if value is None:
+            return ""  # an empty value (`key:` in YAML, `--set key=`) is the empty string
         if not isinstance(value, str):
             raise ConfigError(key, value, source, "expected a string")
         return value
@@ -354,6 +375,60 @@ def build(cls: type, data: dict | None, source: str = "<config>", prefix: str = 
     return obj
 
 
+def _check_duplicate_keys(node: yaml.Node, source: str, prefix: str = "") -> None:
+    """Raise ConfigError for a key given twice in one mapping (plain YAML keeps the last silently)."""
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            path = f"{prefix}.{name}" if prefix else str(name)
+            line = key_node.start_mark.line + 1
+            if name is not None and name in first_line:
+                value = value_node.value if isinstance(value_node, yaml.ScalarNode) else "..."
+                raise ConfigError(path, value, source, f"duplicate key: first at line {first_line[name]}, again at line {line}")
+            if name is not None:
+                first_line[name] = line
+            _check_duplicate_keys(value_node, source, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicate_keys(item, source, f"{prefix}[{index}]")
+
+
+def read_yaml_mapping(path: str | Path, source: str | None = None) -> dict:
+    """A YAML file whose top level is a mapping, as a dict; ConfigError (naming the file, and
+    the line and column where they are known) if it is missing, unreadable, not YAML, has a
+    duplicate key, or is not a mapping. An empty file is {}."""
+    p = Path(path)
+    source = source or str(p)
+    if not p.is_file():
+        raise ConfigError(None, str(p), source, "config file not found" if not p.exists() else "not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(None, str(p), source, f"cannot read the file: {e}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        _check_duplicate_keys(node, source)
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = "; ".join(part for part in (e.context, e.problem) if part)
+        raise ConfigError(None, str(p), source, f"{where}not valid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(None, str(p), source, f"not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(None, type(data).__name__, source, f"top level must be a mapping of sections, not a {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: dict | None = None) -> AgentConfig:
     """Load an AgentConfig from a YAML file (None = all defaults), then apply dotted overrides."""
     source = str(path) if path is not None else "<defaults>"
@@ -361,15 +436,7 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Agent
         source += " (with --set overrides)"
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("<file>", str(p), source, "config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("<file>", str(p), source, f"not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError("<file>", type(data).__name__, source, "top level must be a mapping of sections")
+        data = read_yaml_mapping(path, source)
     for dotted, value in (overrides or {}).items():
         node = data
         parts = dotted.split(".")
@@ -395,7 +462,14 @@ def save_resolved(config: Any, path: str | Path) -> Path:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``section.key=value`` (value in YAML syntax) from the command line."""
-    if "=" not in text:
+    key, equals, raw = text.partition("=")
+    key = key.strip()
+    if not equals or not key:
         raise ConfigError(text, None, "<command line>", "override must look like section.key=value")
-    key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    if not raw.strip():
+        return key, ""  # `--set key=`: the empty string (for a string field; other types reject it)
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(key, raw, "<command line>", f"value is not valid YAML: {problem}") from None

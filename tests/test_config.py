@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cl_agent.config import AgentConfig, ConfigError, load_config, save_resolved, to_dict
+from cl_agent.config import AgentConfig, ConfigError, load_config, parse_override, save_resolved, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +101,85 @@ def test_robot_yaml_is_complete_valid_and_commented():
 def test_label_map_size_follows_the_model_unless_set():
     assert load_config(None, {"model.num_classes": 10}).spool.max_classes == 10
     assert load_config(None, {"model.num_classes": 10, "spool.max_classes": 6}).spool.max_classes == 6
+
+
+@pytest.mark.parametrize("text", ["train:\n  lr: 1e-3\n", "train:\n  lr: '1e-3'\n", "train:\n  lr: 1.0e-3\n"])
+def test_exponent_floats_are_numbers(tmp_path, text):
+    # YAML 1.1 reads 1e-3 (no dot) as a string; it is still a number to a person
+    assert load_config(write(tmp_path, text)).train.lr == pytest.approx(1e-3)
+
+
+def test_numeric_strings_from_the_command_line():
+    cfg = load_config(None, dict(parse_override(o) for o in ["train.lr=1e-3", "train.ema_decay=9.9e-1", "spool.max_bytes=1000"]))
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.ema_decay == pytest.approx(0.99)
+    assert load_config(None, {"spool.max_bytes": "1000"}).spool.max_bytes == 1000
+
+
+@pytest.mark.parametrize(
+    "key, value, reason",
+    [
+        ("train.lr", "fast", "expected a number"),
+        ("train.lr", "nan", "finite"),
+        ("train.lr", "inf", "finite"),
+        ("train.lr", float("inf"), "finite"),
+        ("train.lr", float("nan"), "finite"),
+        ("train.lr", True, "expected a number"),
+        ("train.lr", "true", "expected a number"),
+        ("spool.max_bytes", "1e3", "expected an integer"),
+        ("spool.max_bytes", "10.0", "expected an integer"),
+        ("spool.max_bytes", "many", "expected an integer"),
+        ("spool.max_bytes", "-5", "must be >= 1"),
+    ],
+)
+def test_non_numbers_are_still_rejected(key, value, reason):
+    with pytest.raises(ConfigError, match=reason) as info:
+        load_config(None, {key: value})
+    assert info.value.key == key and str(value) in str(info.value)
+
+
+def test_empty_override_of_a_string_is_the_empty_string():
+    cfg = load_config(None, dict([parse_override("repository.announce_endpoint="), parse_override("serve.trt_cache_dir= ")]))
+    assert cfg.repository.announce_endpoint == "" and cfg.serve.trt_cache_dir == ""
+    with pytest.raises(ConfigError, match="train.lr.*expected a number"):
+        load_config(None, dict([parse_override("train.lr=")]))
+
+
+def test_malformed_override_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"train.lr.*\[1,"):
+        parse_override("train.lr=[1,")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("=3")
+
+
+def test_duplicate_keys_are_an_error_naming_key_lines_and_file(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 0.1\n  epochs_min: 3\n  lr: 0.2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert info.value.key == "train.lr" and str(path) in message
+    assert "duplicate" in message and "line 2" in message and "line 4" in message
+    with pytest.raises(ConfigError, match="duplicate") as info:
+        load_config(write(tmp_path, "train:\n  lr: 0.1\nmodel: {}\ntrain:\n  lr: 0.2\n"))
+    assert info.value.key == "train"
+
+
+def test_malformed_yaml_names_file_line_and_column(tmp_path):
+    path = tmp_path / "mal.yaml"
+    path.write_text("train:\n  lr: 0.1\n   epochs_min: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "line 3, column" in message
+    assert "<unicode string>" not in message and "<file>" not in message
+
+
+def test_unreadable_config_file_is_a_config_error(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="binary.yaml"):
+        load_config(path)
+
+
+def test_empty_section_and_empty_string_value_in_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  # lr: 0.1\nrepository:\n  announce_endpoint:\n"))
+    assert cfg.train.lr == pytest.approx(4e-4) and cfg.repository.announce_endpoint == ""
