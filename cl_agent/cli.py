@@ -245,11 +245,15 @@ def bench_compare(
 def keys_make(
     directory: Annotated[Path, typer.Argument(help="Folder to write the key pair into.")],
     name: Annotated[str, typer.Option(help="Base name of the key files.")] = "agent",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key pair of that name.")] = False,
 ) -> None:
-    """Create a CURVE key pair (NAME.key_secret, NAME.key) for the agent or a client."""
+    """Create a CURVE key pair (NAME.key_secret, NAME.key) for the agent or a client; an existing pair is kept unless --force."""
     from cl_agent.security import make_keypair
 
-    public, secret = make_keypair(directory, name)
+    try:
+        public, secret = make_keypair(directory, name, force=force)
+    except CLAgentError as e:
+        fail(str(e))
     typer.echo(f"public key: {public}\nsecret key: {secret}")
 
 

@@ -10,6 +10,8 @@ handshake, so an unauthorized client delivers nothing.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import zmq
@@ -20,15 +22,35 @@ from cl_agent.config import CurveSection
 from cl_agent.errors import CLAgentError
 
 
-def make_keypair(directory: str | Path, name: str = "agent") -> tuple[Path, Path]:
-    """Create ``NAME.key`` (public) and ``NAME.key_secret`` in ``directory``; returns (public_path, secret_path)."""
+def make_keypair(directory: str | Path, name: str = "agent", *, force: bool = False) -> tuple[Path, Path]:
+    """Create ``NAME.key`` (public) and ``NAME.key_secret`` in ``directory``; returns (public_path, secret_path).
+
+    An existing key file of that name is a CLAgentError unless ``force``: replacing a
+    secret key locks out every peer that trusts the old public key. The pair is written
+    in a private temporary folder and moved into place, so the secret key is never
+    readable by others, even for a moment.
+    """
     if not name or "/" in name or name.startswith("."):
         raise CLAgentError(f"key name {name!r} must be a plain file name")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(directory), name)
-    Path(secret).chmod(0o600)
-    return Path(public), Path(secret)
+    if directory.exists() and not directory.is_dir():
+        raise CLAgentError(f"cannot write keys into {directory}: it is a file, not a folder")
+    public_path, secret_path = directory / f"{name}.key", directory / f"{name}.key_secret"
+    existing = [str(p) for p in (public_path, secret_path) if p.exists() or p.is_symlink()]
+    if existing and not force:
+        files = f"key file {existing[0]} already exists" if len(existing) == 1 else f"key files {' and '.join(existing)} already exist"
+        raise CLAgentError(f"{files}: not replacing them (peers trust the old public key; pass --force to replace them anyway)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=f".{name}-") as private:  # mode 0700
+            public, secret = zmq.auth.create_certificates(private, name)
+            Path(secret).chmod(0o600)
+            os.replace(secret, secret_path)
+            os.replace(public, public_path)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(directory) else ""
+        raise CLAgentError(f"cannot write keys into {directory}: {e.strerror or e}{where}") from None
+    return public_path, secret_path
 
 
 def load_keys(path: str | Path, *, need_secret: bool) -> tuple[bytes, bytes | None]:

@@ -65,3 +65,41 @@ def test_keys_make_command(tmp_path):
     assert (tmp_path / "k" / "cam.key").is_file() and (tmp_path / "k" / "cam.key_secret").is_file()
     public, secret = load_keys(tmp_path / "k" / "cam.key_secret", need_secret=True)
     assert len(public) == 40 and len(secret) == 40
+
+
+def test_keys_make_refuses_to_replace_a_key_pair_unless_forced(tmp_path):
+    runner = CliRunner()
+    command = ["keys", "make", str(tmp_path / "k"), "--name", "robot"]
+    assert runner.invoke(app, command).exit_code == 0
+    secret_path = tmp_path / "k" / "robot.key_secret"
+    first = secret_path.read_bytes()
+
+    result = runner.invoke(app, command)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert "robot.key_secret" in result.output and "robot.key" in result.output and "--force" in result.output
+    assert "Traceback" not in result.output
+    assert secret_path.read_bytes() == first  # the secret key is untouched
+
+    result = runner.invoke(app, [*command, "--force"])
+    assert result.exit_code == 0, result.output
+    assert secret_path.read_bytes() != first
+    with pytest.raises(CLAgentError, match="already exist"):
+        make_keypair(tmp_path / "k", "robot")
+
+
+def test_keys_make_refuses_a_public_key_left_alone(tmp_path):
+    public, secret = make_keypair(tmp_path, "cam")
+    secret.unlink()  # only the public half is left: still not silently replaced
+    with pytest.raises(CLAgentError, match="cam.key"):
+        make_keypair(tmp_path, "cam")
+
+
+def test_keys_make_into_a_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "not-a-folder"
+    path.write_text("x")
+    result = CliRunner().invoke(app, ["keys", "make", str(path)])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert "not a folder" in result.output and str(path) in result.output
+    assert "Traceback" not in result.output
+    nested = CliRunner().invoke(app, ["keys", "make", str(path / "sub")])
+    assert nested.exit_code != 0 and isinstance(nested.exception, SystemExit) and str(path) in nested.output
