@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -192,6 +193,11 @@ def read_experience_records(workdir: str | os.PathLike) -> list[dict]:
     A line that is not a JSON object (a write torn by a crash) is skipped; a torn
     last line silently, one in the middle with a warning.
     """
+    return [record for _, record in _numbered_records(workdir)]
+
+
+def _numbered_records(workdir: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, record) for every JSON object line of ``workdir/experiences.jsonl``."""
     path = Path(workdir) / EXPERIENCES_FILE
     try:
         data = path.read_bytes()
@@ -209,12 +215,47 @@ def read_experience_records(workdir: str | os.PathLike) -> list[dict]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             record = None
         if isinstance(record, dict):
-            records.append(record)
+            records.append((number, record))
         elif number == len(lines):
             log.debug("skipping torn last line of %s", path)
         else:
             log.warning("skipping unreadable line %d of %s", number, path)
     return records
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def record_problem(record: Mapping) -> str | None:
+    """Why ``cl-agent status`` / ``report`` cannot use an experience record (edited or damaged by hand), or None."""
+    losses = record.get("losses")
+    if losses is not None and not isinstance(losses, Mapping):
+        return f"'losses' = {losses!r}: expected an object of loss terms"
+    bad_terms = {k: v for k, v in (losses or {}).items() if v is not None and not _is_number(v)}
+    if bad_terms:
+        return f"'losses' = {losses!r}: terms {sorted(bad_terms)} are not numbers"
+    for key in ("experience", "online_correct", "online_total"):
+        value = record.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)):
+            return f"{key!r} = {value!r}: expected an integer"
+    value = record.get("online_accuracy")
+    if value is not None and not _is_number(value):
+        return f"'online_accuracy' = {value!r}: expected a number or null"
+    return None
+
+
+def usable_experience_records(workdir: str | os.PathLike) -> tuple[list[dict], list[str]]:
+    """(records status and report can use, one message per record skipped as malformed)."""
+    path = Path(workdir) / EXPERIENCES_FILE
+    records, skipped = [], []
+    for number, record in _numbered_records(workdir):
+        problem = record_problem(record)
+        if problem is None:
+            records.append(record)
+        else:
+            skipped.append(f"skipping line {number} of {path}: {problem}")
+    return records, skipped
 
 
 def online_summary(records: list[dict]) -> dict:
@@ -290,14 +331,27 @@ def _or_none(value, fmt: str = "{}") -> str:
     return "none" if value is None else fmt.format(value)
 
 
-def print_status(workdir: Path) -> int:
-    """Print an agent's state from its working directory; exit code 0. CLAgentError if there is no agent there."""
+def _check_workdir(workdir: Path) -> Path:
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise CLAgentError(f"{workdir} is not a folder: --workdir takes the agent's working directory (agent.workdir)")
     if not workdir.is_dir():
         raise CLAgentError(f"no agent working directory at {workdir} (folder not found)")
+    return workdir
+
+
+def _warn(messages: list[str]) -> None:
+    for message in messages:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def print_status(workdir: Path) -> int:
+    """Print an agent's state from its working directory; exit code 0. CLAgentError if there is no agent there."""
+    workdir = _check_workdir(workdir)
     state = read_state(workdir)
-    records = read_experience_records(workdir)
-    if state is None and not records:
+    records, skipped = usable_experience_records(workdir)
+    _warn(skipped)
+    if state is None and not records and not skipped:
         raise CLAgentError(
             f"no agent state in {workdir}: neither {STATE_FILE} nor {EXPERIENCES_FILE} found "
             "(is this the agent.workdir of the config?)"
@@ -389,8 +443,15 @@ def _render_report(records: list[dict], title: str) -> bytes:
 def write_report(workdir: Path, out: Path | None = None) -> int:
     """Plot online accuracy and loss terms per experience to a PNG (default WORKDIR/report.png); print its path."""
     workdir = Path(workdir)
-    records = read_experience_records(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        _check_workdir(workdir)
+    records, skipped = usable_experience_records(workdir)
+    _warn(skipped)
     if not records:
+        if skipped:
+            raise CLAgentError(
+                f"nothing to report: all {len(skipped)} record(s) in {workdir / EXPERIENCES_FILE} are malformed"
+            )
         raise CLAgentError(
             f"nothing to report: no trained experiences recorded in {workdir / EXPERIENCES_FILE} "
             "(the agent appends one line per trained experience)"

@@ -178,3 +178,45 @@ def test_report_writes_a_png(workdir, tmp_path):
     result = invoke("report", "--workdir", workdir, "--out", out)
     assert result.exit_code == 0, result.output
     assert out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"losses": "x"},
+        {"losses": ["ce", 1.0]},
+        {"losses": {"ce": "high"}},
+        {"online_accuracy": "good"},
+        {"online_correct": "many"},
+        {"online_total": [1]},
+        {"experience": "third"},
+    ],
+)
+def test_status_and_report_skip_a_hand_damaged_record(workdir, damage):
+    append_experience_record(workdir, record(3, 40) | damage)
+    append_experience_record(workdir, record(4, 45))
+    field = next(iter(damage))
+    for command in ("status", "report"):
+        result = invoke(command, "--workdir", workdir)
+        assert result.exit_code == 0, result.output
+        assert result.exception is None
+        assert "skipping" in result.output and "line 4" in result.output and repr(field) in result.output
+    assert (workdir / "report.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "last experience: 2" in invoke("status", "--workdir", workdir).output
+    assert "cumulative 0.525 (105/200)" in invoke("status", "--workdir", workdir).output  # 10+20+30+45 of 4 records
+
+
+def test_report_with_only_damaged_records_fails_readably(tmp_path):
+    append_experience_record(tmp_path, record(0, 5, losses="x"))
+    result = invoke("report", "--workdir", tmp_path)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert "nothing to report" in result.output and "malformed" in result.output
+
+
+def test_status_and_report_on_a_file_say_it_is_not_a_folder(tmp_path):
+    path = tmp_path / "state.txt"
+    path.write_text("x")
+    for command in ("status", "report"):
+        result = invoke(command, "--workdir", path)
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+        assert "not a folder" in result.output and str(path) in result.output
