@@ -64,3 +64,29 @@ def test_stream_camera_from_a_video_file(tmp_path):
         sent = int(result.stdout.split()[0])
     assert sent >= 1 and service.counters()["frames_accepted"] == sent
     assert all(f.shape == (48, 64, 3) and f.encoding == "jpeg" and f.source == "clip" for f in frames)
+
+
+def _usage_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and "images acked" not in result.stdout
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_send_labeled_rejects_bad_arguments_before_sending(tmp_path):
+    from cl_agent.security import make_keypair
+
+    root = _tree(tmp_path / "data")
+    public, secret = make_keypair(tmp_path / "keys", "robot")
+    (tmp_path / "plain.txt").write_text("not a tar")
+    tool = TOOLS / "send_labeled.py"
+    # nothing listens on this endpoint: every case must fail before any send
+    endpoint = ["--endpoint", "tcp://127.0.0.1:9"]
+    _usage_error(_run(tool, tmp_path / "no" / "such", *endpoint), str(tmp_path / "no" / "such"), "not found")
+    _usage_error(_run(tool, tmp_path / "plain.txt", *endpoint), "plain.txt", "neither a folder nor a tar")
+    _usage_error(_run(tool, root, *endpoint, "--classes", "purple,cat"), "'purple'", "cat, dog, owl")
+    _usage_error(_run(tool, root, *endpoint, "--curve-secret", public, "--curve-server", public), str(public), "secret")
+    _usage_error(_run(tool, root, *endpoint, "--curve-secret", secret), "--curve-server")
+    _usage_error(_run(tool, root, "--endpoint", "nowhere"), "'nowhere'")
+    for option, value in [("--batch", "0"), ("--window", "0"), ("--timeout", "0"), ("--retries", "-1"), ("--limit", "-3")]:
+        _usage_error(_run(tool, root, *endpoint, option, value), option, value)

@@ -24,7 +24,11 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+import zmq
+
 from cl_agent.client import AgentUnavailable, LabeledClient
+from cl_agent.errors import CLAgentError
+from cl_agent.security import load_keys
 from cl_agent.wire import WireError, image_dimensions
 
 AS_IS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
@@ -33,8 +37,10 @@ RETRY_REASONS = {"spool_full", "disk_full"}
 
 
 def list_images(root: Path) -> list[tuple[str, str]]:
-    """(member or path, class name) for every image under root (a folder or a tar file)."""
+    """(member or path, class name) for every image under root (a folder or a tar file); CLAgentError if none."""
     found = []
+    if not root.exists():
+        raise CLAgentError(f"{root}: not found")
     if root.is_dir():
         for path in sorted(root.rglob("*")):
             if path.is_file() and path.suffix.lower() in AS_IS.keys() | READABLE and path.parent != root:
@@ -46,10 +52,38 @@ def list_images(root: Path) -> list[tuple[str, str]]:
                 if member.isfile() and path.suffix.lower() in AS_IS.keys() | READABLE and len(path.parts) >= 2:
                     found.append((member.name, path.parent.name))
     else:
-        raise SystemExit(f"error: {root} is neither a folder nor a tar file")
+        raise CLAgentError(f"{root} is neither a folder nor a tar file")
     if not found:
-        raise SystemExit(f"error: no images in {root} (expected <root>/<class>/<image>)")
+        raise CLAgentError(f"no images in {root} (expected <root>/<class>/<image>)")
     return found
+
+
+def _number(kind: type, *, at_least=None, above=None):
+    """An argparse type: a number of ``kind`` with a lower bound, the bad value named in the error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if at_least is not None and not value >= at_least:
+            raise argparse.ArgumentTypeError(f"must be >= {at_least}, got {text}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be > {above}, got {text}")
+        return value
+
+    return parse
+
+
+def _only_classes(items: list[tuple[str, str]], classes: str, root: Path, parser: argparse.ArgumentParser) -> list:
+    wanted = {name.strip() for name in classes.split(",") if name.strip()}
+    present = sorted({label for _, label in items})
+    unknown = sorted(wanted - set(present))
+    if not wanted or unknown:
+        shown = ", ".join(present[:20]) + (f", ... ({len(present)} in all)" if len(present) > 20 else "")
+        what = f"no class {', '.join(map(repr, unknown))} in {root}" if unknown else f"no class names in {classes!r}"
+        parser.error(f"--classes: {what} (classes there: {shown})")
+    return [item for item in items if item[1] in wanted]
 
 
 def read_bytes(root: Path, items: list[tuple[str, str]]) -> Iterator[tuple[bytes, str, str]]:
@@ -83,31 +117,44 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder <root>/<class>/<image>, or a tar of that layout")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="the agent's labeled endpoint")
-    parser.add_argument("--batch", type=int, default=32, help="images per message")
-    parser.add_argument("--limit", type=int, default=0, help="send at most this many images (0 = all)")
+    parser.add_argument("--batch", type=_number(int, at_least=1), default=32, help="images per message")
+    parser.add_argument("--limit", type=_number(int, at_least=0), default=0, help="send at most this many images (0 = all)")
     parser.add_argument("--classes", default="", help="comma-separated class names to send (default: all)")
     parser.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="shuffle the images with this seed")
     parser.add_argument("--sender", default=None, help="sender id (default: host name + random suffix)")
-    parser.add_argument("--window", type=int, default=8, help="messages in flight")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an ack before retrying")
-    parser.add_argument("--retries", type=int, default=10, help="retries before giving up")
+    parser.add_argument("--window", type=_number(int, at_least=1), default=8, help="messages in flight")
+    parser.add_argument("--timeout", type=_number(float, above=0), default=5.0, help="seconds to wait for an ack before retrying")
+    parser.add_argument("--retries", type=_number(int, at_least=0), default=10, help="retries before giving up")
     parser.add_argument("--end-experience", action="store_true", help="ask the agent to cut an experience at the end")
     parser.add_argument("--curve-secret", type=Path, default=None, help="this client's CURVE secret key file")
     parser.add_argument("--curve-server", type=Path, default=None, help="the agent's CURVE public key file")
     args = parser.parse_args()
 
-    items = list_images(args.root)
+    if (args.curve_secret is None) != (args.curve_server is None):
+        parser.error("--curve-secret and --curve-server go together (this client's secret key, the agent's public key)")
+    for option, path, need_secret in (("--curve-secret", args.curve_secret, True), ("--curve-server", args.curve_server, False)):
+        if path is not None:
+            try:
+                load_keys(path, need_secret=need_secret)
+            except CLAgentError as e:
+                parser.error(f"{option}: {e}")
+    try:
+        items = list_images(args.root)
+    except (CLAgentError, OSError, tarfile.TarError) as e:
+        parser.error(str(e))
     if args.classes:
-        wanted = set(args.classes.split(","))
-        items = [item for item in items if item[1] in wanted]
+        items = _only_classes(items, args.classes, args.root, parser)
     if args.shuffle is not None:
         random.Random(args.shuffle).shuffle(items)
     if args.limit:
         items = items[: args.limit]
-    client = LabeledClient(
-        args.endpoint, args.sender, timeout_s=args.timeout, retries=args.retries, window=args.window,
-        curve_secret_key=args.curve_secret, curve_server_key=args.curve_server,
-    )
+    try:
+        client = LabeledClient(
+            args.endpoint, args.sender, timeout_s=args.timeout, retries=args.retries, window=args.window,
+            curve_secret_key=args.curve_secret, curve_server_key=args.curve_server,
+        )
+    except (CLAgentError, zmq.ZMQError) as e:
+        parser.error(f"cannot connect to --endpoint {args.endpoint!r}: {e}")
     sent = acked = refused = skipped = 0
     batches: dict[int, tuple] = {}
     start = time.perf_counter()
