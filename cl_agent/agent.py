@@ -64,7 +64,10 @@ def _child_logging(cfg: AgentConfig, name: str, to_stderr: bool) -> None:
     quiet_libraries()
 
 
-def _trainer_main(cfg: AgentConfig, stop: mp.Event, results: mp.Queue, parent_pid: int, to_stderr: bool = True) -> None:
+def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to_stderr: bool = True) -> None:
+    """The trainer process. ``stop``: the read end of a pipe; a message or the parent closing it (or
+    dying) means stop. A pipe rather than an ``mp.Event``: a process killed inside ``Event.wait``
+    leaves the event's internal semaphores so that the next ``set()`` blocks for ever."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (via ``stop``)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -73,9 +76,9 @@ def _trainer_main(cfg: AgentConfig, stop: mp.Event, results: mp.Queue, parent_pi
     _child_logging(cfg, "trainer.log", to_stderr)
     flag = threading.Event()
 
-    def watch() -> None:  # mirror the cross-process event and the parent's liveness into a thread event
+    def watch() -> None:  # mirror the stop pipe and the parent's liveness into a thread event
         while not flag.is_set():
-            if stop.wait(0.2) or os.getppid() != parent_pid:
+            if stop.poll(0.2) or os.getppid() != parent_pid:
                 flag.set()
 
     threading.Thread(target=watch, daemon=True).start()
@@ -120,8 +123,8 @@ class Agent:
         self.trainer: mp.Process | None = None
         self.server: mp.Process | None = None
         self.fetch_service = None  # cl_agent.fetch.ModelFetchService, in this process
-        self.trainer_stop = self.ctx.Event()
-        self.results: mp.Queue = self.ctx.Queue(maxsize=1000)
+        self.trainer_stop = None  # write end of the running trainer's stop pipe
+        self.results: mp.Queue | None = None  # the running trainer's results (both new for each trainer process)
         self.trainer_restarts = 0
         self._lock_file = None
 
@@ -166,12 +169,17 @@ class Agent:
         return ModelRepository(self.cfg.repository.root, self.cfg.agent.model_name).latest_version()
 
     def _start_trainer(self) -> None:
+        # A new pipe and queue for each trainer: one that was killed may have died holding the old
+        # queue's lock or inside a read of the old pipe.
+        receive, self.trainer_stop = self.ctx.Pipe(duplex=False)
+        self.results = self.ctx.Queue(maxsize=1000)
         self.trainer = self.ctx.Process(
             target=_trainer_main,
-            args=(self.cfg, self.trainer_stop, self.results, os.getpid(), self.children_log_to_stderr),
+            args=(self.cfg, receive, self.results, os.getpid(), self.children_log_to_stderr),
             name="cl-agent-trainer",
         )
         self.trainer.start()
+        receive.close()  # the child has its own copy: EOF here means the parent is gone
 
     def _start_server(self) -> None:
         self.server = self.ctx.Process(
@@ -197,7 +205,7 @@ class Agent:
     def run(self) -> int:
         from cl_agent.ingest import IngestService
         from cl_agent.metrics import AgentMetrics, serve_from_config
-        from cl_agent.status import initial_state, write_state
+        from cl_agent.status import initial_state, read_experience_records, write_state
 
         cfg = self.cfg
         self._lock()
@@ -207,6 +215,8 @@ class Agent:
         state = initial_state(metrics_port=metrics_server.port if metrics_server else None, metrics_host=cfg.metrics.host)
         state["heartbeat_s"] = cfg.metrics.state_interval_s
         state["model_version"] = self._latest_version()
+        records = read_experience_records(self.workdir)
+        state["last_experience"] = records[-1]["experience"] if records else None
         ingest = IngestService(
             cfg.ingest, cfg.spool, cfg.reservoir, cfg.experience, self.workdir, seed=cfg.agent.seed
         ).start()
@@ -227,13 +237,14 @@ class Agent:
         try:
             while not self.stop_requested.is_set():
                 self._drain_results(state, metrics, view)
-                self._supervise()
+                self._supervise(state, metrics, view)
                 counters = ingest.counters()
                 pending = len(ingest.store.pending())
                 metrics.sync_totals(
                     accepted={"labeled": counters["labeled_acked"], "frame": counters["frames_accepted"]},
                     rejected=counters["rejected"],
                     dropped=counters["frames_dropped"],
+                    experiences_cut=counters["experiences_cut"],
                 )
                 metrics.set_counts(
                     spool_samples=counters.get("open_experience_samples"),
@@ -250,14 +261,17 @@ class Agent:
                     last_state = now
                 self.stop_requested.wait(0.25)
         finally:
-            self._shutdown(ingest, state, view, metrics_server)
+            self._shutdown(ingest, state, view, metrics, metrics_server)
         return 0
 
     def _drain_results(self, state: dict, metrics, view) -> None:
-        while True:
+        while self.results is not None:
             try:
                 item = self.results.get_nowait()
             except queue.Empty:
+                return
+            except Exception as e:  # noqa: BLE001 - a trainer killed mid-put can leave a truncated message
+                log.warning("cannot read the trainer's last results (%s: %s); its records on disk stay", type(e).__name__, e)
                 return
             if "progress" in item:
                 if view is not None:
@@ -271,8 +285,9 @@ class Agent:
             state["last_experience"] = item["experience"]
             state["model_version"] = item["version"]
             metrics.inc_experiences_trained(len(item.get("merged", [item["experience"]])))
-            metrics.observe_update(item["update_seconds"], item["losses"])
-            metrics.observe_export(item["export_seconds"])
+            if not item.get("recovered"):  # a recovered update's times were lost with the crash
+                metrics.observe_update(item["update_seconds"], item["losses"])
+                metrics.observe_export(item["export_seconds"])
             if item["online_accuracy"] is not None:
                 metrics.set_online_accuracy(item["online_accuracy"])
             if item["version"] is not None:
@@ -287,9 +302,10 @@ class Agent:
                     {"phase": "waiting", "published_version": item["version"], "online_accuracy": item["online_accuracy"]}
                 )
 
-    def _supervise(self) -> None:
+    def _supervise(self, state: dict, metrics, view) -> None:
         """Restart a crashed trainer (with a growing pause); its work is durable, so it resumes."""
         if self.trainer is not None and not self.trainer.is_alive() and not self.stop_requested.is_set():
+            self._drain_results(state, metrics, view)  # what it reported before it died
             self.trainer_restarts += 1
             pause = min(30.0, 2.0**self.trainer_restarts)
             log.error("trainer exited with code %s; restarting in %.0f s", self.trainer.exitcode, pause)
@@ -300,14 +316,18 @@ class Agent:
             log.error("server exited with code %s; restarting", self.server.exitcode)
             self._start_server()
 
-    def _shutdown(self, ingest, state: dict, view, metrics_server) -> None:
+    def _shutdown(self, ingest, state: dict, view, metrics, metrics_server) -> None:
         """Stop taking work, let the trainer abandon its update at the next step, close everything."""
         deadline = time.monotonic() + self.cfg.agent.grace_period_s
         log.info("stopping: closing ingestion, then the trainer (grace %.0f s)", self.cfg.agent.grace_period_s)
         ingest.stop()
         if self.fetch_service is not None:
             self.fetch_service.stop()
-        self.trainer_stop.set()
+        if self.trainer_stop is not None:
+            try:
+                self.trainer_stop.send("stop")
+            except OSError:  # the trainer is gone already
+                pass
         for child in (self.trainer, self.server):
             if child is None:
                 continue
@@ -318,6 +338,7 @@ class Agent:
                 log.warning("%s did not stop within the grace period; killing it", child.name)
                 child.kill()
                 child.join(5)
+        self._drain_results(state, metrics, view)  # an update that finished within the grace period
         state["status"] = "stopped"
         from cl_agent.status import write_state
 
@@ -326,7 +347,8 @@ class Agent:
             view.close()
         if metrics_server is not None:
             metrics_server.stop()
-        self.results.cancel_join_thread()
+        if self.results is not None:
+            self.results.cancel_join_thread()
         log.info("stopped")
 
 

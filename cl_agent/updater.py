@@ -113,6 +113,7 @@ class Updater:
         self.checkpoint_dir = self.workdir / CHECKPOINT_DIR
         self.last_trained = -1
         self.announcer = self._open_announcer()
+        self.recovered: UpdateResult | None = None  # an update that a crash cut short and _restore completed
         self._restore()
 
     def _open_announcer(self) -> Announcer | None:
@@ -159,7 +160,11 @@ class Updater:
         recorded = {i for r in read_experience_records(self.workdir) for i in r.get("merged", [])}
         if recovered and not set(recovered) <= recorded:
             # trained and checkpointed before a crash, but never recorded: record it (its online accuracy is lost)
-            append_experience_record(self.workdir, self._record(recovered, len(recovered), {}, None, None, 0.0, 0.0, version))
+            record = self._record(recovered, len(recovered), {}, None, None, 0.0, 0.0, version)
+            loaded = [self.store.load(i) for i in recovered]
+            record.update(labeled=sum(len(e.labeled) for e in loaded), unlabeled=sum(len(e.unlabeled) for e in loaded))
+            append_experience_record(self.workdir, record)
+            self.recovered = UpdateResult(recovered, version, record)
         for index in recovered:
             self.store.mark_trained(index)
 
@@ -324,6 +329,8 @@ def update_loop(
     """Run updates until ``stop`` is set (the trainer process's main loop)."""
     stop = stop or threading.Event()
     updater = Updater(cfg, resolve_device(cfg.agent.device))
+    if updater.recovered is not None and on_result is not None:
+        on_result(updater.recovered)
     try:
         while not stop.is_set():
             try:

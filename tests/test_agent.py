@@ -102,3 +102,55 @@ def test_second_agent_on_the_same_workdir_is_refused(tmp_path):
     first._lock()
     with pytest.raises(CLAgentError, match="another agent"):
         Agent(cfg)._lock()
+
+
+def _trainer_pid(agent: AgentProcess, workdir) -> int | None:
+    """The agent's child that holds trainer.log open."""
+    import os
+
+    log_file = os.path.realpath(os.path.join(workdir, "trainer.log"))
+    for pid in agent.children():
+        try:
+            if any(os.path.realpath(os.path.join(f"/proc/{pid}/fd", fd)) == log_file for fd in os.listdir(f"/proc/{pid}/fd")):
+                return pid
+        except OSError:  # exited meanwhile
+            continue
+    return None
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="finds the trainer through /proc")
+def test_a_killed_trainer_is_replaced_reports_through_its_own_channel_and_the_agent_still_stops(tmp_path):
+    import os
+    import signal
+
+    cfg, path = tiny_agent_config(tmp_path)
+    rng = np.random.default_rng(1)
+    agent = AgentProcess(path, tmp_path / "agent.log")
+    labeled = LabeledClient(cfg.ingest.labeled_endpoint, "test-labeler", timeout_s=5.0, retries=10)
+    try:
+        send_experience(labeled, [0, 1], 16, rng)
+        assert wait_for_version(cfg, 1, 180, agent) == 1
+        first = _trainer_pid(agent, cfg.agent.workdir)
+        assert first is not None
+        time.sleep(0.5)  # idle: its watch thread is waiting for the stop signal
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (second := _trainer_pid(agent, cfg.agent.workdir)) in (None, first):
+            assert time.monotonic() < deadline, "the trainer was not restarted"
+            time.sleep(0.2)
+
+        send_experience(labeled, [2, 3], 16, rng)  # the new trainer learns, and the agent hears of it
+        assert wait_for_version(cfg, 2, 180, agent) == 2
+        deadline = time.monotonic() + 30
+        while (read_state(cfg.agent.workdir) or {}).get("last_experience") != 1:
+            assert time.monotonic() < deadline, "the agent never heard of the new trainer's update"
+            time.sleep(0.2)
+        started = time.monotonic()
+        assert agent.terminate(cfg.agent.grace_period_s + 10) == 0
+        assert time.monotonic() - started < cfg.agent.grace_period_s
+    finally:
+        labeled.close()
+        if agent.alive():
+            agent.kill9()
+    state = read_state(cfg.agent.workdir)
+    assert state["status"] == "stopped" and state["model_version"] == 2 and state["last_experience"] == 1
