@@ -17,6 +17,7 @@ another thread or process can use its own ``ExperienceStore`` on the same folder
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from cl_agent.reservoir import Frame
 from cl_agent.spool import Record, read_records
 from cl_agent.storage import atomic_write_bytes, atomic_write_text, fsync_dir
 from cl_agent.codec import WireError, check_size, decode_image, image_dimensions
+
+log = logging.getLogger(__name__)
 
 CUT_COUNT, CUT_TIME, CUT_EXPLICIT = "count", "time", "explicit"
 
@@ -100,20 +103,37 @@ class Experience:
     meta: dict = field(default_factory=dict)
 
     def decode(self, image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(labeled uint8 (N, S, S, 3), labels int64 (N,), unlabeled uint8 (M, S, S, 3)); unreadable images are skipped."""
+        """(labeled uint8 (N, S, S, 3), labels int64 (N,), unlabeled uint8 (M, S, S, 3)).
+
+        Unreadable images (acked at ingest, undecodable now) are skipped; one warning
+        per experience gives how many of each kind were dropped.
+        """
         labeled, labels = [], []
+        dropped_labeled = dropped_unlabeled = 0
+        reasons: set[str] = set()
         for sample, label in zip(self.labeled, self.labels):
             try:
                 labeled.append(decode_sample(sample, image_size))
                 labels.append(label)
-            except WireError:
-                continue
+            except WireError as e:
+                dropped_labeled += 1
+                reasons.add(e.reason)
         unlabeled = []
         for sample in self.unlabeled:
             try:
                 unlabeled.append(decode_sample(sample, image_size))
-            except WireError:
-                continue
+            except WireError as e:
+                dropped_unlabeled += 1
+                reasons.add(e.reason)
+        if dropped_labeled or dropped_unlabeled:
+            log.warning(
+                "experience %d: dropped %d labeled and %d unlabeled images that could not be decoded (%s)",
+                self.index,
+                dropped_labeled,
+                dropped_unlabeled,
+                ", ".join(sorted(reasons)),
+                extra={"experience": self.index, "dropped_labeled": dropped_labeled, "dropped_unlabeled": dropped_unlabeled},
+            )
         empty = np.zeros((0, image_size, image_size, 3), np.uint8)
         return (
             np.stack(labeled) if labeled else empty,

@@ -84,3 +84,39 @@ def test_label_map_integer_ids_get_placeholder_names(tmp_path):
     assert labels.ids_for([3]) == [3]
     assert labels.names == ["0", "1", "2", "3"]
     assert labels.id_for("new") == 4 and labels.id_for("2") == 2
+
+
+def test_decode_logs_one_warning_with_dropped_counts(tmp_path, caplog):
+    good = _jpeg(40, 60, 100)
+    # A JPEG whose header survives (it was acked at ingest) but whose body is cut off and overwritten.
+    broken = good[:200] + b"\x00" * 10
+    spool = Spool(tmp_path / "spool", 0, 10**9)
+    spool.append(Record("s", 1, "jpeg", [(40, 60, 3)] * 3, [0, 1, 2], [good, b"not a jpeg", broken]))
+    spool.commit()
+    store = ExperienceStore(tmp_path)
+    frames = [Frame(good, "jpeg", (40, 60, 3), "rgb", "cam"), Frame(b"\xff\xd8junk", "jpeg", (40, 60, 3), "rgb", "cam")]
+    store.write(0, labeled_segment=spool.segment_path(0).name, labeled_samples=3, keys=spool.segment_keys,
+                unlabeled=frames, reason="count")
+    experience = store.load(0)
+    with caplog.at_level("WARNING", logger="cl_agent.experience"):
+        labeled, labels, unlabeled = experience.decode(16)
+    assert len(labeled) == len(labels) and len(unlabeled) == 1
+    dropped_labeled = 3 - len(labeled)
+    assert dropped_labeled >= 1  # at least the non-JPEG bytes
+    warnings = [r for r in caplog.records if r.name == "cl_agent.experience" and r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "experience 0" in message and f"{dropped_labeled} labeled" in message and "1 unlabeled" in message
+    assert warnings[0].dropped_labeled == dropped_labeled and warnings[0].dropped_unlabeled == 1
+
+
+def test_decode_of_readable_experience_logs_nothing(tmp_path, caplog):
+    spool = Spool(tmp_path / "spool", 0, 10**9)
+    spool.append(Record("s", 1, "jpeg", [(40, 60, 3)], [0], [_jpeg(40, 60, 50)]))
+    spool.commit()
+    store = ExperienceStore(tmp_path)
+    store.write(0, labeled_segment=spool.segment_path(0).name, labeled_samples=1, keys=spool.segment_keys,
+                unlabeled=[], reason="count")
+    with caplog.at_level("WARNING", logger="cl_agent.experience"):
+        store.load(0).decode(16)
+    assert not [r for r in caplog.records if r.name == "cl_agent.experience"]
