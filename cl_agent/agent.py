@@ -241,7 +241,7 @@ class Agent:
                 counters = ingest.counters()
                 pending = len(ingest.store.pending())
                 metrics.sync_totals(
-                    accepted={"labeled": counters["labeled_acked"], "frame": counters["frames_accepted"]},
+                    accepted={"labeled": counters["labeled_acked"], "frame": counters["frames_accepted"], "end_experience": counters["control_accepted"]},
                     rejected=counters["rejected"],
                     dropped=counters["frames_dropped"],
                     experiences_cut=counters["experiences_cut"],

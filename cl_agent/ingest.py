@@ -58,6 +58,7 @@ COUNTER_NAMES = (
     "frames_rejected",  # frames refused by validation
     "frames_dropped",  # frames lost before reaching the agent (sequence gaps per sender)
     "control_messages",  # control-socket messages
+    "control_accepted",  # end_experience messages acked (an experience cut), on the labeled or control socket
     "experiences_cut",  # experiences cut by this process
 )
 
@@ -375,6 +376,7 @@ class IngestService:
         if index is None:
             self._counters.reject("nothing_to_cut")
             return reply("nack", AGENT_SENDER, seq, reason="nothing_to_cut", detail="the open experience has no samples")
+        self._counters.add("control_accepted")
         return reply("ack", AGENT_SENDER, seq, experience=index)
 
     def _serve_requests(self) -> None:

@@ -67,9 +67,13 @@ def test_every_limit_is_refused_with_its_reason_and_the_agent_carries_on(tmp_pat
         endpoint = service.endpoints["labeled"]
         assert request(endpoint, _labeled([SMALL], ["first"], [8]))["kind"] == "ack"
         for expected, make in CASES.items():
-            answer = request(endpoint, make())
+            parts = make()
+            answer = request(endpoint, parts)
             assert answer["kind"] == "nack" and answer["reason"] == expected, (expected, answer)
             assert answer["detail"]
+            # A nack carries the request's seq whenever its header could be read (docs/protocol.md).
+            sent_seq = 0 if expected == "bad_json" else json.loads(parts[0])["seq"]
+            assert answer["seq"] == sent_seq, (expected, answer)
         # Garbage of every shape on every socket: counted, answered where possible, never fatal.
         ctx = zmq.Context.instance()
         push = ctx.socket(zmq.PUSH)
@@ -188,3 +192,22 @@ def test_router_replies_reach_req_senders(tmp_path):
 
 def test_reply_is_single_part():
     assert len(reply("ack", "agent", 1, accepted=3)) == 1
+
+
+def test_end_experience_acks_are_counted_as_accepted_control_messages(tmp_path):
+    with make_service(tmp_path) as service:
+        client = LabeledClient(service.endpoints["labeled"], "s")
+        client.send(images(1), ["a"])
+        assert client.end_experience().ok  # on the labeled socket
+        client.send(images(1), ["a"])
+        control = request(service.endpoints["control"], encode_message("end_experience", "op", 7), kind=zmq.REQ)
+        assert control["kind"] == "ack" and control["seq"] == 7
+        refused = request(service.endpoints["control"], encode_message("end_experience", "op", 8), kind=zmq.REQ)
+        assert refused["kind"] == "nack" and refused["reason"] == "nothing_to_cut" and refused["seq"] == 8
+        # A refused control message with a readable header names its seq too.
+        wrong = request(service.endpoints["control"], pack_message("labeled", "op", 9, [], bogus=1), kind=zmq.REQ)
+        assert wrong["kind"] == "nack" and wrong["seq"] == 9
+        client.close()
+        counters = service.counters()
+    assert counters["control_accepted"] == 2 and counters["experiences_cut"] == 2
+    assert counters["rejected"]["nothing_to_cut"] == 1
