@@ -415,8 +415,10 @@ class IngestService:
 def run_ingest(config: AgentConfig) -> int:
     """Run only the ingestion half until SIGINT/SIGTERM; prints the bound endpoints as one JSON line."""
     from cl_agent.config import save_resolved
+    from cl_agent.logs import setup_logging
 
-    logging.basicConfig(level=config.agent.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The agent's formats (ISO 8601 UTC times, text or JSON lines), not logging's default asctime.
+    setup_logging(config.agent.log_level, config.agent.log_json)
     workdir = Path(config.agent.workdir)
     service = IngestService(
         config.ingest, config.spool, config.reservoir, config.experience, workdir, seed=config.agent.seed

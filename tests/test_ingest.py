@@ -211,3 +211,28 @@ def test_end_experience_acks_are_counted_as_accepted_control_messages(tmp_path):
         counters = service.counters()
     assert counters["control_accepted"] == 2 and counters["experiences_cut"] == 2
     assert counters["rejected"]["nothing_to_cut"] == 1
+
+
+def test_ingest_command_logs_iso_8601_utc_times(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    settings = [f"agent.workdir={tmp_path / 'work'}", "ingest.labeled_endpoint=tcp://127.0.0.1:0",
+                "ingest.frame_endpoint=tcp://127.0.0.1:0", "ingest.control_endpoint=tcp://127.0.0.1:0"]
+    command = [sys.executable, "-m", "cl_agent", "ingest"] + [arg for s in settings for arg in ("--set", s)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(process.stdout.readline())
+        assert ready["event"] == "ingest_ready", ready
+        client = LabeledClient(ready["endpoints"]["labeled"], "s")
+        client.send(images(1), ["a"])
+        assert client.end_experience().ok  # logs "experience 0 cut"
+        client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    cut = [line for line in stderr.splitlines() if "experience 0 cut" in line]
+    assert cut, stderr
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO cl_agent\.ingest: ", cut[0]), cut[0]
