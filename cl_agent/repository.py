@@ -118,6 +118,17 @@ def _copy_hashed(source: Path, target: Path, pause_s: float = 0.0) -> str:
     return digest.hexdigest()
 
 
+def manifest_problem(manifest: dict) -> str | None:
+    """Why a loaded manifest cannot describe a published version (None if it can): a field publish always writes is missing or mistyped."""
+    expected = {"version": int, "sha256": str, "class_names": list, "image_size": int}
+    missing = [k for k in expected if k not in manifest]
+    if missing:
+        return f"manifest is missing {', '.join(missing)}"
+    wrong = [f"{k} is {type(manifest[k]).__name__}" for k, kind in expected.items()
+             if not isinstance(manifest[k], kind) or isinstance(manifest[k], bool)]
+    return f"manifest has wrong-typed fields: {', '.join(wrong)}" if wrong else None
+
+
 def optimized_files(version_dir: Path, entry: dict) -> dict[Path, object]:
     """The files of a version's optimised graph (the graph, its weights file if any) and their manifest sha256."""
     files = {version_dir / OPTIMIZED_FILE: entry.get("sha256")}
@@ -446,7 +457,16 @@ def print_versions(repo: str | os.PathLike, model: str) -> int:
         return 1
     typer.echo(f"{'version':>7}  {'created (UTC)':<23}  {'exp':>4}  {'classes':>7}  {'parent':>6}  sha256        note")
     for version in versions:
-        m = repository.load_manifest(version)
+        try:
+            m = repository.load_manifest(version)
+            problem = manifest_problem(m)
+        except CLAgentError as e:  # one broken version must not hide the others
+            problem = str(e)
+        if problem:
+            where = repository.version_dir(version) / MANIFEST_FILE
+            typer.echo(f"warning: version {version} of {model!r} is listed as unreadable ({where}): {problem}", err=True)
+            typer.echo(f"{version:>7}  {'-':<23}  {'-':>4}  {'-':>7}  {'-':>6}  {'-':<12}  unreadable manifest: {problem:.160}")
+            continue
         note = f"rollback of {m['rollback_of']}" if m.get("rollback_of") is not None else ""
         exp = m.get("experience_index")
         typer.echo(

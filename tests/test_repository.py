@@ -247,3 +247,20 @@ def test_a_paced_publish_sleeps_between_chunks_and_writes_out_as_it_goes(tmp_pat
     assert sha256_file(source, pause_s=0.002) == sha256_file(source) and sleeps.count(0.002) == chunks
     with pytest.raises(CLAgentError, match="pause_s"):
         ModelRepository(tmp_path, "student", pause_s=-1)
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xfe not json", b'{"version": 2}', b"[1, 2]"])
+def test_models_list_shows_an_unreadable_manifest_and_lists_the_others(tmp_path, garbage):
+    root = tmp_path / "models"
+    repo = ModelRepository(root, "student")
+    for content in (b"a", b"b", b"c"):
+        publish(repo, tmp_path, content)
+    (root / "student" / "2" / "manifest.json").write_bytes(garbage)
+    listed = CliRunner().invoke(app, ["models", "list", "--repo", str(root), "--model", "student"])
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split()[0]: line for line in listed.output.splitlines()[1:] if line.split()[0].isdigit()}
+    assert sorted(rows) == ["1", "2", "3"]
+    assert "unreadable" in rows["2"] and "manifest" in rows["2"]
+    assert "unreadable" not in rows["1"] + rows["3"]
+    assert "warning" in listed.output and "version 2" in listed.output
+
