@@ -117,6 +117,9 @@ class Updater:
         self._restore()
 
     def _open_announcer(self) -> Announcer | None:
+        """The PUB socket for version announcements; None when announcing is off (empty endpoint) or the bind fails."""
+        if not self.cfg.repository.announce_endpoint:
+            return None  # announcing is off by configuration: servers poll the repository, nothing to warn about
         # Long-lived: a PUB socket bound just before sending loses the message (subscribers join late).
         try:
             return Announcer(self.cfg.repository.announce_endpoint)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -79,3 +81,14 @@ def test_a_restarted_updater_never_retrains_what_its_checkpoint_holds(backlog):
         again.close()
     trained = [i for r in read_experience_records(cfg.agent.workdir) for i in r["merged"]]
     assert sorted(trained) == [0, 1]
+
+
+def test_an_empty_announce_endpoint_turns_announcing_off_without_a_warning(tmp_path, caplog):
+    cfg, _ = tiny_agent_config(tmp_path, **{"repository.announce_endpoint": ""})
+    with caplog.at_level("WARNING", logger="cl_agent.updater"):
+        updater = Updater(cfg)
+    try:
+        assert updater.announcer is None
+    finally:
+        updater.close()
+    assert not [r for r in caplog.records if r.name == "cl_agent.updater" and r.levelno >= logging.WARNING]
