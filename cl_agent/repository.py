@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cl_agent.errors import CLAgentError
-from cl_agent.storage import atomic_write_text, fsync_dir
+from cl_agent.storage import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ REQUIRED_MANIFEST_KEYS = ("class_names", "image_size")
 CHUNK = 1 << 18  # bytes read, hashed (and written) at a time
 WRITE_OUT_CHUNKS = 16  # a paced copy hands its data to the disk every 16 chunks (4 MiB), not in one burst at the end
 PAUSE_S = 0.0003  # default pause after each chunk (see ``sha256_file``)
+FILE_MODE = 0o644  # published files: a server or Triton running as another user must read them, whatever the umask
+DIR_MODE = 0o755  # folders this repository creates
 
 
 def sha256_file(path: str | os.PathLike, pause_s: float = 0.0) -> str:
@@ -94,6 +97,33 @@ def triton_config(model_name: str, image_size: int, num_classes: int, max_batch:
     )
 
 
+def _write_published(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically and durably with mode ``FILE_MODE`` (set before the rename, so no reader sees 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def _make_public_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) with mode ``DIR_MODE``; an existing folder is left as it is."""
+    for folder in reversed([path, *path.parents]):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        os.chmod(folder, DIR_MODE)
+
+
 def _copy_hashed(source: Path, target: Path, pause_s: float = 0.0) -> str:
     """Copy ``source`` to ``target`` (fsynced) and return the sha256 of the bytes written, in one pass.
 
@@ -103,6 +133,7 @@ def _copy_hashed(source: Path, target: Path, pause_s: float = 0.0) -> str:
     """
     digest = hashlib.sha256()
     with open(source, "rb") as src, open(target, "xb") as dst:
+        os.fchmod(dst.fileno(), FILE_MODE)
         n = 0
         while block := src.read(CHUNK):
             digest.update(block)
@@ -244,7 +275,7 @@ class ModelRepository:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        self.model_dir.mkdir(parents=True, exist_ok=True)
+        _make_public_dir(self.model_dir)
         with open(self.model_dir / LOCK_FILE, "a+") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
@@ -285,6 +316,7 @@ class ModelRepository:
             version = self.last_version_ever() + 1
             temp = self.model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
             temp.mkdir()
+            os.chmod(temp, DIR_MODE)
             try:
                 digest = _copy_hashed(onnx_path, temp / MODEL_FILE, self.pause_s)
                 extra = {}
@@ -312,7 +344,7 @@ class ModelRepository:
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                 }
                 full["version"] = version
-                atomic_write_text(temp / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=True) + "\n")
+                _write_published(temp / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=True) + "\n")
                 fsync_dir(temp)
                 self._commit(temp, version, size, len(names))
             except BaseException:
@@ -346,6 +378,7 @@ class ModelRepository:
                 raise CLAgentError(f"cannot install version {version} of {self.model_name!r}: this repository already reached {newest}")
             temp = self.model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
             temp.mkdir()
+            os.chmod(temp, DIR_MODE)
             try:
                 digest = _copy_hashed(model_path, temp / MODEL_FILE, self.pause_s)
                 if digest != manifest["sha256"]:
@@ -353,7 +386,7 @@ class ModelRepository:
                         f"cannot install version {version}: {model_path} has sha256 {digest[:12]}..., "
                         f"the manifest says {str(manifest['sha256'])[:12]}..."
                     )
-                atomic_write_text(temp / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+                _write_published(temp / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
                 fsync_dir(temp)
                 self._commit(temp, version, int(manifest["image_size"]), len(manifest["class_names"]))
             except BaseException:
@@ -366,8 +399,8 @@ class ModelRepository:
     def _commit(self, temp: Path, version: int, image_size: int, num_classes: int) -> None:
         """Make a complete, fsynced temp folder version ``version``: counter, Triton config, then the rename."""
         # The counter goes first: if we crash after it, a number is skipped, never reused.
-        atomic_write_text(self.model_dir / COUNTER_FILE, f"{version}\n")
-        atomic_write_text(self.model_dir / CONFIG_FILE, triton_config(self.model_name, image_size, num_classes))
+        _write_published(self.model_dir / COUNTER_FILE, f"{version}\n")
+        _write_published(self.model_dir / CONFIG_FILE, triton_config(self.model_name, image_size, num_classes))
         os.rename(temp, self.version_dir(version))
         fsync_dir(self.model_dir)
 

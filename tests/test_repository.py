@@ -264,3 +264,33 @@ def test_models_list_shows_an_unreadable_manifest_and_lists_the_others(tmp_path,
     assert "unreadable" not in rows["1"] + rows["3"]
     assert "warning" in listed.output and "version 2" in listed.output
 
+
+def test_published_files_are_readable_by_other_users(tmp_path):
+    old = os.umask(0o077)  # the modes are set explicitly, not left to the publisher's umask
+    try:
+        repo = ModelRepository(tmp_path / "models", "student")
+        publish(repo, tmp_path, b"one")
+        repo.rollback(1)
+    finally:
+        os.umask(old)
+    model_dir = tmp_path / "models" / "student"
+    for path in (model_dir / "config.pbtxt", model_dir / ".last_version", model_dir / "1" / "manifest.json",
+                 model_dir / "1" / "model.onnx", model_dir / "2" / "manifest.json", model_dir / "2" / "model.onnx"):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o644), path
+    for folder in (model_dir, model_dir / "1", model_dir / "2"):
+        assert oct(folder.stat().st_mode & 0o777) == oct(0o755), folder
+
+
+def test_report_png_is_readable_by_other_users(tmp_path):
+    from cl_agent.status import append_experience_record, write_report
+
+    record = {"experience": 0, "labeled": 50, "unlabeled": 0, "merged": [0], "online_accuracy": 0.5, "online_correct": 25,
+              "online_total": 50, "online_accuracy_per_class": {}, "losses": {"ce": 1.0}, "update_seconds": 1.0,
+              "export_seconds": 0.1, "version": 1, "stopped_by_budget": False}
+    append_experience_record(tmp_path, record)
+    old = os.umask(0o077)
+    try:
+        write_report(tmp_path)
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "report.png").stat().st_mode & 0o777) == oct(0o644)
