@@ -62,6 +62,15 @@ class AgentSection:
     def validate(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigValueError("device", self.device, "expected auto, cpu, cuda or cuda:N")
+        from cl_agent.errors import CLAgentError
+        from cl_agent.repository import check_model_name
+
+        try:
+            check_model_name(self.model_name)
+        except CLAgentError:
+            raise ConfigValueError(
+                "model_name", self.model_name, "expected one path component: letters, digits, '-', '_', '.', not starting with '.'"
+            ) from None
 
 
 @dataclass

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -52,6 +53,7 @@ CONFIG_FILE = "config.pbtxt"
 COUNTER_FILE = ".last_version"
 LOCK_FILE = ".publish.lock"
 REQUIRED_MANIFEST_KEYS = ("class_names", "image_size")
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one path component that stays inside the repository root
 
 
 CHUNK = 1 << 18  # bytes read, hashed (and written) at a time
@@ -77,6 +79,16 @@ def sha256_file(path: str | os.PathLike, pause_s: float = 0.0) -> str:
             if pause_s:
                 time.sleep(pause_s)
     return digest.hexdigest()
+
+
+def check_model_name(model_name: object) -> str:
+    """``model_name`` if it is one safe path component (ASCII letters, digits, ``-``, ``_``, ``.``; not starting with ``.``)."""
+    if not isinstance(model_name, str) or not MODEL_NAME_PATTERN.fullmatch(model_name):
+        raise CLAgentError(
+            f"bad model name {model_name!r}: use letters, digits, '-', '_' and '.', not starting with '.' "
+            "(it names a folder inside the repository root)"
+        )
+    return model_name
 
 
 def triton_config(model_name: str, image_size: int, num_classes: int, max_batch: int = 64) -> str:
@@ -197,8 +209,7 @@ class ModelRepository:
     """Versions of one model under ``root/model_name``; safe against crashes and concurrent publishers."""
 
     def __init__(self, root: str | os.PathLike, model_name: str, keep_last: int = 5, pause_s: float = PAUSE_S):
-        if not model_name or "/" in model_name or model_name.startswith("."):
-            raise CLAgentError(f"bad model name {model_name!r}: must be non-empty, without '/', not hidden")
+        check_model_name(model_name)
         if keep_last < 1:
             raise CLAgentError(f"keep_last must be >= 1, got {keep_last}")
         if not 0 <= pause_s <= 0.1:

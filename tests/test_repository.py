@@ -281,6 +281,35 @@ def test_published_files_are_readable_by_other_users(tmp_path):
         assert oct(folder.stat().st_mode & 0o777) == oct(0o755), folder
 
 
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "..", "a\\b", "x y", "a\nb", "é"])
+def test_model_name_must_be_one_safe_path_component(tmp_path, name):
+    with pytest.raises(CLAgentError) as info:
+        ModelRepository(tmp_path, name)
+    assert repr(name) in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".x", "x y"])
+def test_config_rejects_an_unsafe_model_name(tmp_path, name):
+    from cl_agent.config import ConfigError, load_config
+
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"agent:\n  model_name: {json.dumps(name)}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    assert info.value.key == "agent.model_name" and repr(name) in str(info.value)
+
+
+def test_safe_model_names_are_accepted(tmp_path):
+    from cl_agent.config import load_config
+
+    for name in ("student", "resnet-18_v2.1", "A9"):
+        assert ModelRepository(tmp_path, name).model_name == name
+    config = tmp_path / "agent.yaml"
+    config.write_text("agent:\n  model_name: resnet-18_v2.1\n")
+    assert load_config(config).agent.model_name == "resnet-18_v2.1"
+
+
 def test_report_png_is_readable_by_other_users(tmp_path):
     from cl_agent.status import append_experience_record, write_report
 
