@@ -57,6 +57,22 @@ class InferenceResult:
         return [p[0][0] for p in self.predictions]
 
 
+def _check_top_k(top_k) -> int | None:
+    """None (the server's default) or an int >= 1; a float, a bool or anything else is refused, never truncated."""
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise CLAgentError(f"top_k must be an integer >= 1, got {top_k!r:.50}")
+    return int(top_k)
+
+
+def _as_rgb(image):
+    """Grey (H, W) or (H, W, 1) uint8 -> (H, W, 3) with the value in every channel (as the server reads 1-channel raw images)."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1)):
+        return np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
+    return image
+
+
 def _is_rgb_batch(images) -> bool:
     """A (N, H, W, 3) uint8 array."""
     return isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3
@@ -108,13 +124,25 @@ class InferenceClient:
         return {k: header.get(k) for k in keys if k in header}
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray, top_k: int | None = None) -> InferenceResult:
-        """Classify uint8 RGB images ((N, H, W, 3) array or a list of (H, W, 3)); any size, the server resizes."""
+        """Classify uint8 images: an (N, H, W, 3) or (N, H, W, 1) array, or a list of (H, W, 3), (H, W, 1) or (H, W).
+
+        Grey images are sent as RGB with the value in every channel, as the server reads a
+        one-channel image. Any size: the server resizes. ``top_k``: an integer >= 1, or None
+        for the server's default.
+        """
+        top_k = _check_top_k(top_k)
         if isinstance(images, np.ndarray) and images.ndim == 3:
-            raise CLAgentError(f"expected (N, H, W, 3) images or a list of (H, W, 3), got one array of shape {images.shape}")
+            raise CLAgentError(
+                f"expected (N, H, W, 3) or (N, H, W, 1) images or a list of images, got one array of shape {images.shape}"
+            )
         if len(images) == 0:
             raise CLAgentError("predict needs at least one image")
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[3] == 1:
+            images = np.repeat(images, 3, axis=3)
+        elif not isinstance(images, np.ndarray):
+            images = [_as_rgb(image) for image in images]
         seq = next(self._seq)
-        fields = {} if top_k is None else {"top_k": int(top_k)}
+        fields = {} if top_k is None else {"top_k": top_k}
         if self.encoding == "raw" and _is_rgb_batch(images):
             # The common camera case, without a per-image encode call: one payload per image, as the wire wants.
             payloads = [image.tobytes() for image in images]
