@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cl_agent.errors import CLAgentError
-from cl_agent.storage import fsync_dir
+from cl_agent.storage import atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +106,6 @@ def triton_config(model_name: str, image_size: int, num_classes: int, max_batch:
         "version_policy: { latest: { num_versions: 1 } }\n"
         "dynamic_batching: { max_queue_delay_microseconds: 2000 }\n"
     )
-
-
-def _write_published(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically and durably with mode ``FILE_MODE`` (set before the rename, so no reader sees 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def _make_public_dir(path: Path) -> None:
@@ -355,7 +337,7 @@ class ModelRepository:
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                 }
                 full["version"] = version
-                _write_published(temp / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=True) + "\n")
+                atomic_write_text(temp / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=True) + "\n", FILE_MODE)
                 fsync_dir(temp)
                 self._commit(temp, version, size, len(names))
             except BaseException:
@@ -397,7 +379,7 @@ class ModelRepository:
                         f"cannot install version {version}: {model_path} has sha256 {digest[:12]}..., "
                         f"the manifest says {str(manifest['sha256'])[:12]}..."
                     )
-                _write_published(temp / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+                atomic_write_text(temp / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n", FILE_MODE)
                 fsync_dir(temp)
                 self._commit(temp, version, int(manifest["image_size"]), len(manifest["class_names"]))
             except BaseException:
@@ -410,8 +392,8 @@ class ModelRepository:
     def _commit(self, temp: Path, version: int, image_size: int, num_classes: int) -> None:
         """Make a complete, fsynced temp folder version ``version``: counter, Triton config, then the rename."""
         # The counter goes first: if we crash after it, a number is skipped, never reused.
-        _write_published(self.model_dir / COUNTER_FILE, f"{version}\n")
-        _write_published(self.model_dir / CONFIG_FILE, triton_config(self.model_name, image_size, num_classes))
+        atomic_write_text(self.model_dir / COUNTER_FILE, f"{version}\n", FILE_MODE)
+        atomic_write_text(self.model_dir / CONFIG_FILE, triton_config(self.model_name, image_size, num_classes), FILE_MODE)
         os.rename(temp, self.version_dir(version))
         fsync_dir(self.model_dir)
 

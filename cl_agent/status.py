@@ -461,8 +461,7 @@ def write_report(workdir: Path, out: Path | None = None) -> int:
     accuracy = _or_none(summary["accuracy"], "{:.3f}")
     title = f"{workdir.name}: {len(records)} updates, cumulative online accuracy {accuracy}"
     try:
-        atomic_write_bytes(out, _render_report(records, title))
-        os.chmod(out, 0o644)  # the temp file it came from was private; a report is for anyone who can see the workdir
+        atomic_write_bytes(out, _render_report(records, title), 0o644)  # for anyone who can see the workdir
     except OSError as e:
         raise CLAgentError(f"cannot write report {out}: {e.strerror or e}") from None
     print(out)
