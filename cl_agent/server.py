@@ -89,6 +89,8 @@ class Server:
         self._check_for_new_version()
         router = self._context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
+        # ZeroMQ drops a peer that sends a frame above this before reading it all, rather than buffering it.
+        router.setsockopt(zmq.MAXMSGSIZE, self.wire.max_message_bytes)
         try:
             router.bind(self.serve.endpoint)
         except zmq.ZMQError as e:

@@ -525,3 +525,22 @@ def test_spinning_client_sleeps_until_its_reply_is_due_then_spins():
     assert cpu_s < 0.1, cpu_s
     thread.join(5)
     router.close()
+
+
+def test_oversized_message_is_dropped_unread_and_server_keeps_answering(repo, onnx_models):
+    from cl_agent.config import WireSection
+
+    publish(repo, onnx_models[0])
+    wire = WireSection(max_message_bytes=200_000, max_part_bytes=4_000_000)
+    with Server(repo, serve_section(), wire=wire) as server:
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(server.endpoint)
+        big = encode_message("infer", "big", 7, [np.zeros((300, 300, 3), np.uint8)], encoding="raw")  # 270 KB image part
+        dealer.send_multipart(big)
+        # ZeroMQ drops the connection at the frame's size, before reading it: no reply, nothing counted.
+        assert not dealer.poll(500)
+        assert server.counters["requests"] == 0
+        dealer.close(0)
+        with InferenceClient(server.endpoint, timeout_s=5) as client:
+            assert client.predict(images(1)).model_version == 1
