@@ -12,7 +12,10 @@ the old one keeps serving.
 
 Batching: a lone request on an idle server is answered at once. When several
 requests are already queued (concurrent clients), the batch takes them all and
-stays open up to ``max_wait_ms`` to fill to ``max_batch`` images.
+stays open up to ``max_wait_ms`` to fill to ``max_batch`` images. No session run
+ever sees more than ``max_batch`` images: a request that would overflow the batch
+waits for the next one, and a request with more images runs in chunks of
+``max_batch`` whose results are joined into one reply.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ SENDER = "server"
 @dataclass
 class _Request:
     envelope: list[bytes]  # routing frames, up to and including the empty delimiter (REQ clients)
+    frames: list[bytes]  # the whole request as received (parsed again if the model changes before it runs)
     message: Message
     images: np.ndarray  # (n, S, S, 3)
     top_k: int
@@ -69,12 +73,15 @@ class Server:
         self._model: LoadedModel | None = None  # INVARIANT: replaced whole, never mutated
         self._retired: list[LoadedModel] = []  # replaced versions, freed by the watcher thread
         self._failed: set[tuple[int, str]] = set()  # (version, manifest sha) refused before: not retried
+        # A request that did not fit in the last micro-batch, and the model it was parsed for; runs first in the next.
+        self._pending: tuple[_Request, LoadedModel | None] | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self.endpoint: str | None = None
         # busy_s: time spent receiving, decoding, running and replying; inference_s: the part in session.run.
         self.counters = {"requests": 0, "images": 0, "batches": 0, "errors": 0, "swaps": 0, "swap_failures": 0, "busy_poll_hits": 0}
+        self.counters["largest_batch"] = 0  # most images any one session run was given (never above max_batch)
         self.counters.update({"busy_s": 0.0, "inference_s": 0.0})
         self._recent: deque[tuple[float, float]] = deque(maxlen=2048)  # (handling, inference) seconds per batch
 
@@ -229,7 +236,7 @@ class Server:
         idle = _IdleGaps(self.serve.busy_poll_us / 1e6)
         try:
             while not self._stop.is_set():
-                woke = self._wait_for_request(poller, idle.spin_until())
+                woke = "pending" if self._pending is not None else self._wait_for_request(poller, idle.spin_until())
                 if not woke:
                     continue
                 if woke == "spinning":
@@ -266,10 +273,21 @@ class Server:
         return "sleeping" if poller.poll(100) else ""
 
     def _collect(self, router: zmq.Socket, model: LoadedModel | None) -> list[_Request]:
-        """Drain queued requests into one batch; wait up to max_wait_ms only if others are arriving too."""
+        """Drain queued requests into one batch of at most max_batch images (a single larger request alone).
+
+        Waits up to max_wait_ms only if others are arriving too. A request that would take the batch
+        past max_batch is kept, and opens the next batch.
+        """
         batch: list[_Request] = []
         count = 0
         deadline = None
+        if self._pending is not None:
+            (request, parsed_for), self._pending = self._pending, None
+            if parsed_for is not model:  # a swap in between: resize and cap top_k for the model that runs it
+                request = self._parse(router, request.frames, model, count=False)
+            if request is not None:
+                batch.append(request)
+                count += len(request.images)
         while count < self.serve.max_batch:
             # EVENTS rather than a non-blocking recv: no exception raised on the common "nothing more" path.
             if not router.get(zmq.EVENTS) & zmq.POLLIN:
@@ -281,16 +299,21 @@ class Server:
                     break
                 continue
             request = self._parse(router, router.recv_multipart(), model)
-            if request is not None:
-                batch.append(request)
-                count += len(request.images)
+            if request is None:
+                continue
+            if batch and count + len(request.images) > self.serve.max_batch:
+                self._pending = (request, model)
+                break
+            batch.append(request)
+            count += len(request.images)
         return batch
 
-    def _parse(self, router: zmq.Socket, frames: list[bytes], model: LoadedModel | None) -> _Request | None:
+    def _parse(self, router: zmq.Socket, frames: list[bytes], model: LoadedModel | None, count: bool = True) -> _Request | None:
         """Validate one request; an invalid one is answered with an error right away."""
         split = frames.index(b"") + 1 if b"" in frames[:-1] else 1
         envelope, parts = frames[:split], frames[split:]
-        self.counters["requests"] += 1
+        if count:
+            self.counters["requests"] += 1
         try:
             message = decode_message(parts, self.wire)
         except WireError as e:
@@ -322,7 +345,7 @@ class Server:
             except WireError as e:
                 return self._refuse(router, envelope, message.seq, e.reason, e.detail)
             batch = images[0][None] if len(images) == 1 else np.stack(images)  # (n, S, S, 3)
-        return _Request(envelope, message, batch, min(top_k, len(model.class_names)))
+        return _Request(envelope, frames, message, batch, min(top_k, len(model.class_names)))
 
     def _refuse(self, router: zmq.Socket, envelope: list[bytes], seq: int, reason: str, detail: str) -> None:
         self.counters["errors"] += 1
@@ -330,11 +353,17 @@ class Server:
         return None
 
     def _run(self, router: zmq.Socket, model: LoadedModel, batch: list[_Request]) -> float:
-        """Run one micro-batch and answer each request; returns the seconds spent in session.run."""
+        """Run one micro-batch and answer each request; returns the seconds spent in session.run.
+
+        A single request with more than max_batch images runs in chunks of max_batch (TensorRT's
+        profile ends there), joined into one reply.
+        """
         images = batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch])  # (N, S, S, 3)
+        step = self.serve.max_batch
         started = time.perf_counter()
         try:
-            probs = model.probabilities(images)  # (N, K)
+            chunks = [model.probabilities(images[i : i + step]) for i in range(0, len(images), step)]
+            probs = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)  # (N, K)
         except Exception as e:  # onnxruntime raises untyped runtime errors; answer, count, keep serving
             log.error("inference failed on version %d: %s", model.version, e)
             for request in batch:
@@ -342,8 +371,9 @@ class Server:
             return 0.0
         inference = time.perf_counter() - started
         self.counters["inference_s"] += inference
-        self.counters["batches"] += 1
+        self.counters["batches"] += len(chunks)
         self.counters["images"] += len(images)
+        self.counters["largest_batch"] = max(self.counters["largest_batch"], min(len(images), step))
         ranked = _ranked(probs, max(r.top_k for r in batch))
         start = 0
         for request in batch:

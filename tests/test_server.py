@@ -544,3 +544,42 @@ def test_oversized_message_is_dropped_unread_and_server_keeps_answering(repo, on
         dealer.close(0)
         with InferenceClient(server.endpoint, timeout_s=5) as client:
             assert client.predict(images(1)).model_version == 1
+
+
+class _BatchSizes:
+    """Stands in for an onnxruntime session: runs the real one, records each batch size it is given."""
+
+    def __init__(self, session):
+        self.session, self.sizes = session, []
+
+    def run(self, names, feeds):
+        self.sizes.append(len(feeds["images"]))
+        return self.session.run(names, feeds)
+
+
+def test_no_session_run_exceeds_max_batch_and_large_requests_are_chunked(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    reference = ort.InferenceSession(str(onnx_models[0]), providers=["CPUExecutionProvider"])
+    with Server(repo, serve_section(max_batch=4, max_wait_ms=20)) as server:
+        recorder = _BatchSizes(server._model.session)
+        server._model.session = recorder
+        batch = images(10, seed=3)
+        (expected,) = reference.run(["probs"], {"images": batch})
+        with InferenceClient(server.endpoint, timeout_s=5) as client:
+            result = client.predict(batch, top_k=3)
+        assert len(result.predictions) == 10
+        for row, prediction in zip(expected, result.predictions):
+            best = np.argsort(-row)[:3]
+            assert [name for name, _ in prediction] == [CLASSES[i] for i in best]
+            np.testing.assert_allclose([p for _, p in prediction], row[best], atol=1e-5)
+        # Pipelined requests of 3 images: two never share a batch of 4; none is lost.
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        for seq in range(6):
+            dealer.send_multipart(encode_message("infer", "pipeline", seq, list(images(3, seed=seq)), encoding="raw"))
+        replies = [decode_message(dealer.recv_multipart(), server.wire) for _ in range(6)]
+        dealer.close(0)
+        assert sorted(r.seq for r in replies) == list(range(6))
+        assert all(r.kind == "prediction" and len(r.header["predictions"]) == 3 for r in replies)
+    assert max(recorder.sizes) <= 4 and sum(recorder.sizes) == 10 + 18
+    assert server.counters["largest_batch"] == 4 and server.counters["images"] == 28
