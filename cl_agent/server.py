@@ -37,7 +37,7 @@ from cl_agent.config import AgentConfig, ServeSection, WireSection
 from cl_agent.errors import CLAgentError
 from cl_agent.repository import ModelRepository, parse_announcement
 from cl_agent.session import LoadedModel, ModelLoadError, choose_providers, load_model
-from cl_agent.wire import Message, WireError, decode_message, json_number, prediction_reply, reply
+from cl_agent.wire import Message, WireError, decode_message, json_number, peek_seq, prediction_reply, reply
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,10 @@ class Server:
         return batch
 
     def _parse(self, router: zmq.Socket, frames: list[bytes], model: LoadedModel | None, count: bool = True) -> _Request | None:
-        """Validate one request; an invalid one is answered with an error right away."""
+        """Validate one request; an invalid one is answered with an error right away.
+
+        Every error reply carries the request's seq when its header can be read (0 when it cannot).
+        """
         split = frames.index(b"") + 1 if b"" in frames[:-1] else 1
         envelope, parts = frames[:split], frames[split:]
         if count:
@@ -317,7 +320,7 @@ class Server:
         try:
             message = decode_message(parts, self.wire)
         except WireError as e:
-            return self._refuse(router, envelope, 0, e.reason, e.detail)
+            return self._refuse(router, envelope, peek_seq(parts, self.wire), e.reason, e.detail)
         if message.kind == "status":
             fields = {"model": self.repository.model_name, "model_version": self.version, **self.stats()}
             fields["model_optimized"] = model.optimized if model is not None else None  # opened from its optimised graph

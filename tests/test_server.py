@@ -583,3 +583,18 @@ def test_no_session_run_exceeds_max_batch_and_large_requests_are_chunked(repo, o
         assert all(r.kind == "prediction" and len(r.header["predictions"]) == 3 for r in replies)
     assert max(recorder.sizes) <= 4 and sum(recorder.sizes) == 10 + 18
     assert server.counters["largest_batch"] == 4 and server.counters["images"] == 28
+
+
+def test_error_reply_carries_the_request_seq_when_the_header_is_readable(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section()) as server:
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        frames = encode_message("infer", "t", 4242, list(images(1)), encoding="raw")
+        dealer.send_multipart([frames[0], frames[1][:10]])  # the header declares 16x16x3, the payload is 10 bytes
+        error = decode_message(dealer.recv_multipart(), server.wire)
+        dealer.send_multipart([b"not json"])
+        unreadable = decode_message(dealer.recv_multipart(), server.wire)
+        dealer.close(0)
+    assert error.kind == "error" and error.seq == 4242
+    assert unreadable.kind == "error" and unreadable.header["reason"] == "bad_json" and unreadable.seq == 0
