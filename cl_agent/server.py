@@ -75,6 +75,7 @@ class Server:
         self._failed: set[tuple[int, str]] = set()  # (version, manifest sha) refused before: not retried
         # A request that did not fit in the last micro-batch, and the model it was parsed for; runs first in the next.
         self._pending: tuple[_Request, LoadedModel | None] | None = None
+        self._lower_warned: set[int] = set()  # versions below the served one already warned about
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -153,6 +154,13 @@ class Server:
         except OSError as e:  # the repository folder is unreadable or being replaced; try again next time
             log.warning("cannot list %s: %s", self.repository.model_dir, e)
             return
+        if versions and versions[-1] < current and versions[-1] not in self._lower_warned:
+            self._lower_warned.add(versions[-1])
+            log.warning(
+                "the newest version of %r in %s is %d, below the served version %d (was the repository reset?); "
+                "a running server only moves to higher versions: restart it to serve version %d",
+                self.repository.model_name, self.repository.model_dir, versions[-1], current, versions[-1],
+            )
         for version in reversed(versions):
             if version <= current:
                 return

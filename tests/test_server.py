@@ -598,3 +598,21 @@ def test_error_reply_carries_the_request_seq_when_the_header_is_readable(repo, o
         dealer.close(0)
     assert error.kind == "error" and error.seq == 4242
     assert unreadable.kind == "error" and unreadable.header["reason"] == "bad_json" and unreadable.seq == 0
+
+
+def test_a_reset_repository_is_warned_about_once_and_not_served(repo, onnx_models, caplog):
+    publish(repo, onnx_models[0])
+    publish(repo, onnx_models[1])
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section(poll_s=3600)) as server:
+        assert server.version == 3
+        shutil.rmtree(repo.version_dir(3))
+        shutil.rmtree(repo.version_dir(2))  # as if the repository were reset: the newest is now 1
+        for _ in range(3):
+            server.check_now()
+            time.sleep(0.1)
+        assert wait_for(lambda: "restart" in caplog.text)
+        assert server.version == 3
+    warnings = [r.getMessage() for r in caplog.records if "restart" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "served version 3" in warnings[0] and "is 1" in warnings[0]
