@@ -72,7 +72,8 @@ class Server:
         self._context = context or zmq.Context.instance()
         self._model: LoadedModel | None = None  # INVARIANT: replaced whole, never mutated
         self._retired: list[LoadedModel] = []  # replaced versions, freed by the watcher thread
-        self._failed: set[tuple[int, str]] = set()  # (version, manifest sha) refused before: not retried
+        # (version, manifest sha, model file size, mtime_ns) refused before: not retried unless the file is rewritten
+        self._failed: set[tuple[int, str, int, int]] = set()
         # A request that did not fit in the last micro-batch, and the model it was parsed for; runs first in the next.
         self._pending: tuple[_Request, LoadedModel | None] | None = None
         self._lower_warned: set[int] = set()  # versions below the served one already warned about
@@ -164,11 +165,8 @@ class Server:
         for version in reversed(versions):
             if version <= current:
                 return
-            try:
-                key = (version, str(self.repository.load_manifest(version).get("sha256")))
-            except CLAgentError:
-                continue  # removed by retention between listing and reading
-            if key in self._failed:
+            key = self._refusal_key(version)
+            if key is None or key in self._failed:
                 continue
             started = time.perf_counter()
             try:
@@ -189,6 +187,15 @@ class Server:
                 1000 * (time.perf_counter() - started),
             )
             return
+
+    def _refusal_key(self, version: int) -> tuple[int, str, int, int] | None:
+        """What identifies ``version``'s bytes: (version, manifest sha256, model file size, mtime_ns); None when gone."""
+        try:
+            sha = str(self.repository.load_manifest(version).get("sha256"))
+            model = self.repository.model_path(version).stat()
+        except (CLAgentError, OSError):
+            return None  # removed by retention between listing and reading
+        return version, sha, model.st_size, model.st_mtime_ns
 
     def _release_retired(self) -> None:
         """Free replaced sessions here once no batch uses them: freeing one in the serving thread would stall it."""

@@ -616,3 +616,24 @@ def test_a_reset_repository_is_warned_about_once_and_not_served(repo, onnx_model
     warnings = [r.getMessage() for r in caplog.records if "restart" in r.getMessage()]
     assert len(warnings) == 1
     assert "served version 3" in warnings[0] and "is 1" in warnings[0]
+
+
+def test_a_refused_version_fixed_in_place_is_loaded(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section(poll_s=3600)) as server:
+        v2 = publish(repo, onnx_models[1])
+        path = repo.model_path(v2)
+        good = path.read_bytes()
+        data = bytearray(good)
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        server.check_now()
+        assert wait_for(lambda: server.counters["swap_failures"] == 1)
+        server.check_now()
+        time.sleep(0.2)
+        assert server.version == 1 and server.counters["swap_failures"] == 1  # not retried as it is
+        path.write_bytes(good)  # same version number and manifest, the file rewritten
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # coarse clocks: a surely new mtime
+        server.check_now()
+        assert wait_for(lambda: server.version == v2)
