@@ -35,7 +35,7 @@ import zmq
 
 from cl_agent.config import AgentConfig, ServeSection, WireSection
 from cl_agent.errors import CLAgentError
-from cl_agent.repository import ModelRepository, parse_announcement
+from cl_agent.repository import MANIFEST_FILE, ModelRepository, parse_announcement
 from cl_agent.session import LoadedModel, ModelLoadError, choose_providers, load_model
 from cl_agent.wire import Message, WireError, decode_message, json_number, peek_seq, prediction_reply, reply
 
@@ -74,6 +74,7 @@ class Server:
         self._retired: list[LoadedModel] = []  # replaced versions, freed by the watcher thread
         # (version, manifest sha, model file size, mtime_ns) refused before: not retried unless the file is rewritten
         self._failed: set[tuple[int, str, int, int]] = set()
+        self._bad_manifests: set[tuple[int, int, int]] = set()  # (version, manifest size, mtime_ns) warned about
         # A request that did not fit in the last micro-batch, and the model it was parsed for; runs first in the next.
         self._pending: tuple[_Request, LoadedModel | None] | None = None
         self._lower_warned: set[int] = set()  # versions below the served one already warned about
@@ -189,12 +190,27 @@ class Server:
             return
 
     def _refusal_key(self, version: int) -> tuple[int, str, int, int] | None:
-        """What identifies ``version``'s bytes: (version, manifest sha256, model file size, mtime_ns); None when gone."""
+        """What identifies ``version``'s bytes: (version, manifest sha256, model file size, mtime_ns).
+
+        None when it cannot be served as it is: gone (retention removed it after the listing), or
+        its manifest unreadable (warned about and counted as a swap failure once per manifest file).
+        """
+        folder = self.repository.version_dir(version)
+        manifest_path = folder / MANIFEST_FILE
         try:
             sha = str(self.repository.load_manifest(version).get("sha256"))
             model = self.repository.model_path(version).stat()
-        except (CLAgentError, OSError):
-            return None  # removed by retention between listing and reading
+        except (CLAgentError, OSError) as e:
+            try:
+                st = manifest_path.stat()
+            except OSError:
+                return None  # removed by retention between listing and reading
+            bad = (version, st.st_size, st.st_mtime_ns)
+            if bad not in self._bad_manifests:
+                self._bad_manifests.add(bad)
+                self.counters["swap_failures"] += 1
+                log.warning("not swapping to version %d, still serving %s: %s: %s", version, self.version, manifest_path, e)
+            return None
         return version, sha, model.st_size, model.st_mtime_ns
 
     def _release_retired(self) -> None:

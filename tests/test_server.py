@@ -637,3 +637,21 @@ def test_a_refused_version_fixed_in_place_is_loaded(repo, onnx_models):
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # coarse clocks: a surely new mtime
         server.check_now()
         assert wait_for(lambda: server.version == v2)
+
+
+def test_a_malformed_manifest_is_warned_about_and_counted_once(repo, onnx_models, caplog):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section(poll_s=3600)) as server, InferenceClient(server.endpoint) as client:
+        folder = repo.model_dir / "2"
+        folder.mkdir()
+        shutil.copy(onnx_models[1], folder / "model.onnx")
+        (folder / "manifest.json").write_text("{garbage")
+        for _ in range(3):
+            server.check_now()
+            time.sleep(0.1)
+        assert wait_for(lambda: server.counters["swap_failures"] == 1)
+        time.sleep(0.1)
+        assert server.counters["swap_failures"] == 1
+        assert server.version == 1 and client.predict(images(1)).model_version == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "manifest.json" in r.getMessage()]
+    assert len(warnings) == 1 and "not valid JSON" in warnings[0]
