@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cl_agent.errors import CLAgentError
 from cl_agent.config import AgentConfig
 from cl_agent.experience import ExperienceStore
 from cl_agent.labels import LabelMap
@@ -55,8 +56,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from cl_agent.errors import CLAgentError
-
         raise CLAgentError(f"agent.device = {name!r} but no CUDA device is available")
     return device
 
@@ -144,6 +143,23 @@ class Updater:
                 found.append((int(match.group(1)), path))
         return sorted(found)
 
+    def _published_through(self) -> int | None:
+        """The highest experience index a retained version was exported from.
+
+        Not just the latest version's: a rollback republishes an older model with its older
+        index, and a restart must not take that for an unpublished checkpoint and publish over it.
+        """
+        indices = []
+        for version in self.repository.versions():
+            try:
+                index = self.repository.load_manifest(version).get("experience_index")
+            except CLAgentError as e:
+                log.warning("version %d: %s (ignored when looking for what was published)", version, e)
+                continue
+            if isinstance(index, int) and not isinstance(index, bool):
+                indices.append(index)
+        return max(indices, default=None)
+
     def _restore(self) -> None:
         for stale in self.workdir.glob(f"{EXPORT_TEMP_PREFIX}*"):  # left by an export that a crash interrupted
             shutil.rmtree(stale, ignore_errors=True)
@@ -153,9 +169,8 @@ class Updater:
         self.last_trained, path = checkpoints[-1]
         self.trainer.load_checkpoint(path)
         log.info("restored checkpoint %s (experiences up to %d trained)", path.name, self.last_trained)
-        latest = self.repository.latest_version()
-        published = self.repository.load_manifest(latest).get("experience_index") if latest is not None else None
-        version = latest
+        version = self.repository.latest_version()
+        published = self._published_through()
         if published is None or published < self.last_trained:
             log.info("checkpoint of experience %d was never published: exporting it now", self.last_trained)
             version = self._publish(self.last_trained, metrics={"recovered": True})

@@ -92,3 +92,22 @@ def test_an_empty_announce_endpoint_turns_announcing_off_without_a_warning(tmp_p
     finally:
         updater.close()
     assert not [r for r in caplog.records if r.name == "cl_agent.updater" and r.levelno >= logging.WARNING]
+
+
+def test_a_restart_after_a_rollback_does_not_publish_over_it(backlog):
+    cfg = backlog("shorten")
+    updater = Updater(cfg)
+    try:
+        updater.run_once()
+        updater.run_once()
+    finally:
+        updater.close()
+    repository = ModelRepository(cfg.repository.root, cfg.agent.model_name)
+    rolled = repository.rollback(1)  # the operator goes back to the model of experience 0
+    again = Updater(cfg)
+    try:
+        assert again.last_trained == 1
+        assert repository.latest_version() == rolled  # nothing republished over the rollback
+        assert again.recovered is None
+    finally:
+        again.close()
