@@ -357,6 +357,25 @@ def _check_range(f: dataclasses.Field, value: Any, key: str, source: str) -> Non
         raise ConfigError(key, value, source, f"must be < {meta['lt']}")
 
 
+ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc")
+
+
+def endpoint_problem(value: str) -> str | None:
+    """Why ``value`` is not a ZeroMQ endpoint (``tcp://HOST:PORT``, ``ipc://PATH``, ``inproc://NAME``), or None."""
+    scheme, sep, address = value.partition("://")
+    if not sep or scheme not in ENDPOINT_SCHEMES:
+        return f"expected an endpoint like tcp://127.0.0.1:5555 (schemes: {', '.join(ENDPOINT_SCHEMES)})"
+    if not address or any(c.isspace() for c in address):
+        return "the address after :// is empty or has spaces"
+    if scheme == "tcp":
+        host, colon, port = address.rpartition(":")
+        if not colon or not host:
+            return "a tcp endpoint needs HOST:PORT (e.g. tcp://127.0.0.1:5555, tcp://*:5555)"
+        if port != "*" and not (port.isdigit() and 0 <= int(port) <= 65535):
+            return f"port {port!r} is not a number from 0 to 65535 (or *)"
+    return None
+
+
 def build(cls: type, data: dict | None, source: str = "<config>", prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
     data = data or {}
@@ -372,6 +391,10 @@ def build(cls: type, data: dict | None, source: str = "<config>", prefix: str = 
         path = f"{prefix}.{name}" if prefix else name
         converted = _convert(hints[name], value, path, source)
         _check_range(fields[name], converted, path, source)
+        if name.endswith("endpoint") and isinstance(converted, str) and converted:
+            problem = endpoint_problem(converted)
+            if problem:
+                raise ConfigError(path, converted, source, problem)
         kwargs[name] = converted
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)

@@ -183,3 +183,24 @@ def test_unreadable_config_file_is_a_config_error(tmp_path):
 def test_empty_section_and_empty_string_value_in_yaml(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  # lr: 0.1\nrepository:\n  announce_endpoint:\n"))
     assert cfg.train.lr == pytest.approx(4e-4) and cfg.repository.announce_endpoint == ""
+
+
+@pytest.mark.parametrize(
+    "key, value, reason",
+    [
+        ("ingest.labeled_endpoint", "tcp//127.0.0.1:5555", "expected an endpoint"),
+        ("ingest.frame_endpoint", "udp://127.0.0.1:5556", "schemes: tcp, ipc, inproc"),
+        ("serve.endpoint", "tcp://127.0.0.1:99999", "port '99999'"),
+        ("serve.endpoint", "tcp://127.0.0.1", "needs HOST:PORT"),
+        ("repository.announce_endpoint", "tcp://", "empty"),
+    ],
+)
+def test_bad_endpoints_are_config_errors_naming_the_key(key, value, reason):
+    with pytest.raises(ConfigError, match=re.escape(reason)) as info:
+        load_config(None, {key: value})
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["tcp://*:5558", "tcp://[::1]:5558", "tcp://robot.local:0", "ipc:///run/cl.sock", "inproc://x", ""])
+def test_good_endpoints_and_the_empty_string_are_accepted(value):
+    assert load_config(None, {"repository.announce_endpoint": value}).repository.announce_endpoint == value
