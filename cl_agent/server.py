@@ -96,7 +96,8 @@ class Server:
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> "Server":
-        self._check_for_new_version()
+        # Bind first: a taken endpoint fails at once, not after a model load; requests that
+        # arrive during the load wait in the socket and are answered by the loaded model.
         router = self._context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         # ZeroMQ drops a peer that sends a frame above this before reading it all, rather than buffering it.
@@ -107,6 +108,11 @@ class Server:
             router.close()
             raise CLAgentError(f"cannot bind serve.endpoint {self.serve.endpoint}: {e}") from None
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self._check_for_new_version()
+        except BaseException:
+            router.close()
+            raise
         self._threads = [
             threading.Thread(target=self._serve_loop, args=(router,), name="serve", daemon=True),
             threading.Thread(target=self._watch_loop, name="serve-watch", daemon=True),
@@ -498,6 +504,18 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 
+def _why_no_model(repository: ModelRepository) -> str:
+    """Say why nothing can be served yet, naming what is there (a wrong --repo or --model shows here)."""
+    root, name = Path(repository.root), repository.model_name
+    if not root.is_dir():
+        return f"repository folder {root} does not exist (yet)"
+    if not repository.model_dir.is_dir():
+        others = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        there = f"models there: {', '.join(others)}" if others else "it holds no models yet"
+        return f"no model {name!r} in {root} ({there})"
+    return f"no complete version of {name!r} in {repository.model_dir} yet"
+
+
 def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str | None = None) -> int:
     """``cl-agent serve``: serve until SIGINT/SIGTERM; returns the exit code (0 on a signal).
 
@@ -527,7 +545,7 @@ def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str |
             log.info("following %s into %s", cfg.serve.follow_fetch_endpoint, repository.model_dir)
         server.start()
         if server.version is None:
-            log.warning("no version of %r in %s yet: answering 'no_model' until one is published", repository.model_name, repository.root)
+            log.warning("%s: answering 'no_model' until one is published", _why_no_model(repository))
         while not stopping.wait(1.0):
             pass
     finally:

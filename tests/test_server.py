@@ -653,3 +653,30 @@ def test_a_malformed_manifest_is_warned_about_and_counted_once(repo, onnx_models
         assert server.version == 1 and client.predict(images(1)).model_version == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "manifest.json" in r.getMessage()]
     assert len(warnings) == 1 and "not valid JSON" in warnings[0]
+
+
+def test_a_taken_endpoint_fails_before_any_model_is_loaded(repo, onnx_models):
+    from cl_agent.errors import CLAgentError
+
+    publish(repo, onnx_models[0])
+    taken = zmq.Context.instance().socket(zmq.ROUTER)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    server = Server(repo, serve_section(endpoint=f"tcp://127.0.0.1:{port}"))
+    try:
+        with pytest.raises(CLAgentError, match="cannot bind serve.endpoint"):
+            server.start()
+        assert server.version is None and server.counters["swaps"] == 0  # refused without loading version 1
+    finally:
+        taken.close(0)
+
+
+def test_the_no_model_warning_says_what_is_wrong_with_repo_or_model(tmp_path, onnx_models):
+    from cl_agent.server import _why_no_model
+
+    missing = ModelRepository(tmp_path / "nowhere", "student")
+    assert "repository folder" in _why_no_model(missing) and "does not exist" in _why_no_model(missing)
+    publish(ModelRepository(tmp_path / "models", "student"), onnx_models[0])
+    wrong = ModelRepository(tmp_path / "models", "studnet")
+    assert _why_no_model(wrong) == f"no model 'studnet' in {tmp_path / 'models'} (models there: student)"
+    (tmp_path / "models" / "empty").mkdir()
+    assert "no complete version of 'empty'" in _why_no_model(ModelRepository(tmp_path / "models", "empty"))
