@@ -33,7 +33,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ingest_accepted_total": ("counter", ("kind",), "Ingest messages accepted, by message kind"),
     "ingest_rejected_total": ("counter", ("reason",), "Ingest messages rejected, by reason code"),
     "frames_dropped_total": ("counter", (), "Unlabeled frames dropped (high-water mark or reservoir policy)"),
-    "spool_samples": ("gauge", (), "Labeled samples in the durable spool"),
+    "spool_samples": ("gauge", (), "Labeled samples in the open experience (since the last cut)"),
     "spool_bytes": ("gauge", (), "Bytes in the durable labeled spool"),
     "reservoir_size": ("gauge", (), "Unlabeled frames held in the reservoir"),
     "experiences_cut_total": ("counter", (), "Experiences cut from the labeled stream"),
