@@ -132,15 +132,21 @@ def test_no_model_yet_then_first_version_is_picked_up(repo, onnx_models):
         assert client.predict(images(1)).model_version == 1
 
 
+def pipelined(server: Server, requests: int, per_request: int) -> list:
+    """Send ``requests`` raw requests of ``per_request`` images back to back from one DEALER; their replies."""
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(server.endpoint)
+    for seq in range(requests):
+        dealer.send_multipart(encode_message("infer", "pipeline", seq, list(images(per_request, seed=seq)), encoding="raw"))
+    replies = [decode_message(dealer.recv_multipart(), server.wire) for _ in range(requests)]
+    dealer.close(0)
+    return replies
+
+
 def test_pipelined_requests_are_micro_batched(repo, onnx_models):
     publish(repo, onnx_models[0])
     with Server(repo, serve_section(max_batch=32, max_wait_ms=5)) as server:
-        dealer = zmq.Context.instance().socket(zmq.DEALER)
-        dealer.connect(server.endpoint)
-        for seq in range(20):
-            dealer.send_multipart(encode_message("infer", "pipeline", seq, list(images(1, seed=seq)), encoding="raw"))
-        replies = [decode_message(dealer.recv_multipart(), server.wire) for _ in range(20)]
-        dealer.close(0)
+        replies = pipelined(server, 20, 1)
         assert sorted(r.seq for r in replies) == list(range(20))
         assert all(r.kind == "prediction" for r in replies)
         assert server.counters["batches"] < 20
@@ -571,12 +577,7 @@ def test_no_session_run_exceeds_max_batch_and_large_requests_are_chunked(repo, o
             assert [name for name, _ in prediction] == [CLASSES[i] for i in best]
             np.testing.assert_allclose([p for _, p in prediction], row[best], atol=1e-5)
         # Pipelined requests of 3 images: two never share a batch of 4; none is lost.
-        dealer = zmq.Context.instance().socket(zmq.DEALER)
-        dealer.connect(server.endpoint)
-        for seq in range(6):
-            dealer.send_multipart(encode_message("infer", "pipeline", seq, list(images(3, seed=seq)), encoding="raw"))
-        replies = [decode_message(dealer.recv_multipart(), server.wire) for _ in range(6)]
-        dealer.close(0)
+        replies = pipelined(server, 6, 3)
         assert sorted(r.seq for r in replies) == list(range(6))
         assert all(r.kind == "prediction" and len(r.header["predictions"]) == 3 for r in replies)
     assert max(recorder.sizes) <= 4 and sum(recorder.sizes) == 10 + 18
