@@ -119,7 +119,10 @@ class Server:
         ]
         for thread in self._threads:
             thread.start()
-        log.info("serving %s version %s on %s", self.repository.model_name, self.version, self.endpoint)
+        if self.version is None:
+            log.info("listening on %s for %s (no version loaded yet)", self.endpoint, self.repository.model_name)
+        else:
+            log.info("serving %s version %s on %s", self.repository.model_name, self.version, self.endpoint)
         return self
 
     def stop(self) -> None:
