@@ -331,11 +331,11 @@ def _or_none(value, fmt: str = "{}") -> str:
     return "none" if value is None else fmt.format(value)
 
 
-def _check_workdir(workdir: Path) -> Path:
+def _check_workdir(workdir: Path, must_exist: bool = True) -> Path:
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise CLAgentError(f"{workdir} is not a folder: --workdir takes the agent's working directory (agent.workdir)")
-    if not workdir.is_dir():
+    if must_exist and not workdir.is_dir():
         raise CLAgentError(f"no agent working directory at {workdir} (folder not found)")
     return workdir
 
@@ -442,9 +442,7 @@ def _render_report(records: list[dict], title: str) -> bytes:
 
 def write_report(workdir: Path, out: Path | None = None) -> int:
     """Plot online accuracy and loss terms per experience to a PNG (default WORKDIR/report.png); print its path."""
-    workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        _check_workdir(workdir)
+    workdir = _check_workdir(workdir, must_exist=False)  # a missing one has nothing to report (said below)
     records, skipped = usable_experience_records(workdir)
     _warn(skipped)
     if not records:

@@ -179,8 +179,8 @@ class Updater:
         if recovered and not set(recovered) <= recorded:
             # trained and checkpointed before a crash, but never recorded: record it (its online accuracy is lost)
             record = self._record(recovered, len(recovered), {}, None, None, 0.0, 0.0, version)
-            loaded = [self.store.load(i) for i in recovered]
-            record.update(labeled=sum(len(e.labeled) for e in loaded), unlabeled=sum(len(e.unlabeled) for e in loaded))
+            metas = [self.store.meta(i) for i in recovered]  # the counts, without reading the images
+            record.update(labeled=sum(m["labeled_samples"] for m in metas), unlabeled=sum(m["unlabeled_samples"] for m in metas))
             append_experience_record(self.workdir, record)
             self.recovered = UpdateResult(recovered, version, record)
         for index in recovered:
