@@ -26,7 +26,7 @@ import numpy as np
 
 from cl_agent.config import ServeSection
 from cl_agent.errors import CLAgentError
-from cl_agent.repository import OPTIMIZED_FILE, ModelRepository, optimized_files, sha256_file
+from cl_agent.repository import OPTIMIZED_FILE, ModelRepository, manifest_problem, optimized_files, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,9 @@ def load_model(repository: ModelRepository, version: int, serve: ServeSection) -
         providers = choose_providers(serve.providers)
     except CLAgentError as e:
         raise ModelLoadError(f"version {version}: {e}") from None
+    problem = manifest_problem(manifest)
+    if problem:  # e.g. a version copied in by hand with a partial manifest: say what is wrong, not "hash differs"
+        raise ModelLoadError(f"version {version}: {problem}")
     entry = manifest.get("optimized")
     suits = isinstance(entry, dict) and providers == ["CPUExecutionProvider"] and entry.get("environment") == runtime_environment()
     # A follower installs model.onnx only: a manifest may name an optimised graph that is not here.
@@ -165,9 +168,7 @@ def _load(
                 raise ModelLoadError(f"version {version}: {f.name} sha256 {digest[:12]}... differs from the manifest's")
     except OSError as e:
         raise ModelLoadError(f"version {version}: {e}") from None
-    names, size = manifest.get("class_names"), manifest.get("image_size")
-    if not isinstance(names, list) or not isinstance(size, int):
-        raise ModelLoadError(f"version {version}: manifest lacks class_names or image_size")
+    names, size = manifest["class_names"], manifest["image_size"]  # checked by load_model
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if serve.intra_op_threads:

@@ -656,6 +656,20 @@ def test_a_malformed_manifest_is_warned_about_and_counted_once(repo, onnx_models
     assert len(warnings) == 1 and "not valid JSON" in warnings[0]
 
 
+def test_a_manifest_missing_a_field_is_refused_naming_the_field(repo, onnx_models, caplog):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section(poll_s=3600)) as server, InferenceClient(server.endpoint) as client:
+        folder = repo.model_dir / "2"
+        folder.mkdir()
+        shutil.copy(onnx_models[1], folder / "model.onnx")  # copied in by hand, with a partial manifest
+        (folder / "manifest.json").write_text(json.dumps({"version": 2, "class_names": CLASSES, "image_size": SIZE}))
+        server.check_now()
+        assert wait_for(lambda: server.counters["swap_failures"] == 1)
+        assert server.version == 1 and client.predict(images(1)).model_version == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "version 2" in r.getMessage()]
+    assert len(errors) == 1 and "manifest is missing sha256" in errors[0]
+
+
 def test_a_taken_endpoint_fails_before_any_model_is_loaded(repo, onnx_models):
     from cl_agent.errors import CLAgentError
 
