@@ -297,7 +297,27 @@ class Server:
                 model = batch = None  # hold no old session between batches (the watcher frees it)
                 idle.finished(time.perf_counter())
         finally:
-            router.close()
+            try:
+                self._drain(router)
+            except Exception:  # stopping goes on: the clients left unanswered retry
+                log.exception("error answering the queued requests on stop")
+            finally:
+                router.close()
+
+    def _drain(self, router: zmq.Socket, limit_s: float = 1.0) -> None:
+        """On stop: answer the request kept for the next batch and those already queued, for up to ``limit_s``.
+
+        A request the server has read is answered rather than left to time out; one still on
+        its way when the socket closes is the client's to send again (it retries on a timeout).
+        """
+        model = self._model
+        deadline = time.monotonic() + limit_s
+        while model is not None and time.monotonic() < deadline:
+            if self._pending is None and not router.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            batch = self._collect(router, model)
+            if batch:
+                self._run(router, model, batch)
 
     @staticmethod
     def _wait_for_request(poller: zmq.Poller, spin_until: float) -> str:

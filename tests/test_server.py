@@ -152,6 +152,47 @@ def test_pipelined_requests_are_micro_batched(repo, onnx_models):
         assert server.counters["batches"] < 20
 
 
+class _SlowFirstRun:
+    """An onnxruntime session whose first run takes ``delay_s`` longer (requests queue up behind it)."""
+
+    def __init__(self, session, delay_s: float):
+        self._session, self._delay_s, self.started = session, delay_s, threading.Event()
+
+    def run(self, *args, **kwargs):
+        if not self.started.is_set():
+            self.started.set()
+            time.sleep(self._delay_s)
+        return self._session.run(*args, **kwargs)
+
+
+def test_requests_read_or_queued_when_the_server_stops_are_answered(repo, onnx_models):
+    import dataclasses
+
+    publish(repo, onnx_models[0])
+    server = Server(repo, serve_section(max_batch=4, max_wait_ms=0)).start()
+    slow = _SlowFirstRun(server._model.session, delay_s=0.5)
+    server._model = dataclasses.replace(server._model, session=slow)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(server.endpoint)
+    try:
+        dealer.send_multipart(encode_message("infer", "first", 0, list(images(1)), encoding="raw"))
+        assert slow.started.wait(5)
+        # While the first runs: 3 + 3 images, more than max_batch, so one request waits as the pending one.
+        for seq in range(1, 11):
+            dealer.send_multipart(encode_message("infer", "queued", seq, list(images(3, seed=seq)), encoding="raw"))
+        time.sleep(0.2)  # all of them in the server's socket
+        server.stop()
+        assert dealer.poll(2000)
+        replies = []
+        while dealer.poll(200):
+            replies.append(decode_message(dealer.recv_multipart(), server.wire))
+        assert sorted(r.seq for r in replies) == list(range(11))
+        assert all(r.kind == "prediction" for r in replies)
+    finally:
+        dealer.close(0)
+        server.stop()
+
+
 def test_partial_version_folders_are_never_loaded(repo, onnx_models):
     publish(repo, onnx_models[0])
     model_dir = repo.model_dir
