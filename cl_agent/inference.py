@@ -17,6 +17,10 @@ with the same number of images (a moving average); until there is one, and
 whenever it is due sooner than half the window, the spin starts right after the
 send. A reply that arrives before the window wakes the sleeping poll as usual, so a
 wrong guess costs a wake-up, never a late answer. 0 (the default) always sleeps.
+
+``max_message_bytes``: the server's ``wire.max_message_bytes`` (default: the default
+limit). A request above it is refused here with reason ``message_too_large``: the
+server's socket drops a frame that large unread, so sending it would only time out.
 """
 
 from __future__ import annotations
@@ -89,9 +93,12 @@ class InferenceClient:
         context: zmq.Context | None = None,
         sender: str | None = None,
         spin_us: int = 0,
+        max_message_bytes: int | None = None,
     ):
         if timeout_s <= 0 or retries < 0 or spin_us < 0:
             raise CLAgentError(f"timeout_s must be > 0, retries and spin_us >= 0, got {timeout_s}, {retries}, {spin_us}")
+        if max_message_bytes is not None and max_message_bytes < 1:
+            raise CLAgentError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
         self.endpoint = endpoint
         self.timeout_ms = int(timeout_s * 1000)
         self.retries = retries
@@ -102,7 +109,7 @@ class InferenceClient:
         self.sender = sender or f"client-{os.getpid()}-{id(self):x}"
         self._context = context or zmq.Context.instance()
         self._seq = itertools.count(1)
-        self._limits = WireSection()
+        self._limits = WireSection() if max_message_bytes is None else WireSection(max_message_bytes=max_message_bytes)
         self._socket: zmq.Socket | None = None
 
     def _connect(self) -> zmq.Socket:
@@ -152,6 +159,13 @@ class InferenceClient:
                 request = encode_message("infer", self.sender, seq, list(images), encoding=self.encoding, **fields)
             except ValueError as e:
                 raise CLAgentError(f"cannot encode the images: {e}") from None
+        size = sum(len(part) for part in request)
+        if size > self._limits.max_message_bytes:  # the server would drop it unread: the caller would only see a timeout
+            raise InferenceError(
+                "message_too_large",
+                f"{len(images)} images make a {size}-byte request, above the server's wire limit of "
+                f"{self._limits.max_message_bytes} bytes (wire.max_message_bytes); send fewer or smaller images, or JPEG",
+            )
         header = self._call(request, seq, "prediction", len(images))
         try:
             predictions = [[(str(name), float(p)) for name, p in image] for image in header["predictions"]]

@@ -22,6 +22,7 @@ from torch import nn
 
 from cl_agent.config import ExportSection, ServeSection
 from cl_agent.export import export_onnx
+from cl_agent.errors import CLAgentError
 from cl_agent.inference import InferenceClient, InferenceError
 from cl_agent.repository import Announcer, ModelRepository
 from cl_agent.server import Server, _predictions_json, _ranked
@@ -191,6 +192,22 @@ def test_requests_read_or_queued_when_the_server_stops_are_answered(repo, onnx_m
     finally:
         dealer.close(0)
         server.stop()
+
+
+def test_a_request_above_the_wire_limit_is_refused_by_the_client_at_once(repo, onnx_models):
+    from cl_agent.config import WireSection
+
+    publish(repo, onnx_models[0])
+    limit = 20_000
+    with Server(repo, serve_section(), WireSection(max_message_bytes=limit)) as server:
+        with InferenceClient(server.endpoint, timeout_s=2, retries=2, max_message_bytes=limit) as client:
+            started = time.monotonic()
+            with pytest.raises(InferenceError, match="above the server's wire limit of 20000 bytes") as refused:
+                client.predict(images(1, size=100))  # 30 000 raw bytes: the server's socket would drop it unread
+            assert refused.value.reason == "message_too_large" and time.monotonic() - started < 1
+            assert client.predict(images(1)).model_version == 1  # the client still works
+        with pytest.raises(CLAgentError, match="max_message_bytes must be >= 1"):
+            InferenceClient(server.endpoint, max_message_bytes=0)
 
 
 def test_partial_version_folders_are_never_loaded(repo, onnx_models):
@@ -372,7 +389,6 @@ def test_serve_command_answers_and_exits_cleanly_on_sigterm(repo, onnx_models):
 
 
 def test_unknown_provider_is_refused_at_start(repo):
-    from cl_agent.errors import CLAgentError
 
     with pytest.raises(CLAgentError, match="NoSuchExecutionProvider"):
         Server(repo, serve_section(providers=["NoSuchExecutionProvider"]))
@@ -439,7 +455,6 @@ def test_client_that_spins_for_its_reply_gets_the_same_answers(repo, onnx_models
                 assert spinning.predict(images(1, seed=k)).predictions == sleeping.predict(images(1, seed=k)).predictions
         # A tiny model answers well within half a second: every reply was found spinning; never without spinning.
         assert spinning.spin_hits == 5 and sleeping.spin_hits == 0
-    from cl_agent.errors import CLAgentError
 
     with pytest.raises(CLAgentError, match="spin_us"):
         InferenceClient("tcp://127.0.0.1:1", spin_us=-1)
@@ -712,7 +727,6 @@ def test_a_manifest_missing_a_field_is_refused_naming_the_field(repo, onnx_model
 
 
 def test_a_taken_endpoint_fails_before_any_model_is_loaded(repo, onnx_models):
-    from cl_agent.errors import CLAgentError
 
     publish(repo, onnx_models[0])
     taken = zmq.Context.instance().socket(zmq.ROUTER)
