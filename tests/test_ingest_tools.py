@@ -90,3 +90,53 @@ def test_send_labeled_rejects_bad_arguments_before_sending(tmp_path):
     _usage_error(_run(tool, root, "--endpoint", "nowhere"), "'nowhere'")
     for option, value in [("--batch", "0"), ("--window", "0"), ("--timeout", "0"), ("--retries", "-1"), ("--limit", "-3")]:
         _usage_error(_run(tool, root, *endpoint, option, value), option, value)
+
+
+def _video(path: Path) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG video")
+    for image in images(3, 1):
+        writer.write(cv2.resize(image, (64, 48)))
+    writer.release()
+    return path
+
+
+def test_stream_camera_rejects_bad_arguments_without_a_traceback(tmp_path):
+    from cl_agent.security import make_keypair
+
+    video = _video(tmp_path / "clip.avi")
+    public, _ = make_keypair(tmp_path / "keys", "camera")
+    tool = TOOLS / "stream_camera.py"
+    endpoint = ["--endpoint", "tcp://127.0.0.1:9"]
+    _usage_error(_run(tool, tmp_path / "missing.mp4", *endpoint), "missing.mp4", "cannot open")
+    _usage_error(_run(tool, video, "--endpoint", "nowhere"), "'nowhere'")
+    _usage_error(_run(tool, video, *endpoint, "--curve-secret", public), "--curve-server")
+    _usage_error(_run(tool, video, *endpoint, "--curve-secret", public, "--curve-server", public), str(public), "secret")
+    _usage_error(_run(tool, video, *endpoint, "--curve-secret", tmp_path / "nokey", "--curve-server", public), "nokey", "not found")
+    for option, value in [("--width", "-5"), ("--height", "x"), ("--quality", "0"), ("--quality", "101"), ("--fps", "-1"), ("--max-frames", "-2")]:
+        _usage_error(_run(tool, video, *endpoint, option, value), option, value)
+
+
+def test_send_labeled_names_an_unreadable_tar(tmp_path):
+    root = _tree(tmp_path / "data")
+    with tarfile.open(tmp_path / "data.tar", "w") as tar:
+        tar.add(root, arcname="train")
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "data.tar").read_bytes()[:3000])
+    _usage_error(_run(TOOLS / "send_labeled.py", tmp_path / "cut.tar", "--endpoint", "tcp://127.0.0.1:9"), "cut.tar")
+
+
+def test_make_config_writes_checks_and_refuses_a_missing_folder(tmp_path):
+    tool = TOOLS / "make_config.py"
+    robot = TOOLS.parent / "configs" / "robot.yaml"
+    help_text = _run(tool, "--help")
+    assert help_text.returncode == 0 and "--check" in help_text.stdout and "cl-agent configuration" not in help_text.stdout
+    assert _run(tool, "--check", robot).returncode == 0, "configs/robot.yaml is stale: python tools/make_config.py --out configs/robot.yaml"
+    written = _run(tool, "--out", tmp_path / "robot.yaml")
+    assert written.returncode == 0, written.stderr
+    assert (tmp_path / "robot.yaml").read_text() == robot.read_text() == _run(tool).stdout
+    (tmp_path / "old.yaml").write_text(robot.read_text().replace("max_batch: 32", "max_batch: 16"))
+    stale = _run(tool, "--check", tmp_path / "old.yaml")
+    assert stale.returncode == 1 and "differs" in stale.stderr
+    _usage_error(_run(tool, "--out", tmp_path / "no" / "such" / "robot.yaml"), str(tmp_path / "no" / "such"), "does not exist")
+    _usage_error(_run(tool, "--check", tmp_path / "absent.yaml"), "absent.yaml")

@@ -3,15 +3,18 @@
 Comments come from the one-line comment beside each field in cl_agent/config.py,
 so the example config cannot drift from the code:
 
-    python tools/make_config.py > configs/robot.yaml
+    python tools/make_config.py --out configs/robot.yaml     # or: > configs/robot.yaml
+    python tools/make_config.py --check configs/robot.yaml   # exit 1 if the file differs from the code
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import inspect
 import re
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -73,16 +76,46 @@ def render(obj, comment: str = "", indent: int = 0, name: str | None = None) -> 
     return lines
 
 
-def main() -> None:
+def config_text() -> str:
+    """The commented YAML for the default AgentConfig."""
     out = [HEADER]
     sections = section_comments()
     defaults = AgentConfig()
     for f in dataclasses.fields(defaults):
         out.append("")
         out += render(getattr(defaults, f.name), sections.get(f.name, ""), 0, f.name)
-    sys.stdout.write("\n".join(out) + "\n")
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--out", type=Path, default=None, help="write the config to this file (default: stdout)")
+    target.add_argument("--check", type=Path, default=None, metavar="FILE", help="compare FILE with the generated config; exit 1 if it differs")
+    args = parser.parse_args()
+    text = config_text()
+    if args.check is not None:
+        try:
+            current = args.check.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"--check: cannot read {args.check}: {e}")
+        if current != text:
+            print(f"{args.check} differs from the config classes: regenerate it with --out {args.check}", file=sys.stderr)
+            return 1
+        print(f"{args.check} is up to date")
+        return 0
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    if not args.out.parent.is_dir():
+        parser.error(f"--out: folder {args.out.parent} does not exist")
+    try:
+        args.out.write_text(text, encoding="utf-8")
+    except OSError as e:
+        parser.error(f"--out: cannot write {args.out}: {e}")
+    return 0
 
 
 if __name__ == "__main__":
     assert config_module  # the module whose comments are read
-    main()
+    sys.exit(main())

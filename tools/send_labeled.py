@@ -140,8 +140,10 @@ def main() -> int:
                 parser.error(f"{option}: {e}")
     try:
         items = list_images(args.root)
-    except (CLAgentError, OSError, tarfile.TarError) as e:
+    except CLAgentError as e:
         parser.error(str(e))
+    except (OSError, tarfile.TarError) as e:
+        parser.error(f"cannot read {args.root}: {e}")
     if args.classes:
         items = _only_classes(items, args.classes, args.root, parser)
     if args.shuffle is not None:
@@ -202,6 +204,10 @@ def main() -> int:
             print(f"end of experience: {'experience ' + str(ack.experience) if ack.ok else ack.reason}")
     except AgentUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
+        print(f"{acked} images acked before the agent stopped answering; the others are not known to be stored", file=sys.stderr)
+        return 1
+    except (OSError, tarfile.TarError) as e:
+        print(f"error: cannot read {args.root}: {e} ({acked} images acked before it)", file=sys.stderr)
         return 1
     finally:
         client.close()

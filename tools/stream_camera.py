@@ -17,15 +17,38 @@ import time
 from pathlib import Path
 
 import cv2
+import zmq
 
 from cl_agent.client import FrameClient
+from cl_agent.config import endpoint_problem
+from cl_agent.errors import CLAgentError
+from cl_agent.security import load_keys
 
 
-def open_source(source: str) -> cv2.VideoCapture:
+def open_source(source: str) -> cv2.VideoCapture | None:
+    """The opened capture, or None when OpenCV cannot open ``source``."""
     capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
     if not capture.isOpened():
-        raise SystemExit(f"error: OpenCV cannot open the source {source!r}")
+        capture.release()
+        return None
     return capture
+
+
+def _number(kind: type, low, high=None, *, above: bool = False):
+    """An argparse type: a number of ``kind`` >= low (> low with ``above``) and <= high, the bad value named."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if (value <= low) if above else (value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        return value
+
+    return parse
 
 
 def main() -> int:
@@ -33,24 +56,39 @@ def main() -> int:
     parser.add_argument("source", help="camera index (0), video file, or RTSP/HTTP URL")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5556", help="the agent's frame endpoint")
     parser.add_argument("--socket", choices=["push", "pub"], default="push", help="push (agent PULL) or pub (agent SUB)")
-    parser.add_argument("--width", type=int, default=0, help="resize to this width (0 = keep; with only one of width/height the aspect is kept)")
-    parser.add_argument("--height", type=int, default=0, help="resize to this height")
-    parser.add_argument("--quality", type=int, default=80, help="JPEG quality 1-100")
-    parser.add_argument("--fps", type=float, default=0.0, help="frame-rate cap (0 = as fast as the source)")
-    parser.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0 = never)")
+    parser.add_argument("--width", type=_number(int, 0), default=0, help="resize to this width (0 = keep; with only one of width/height the aspect is kept)")
+    parser.add_argument("--height", type=_number(int, 0), default=0, help="resize to this height")
+    parser.add_argument("--quality", type=_number(int, 1, 100), default=80, help="JPEG quality 1-100")
+    parser.add_argument("--fps", type=_number(float, 0), default=0.0, help="frame-rate cap (0 = as fast as the source)")
+    parser.add_argument("--max-frames", type=_number(int, 0), default=0, help="stop after this many frames (0 = never)")
     parser.add_argument("--loop", action="store_true", help="restart a video file at its end")
     parser.add_argument("--sender", default=None, help="sender id (default: camera + random suffix)")
     parser.add_argument("--curve-secret", type=Path, default=None, help="this client's CURVE secret key file")
     parser.add_argument("--curve-server", type=Path, default=None, help="the agent's CURVE public key file")
     args = parser.parse_args()
-    if not 1 <= args.quality <= 100:
-        raise SystemExit(f"error: --quality must be 1-100, got {args.quality}")
+    problem = endpoint_problem(args.endpoint)
+    if problem:
+        parser.error(f"--endpoint {args.endpoint!r}: {problem}")
+    if (args.curve_secret is None) != (args.curve_server is None):
+        parser.error("--curve-secret and --curve-server go together (this client's secret key, the agent's public key)")
+    for option, path, need_secret in (("--curve-secret", args.curve_secret, True), ("--curve-server", args.curve_server, False)):
+        if path is not None:
+            try:
+                load_keys(path, need_secret=need_secret)
+            except CLAgentError as e:
+                parser.error(f"{option}: {e}")
 
     capture = open_source(args.source)
-    frames = FrameClient(
-        args.endpoint, args.sender, socket_type=args.socket,
-        curve_secret_key=args.curve_secret, curve_server_key=args.curve_server,
-    )
+    if capture is None:
+        parser.error(f"OpenCV cannot open the source {args.source!r} (a camera index, a video file, or an RTSP/HTTP URL)")
+    try:
+        frames = FrameClient(
+            args.endpoint, args.sender, socket_type=args.socket,
+            curve_secret_key=args.curve_secret, curve_server_key=args.curve_server,
+        )
+    except (CLAgentError, zmq.ZMQError) as e:
+        capture.release()
+        parser.error(f"cannot connect to --endpoint {args.endpoint!r}: {e}")
     interval = 1.0 / args.fps if args.fps > 0 else 0.0
     next_time = time.monotonic()
     count = 0
