@@ -30,7 +30,8 @@ import zmq
 
 from cl_agent.errors import CLAgentError
 from cl_agent.codec import encode_image
-from cl_agent.wire import pack_message
+from cl_agent.config import WireSection
+from cl_agent.wire import WireError, check_outgoing_size, pack_message
 
 
 class AgentUnavailable(CLAgentError):
@@ -64,6 +65,24 @@ def _curve_client(sock: zmq.Socket, curve_secret_key: str | Path | None, curve_s
         make_client(sock, curve_secret_key, curve_server_key)
 
 
+def message_limit(max_message_bytes: int | None) -> int:
+    """The receiver's ``wire.max_message_bytes``: as given (>= 1), or the default limit."""
+    if max_message_bytes is None:
+        return WireSection().max_message_bytes
+    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 1:
+        raise CLAgentError(f"max_message_bytes must be an integer >= 1, got {max_message_bytes!r}")
+    return max_message_bytes
+
+
+def _check_size(parts: list[bytes], limit: int, what: str) -> None:
+    """A message above the agent's limit is refused here, with nothing sent: the agent's socket would drop
+    the connection, and every resend would drop it again (holding up the messages behind it)."""
+    try:
+        check_outgoing_size(parts, limit, what)
+    except WireError as e:
+        raise CLAgentError(f"not sent: {e.detail}; send fewer or smaller images") from None
+
+
 class LabeledClient:
     def __init__(
         self,
@@ -77,9 +96,11 @@ class LabeledClient:
         curve_secret_key: str | Path | None = None,
         curve_server_key: str | Path | None = None,
         context: zmq.Context | None = None,
+        max_message_bytes: int | None = None,
     ):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        self.max_message_bytes = message_limit(max_message_bytes)
         self.endpoint = endpoint
         self.sender = sender or default_sender()
         self.timeout_s = timeout_s
@@ -140,8 +161,9 @@ class LabeledClient:
         while len(self._pending) >= self.window:
             self._pump()
         seq = self.next_seq
-        self.next_seq += 1
         parts = pack_message(kind, self.sender, seq, list(payloads), encoding=encoding, shapes=shapes, labels=labels if kind == "labeled" else None)
+        _check_size(parts, self.max_message_bytes, f"a {kind} message of {len(payloads)} images")  # nothing sent or queued
+        self.next_seq += 1
         self._socket.send_multipart([b"", *parts])
         self._pending[seq] = (parts, time.monotonic())
         return seq
@@ -255,8 +277,10 @@ class FrameClient:
         curve_secret_key: str | Path | None = None,
         curve_server_key: str | Path | None = None,
         context: zmq.Context | None = None,
+        max_message_bytes: int | None = None,
     ):
         kinds = {"push": zmq.PUSH, "pub": zmq.PUB}
+        self.max_message_bytes = message_limit(max_message_bytes)
         if socket_type not in kinds:
             raise ValueError(f"socket_type must be push or pub, got {socket_type!r}")
         self.sender = sender or default_sender("camera")
@@ -273,6 +297,7 @@ class FrameClient:
     def send_encoded(self, payload: bytes, shape: Sequence[int], *, encoding: str = "jpeg", **fields) -> bool:
         """Send one encoded frame; returns False if it was dropped (the agent's queue or ours is full)."""
         parts = pack_message("frame", self.sender, self.seq, [payload], encoding=encoding, shapes=[shape], **fields)
+        _check_size(parts, self.max_message_bytes, "a frame")
         self.seq += 1  # also for dropped frames: the agent counts the gaps
         try:
             self._socket.send_multipart(parts, zmq.NOBLOCK, copy=False)

@@ -34,9 +34,10 @@ from typing import Sequence
 import numpy as np
 import zmq
 
+from cl_agent.client import message_limit
 from cl_agent.config import WireSection
 from cl_agent.errors import CLAgentError
-from cl_agent.wire import WireError, decode_reply, encode_message, pack_message
+from cl_agent.wire import WireError, check_outgoing_size, decode_reply, encode_message, pack_message
 
 
 class InferenceError(CLAgentError):
@@ -97,8 +98,6 @@ class InferenceClient:
     ):
         if timeout_s <= 0 or retries < 0 or spin_us < 0:
             raise CLAgentError(f"timeout_s must be > 0, retries and spin_us >= 0, got {timeout_s}, {retries}, {spin_us}")
-        if max_message_bytes is not None and max_message_bytes < 1:
-            raise CLAgentError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
         self.endpoint = endpoint
         self.timeout_ms = int(timeout_s * 1000)
         self.retries = retries
@@ -109,7 +108,7 @@ class InferenceClient:
         self.sender = sender or f"client-{os.getpid()}-{id(self):x}"
         self._context = context or zmq.Context.instance()
         self._seq = itertools.count(1)
-        self._limits = WireSection() if max_message_bytes is None else WireSection(max_message_bytes=max_message_bytes)
+        self._limits = WireSection(max_message_bytes=message_limit(max_message_bytes))
         self._socket: zmq.Socket | None = None
 
     def _connect(self) -> zmq.Socket:
@@ -159,13 +158,10 @@ class InferenceClient:
                 request = encode_message("infer", self.sender, seq, list(images), encoding=self.encoding, **fields)
             except ValueError as e:
                 raise CLAgentError(f"cannot encode the images: {e}") from None
-        size = sum(len(part) for part in request)
-        if size > self._limits.max_message_bytes:  # the server would drop it unread: the caller would only see a timeout
-            raise InferenceError(
-                "message_too_large",
-                f"{len(images)} images make a {size}-byte request, above the server's wire limit of "
-                f"{self._limits.max_message_bytes} bytes (wire.max_message_bytes); send fewer or smaller images, or JPEG",
-            )
+        try:
+            check_outgoing_size(request, self._limits.max_message_bytes, f"a request of {len(images)} images")
+        except WireError as e:
+            raise InferenceError(e.reason, f"{e.detail}; send fewer or smaller images, or JPEG") from None
         header = self._call(request, seq, "prediction", len(images))
         try:
             predictions = [[(str(name), float(p)) for name, p in image] for image in header["predictions"]]

@@ -152,6 +152,17 @@ def _check_parts(parts: Sequence[bytes], limits: WireSection) -> None:
         raise WireError("header_too_large", f"{len(parts[0])} header bytes, limit {limits.max_header_bytes}")
 
 
+def check_outgoing_size(parts: Sequence[bytes], limit: int, what: str) -> None:
+    """Refuse before sending a message that a receiver with this ``wire.max_message_bytes`` drops unread.
+
+    Its socket's ``maxmsgsize`` disconnects a peer that sends a frame above the limit, so the
+    sender would see only timeouts, and a retrying client would lose its connection on every resend.
+    """
+    size = sum(len(part) for part in parts)
+    if size > limit:
+        raise WireError("message_too_large", f"{what} is {size} bytes, above the receiver's wire limit of {limit} bytes (wire.max_message_bytes)")
+
+
 def _parse_json(part: bytes) -> dict:
     try:
         header = json.loads(bytes(part))

@@ -68,3 +68,27 @@ def test_nack_is_returned_not_raised(tmp_path):
         ack = client.send(images(1), ["b"])
         client.close()
     assert not ack.ok and ack.reason == "too_many_classes" and "max_classes" in ack.detail
+
+
+def test_a_message_above_the_wire_limit_is_refused_before_sending_and_holds_nothing_up(tmp_path):
+    from cl_agent.client import FrameClient
+    from cl_agent.errors import CLAgentError
+
+    limit = 50_000
+    with make_service(tmp_path, wire={"max_message_bytes": limit}) as service:
+        client = LabeledClient(service.endpoints["labeled"], "s", timeout_s=1.0, retries=2, window=4, max_message_bytes=limit)
+        before = client.submit(images(2, seed=1), ["a", "b"], encoding="raw")
+        # 120 000 raw bytes: the agent's socket would drop the connection on it, and on every resend.
+        with pytest.raises(CLAgentError, match="not sent: a labeled message of 1 images is 12.... bytes, above the receiver's wire limit of 50000"):
+            client.submit(images(1, size=200), ["big"], encoding="raw")
+        after = client.submit(images(2, seed=2), ["a", "b"], encoding="raw")
+        acks = client.flush()
+        client.close()
+        assert [a.seq for a in acks] == [before, after] == [before, before + 1] and all(a.ok for a in acks)
+        assert service.counters()["labeled_images_acked"] == 4
+        with FrameClient(service.endpoints["frames"], "cam", max_message_bytes=limit) as frames:
+            with pytest.raises(CLAgentError, match="not sent: a frame is"):
+                frames.send(images(1, size=200)[0], encoding="raw")
+            assert frames.send(images(1)[0]) and frames.sent == 1
+    with pytest.raises(CLAgentError, match="max_message_bytes must be an integer >= 1"):
+        LabeledClient("tcp://127.0.0.1:1", max_message_bytes=0)

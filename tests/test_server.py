@@ -202,11 +202,11 @@ def test_a_request_above_the_wire_limit_is_refused_by_the_client_at_once(repo, o
     with Server(repo, serve_section(), WireSection(max_message_bytes=limit)) as server:
         with InferenceClient(server.endpoint, timeout_s=2, retries=2, max_message_bytes=limit) as client:
             started = time.monotonic()
-            with pytest.raises(InferenceError, match="above the server's wire limit of 20000 bytes") as refused:
+            with pytest.raises(InferenceError, match="above the receiver's wire limit of 20000 bytes") as refused:
                 client.predict(images(1, size=100))  # 30 000 raw bytes: the server's socket would drop it unread
             assert refused.value.reason == "message_too_large" and time.monotonic() - started < 1
             assert client.predict(images(1)).model_version == 1  # the client still works
-        with pytest.raises(CLAgentError, match="max_message_bytes must be >= 1"):
+        with pytest.raises(CLAgentError, match="max_message_bytes must be an integer >= 1"):
             InferenceClient(server.endpoint, max_message_bytes=0)
 
 
