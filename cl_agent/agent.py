@@ -367,8 +367,10 @@ def run_agent(cfg: AgentConfig) -> int:
     from cl_agent.distributed import check_agent_nproc
     from cl_agent.logs import setup_logging
 
+    from cl_agent.ingest import make_workdir
+
     check_agent_nproc(cfg.train.nproc)  # before anything starts: a clear refusal, not a restart loop
-    Path(cfg.agent.workdir).mkdir(parents=True, exist_ok=True)
+    make_workdir(cfg.agent.workdir)
     view = LiveView.from_section(cfg.metrics, sys.stderr)
     stream = view.log_stream() if view is not None else None
     setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "agent.log", stream=stream)

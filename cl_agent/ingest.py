@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import signal
 import threading
@@ -74,6 +75,20 @@ def bind(socket: zmq.Socket, endpoint: str) -> str:
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def make_workdir(path: str | Path, key: str = "agent.workdir") -> Path:
+    """Create the working directory (and its parents); CLAgentError naming the path if that is impossible."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CLAgentError(f"{key} = {str(path)!r}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLAgentError(f"{key} = {str(path)!r}: cannot create the folder: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CLAgentError(f"{key} = {str(path)!r}: the folder is not writable")
+    return path
+
+
 def split_envelope(parts: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     """ROUTER messages: [identity, (empty delimiter from REQ/our DEALER client), body...]."""
     if len(parts) >= 2 and parts[1] == b"":
@@ -99,8 +114,7 @@ class IngestService:
         self.wire = ingest.wire
         self.spool_config = spool
         self.experience_config = experience
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = make_workdir(workdir)
         self.store = ExperienceStore(self.workdir)
         self.labels = LabelMap(self.workdir / "labels.json", spool.max_classes)
         self.reservoir = Reservoir(reservoir.capacity, reservoir.per_source, seed, reservoir.max_sources)
