@@ -222,6 +222,7 @@ class ServeSection:
     busy_poll_us: int = field(default=1000, metadata=_range(ge=0, le=100000))  # while requests follow each other within this many microseconds, wait for the next one spinning instead of sleeping (lower latency for back-to-back clients; 0 = always sleep)
     top_k: int = field(default=5, metadata=_range(ge=1))  # classes returned per image
     poll_s: float = field(default=2.0, metadata=_range(gt=0))  # repository poll interval (fallback to announcements)
+    metrics_port: int = field(default=0, metadata=_range(ge=0, le=65535))  # Prometheus /metrics of the serving process on metrics.host (0 = none)
     follow_fetch_endpoint: str = ""  # the agent's repository.fetch_endpoint: mirror its versions into this server's repository ("" = read the repository folder directly)
     follow_announce_endpoint: str = ""  # the agent's announce endpoint when following; "" = the fetch endpoint's host with repository.announce_endpoint's port
     follow_poll_s: float = field(default=5.0, metadata=_range(gt=0))  # when following: ask the agent for a newer version this often (fallback to announcements)
@@ -261,6 +262,10 @@ class AgentConfig:
                 "spool.max_classes",
                 self.spool.max_classes,
                 f"must be <= model.num_classes ({self.model.num_classes}): the label map may not name classes the model has no output for",
+            )
+        if self.serve.metrics_port and self.metrics.enabled and self.serve.metrics_port == self.metrics.port:
+            raise ConfigValueError(
+                "serve.metrics_port", self.serve.metrics_port, "is metrics.port too: the agent and its serving process need a port each"
             )
 
 

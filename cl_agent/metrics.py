@@ -49,6 +49,24 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
+# A serving process's metrics (``cl-agent serve``, or the one ``cl-agent run`` hosts), read from its
+# Server's counters at each scrape: nothing is added to the request path.
+# name (without prefix) -> (type, labels, help); a counter's value is the Server counter its name names.
+SERVE_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "serve_requests_total": ("counter", (), "Requests received (infer and status), valid or not"),
+    "serve_images_total": ("counter", (), "Images classified"),
+    "serve_batches_total": ("counter", (), "onnxruntime session runs (micro-batches)"),
+    "serve_errors_total": ("counter", (), "Error replies (refused requests, failed runs) and serving-loop errors"),
+    "serve_swaps_total": ("counter", (), "Model versions swapped in"),
+    "serve_swap_failures_total": ("counter", (), "Versions refused (manifest, hash, graph, signature or warm-up); the served one kept answering"),
+    "serve_busy_seconds_total": ("counter", (), "Seconds spent receiving, running and answering requests"),
+    "serve_inference_seconds_total": ("counter", (), "Seconds spent in session.run"),
+    "serve_version": ("gauge", ("model",), "Model version being served (0 before the first)"),
+    "serve_largest_batch": ("gauge", (), "Most images one session run was given"),
+    "serve_batch_seconds": ("gauge", ("part", "quantile"), "Over the last batches (up to 2048): time in session.run (part=inference) and around it (part=handling)"),
+}
+
+
 @dataclass
 class MetricsServer:
     """A running /metrics HTTP endpoint (daemon thread); ``stop()`` closes it."""
@@ -210,18 +228,68 @@ class AgentMetrics:
 
     def serve_http(self, host: str = "127.0.0.1", port: int = 0) -> tuple[MetricsServer, int]:
         """Serve /metrics from a daemon thread; port 0 picks a free port. Returns (server, actual port)."""
-        if not 0 <= port <= 65535:
-            raise CLAgentError(f"metrics port {port!r} is not in 0..65535")
-        try:
-            httpd, thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as e:
-            hint = ""
-            if e.errno == errno.EADDRINUSE:
-                hint = " (port already in use: pick another metrics.port, or 0 for a free one)"
-            raise CLAgentError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}{hint}") from None
-        server = MetricsServer(host=host, port=httpd.server_address[1], _httpd=httpd, _thread=thread)
-        log.info("metrics at %s", server.url, extra={"metrics_port": server.port})
+        server = serve_registry(self.registry, host, port, "metrics.port")
         return server, server.port
+
+
+def serve_registry(registry: CollectorRegistry, host: str, port: int, setting: str) -> MetricsServer:
+    """Serve ``registry`` at /metrics from a daemon thread; port 0 picks a free port.
+
+    ``setting``: the config key that chose the port, named in the error when it is taken.
+    """
+    if not 0 <= port <= 65535:
+        raise CLAgentError(f"metrics port {port!r} is not in 0..65535")
+    try:
+        httpd, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        hint = ""
+        if e.errno == errno.EADDRINUSE:
+            hint = f" (port already in use: pick another {setting})"
+        raise CLAgentError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}{hint}") from None
+    server = MetricsServer(host=host, port=httpd.server_address[1], _httpd=httpd, _thread=thread)
+    log.info("metrics at %s", server.url, extra={"metrics_port": server.port})
+    return server
+
+
+class ServerMetrics:
+    """The metrics of one serving process (``SERVE_METRICS``), collected from ``server`` at each scrape.
+
+    ``server``: a ``cl_agent.server.Server`` (its ``stats(quantiles=...)``, ``version`` and repository's model name).
+    """
+
+    QUANTILES = (0.5, 0.99)
+
+    def __init__(self, server) -> None:
+        self._server = server
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self._server.stats(quantiles=self.QUANTILES)
+        counters = stats["counters"]
+        for name, (kind, labels, help_text) in SERVE_METRICS.items():
+            full = f"{PREFIX}_{name}"
+            if kind == "counter":
+                key = name.removeprefix("serve_").removesuffix("_total").replace("_seconds", "_s")
+                yield CounterMetricFamily(full.removesuffix("_total"), help_text, value=counters[key])
+                continue
+            family = GaugeMetricFamily(full, help_text, labels=labels)
+            if name == "serve_version":
+                family.add_metric([self._server.repository.model_name], self._server.version or 0)
+            elif name == "serve_largest_batch":
+                family.add_metric([], counters["largest_batch"])
+            else:
+                for part in ("inference", "handling"):
+                    for q in self.QUANTILES:
+                        value = stats.get(f"{part}_ms_p{round(100 * q)}")
+                        family.add_metric([part, str(q)], float("nan") if value is None else value / 1000)
+            yield family
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """Current value of a sample (``name`` without the ``cl_agent_`` prefix), as ``AgentMetrics.value``."""
+        return self.registry.get_sample_value(f"{PREFIX}_{name}", labels or None)
 
 
 def serve_from_config(metrics: AgentMetrics, section: MetricsSection) -> MetricsServer | None:

@@ -138,14 +138,17 @@ class Server:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def stats(self) -> dict:
-        """Counters, and medians over the last batches (up to 2048) of the time in session.run and around it."""
+    def stats(self, quantiles: tuple[float, ...] = (0.5,)) -> dict:
+        """Counters, and quantiles over the last batches (up to 2048) of the time in session.run and around it
+        (``inference_ms_p50``, ``handling_ms_p50``, ... one pair per quantile; none before the first batch)."""
         recent = list(self._recent)
-        medians = {}
+        timings = {}
         if recent:
-            handling, inference = np.median(np.asarray(recent), axis=0)
-            medians = {"handling_ms_p50": round(1000 * float(handling), 4), "inference_ms_p50": round(1000 * float(inference), 4)}
-        return {"counters": dict(self.counters), "recent_batches": len(recent), **medians}
+            for q, (handling, inference) in zip(quantiles, np.quantile(np.asarray(recent), quantiles, axis=0)):
+                tag = f"p{round(100 * q)}"
+                timings[f"handling_ms_{tag}"] = round(1000 * float(handling), 4)
+                timings[f"inference_ms_{tag}"] = round(1000 * float(inference), 4)
+        return {"counters": dict(self.counters), "recent_batches": len(recent), **timings}
 
     def reset_recent(self) -> None:
         """Forget the recent batch timings (e.g. before a measurement)."""
@@ -554,6 +557,7 @@ def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str |
     server = Server(repository, cfg.serve, cfg.ingest.wire, announce_endpoint=announce)
     follower = follower_from_config(cfg.serve, cfg.repository.announce_endpoint, repository, on_install=lambda _: server.check_now())
     stopping = threading.Event()
+    metrics_server = None
 
     def on_signal(signum, frame) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -567,11 +571,17 @@ def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str |
             follower.start()
             log.info("following %s into %s", cfg.serve.follow_fetch_endpoint, repository.model_dir)
         server.start()
+        if cfg.serve.metrics_port:
+            from cl_agent.metrics import ServerMetrics, serve_registry
+
+            metrics_server = serve_registry(ServerMetrics(server).registry, cfg.metrics.host, cfg.serve.metrics_port, "serve.metrics_port")
         if server.version is None:
             log.warning("%s: answering 'no_model' until one is published", _why_no_model(repository))
         while not stopping.wait(1.0):
             pass
     finally:
+        if metrics_server is not None:
+            metrics_server.stop()
         server.stop()
         if follower is not None:
             follower.stop()

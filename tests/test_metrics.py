@@ -138,3 +138,12 @@ def test_docs_list_every_metric():
         assert f"| {kind} |" in row
         for label in labels:
             assert f"`{label}`" in row
+
+
+def test_the_serving_process_metrics_port_may_not_be_the_agents():
+    from cl_agent.config import load_config
+
+    with pytest.raises(ValueError, match="serve.metrics_port.*metrics.port too"):
+        load_config(None, {"serve.metrics_port": 9109, "metrics.port": 9109})
+    assert load_config(None, {"serve.metrics_port": 9109, "metrics.enabled": False}).serve.metrics_port == 9109
+    assert load_config(None, {"serve.metrics_port": 9110}).serve.metrics_port == 9110

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import zmq
+from prometheus_client import generate_latest
 from torch import nn
 
 from cl_agent.config import ExportSection, ServeSection
@@ -371,14 +374,21 @@ def free_port() -> int:
 def test_serve_command_answers_and_exits_cleanly_on_sigterm(repo, onnx_models):
     publish(repo, onnx_models[0])
     endpoint = f"tcp://127.0.0.1:{free_port()}"
+    metrics_port = free_port()
     command = [
         sys.executable, "-m", "cl_agent.cli", "serve", "--repo", str(repo.root), "--model", "student",
         "--set", f"serve.endpoint={endpoint}", "--set", f"repository.announce_endpoint=tcp://127.0.0.1:{free_port()}",
+        "--set", f"serve.metrics_port={metrics_port}",
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         with InferenceClient(endpoint, timeout_s=2, retries=10) as client:
-            assert client.predict(images(1)).model_version == 1
+            for _ in range(3):
+                assert client.predict(images(2)).model_version == 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        assert 'cl_agent_serve_version{model="student"} 1.0' in lines
+        assert "cl_agent_serve_images_total 6.0" in lines and "cl_agent_serve_swaps_total 1.0" in lines
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=15)
     finally:
@@ -388,8 +398,35 @@ def test_serve_command_answers_and_exits_cleanly_on_sigterm(repo, onnx_models):
     assert b"stopping" in output
 
 
-def test_unknown_provider_is_refused_at_start(repo):
+def test_server_metrics_are_read_from_the_server_at_each_scrape(repo, onnx_models):
+    from cl_agent.metrics import SERVE_METRICS, ServerMetrics
 
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section()) as server, InferenceClient(server.endpoint) as client:
+        metrics = ServerMetrics(server)
+        assert metrics.value("serve_version", model="student") == 1 and metrics.value("serve_images_total") == 0
+        assert math.isnan(metrics.value("serve_batch_seconds", part="inference", quantile="0.5"))  # no batch yet
+        client.predict(images(3))
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        dealer.send_multipart(encode_message("infer", "x", 7, []))  # no images: an error reply
+        assert decode_message(dealer.recv_multipart(), server.wire).header["reason"] == "no_images"
+        dealer.close(0)
+        publish(repo, onnx_models[1])
+        assert wait_for(lambda: metrics.value("serve_version", model="student") == 2)
+        assert metrics.value("serve_images_total") == 3 and metrics.value("serve_largest_batch") == 3
+        assert metrics.value("serve_requests_total") == 2 and metrics.value("serve_errors_total") == 1
+        assert metrics.value("serve_swaps_total") == 2 and metrics.value("serve_swap_failures_total") == 0
+        assert 0 < metrics.value("serve_inference_seconds_total") < metrics.value("serve_busy_seconds_total")
+        p50 = metrics.value("serve_batch_seconds", part="inference", quantile="0.5")
+        assert p50 == pytest.approx(server.stats()["inference_ms_p50"] / 1000)
+        assert p50 <= metrics.value("serve_batch_seconds", part="inference", quantile="0.99")
+        text = generate_latest(metrics.registry).decode()
+        for name, (kind, _, _) in SERVE_METRICS.items():
+            assert f"# TYPE cl_agent_{name} {kind}" in text
+
+
+def test_unknown_provider_is_refused_at_start(repo):
     with pytest.raises(CLAgentError, match="NoSuchExecutionProvider"):
         Server(repo, serve_section(providers=["NoSuchExecutionProvider"]))
 
