@@ -106,7 +106,12 @@ def _server_main(cfg: AgentConfig, parent_pid: int, to_stderr: bool = True) -> N
     from cl_agent.server import serve_forever
 
     _child_logging(cfg, "server.log", to_stderr)
-    raise SystemExit(serve_forever(cfg))
+    try:
+        code = serve_forever(cfg)
+    except CLAgentError as error:  # e.g. serve.endpoint taken: one line, not a traceback per restart
+        log.error("server cannot run: %s", error)
+        code = 1
+    raise SystemExit(code)
 
 
 # --------------------------------------------------------------------------- the agent
@@ -126,6 +131,8 @@ class Agent:
         self.trainer_stop = None  # write end of the running trainer's stop pipe
         self.results: mp.Queue | None = None  # the running trainer's results (both new for each trainer process)
         self.trainer_restarts = 0
+        self.server_restarts = 0
+        self._restart_at: dict[str, float] = {}  # child name -> monotonic time of its scheduled restart
         self._lock_file = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -303,18 +310,27 @@ class Agent:
                 )
 
     def _supervise(self, state: dict, metrics, view) -> None:
-        """Restart a crashed trainer (with a growing pause); its work is durable, so it resumes."""
-        if self.trainer is not None and not self.trainer.is_alive() and not self.stop_requested.is_set():
+        """Restart a crashed trainer or server, each after a growing pause (its work is durable, so it
+        resumes). The pause is scheduled, not slept: ingestion and the heartbeat go on meanwhile, and a
+        server that cannot start (its port taken) is retried slowly instead of in a tight loop."""
+        if self.stop_requested.is_set():
+            return
+        now = time.monotonic()
+        if self.trainer is not None and not self.trainer.is_alive() and "trainer" not in self._restart_at:
             self._drain_results(state, metrics, view)  # what it reported before it died
             self.trainer_restarts += 1
             pause = min(30.0, 2.0**self.trainer_restarts)
             log.error("trainer exited with code %s; restarting in %.0f s", self.trainer.exitcode, pause)
-            self.stop_requested.wait(pause)
-            if not self.stop_requested.is_set():
-                self._start_trainer()
-        if self.server is not None and not self.server.is_alive() and not self.stop_requested.is_set():
-            log.error("server exited with code %s; restarting", self.server.exitcode)
-            self._start_server()
+            self._restart_at["trainer"] = now + pause
+        if self.server is not None and not self.server.is_alive() and "server" not in self._restart_at:
+            self.server_restarts += 1
+            pause = min(30.0, 2.0 ** (self.server_restarts - 1))
+            log.error("server exited with code %s; restarting in %.0f s", self.server.exitcode, pause)
+            self._restart_at["server"] = now + pause
+        for name, start in (("trainer", self._start_trainer), ("server", self._start_server)):
+            if name in self._restart_at and now >= self._restart_at[name]:
+                del self._restart_at[name]
+                start()
 
     def _shutdown(self, ingest, state: dict, view, metrics, metrics_server) -> None:
         """Stop taking work, let the trainer abandon its update at the next step, close everything."""

@@ -1,0 +1,51 @@
+"""The agent restarts a dead server or trainer after a growing pause, without stalling its own loop."""
+
+import multiprocessing as mp
+import time
+
+from cl_agent.agent import Agent
+from cl_agent.config import load_config
+
+
+def _dead_process():
+    process = mp.get_context("fork").Process(target=int)
+    process.start()
+    process.join()
+    return process
+
+
+def test_a_server_that_keeps_dying_is_restarted_with_a_growing_pause_and_the_loop_never_blocks(tmp_path):
+    agent = Agent(load_config(None, {"agent.workdir": str(tmp_path)}))
+    starts = []
+
+    def start_server():  # a server whose port is taken: it exits as soon as it starts
+        starts.append(time.monotonic())
+        agent.server = _dead_process()
+
+    agent._start_server = start_server
+    agent.server = _dead_process()
+    begin = time.monotonic()
+    longest_call = 0.0
+    while time.monotonic() - begin < 3.5:
+        t0 = time.monotonic()
+        agent._supervise({}, None, None)
+        longest_call = max(longest_call, time.monotonic() - t0)
+        time.sleep(0.02)
+    # pauses of 1 s then 2 s: restarts near t = 1 and t = 3, not one per loop turn
+    assert len(starts) == 2, [round(s - begin, 2) for s in starts]
+    assert 0.9 <= starts[0] - begin <= 1.5
+    assert longest_call < 0.5
+
+
+def test_a_dead_trainer_is_restarted_after_its_pause_without_sleeping_in_the_loop(tmp_path):
+    agent = Agent(load_config(None, {"agent.workdir": str(tmp_path)}))
+    starts = []
+    agent._start_trainer = lambda: starts.append(time.monotonic())
+    agent.trainer = _dead_process()
+    t0 = time.monotonic()
+    agent._supervise({}, None, None)
+    assert time.monotonic() - t0 < 0.5  # the pause (2 s) is scheduled, not slept
+    assert starts == []
+    agent.stop_requested.wait(2.1)
+    agent._supervise({}, None, None)
+    assert len(starts) == 1
