@@ -33,6 +33,7 @@ CL_AGENT = re.compile(r"(?:^|(?<=[\s/(]))cl-agent(?=\s|$)")
 TOOL = re.compile(r"(?:^|(?<=[\s/]))(?:tools/)?(\w+\.py)(?=\s|$)")
 MODULE = re.compile(r"-m\s+(cl_agent\.\w+)")
 REPO_PATH = re.compile(r"(?<![\w./-])((?:configs|docs|tools|cl_agent|tests)/[\w./*<>-]*\w)")
+TEST_ID = re.compile(r"(tests/test_\w+\.py)::(\w+)")
 SHELL_STOP = re.compile(r"\s(?:#|&&|\|\||\||;)(?=\s|$)")
 
 
@@ -194,6 +195,10 @@ def missing_paths(snippet: Snippet) -> list[str]:
         pattern = re.sub(r"<[^>]*>", "*", reference)
         if not any(ROOT.glob(pattern)) and not (ROOT / pattern).exists():
             problems.append(f"{reference} does not exist")
+    for match in TEST_ID.finditer(snippet.text):
+        path, name = ROOT / match.group(1), match.group(2)
+        if path.is_file() and not re.search(rf"^\s*def {name}\(", path.read_text(encoding="utf-8"), re.M):
+            problems.append(f"{match.group(1)} has no test {name}")
     return problems
 
 
@@ -255,6 +260,8 @@ def test_the_checks_catch_a_made_up_command(line, problem):
 def test_the_path_check_catches_a_missing_file():
     found = missing_paths(Snippet("made-up", "see configs/bench/no_such_profile.yaml and docs/results/quick/s<n>-naive.json", "inline"))
     assert found == ["configs/bench/no_such_profile.yaml does not exist"]
+    found = missing_paths(Snippet("made-up", "tests/test_faults.py::test_that_was_renamed", "inline"))
+    assert found == ["tests/test_faults.py has no test test_that_was_renamed"]
 
 
 def test_the_checks_accept_real_commands():
