@@ -34,6 +34,7 @@ from cl_agent.codec import WireError, check_size, decode_image, image_dimensions
 log = logging.getLogger(__name__)
 
 CUT_COUNT, CUT_TIME, CUT_EXPLICIT = "count", "time", "explicit"
+CUT_FULL = "spool_full"  # the open experience alone filled the spool: only training it can free space
 
 
 class ExperiencePolicy:

@@ -33,7 +33,7 @@ from cl_agent.config import (
     SpoolSection,
 )
 from cl_agent.errors import CLAgentError
-from cl_agent.experience import CUT_EXPLICIT, ExperiencePolicy, ExperienceStore
+from cl_agent.experience import CUT_EXPLICIT, CUT_FULL, ExperiencePolicy, ExperienceStore
 from cl_agent.intake import AGENT_SENDER, Counters, EndRequest, LabeledIntake
 from cl_agent.labels import LabelMap
 from cl_agent.reservoir import Frame, Reservoir
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FRAME_DRAIN = 512  # frames handled per wake-up before the labeled socket gets a turn
 POLL_MS = 50
+SPOOL_RECOUNT_S = 1.0  # how often the bytes of cut, untrained experiences are recounted (training frees them)
 MAX_TRACKED_SENDERS = 10_000  # frame senders whose last seq is remembered (to count drops)
 
 COUNTER_NAMES = (
@@ -269,6 +270,7 @@ class IngestService:
         poller.register(self.frame_socket, zmq.POLLIN)
         if self.control_socket is not None:
             poller.register(self.control_socket, zmq.POLLIN)
+        last_recount = time.monotonic()
         while not self._stop.is_set():
             events = dict(poller.poll(POLL_MS))
             if self.labeled_socket in events:
@@ -279,8 +281,18 @@ class IngestService:
                 self._handle_control()
             self._serve_requests()
             reason = self.policy.reason_to_cut(self.spool.samples, self.spool.first_ts)
+            if reason is None and self.intake.refused_full:
+                self.intake.refused_full = False
+                # Nothing cut waits for training, so nothing will ever free space but cutting the open
+                # experience (otherwise every sender is refused until max_wait_s, or for ever below min_samples).
+                if self.spool.closed_bytes == 0:
+                    reason = CUT_FULL
             if reason is not None:
                 self._cut(reason)
+            if time.monotonic() - last_recount >= SPOOL_RECOUNT_S:
+                # spool_bytes reports what counts against spool.max_bytes: it falls as experiences are trained
+                self.spool.closed_bytes = self.store.untrained_bytes()
+                last_recount = time.monotonic()
 
     # ---------------------------------------------------------------- labeled path
 

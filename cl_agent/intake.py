@@ -84,6 +84,7 @@ class LabeledIntake:
         self.wire = wire
         self.counters = counters
         self.untrained_bytes = untrained_bytes  # recount of cut, untrained spool bytes (a trainer may have freed some)
+        self.refused_full = False  # a message was refused spool_full since the service last looked
 
     def process(self, bodies: Sequence[list[bytes]]) -> list[list[bytes] | EndRequest]:
         """Store a group of labeled messages with one commit; one reply (or EndRequest) per body, in order."""
@@ -136,6 +137,7 @@ class LabeledIntake:
                 self.spool.closed_bytes = self.untrained_bytes()
                 self.spool.append(record)
         except SpoolFull as e:
+            self.refused_full = True
             return self._nack(seq, "spool_full", str(e))
         except OSError as e:
             return self._nack(seq, _disk_reason(e), str(e))

@@ -157,7 +157,8 @@ class Spool:
         self.records += 1
         self.samples += len(record.payloads)
         if self.first_ts is None:
-            self.first_ts = time.time()
+            # the arrival time stored in the record, so a restart does not restart the time cut's clock
+            self.first_ts = record.ts if record.ts > 0 else time.time()
 
     @property
     def size_bytes(self) -> int:
