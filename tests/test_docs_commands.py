@@ -1,4 +1,4 @@
-"""The commands, options, config keys and files that README.md and docs/*.md name exist.
+"""The commands, options, config keys and files that README.md and the Markdown files under docs/ name exist.
 
 Every ``cl-agent ...`` in a fenced code block or an inline code span is walked
 through the Typer app: each subcommand must exist and each option must belong
@@ -25,7 +25,7 @@ from cl_agent.cli import app
 from cl_agent.config import AgentConfig, ConfigError, build
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
