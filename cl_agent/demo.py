@@ -143,10 +143,18 @@ def run_demo(
     from cl_agent.status import read_experience_records
 
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise CLAgentError(f"--workdir {workdir} is not a folder")
     if workdir.exists() and any(workdir.iterdir()):
+        # The demo starts from nothing each time, but only ever empties a folder an earlier demo made.
+        if not (workdir / "demo.yaml").is_file():
+            raise CLAgentError(
+                f"--workdir {workdir} is not empty and holds no demo.yaml (not a folder an earlier demo made): "
+                "the demo empties its folder first, so give it a new or empty one"
+            )
         import shutil
 
-        shutil.rmtree(workdir)  # the demo starts from nothing each time
+        shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(workdir, device, overrides)
     config_path = save_resolved(cfg, workdir / "demo.yaml")

@@ -10,3 +10,19 @@ def test_demo_streams_learns_and_serves_each_version(tmp_path, capsys):
     assert "served version 1" in out and "served version 2" in out
     assert "sent 180 labeled images (all acked)" in out
     assert (tmp_path / "demo" / "agent" / "experiences.jsonl").exists()
+
+
+def test_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path):
+    import pytest
+
+    from cl_agent.errors import CLAgentError
+
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(CLAgentError, match="not empty and holds no demo.yaml"):
+        run_demo(precious, experiences=1, device="cpu")
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CLAgentError, match="is not a folder"):
+        run_demo(tmp_path / "file", experiences=1, device="cpu")
