@@ -241,8 +241,15 @@ class Agent:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: self.stop_requested.set())
         last_state = 0.0
+        code = 0
         try:
             while not self.stop_requested.is_set():
+                if ingest.failure is not None:
+                    # No socket is served any more: stop (exit 1) rather than run deaf; a restart resumes.
+                    state["stop_error"] = f"ingestion failed: {type(ingest.failure).__name__}: {ingest.failure}"
+                    log.error("%s; stopping", state["stop_error"])
+                    code = 1
+                    break
                 self._drain_results(state, metrics, view)
                 self._supervise(state, metrics, view)
                 counters = ingest.counters()
@@ -269,7 +276,7 @@ class Agent:
                 self.stop_requested.wait(0.25)
         finally:
             self._shutdown(ingest, state, view, metrics, metrics_server)
-        return 0
+        return code
 
     def _drain_results(self, state: dict, metrics, view) -> None:
         while self.results is not None:

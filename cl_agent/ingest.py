@@ -129,7 +129,8 @@ class IngestService:
         self._ready = threading.Event()
         self._requests: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # a failure to start
+        self._failure: BaseException | None = None  # a failure of the running loop
         self._frame_seq: dict[str, int] = {}
         self._auth = None
 
@@ -192,8 +193,16 @@ class IngestService:
         self._ready.set()
         try:
             self._loop()
+        except Exception as e:  # noqa: BLE001 - e.g. the disk refused an experience: the owner sees failure and stops
+            log.exception("ingestion stopped: %s", e)
+            self._failure = e
         finally:
             self._teardown()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the running loop died (no socket is served any more), None while it is healthy."""
+        return self._failure
 
     def _setup(self) -> None:
         cfg = self.config
@@ -455,8 +464,10 @@ def run_ingest(config: AgentConfig) -> int:
         signal.signal(signum, lambda *_: stop.set())
     service.start()
     print(json.dumps({"event": "ingest_ready", "endpoints": service.endpoints}), flush=True)
-    while not stop.wait(0.5):
+    while not stop.wait(0.5) and service.failure is None:
         pass
     service.stop()
     print(json.dumps({"event": "ingest_stopped", "counters": service.counters()}), flush=True)
+    if service.failure is not None:
+        raise CLAgentError(f"ingestion failed: {type(service.failure).__name__}: {service.failure}")
     return 0

@@ -297,6 +297,8 @@ def describe_liveness(state: Mapping, now: dt.datetime | None = None) -> tuple[b
     beat = f"last heartbeat {_age_text(age)} ago" if math.isfinite(age) else "no readable heartbeat"
 
     if state.get("status") == "stopped":
+        if state.get("stop_error"):  # the agent stopped itself on a failure (exit code 1)
+            return False, f"stopped on an error (pid {pid} on {host}): {state['stop_error']}; {beat}"
         return False, f"stopped (pid {pid} on {host} exited cleanly; {beat})"
     if host != socket.gethostname():
         if age <= stale_after:
