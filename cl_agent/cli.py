@@ -98,11 +98,10 @@ def serve(
     from cl_agent.logs import setup_logging
     from cl_agent.server import serve_forever
 
-    cfg = resolve_config(config, set_)
-    if follow is not None:
-        cfg.serve.follow_fetch_endpoint = follow
-    if follow_announce is not None:
-        cfg.serve.follow_announce_endpoint = follow_announce
+    # As overrides, so the config's checks (a well-formed endpoint) apply to them too.
+    options = {"serve.follow_fetch_endpoint": follow, "serve.follow_announce_endpoint": follow_announce}
+    overrides = dict(parse_override(o) for o in set_ or [])
+    cfg = load_config(config, {**overrides, **{k: v for k, v in options.items() if v is not None}})
     setup_logging(cfg.agent.log_level, cfg.agent.log_json)
     raise typer.Exit(serve_forever(cfg, repo=repo, model=model))
 

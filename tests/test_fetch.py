@@ -336,3 +336,14 @@ def test_the_agent_hosts_the_fetch_endpoint(tmp_path, models):
         client.close()
     finally:
         agent.fetch_service.stop()
+
+
+def test_serve_follow_options_are_checked_like_the_config_keys(tmp_path):
+    from typer.testing import CliRunner
+
+    from cl_agent.cli import app
+
+    for option, key in (("--follow", "serve.follow_fetch_endpoint"), ("--follow-announce", "serve.follow_announce_endpoint")):
+        result = CliRunner().invoke(app, ["serve", "--repo", str(tmp_path), option, "nowhere"])
+        said = f"{result.output} {result.exception}"  # the console entry point prints a ConfigError as one line
+        assert result.exit_code != 0 and key in said and "expected an endpoint" in said, said
