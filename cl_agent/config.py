@@ -101,7 +101,7 @@ class IngestSection:
     labeled_endpoint: str = "tcp://127.0.0.1:5555"  # ROUTER that labeled senders (DEALER/REQ) connect to
     frame_endpoint: str = "tcp://127.0.0.1:5556"  # where camera frames arrive
     frame_socket: Literal["pull", "sub", "router"] = "pull"  # pull: PUSH senders; sub: PUB senders (imagezmq REQ_REP=False); router: REQ senders (imagezmq default), each frame answered "OK"
-    frame_connect: list[str] = field(default_factory=list)  # also connect the frame socket to these (e.g. imagezmq PUB senders, which bind)
+    frame_connect: list[str] = field(default_factory=list, metadata={"endpoints": True})  # also connect the frame socket to these (e.g. imagezmq PUB senders, which bind)
     frame_hwm: int = field(default=64, metadata=_range(ge=1))  # receive high-water mark: excess frames are dropped
     max_batch_messages: int = field(default=64, metadata=_range(ge=1))  # labeled messages per group commit (one fsync)
     control_endpoint: str = "tcp://127.0.0.1:5559"  # REP socket for status queries and end-of-experience markers
@@ -400,6 +400,11 @@ def build(cls: type, data: dict | None, source: str = "<config>", prefix: str = 
             problem = endpoint_problem(converted)
             if problem:
                 raise ConfigError(path, converted, source, problem)
+        if fields[name].metadata.get("endpoints"):  # a list of endpoints: each one checked
+            for i, item in enumerate(converted):
+                problem = endpoint_problem(item)
+                if problem:
+                    raise ConfigError(f"{path}[{i}]", item, source, problem)
         kwargs[name] = converted
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
@@ -474,6 +479,11 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Agent
     data: dict = {}
     if path is not None:
         data = read_yaml_mapping(path, source)
+        if "bench" in data:  # not an AgentConfig section: the profiles in configs/bench/
+            raise ConfigError(
+                None, str(path), source,
+                "this is a benchmark profile (its 'bench' section is for `cl-agent bench cir --profile FILE`), not an agent config",
+            )
     for dotted, value in (overrides or {}).items():
         node = data
         parts = dotted.split(".")

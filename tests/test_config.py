@@ -193,6 +193,7 @@ def test_empty_section_and_empty_string_value_in_yaml(tmp_path):
         ("serve.endpoint", "tcp://127.0.0.1:99999", "port '99999'"),
         ("serve.endpoint", "tcp://127.0.0.1", "needs HOST:PORT"),
         ("repository.announce_endpoint", "tcp://", "empty"),
+        ("ingest.frame_connect", ["tcp://10.0.0.5:5555", "nowhere"], "expected an endpoint"),  # each entry of the list
     ],
 )
 def test_bad_endpoints_are_config_errors_naming_the_key(key, value, reason):
