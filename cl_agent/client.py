@@ -65,6 +65,21 @@ def _curve_client(sock: zmq.Socket, curve_secret_key: str | Path | None, curve_s
         make_client(sock, curve_secret_key, curve_server_key)
 
 
+def connect(sock: zmq.Socket, endpoint: str, curve: tuple = (None, None)) -> zmq.Socket:
+    """Set up CURVE (``curve``: client secret key file, agent public key file) and connect ``sock``;
+    on any failure the socket is closed and the error names the endpoint."""
+    try:
+        _curve_client(sock, *curve)
+        sock.connect(endpoint)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        raise CLAgentError(f"cannot connect to {endpoint!r}: {e} (expected an endpoint like tcp://HOST:PORT)") from None
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
 def message_limit(max_message_bytes: int | None) -> int:
     """The receiver's ``wire.max_message_bytes``: as given (>= 1), or the default limit."""
     if max_message_bytes is None:
@@ -121,9 +136,7 @@ class LabeledClient:
     def _connect(self) -> None:
         sock = self._context.socket(zmq.DEALER)
         sock.linger = 0
-        _curve_client(sock, *self._curve)
-        sock.connect(self.endpoint)
-        self._socket = sock
+        self._socket = connect(sock, self.endpoint, self._curve)
 
     def _reconnect(self) -> None:
         self._socket.close(linger=0)
@@ -291,8 +304,7 @@ class FrameClient:
         self._socket = self._context.socket(kinds[socket_type])
         self._socket.linger = 500  # close() still delivers what is queued, for half a second at most
         self._socket.sndhwm = hwm
-        _curve_client(self._socket, curve_secret_key, curve_server_key)
-        self._socket.connect(endpoint)
+        connect(self._socket, endpoint, (curve_secret_key, curve_server_key))
 
     def send_encoded(self, payload: bytes, shape: Sequence[int], *, encoding: str = "jpeg", **fields) -> bool:
         """Send one encoded frame; returns False if it was dropped (the agent's queue or ours is full)."""

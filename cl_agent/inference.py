@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import zmq
 
-from cl_agent.client import message_limit
+from cl_agent.client import connect, message_limit
 from cl_agent.config import WireSection
 from cl_agent.errors import CLAgentError
 from cl_agent.wire import WireError, check_outgoing_size, decode_reply, encode_message, pack_message
@@ -114,8 +114,7 @@ class InferenceClient:
     def _connect(self) -> zmq.Socket:
         socket = self._context.socket(zmq.REQ)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.connect(self.endpoint)
-        return socket
+        return connect(socket, self.endpoint)
 
     def status(self, reset_recent: bool = False) -> dict:
         """The server's model name, served version (None before the first), whether it was opened from its

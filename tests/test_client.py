@@ -92,3 +92,24 @@ def test_a_message_above_the_wire_limit_is_refused_before_sending_and_holds_noth
             assert frames.send(images(1)[0]) and frames.sent == 1
     with pytest.raises(CLAgentError, match="max_message_bytes must be an integer >= 1"):
         LabeledClient("tcp://127.0.0.1:1", max_message_bytes=0)
+
+
+def test_a_bad_endpoint_is_a_clear_error_and_leaves_no_socket_open():
+    import numpy as np
+
+    from cl_agent.client import FrameClient
+    from cl_agent.errors import CLAgentError
+    from cl_agent.inference import InferenceClient
+
+    context = zmq.Context()
+    for make in (
+        lambda: LabeledClient("nowhere", context=context),
+        lambda: FrameClient("localhost:5555", context=context),
+        lambda: InferenceClient("tcp//x", context=context).predict(np.zeros((1, 8, 8, 3), np.uint8)),
+    ):
+        with pytest.raises(CLAgentError, match="cannot connect to .*expected an endpoint like tcp://HOST:PORT"):
+            make()
+    terminated = threading.Thread(target=context.term)  # term() waits for every socket of the context to close
+    terminated.start()
+    terminated.join(5)
+    assert not terminated.is_alive(), "a socket was left open"
