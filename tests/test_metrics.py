@@ -131,8 +131,10 @@ def test_serve_from_config():
 def test_docs_list_every_metric():
     from pathlib import Path
 
+    from cl_agent.metrics import SERVE_METRICS
+
     docs = (Path(__file__).resolve().parents[1] / "docs" / "observability.md").read_text()
-    for name, (kind, labels, _) in METRICS.items():
+    for name, (kind, labels, _) in {**METRICS, **SERVE_METRICS}.items():
         row = next((line for line in docs.splitlines() if line.startswith(f"| `cl_agent_{name}` |")), None)
         assert row is not None, name
         assert f"| {kind} |" in row
@@ -147,3 +149,4 @@ def test_the_serving_process_metrics_port_may_not_be_the_agents():
         load_config(None, {"serve.metrics_port": 9109, "metrics.port": 9109})
     assert load_config(None, {"serve.metrics_port": 9109, "metrics.enabled": False}).serve.metrics_port == 9109
     assert load_config(None, {"serve.metrics_port": 9110}).serve.metrics_port == 9110
+
