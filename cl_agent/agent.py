@@ -297,6 +297,10 @@ class Agent:
                 metrics.inc_publish_failures()
                 continue
             state["last_experience"] = item["experience"]
+            if item.get("skipped"):  # nothing trained or published: the served model and the metrics stay
+                log.warning("experience %d not trained (%s); model version stays %s",
+                            item["experience"], item["skipped"], state.get("model_version"))
+                continue
             state["model_version"] = item["version"]
             metrics.inc_experiences_trained(len(item.get("merged", [item["experience"]])))
             if not item.get("recovered"):  # a recovered update's times were lost with the crash

@@ -387,8 +387,11 @@ def print_status(workdir: Path) -> int:
                 f"cumulative {_or_none(total['accuracy'], '{:.3f}')} ({total['correct']}/{total['total']})",
             ),
             ("last losses", _losses_text(last.get("losses") or {})),
-            ("last version", _or_none(last.get("version"))),
+            # a skipped experience publishes nothing: the last version is that of the last update that did
+            ("last version", _or_none(next((r["version"] for r in reversed(records) if r.get("version") is not None), None))),
         ]
+        if last.get("skipped"):
+            rows.append(("last skipped", f"experience {last.get('experience')}: {last['skipped']} (no update, no version)"))
     else:
         rows.append(("trained records", "none yet"))
 
