@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Sequence
 
 from cl_agent.config import WireSection
 from cl_agent.labels import LabelError, LabelMap
-from cl_agent.spool import DISK_FULL_ERRNOS, Record, Spool, SpoolFull
+from cl_agent.spool import DISK_FULL_ERRNOS, Record, RecordTooLarge, Spool, SpoolFull
 from cl_agent.wire import Message, WireError, decode_message, peek_seq, reply
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ class LabeledIntake:
         try:
             try:
                 self.spool.append(record)
+            except RecordTooLarge as e:  # not spool_full: a sender retrying it would wait for ever
+                return self._nack(seq, "message_too_large", str(e))
             except SpoolFull:
                 self.spool.closed_bytes = self.untrained_bytes()
                 self.spool.append(record)

@@ -95,6 +95,10 @@ class SpoolFull(Exception):
     """The spool's size limit would be passed: nack with reason spool_full."""
 
 
+class RecordTooLarge(SpoolFull):
+    """One record larger than the whole spool limit: no amount of training frees room for it."""
+
+
 class Spool:
     """Appends records to the open segment; tracks committed (sender, seq) keys for idempotency.
 
@@ -173,6 +177,8 @@ class Spool:
     def append(self, record: Record) -> None:
         """Write a record (not yet durable). Raises SpoolFull past max_bytes, OSError on a write failure."""
         data = record.to_bytes()
+        if len(data) > self.max_bytes:
+            raise RecordTooLarge(f"the message takes {len(data)} bytes in the spool, more than all of spool.max_bytes ({self.max_bytes})")
         if self.size_bytes + len(data) > self.max_bytes:
             raise SpoolFull(f"spool holds {self.size_bytes} bytes; {len(data)} more would pass max_bytes {self.max_bytes}")
         try:

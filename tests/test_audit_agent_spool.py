@@ -47,3 +47,13 @@ def test_a_reopened_segment_keeps_the_arrival_time_of_its_first_sample(tmp_path)
     reopened = Spool(tmp_path, 0, 10**6)  # after a restart: the time cut counts from the first arrival
     assert abs(reopened.first_ts - arrived) < 1e-3
     reopened.close()
+
+
+def test_a_message_larger_than_the_whole_spool_is_refused_as_too_large_not_as_full(tmp_path):
+    # spool_full tells a sender to retry later (tools/send_labeled.py does, for ever); this one never fits.
+    with make_service(tmp_path, spool={"max_bytes": 2000}) as service:
+        client = LabeledClient(service.endpoints["labeled"], "s")
+        ack = client.send(images(4, size=32), ["a"] * 4, encoding="png")
+        assert not ack.ok and ack.reason == "message_too_large" and "spool.max_bytes" in ack.detail
+        assert client.send(images(1, size=8), ["a"], encoding="png").ok  # a small one still fits
+        client.close()
