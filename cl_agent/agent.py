@@ -71,7 +71,7 @@ def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (via ``stop``)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from cl_agent.updater import update_loop
+    from cl_agent.updater import TrainerSetupError, update_loop
 
     _child_logging(cfg, "trainer.log", to_stderr)
     flag = threading.Event()
@@ -94,6 +94,10 @@ def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to
 
     try:
         update_loop(cfg, flag, on_result=on_result, on_progress=on_progress)
+    except TrainerSetupError as error:  # a configuration problem: the parent stops instead of restarting
+        log.error("trainer cannot start: %s", error)
+        results.put({"error": str(error), "fatal": True})
+        raise SystemExit(2) from None
     except Exception as error:  # noqa: BLE001 - report to the parent, which logs and restarts
         log.exception("trainer failed")
         results.put({"error": f"{type(error).__name__}: {error}"})
@@ -131,6 +135,7 @@ class Agent:
         self.trainer_stop = None  # write end of the running trainer's stop pipe
         self.results: mp.Queue | None = None  # the running trainer's results (both new for each trainer process)
         self.trainer_restarts = 0
+        self.exit_code = 0  # set when the agent stops itself on a failure
         self.server_restarts = 0
         self._restart_at: dict[str, float] = {}  # child name -> monotonic time of its scheduled restart
         self._lock_file = None
@@ -276,7 +281,7 @@ class Agent:
                 self.stop_requested.wait(0.25)
         finally:
             self._shutdown(ingest, state, view, metrics, metrics_server)
-        return code
+        return code or self.exit_code
 
     def _drain_results(self, state: dict, metrics, view) -> None:
         while self.results is not None:
@@ -291,6 +296,12 @@ class Agent:
                 if view is not None:
                     info = item["progress"]
                     view.update({"phase": "training", **{k: info[k] for k in ("experience", "step", "steps", "losses") if k in info}})
+                continue
+            if "error" in item and item.get("fatal"):
+                state["stop_error"] = f"trainer cannot start: {item['error']}"
+                log.error("%s; stopping (restarting it would fail the same way)", state["stop_error"])
+                self.exit_code = 2
+                self.stop_requested.set()
                 continue
             if "error" in item:
                 log.error("trainer reported: %s", item["error"])
@@ -329,6 +340,8 @@ class Agent:
         now = time.monotonic()
         if self.trainer is not None and not self.trainer.is_alive() and "trainer" not in self._restart_at:
             self._drain_results(state, metrics, view)  # what it reported before it died
+            if self.stop_requested.is_set():  # it could not start at all: no restart
+                return
             self.trainer_restarts += 1
             pause = min(30.0, 2.0**self.trainer_restarts)
             log.error("trainer exited with code %s; restarting in %.0f s", self.trainer.exitcode, pause)

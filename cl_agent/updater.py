@@ -51,6 +51,11 @@ class UpdateInterrupted(Exception):
     """Raised inside an update when the agent is asked to stop; the update is redone on restart."""
 
 
+class TrainerSetupError(CLAgentError):
+    """The trainer cannot start with this configuration (unknown backbone, no CUDA, a checkpoint of
+    another model): restarting it would fail the same way."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -346,7 +351,10 @@ def update_loop(
 ) -> None:
     """Run updates until ``stop`` is set (the trainer process's main loop)."""
     stop = stop or threading.Event()
-    updater = Updater(cfg, resolve_device(cfg.agent.device))
+    try:
+        updater = Updater(cfg, resolve_device(cfg.agent.device))
+    except CLAgentError as e:
+        raise TrainerSetupError(str(e)) from None
     if updater.recovered is not None and on_result is not None:
         on_result(updater.recovered)
     try:
