@@ -447,7 +447,7 @@ def _render_report(records: list[dict], title: str) -> bytes:
 
 def write_report(workdir: Path, out: Path | None = None) -> int:
     """Plot online accuracy and loss terms per experience to a PNG (default WORKDIR/report.png); print its path."""
-    workdir = _check_workdir(workdir, must_exist=False)  # a missing one has nothing to report (said below)
+    workdir = _check_workdir(workdir)
     records, skipped = usable_experience_records(workdir)
     _warn(skipped)
     if not records:

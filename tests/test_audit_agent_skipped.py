@@ -38,3 +38,13 @@ def test_status_shows_the_last_published_version_and_says_the_last_experience_wa
     out = capsys.readouterr().out
     assert "last version:" in out and out.split("last version:")[1].split("\n")[0].strip() == "1"
     assert "experience 1: 0 usable labeled images" in out
+
+
+def test_report_on_a_missing_workdir_says_the_folder_is_not_there(tmp_path):
+    import pytest
+
+    from cl_agent.errors import CLAgentError
+    from cl_agent.status import write_report
+
+    with pytest.raises(CLAgentError, match="folder not found"):
+        write_report(tmp_path / "typo")
