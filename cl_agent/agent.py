@@ -160,7 +160,12 @@ class Agent:
         """Ask the hosted server which version it serves (a thread: a slow server never stalls ingestion)."""
         from cl_agent.inference import InferenceClient
 
-        client = InferenceClient(self.cfg.serve.endpoint, timeout_s=1.0, retries=0, sender="agent-watch")
+        endpoint = connect_endpoint(self.cfg.serve.endpoint)
+        try:
+            client = InferenceClient(endpoint, timeout_s=1.0, retries=0, sender="agent-watch")
+        except CLAgentError as e:  # e.g. a random port (tcp://HOST:*): nothing to connect to
+            log.warning("the served version is not watched (serve.endpoint %s): %s", self.cfg.serve.endpoint, e)
+            return
         try:
             while not self.stop_requested.wait(self.cfg.metrics.state_interval_s):
                 try:
@@ -390,6 +395,18 @@ class Agent:
         if self.results is not None:
             self.results.cancel_join_thread()
         log.info("stopped")
+
+
+def connect_endpoint(bound: str) -> str:
+    """Where this machine reaches a socket bound to ``bound``: a wildcard host (``tcp://*:5558``,
+    ``tcp://0.0.0.0:5558``) cannot be connected to, its loopback address can."""
+    scheme, _, address = bound.partition("://")
+    host, _, port = address.rpartition(":")
+    if scheme == "tcp" and host in ("*", "0.0.0.0"):
+        return f"tcp://127.0.0.1:{port}"
+    if scheme == "tcp" and host in ("[::]", "::"):
+        return f"tcp://[::1]:{port}"
+    return bound
 
 
 def _rate_counters(counters: dict) -> dict:
