@@ -164,18 +164,18 @@ class TrainSection:
     ema_decay: float = field(default=0.996, metadata=_range(gt=0, lt=1))  # EMA teacher decay
     snapshots: int = field(default=2, metadata=_range(ge=0))  # EMA models of past experiences kept as teachers
     snapshot_mode: Literal["frozen", "ema"] = "frozen"  # frozen snapshots, or the reference code's EMA-updated ones
-    ce_ssl_factor: float = 0.1  # CE weight = 1 - ce_ssl_factor * ssl_weight(t)
-    kd_feature_base: float = 0.002  # feature KD weight = kd_feature_base * (t + 1)
-    kd_logit_weight: float = 0.1  # logit distillation weight (unlabeled, t >= 1)
+    ce_ssl_factor: float = field(default=0.1, metadata=_range(ge=0))  # CE weight = 1 - ce_ssl_factor * ssl_weight(t)
+    kd_feature_base: float = field(default=0.002, metadata=_range(ge=0))  # feature KD weight = kd_feature_base * (t + 1)
+    kd_logit_weight: float = field(default=0.1, metadata=_range(ge=0))  # logit distillation weight (unlabeled, t >= 1)
     kd_logit_kind: Literal["symmetry", "kl"] = "symmetry"  # ||A - A^T||^2/B + ||C - C^T||^2/K, or temperature KL
     kd_temperature: float = field(default=2.0, metadata=_range(gt=0))  # temperature for kd_logit_kind = kl
-    ssl_base: float = 0.5  # ssl_weight(t) = ssl_base * ssl_decay^t
+    ssl_base: float = field(default=0.5, metadata=_range(ge=0))  # ssl_weight(t) = ssl_base * ssl_decay^t
     ssl_decay: float = field(default=0.95, metadata=_range(gt=0, le=1))  # 1.0 = fixed SSL weight
-    memory_weight: float = 0.4  # replay loss weight (CE + KL to stored logits)
-    margin_weight: float = 0.0  # optional X-DER margin constraint weight (0.01 in the reference)
-    margin: float = 0.1  # X-DER margin
+    memory_weight: float = field(default=0.4, metadata=_range(ge=0))  # replay loss weight (CE + KL to stored logits)
+    margin_weight: float = field(default=0.0, metadata=_range(ge=0))  # optional X-DER margin constraint weight (0.01 in the reference)
+    margin: float = field(default=0.1, metadata=_range(ge=0))  # X-DER margin
     kd_unlabeled_start: int = field(default=1, metadata=_range(ge=0))  # first experience t with distillation on unlabeled data
-    lwf_weight: float = 1.0  # lwf_unlabeled: KL weight against the frozen previous model
+    lwf_weight: float = field(default=1.0, metadata=_range(ge=0))  # lwf_unlabeled: KL weight against the frozen previous model
     lwf_temperature: float = field(default=2.0, metadata=_range(gt=0))  # lwf_unlabeled: KL temperature
     ema_copy_classifier: bool = True  # EMA teachers take the student's classifier each step (reference) instead of averaging it
     memory_online: bool = True  # also store each step's labeled items in the memory (ER-ACE), not only at the experience end
