@@ -228,7 +228,7 @@ class AgentMetrics:
 
     def serve_http(self, host: str = "127.0.0.1", port: int = 0) -> tuple[MetricsServer, int]:
         """Serve /metrics from a daemon thread; port 0 picks a free port. Returns (server, actual port)."""
-        server = serve_registry(self.registry, host, port, "metrics.port")
+        server = serve_registry(self.registry, host, port, "metrics.port, or 0 for a free one")
         return server, server.port
 
 
