@@ -229,14 +229,22 @@ class Updater:
             if progress is not None:
                 progress({"experience": chosen[-1], "step": info.get("step"), "steps": info.get("steps"), "losses": loss_terms(info)})
 
+        from cl_agent.trainer import TrainingDivergedError
+
         started = time.monotonic()
-        metrics = self.trainer.train_experience(
-            torch.from_numpy(labeled),
-            torch.from_numpy(labels),
-            torch.from_numpy(unlabeled),
-            time_budget_s=budget,
-            progress=on_progress,
-        )
+        try:
+            metrics = self.trainer.train_experience(
+                torch.from_numpy(labeled),
+                torch.from_numpy(labels),
+                torch.from_numpy(unlabeled),
+                time_budget_s=budget,
+                progress=on_progress,
+            )
+        except TrainingDivergedError as e:
+            # The same data and settings diverge the same way after a restart: undo this update's
+            # steps (back to the last checkpoint) and skip it, rather than fail on it for ever.
+            self._reset_trainer()
+            return self._skip(chosen, len(pending), f"training diverged: {e}")
         update_seconds = time.monotonic() - started
         self._checkpoint(chosen[-1])
 
@@ -250,6 +258,15 @@ class Updater:
         for index in chosen:
             self.store.mark_trained(index)
         return UpdateResult(chosen, version, record)
+
+    def _reset_trainer(self) -> None:
+        """A trainer as a restart would build it: the last checkpoint, or untrained if there is none."""
+        from cl_agent.trainer import Trainer
+
+        self.trainer = Trainer(self.cfg.model, self.cfg.train, device=self.device, seed=self.cfg.agent.seed)
+        checkpoints = self._checkpoints()
+        if checkpoints:
+            self.trainer.load_checkpoint(checkpoints[-1][1])
 
     def _skip(self, chosen: list[int], pending: int, reason: str) -> UpdateResult:
         """Record and mark experiences that cannot be trained (no update, no version); the record says why."""
