@@ -107,6 +107,44 @@ def serve(
 
 
 @app.command()
+def predict(
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files (JPEG, PNG, BMP), or folders of them.", show_default=False)] = None,
+    endpoint: Annotated[
+        Optional[str],
+        typer.Option(help="The server's endpoint (default: serve.endpoint of the config; on loopback when it binds every interface)."),
+    ] = None,
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="Classes per image (default: the server's serve.top_k).")] = None,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Seconds to wait for each answer (tried 3 times).")] = 5.0,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
+    show_status: Annotated[bool, typer.Option("--status", help="Print the server's status (version, counters, timings) as JSON instead.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Ask a running server (cl-agent serve / run) to classify images; prints the top classes and the version that answered."""
+    import json
+
+    from cl_agent.agent import connect_endpoint
+    from cl_agent.config import endpoint_problem
+    from cl_agent.inference import InferenceClient, print_predictions
+
+    cfg = resolve_config(config, set_)
+    if endpoint is not None and endpoint_problem(endpoint):
+        fail(f"--endpoint {endpoint!r}: {endpoint_problem(endpoint)}")
+    if not images and not show_status:
+        fail("name at least one image file or folder (or --status)")
+    target = endpoint or connect_endpoint(cfg.serve.endpoint)
+    try:
+        with InferenceClient(target, timeout_s=timeout, retries=2, max_message_bytes=cfg.ingest.wire.max_message_bytes) as client:
+            if show_status:
+                typer.echo(json.dumps(client.status(), indent=2))
+                raise typer.Exit(0)
+            code = print_predictions(client, images, top_k, as_json=json_)
+    except CLAgentError as e:
+        fail(str(e), code=1)
+    raise typer.Exit(code)
+
+
+@app.command()
 def status(workdir: Annotated[Path, typer.Option(help="The agent's working directory.")] = Path("runs/agent")) -> None:
     """Print the state of an agent: running or not, last experience, last version, counts."""
     from cl_agent.status import print_status

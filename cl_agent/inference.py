@@ -29,6 +29,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -231,3 +232,62 @@ class InferenceClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------- command line
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The files named, and the image files (``IMAGE_SUFFIXES``) directly inside the folders named, in order."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise CLAgentError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CLAgentError(f"{path}: no such file or folder")
+    return files
+
+
+def print_predictions(
+    client: InferenceClient, paths: Sequence[str | os.PathLike], top_k: int | None = None, as_json: bool = False
+) -> int:
+    """``cl-agent predict``: classify image files through a running server, one line per image, one request each.
+
+    An unreadable image is reported on stderr and the others still go; exit code 0, or 1 if any
+    image could not be read or was refused. A server that does not answer ends the command
+    (``InferenceError``) rather than timing out once per image.
+    """
+    import json
+
+    import cv2
+    import typer
+
+    failed = 0
+    for path in image_files(paths):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            typer.echo(f"{path}: not an image OpenCV can read", err=True)
+            failed += 1
+            continue
+        try:
+            result = client.predict(image[None, :, :, ::-1], top_k=top_k)  # OpenCV reads BGR; the wire is RGB
+        except InferenceError as e:
+            if e.reason == "timeout":
+                raise
+            typer.echo(f"{path}: refused ({e.reason}): {e.detail}", err=True)
+            failed += 1
+            continue
+        (ranked,) = result.predictions
+        if as_json:
+            row = {"image": str(path), "model": result.model, "model_version": result.model_version, "predictions": ranked}
+            typer.echo(json.dumps(row))
+        else:
+            typer.echo(f"{path}  v{result.model_version}  " + "  ".join(f"{name} {p:.3f}" for name, p in ranked))
+    return 1 if failed else 0
