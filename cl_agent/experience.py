@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from cl_agent.config import ExperienceSection, WireSection
+from cl_agent.errors import CLAgentError
 from cl_agent.reservoir import Frame
 from cl_agent.spool import Record, read_records
 from cl_agent.storage import atomic_write_bytes, atomic_write_text, fsync_dir
@@ -184,7 +185,13 @@ class ExperienceStore:
         path = self._dir(index) / "meta.json"
         if not path.exists():
             raise KeyError(f"experience {index} has not been cut (no {path})")
-        return json.loads(path.read_text())
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # written atomically: damaged by hand or disk
+            raise CLAgentError(f"cannot read {path}: {e} (restore it, or move experience folder {path.parent.name} away)") from None
+        if not isinstance(meta, dict):
+            raise CLAgentError(f"{path} is not a JSON object")
+        return meta
 
     def load(self, index: int) -> Experience:
         meta = self.meta(index)

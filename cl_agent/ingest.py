@@ -117,7 +117,10 @@ class IngestService:
         self.experience_config = experience
         self.workdir = make_workdir(workdir)
         self.store = ExperienceStore(self.workdir)
-        self.labels = LabelMap(self.workdir / "labels.json", spool.max_classes)
+        try:
+            self.labels = LabelMap(self.workdir / "labels.json", spool.max_classes)
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # written atomically: damaged by hand or disk
+            raise CLAgentError(f"cannot read the class names {self.workdir / 'labels.json'}: {e}") from None
         self.reservoir = Reservoir(reservoir.capacity, reservoir.per_source, seed, reservoir.max_sources)
         self.policy = ExperiencePolicy(experience)
         self.on_experience = on_experience
