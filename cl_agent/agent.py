@@ -428,6 +428,7 @@ def run_agent(cfg: AgentConfig) -> int:
 
     check_agent_nproc(cfg.train.nproc)  # before anything starts: a clear refusal, not a restart loop
     make_workdir(cfg.agent.workdir)
+    make_workdir(cfg.repository.root, "repository.root")  # else the first publish fails, and every retry
     view = LiveView.from_section(cfg.metrics, sys.stderr)
     stream = view.log_stream() if view is not None else None
     setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "agent.log", stream=stream)

@@ -23,3 +23,12 @@ def test_a_workdir_under_a_file_is_a_clear_error(tmp_path, run):
     cfg = load_config(None, {"agent.workdir": str(tmp_path / "file" / "work"), "metrics.enabled": False})
     with pytest.raises(CLAgentError, match="agent.workdir = .*cannot create the folder"):
         run(cfg)
+
+
+def test_a_repository_root_that_is_a_file_is_refused_before_the_agent_starts(tmp_path):
+    # found only at the first publish otherwise, and then on every trainer restart
+    (tmp_path / "models").write_text("x")
+    cfg = load_config(None, {"agent.workdir": str(tmp_path / "work"), "repository.root": str(tmp_path / "models"),
+                             "metrics.enabled": False})
+    with pytest.raises(CLAgentError, match="repository.root = .*models.*not a folder"):
+        run_agent(cfg)
