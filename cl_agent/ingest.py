@@ -293,12 +293,11 @@ class IngestService:
                 self._handle_control()
             self._serve_requests()
             reason = self.policy.reason_to_cut(self.spool.samples, self.spool.first_ts)
-            if reason is None and self.intake.refused_full:
-                self.intake.refused_full = False
+            refused_full, self.intake.refused_full = self.intake.refused_full, False
+            if reason is None and refused_full and self.spool.closed_bytes == 0:
                 # Nothing cut waits for training, so nothing will ever free space but cutting the open
                 # experience (otherwise every sender is refused until max_wait_s, or for ever below min_samples).
-                if self.spool.closed_bytes == 0:
-                    reason = CUT_FULL
+                reason = CUT_FULL
             if reason is not None:
                 self._cut(reason)
             if time.monotonic() - last_recount >= SPOOL_RECOUNT_S:
