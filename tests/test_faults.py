@@ -76,8 +76,8 @@ def test_full_spool_gives_negative_acks_and_the_agent_keeps_serving(tmp_path):
                 break
         refused = [a for a in answers if not a.ok]
         assert refused and refused[-1].reason == "spool_full" and "max_bytes" in refused[-1].detail
-        # the agent keeps serving predictions and answering
-        assert inference.predict(make_batch([1], rng, 16)).model_version == served
+        # the agent keeps serving predictions and answering (a newer version if the full experience was cut and trained)
+        assert inference.predict(make_batch([1], rng, 16)).model_version >= served
         assert agent.alive()
         assert agent.terminate(cfg.agent.grace_period_s + 10) == 0
     finally:
