@@ -174,7 +174,10 @@ class LabeledClient:
         while len(self._pending) >= self.window:
             self._pump()
         seq = self.next_seq
-        parts = pack_message(kind, self.sender, seq, list(payloads), encoding=encoding, shapes=shapes, labels=labels if kind == "labeled" else None)
+        try:
+            parts = pack_message(kind, self.sender, seq, list(payloads), encoding=encoding, shapes=shapes, labels=labels if kind == "labeled" else None)
+        except ValueError as e:  # a bad label, or payloads and shapes that do not match: nothing sent
+            raise CLAgentError(f"not sent: {e}") from None
         _check_size(parts, self.max_message_bytes, f"a {kind} message of {len(payloads)} images")  # nothing sent or queued
         self.next_seq += 1
         self._socket.send_multipart([b"", *parts])

@@ -105,7 +105,13 @@ def pack_message(
         if encoding == "raw" and color != "rgb":
             header["color"] = color
     if labels is not None:
-        header["labels"] = [lab if isinstance(lab, str) else int(lab) for lab in labels]
+        # numpy integers become ints; anything else that is not a label is refused here, never truncated (1.5 is not class 1)
+        labels = [int(lab) if isinstance(lab, np.integer) else lab for lab in labels]
+        for i, label in enumerate(labels):
+            problem = label_problem(label)
+            if problem:
+                raise ValueError(f"label {i} {problem}")
+        header["labels"] = labels
     header.update(fields)
     return [_JSON.encode(header).encode(), *payloads]
 
@@ -214,17 +220,31 @@ def _parse_shapes(raw: Any, count: int, encoding: str) -> list[tuple[int, int, i
     return shapes
 
 
+def label_problem(label: Any) -> str | None:
+    """Why ``label`` is not a class name (1..MAX_LABEL_CHARS characters, no surrounding whitespace, no
+    control characters) or a non-negative integer class id; None if it is one."""
+    if isinstance(label, str):
+        if not label or len(label) > MAX_LABEL_CHARS:
+            return f"must be 1..{MAX_LABEL_CHARS} characters"
+        if label != label.strip():  # " circle" would silently become a class of its own
+            return f"has leading or trailing whitespace: {label!r:.100}"
+        if not label.isprintable():
+            return f"has control characters: {label!r:.100}"
+        return None
+    if not (_is_int(label) and label >= 0):
+        return f"must be a class name or a non-negative int, got {label!r:.100}"
+    return None
+
+
 def _parse_labels(raw: Any, count: int) -> list:
     if not isinstance(raw, list):
         raise WireError("bad_label", f"'labels' must be a list, got {type(raw).__name__}")
     if len(raw) != count:
         raise WireError("label_count_mismatch", f"{len(raw)} labels for {count} images")
     for i, label in enumerate(raw):
-        if isinstance(label, str):
-            if not label or len(label) > MAX_LABEL_CHARS:
-                raise WireError("bad_label", f"label {i} must be 1..{MAX_LABEL_CHARS} characters")
-        elif not (_is_int(label) and label >= 0):
-            raise WireError("bad_label", f"label {i} must be a class name or a non-negative int, got {label!r:.100}")
+        problem = label_problem(label)
+        if problem:
+            raise WireError("bad_label", f"label {i} {problem}")
     return raw
 
 

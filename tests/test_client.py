@@ -113,3 +113,16 @@ def test_a_bad_endpoint_is_a_clear_error_and_leaves_no_socket_open():
     terminated.start()
     terminated.join(5)
     assert not terminated.is_alive(), "a socket was left open"
+
+
+def test_a_bad_label_is_refused_before_sending_not_truncated(tmp_path):
+    from cl_agent.errors import CLAgentError
+
+    with make_service(tmp_path) as service:
+        client = LabeledClient(service.endpoints["labeled"], "s", window=2)
+        for bad in (None, 1.5, " circle"):
+            with pytest.raises(CLAgentError, match="not sent: label 1 "):
+                client.submit(images(2), ["a", bad])
+        assert client.send(images(2), ["a", "circle"]).ok and client.in_flight == 0
+        client.close()
+        assert service.counters()["labeled_images_acked"] == 2

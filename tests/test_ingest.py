@@ -41,6 +41,13 @@ def _labeled(payloads, labels, sides, encoding="png", **fields):
     return pack_message("labeled", "s", next(_SEQ), payloads, encoding=encoding, shapes=[[s, s, 3] for s in sides], labels=labels, **fields)
 
 
+def _relabeled(parts, labels):
+    """``parts`` with the header's labels replaced (as a sender not using pack_message could write them)."""
+    header = json.loads(parts[0])
+    header["labels"] = labels
+    return [json.dumps(header).encode(), *parts[1:]]
+
+
 SMALL = _png(8)
 CASES = {
     "too_many_parts": lambda: _labeled([SMALL] * 5, ["a"] * 5, [8] * 5),
@@ -53,7 +60,7 @@ CASES = {
     "shape_mismatch": lambda: _labeled([SMALL], ["a"], [9]),
     "bad_encoding": lambda: encode_message("labeled", "s", 1, images(1, 8), encoding="raw", labels=["a"]),
     "label_count_mismatch": lambda: _labeled([SMALL, SMALL], ["a"], [8, 8]),
-    "bad_label": lambda: _labeled([SMALL], [-1], [8]),
+    "bad_label": lambda: _relabeled(_labeled([SMALL], ["a"], [8]), [-1]),  # pack_message itself refuses -1
     "bad_class_id": lambda: _labeled([SMALL], [3], [8]),
     "too_many_classes": lambda: _labeled([SMALL] * 3, ["x", "y", "z"], [8] * 3),
     "unexpected_kind": lambda: pack_message("frame", "s", 5, [SMALL], encoding="png", shapes=[[8, 8, 3]]),

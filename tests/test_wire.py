@@ -169,6 +169,9 @@ def _valid(n=2, encoding="jpeg"):
         (lambda: with_header(_valid(2), labels=None), LIMITS, "bad_label"),
         (lambda: with_header(_valid(1), labels=[-3]), LIMITS, "bad_label"),
         (lambda: with_header(_valid(1), labels=[True]), LIMITS, "bad_label"),
+        (lambda: with_header(_valid(1), labels=[1.5]), LIMITS, "bad_label"),
+        (lambda: with_header(_valid(1), labels=[" circle"]), LIMITS, "bad_label"),
+        (lambda: with_header(_valid(1), labels=["cir\ncle"]), LIMITS, "bad_label"),
         (lambda: pack_message("labeled", "s", 1, labels=[]), LIMITS, "no_images"),
     ],
 )
@@ -230,3 +233,19 @@ def test_decode_reply_refuses_what_is_not_a_reply():
         with pytest.raises(WireError) as info:
             decode_reply(parts, LIMITS)
         assert info.value.reason == expected, (expected, info.value)
+
+
+@pytest.mark.parametrize(
+    "label, problem",
+    [(1.5, "non-negative int"), (None, "non-negative int"), (-1, "non-negative int"), (True, "non-negative int"),
+     (" circle", "leading or trailing whitespace"), ("circle\t", "leading or trailing whitespace"), ("a\x00b", "control characters"),
+     ("", "1..256 characters")],
+)
+def test_pack_message_refuses_a_label_it_would_otherwise_change(label, problem):
+    with pytest.raises(ValueError, match=f"label 1 .*{problem}"):
+        pack_message("labeled", "s", 1, [b"x", b"y"], shapes=[[1, 1, 3]] * 2, labels=["ok", label])
+
+
+def test_pack_message_sends_numpy_integer_labels_as_ints():
+    header = json.loads(pack_message("labeled", "s", 1, [b"x"], shapes=[[1, 1, 3]], labels=[np.int64(3)])[0])
+    assert header["labels"] == [3]
