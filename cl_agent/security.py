@@ -67,6 +67,20 @@ def load_keys(path: str | Path, *, need_secret: bool) -> tuple[bytes, bytes | No
     return public, secret
 
 
+def client_keys_problem(secret_key: str | Path | None, server_key: str | Path | None) -> str | None:
+    """Why a client's ``--curve-secret`` (its secret key file) and ``--curve-server`` (the agent's public
+    key file) cannot be used; None when both are given and readable, or neither is."""
+    if (secret_key is None) != (server_key is None):
+        return "--curve-secret and --curve-server go together (this client's secret key, the agent's public key)"
+    for option, path, need_secret in (("--curve-secret", secret_key, True), ("--curve-server", server_key, False)):
+        if path is not None:
+            try:
+                load_keys(path, need_secret=need_secret)
+            except CLAgentError as e:
+                return f"{option}: {e}"
+    return None
+
+
 def start_authenticator(context: zmq.Context, curve: CurveSection) -> ThreadAuthenticator:
     """Allow CURVE clients whose public keys are in ``curve.authorized_clients_dir``; call .stop() when done."""
     folder = Path(curve.authorized_clients_dir)

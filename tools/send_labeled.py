@@ -28,7 +28,7 @@ import zmq
 
 from cl_agent.client import AgentUnavailable, LabeledClient
 from cl_agent.errors import CLAgentError
-from cl_agent.security import load_keys
+from cl_agent.security import client_keys_problem
 from cl_agent.wire import WireError, image_dimensions
 
 AS_IS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
@@ -130,14 +130,9 @@ def main() -> int:
     parser.add_argument("--curve-server", type=Path, default=None, help="the agent's CURVE public key file")
     args = parser.parse_args()
 
-    if (args.curve_secret is None) != (args.curve_server is None):
-        parser.error("--curve-secret and --curve-server go together (this client's secret key, the agent's public key)")
-    for option, path, need_secret in (("--curve-secret", args.curve_secret, True), ("--curve-server", args.curve_server, False)):
-        if path is not None:
-            try:
-                load_keys(path, need_secret=need_secret)
-            except CLAgentError as e:
-                parser.error(f"{option}: {e}")
+    keys_problem = client_keys_problem(args.curve_secret, args.curve_server)
+    if keys_problem:
+        parser.error(keys_problem)
     try:
         items = list_images(args.root)
     except CLAgentError as e:

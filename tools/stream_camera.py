@@ -22,7 +22,7 @@ import zmq
 from cl_agent.client import FrameClient
 from cl_agent.config import endpoint_problem
 from cl_agent.errors import CLAgentError
-from cl_agent.security import load_keys
+from cl_agent.security import client_keys_problem
 
 
 def open_source(source: str) -> cv2.VideoCapture | None:
@@ -69,14 +69,9 @@ def main() -> int:
     problem = endpoint_problem(args.endpoint)
     if problem:
         parser.error(f"--endpoint {args.endpoint!r}: {problem}")
-    if (args.curve_secret is None) != (args.curve_server is None):
-        parser.error("--curve-secret and --curve-server go together (this client's secret key, the agent's public key)")
-    for option, path, need_secret in (("--curve-secret", args.curve_secret, True), ("--curve-server", args.curve_server, False)):
-        if path is not None:
-            try:
-                load_keys(path, need_secret=need_secret)
-            except CLAgentError as e:
-                parser.error(f"{option}: {e}")
+    keys_problem = client_keys_problem(args.curve_secret, args.curve_server)
+    if keys_problem:
+        parser.error(keys_problem)
 
     capture = open_source(args.source)
     if capture is None:
