@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from cl_agent.config import AgentConfig, save_resolved
+from cl_agent.config import AgentConfig, connect_endpoint, save_resolved
 from cl_agent.errors import CLAgentError
 
 log = logging.getLogger("cl_agent.agent")
@@ -395,18 +395,6 @@ class Agent:
         if self.results is not None:
             self.results.cancel_join_thread()
         log.info("stopped")
-
-
-def connect_endpoint(bound: str) -> str:
-    """Where this machine reaches a socket bound to ``bound``: a wildcard host (``tcp://*:5558``,
-    ``tcp://0.0.0.0:5558``) cannot be connected to, its loopback address can."""
-    scheme, _, address = bound.partition("://")
-    host, _, port = address.rpartition(":")
-    if scheme == "tcp" and host in ("*", "0.0.0.0"):
-        return f"tcp://127.0.0.1:{port}"
-    if scheme == "tcp" and host in ("[::]", "::"):
-        return f"tcp://[::1]:{port}"
-    return bound
 
 
 def _rate_counters(counters: dict) -> dict:

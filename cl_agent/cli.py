@@ -123,8 +123,7 @@ def predict(
     """Ask a running server (cl-agent serve / run) to classify images; prints the top classes and the version that answered."""
     import json
 
-    from cl_agent.agent import connect_endpoint
-    from cl_agent.config import endpoint_problem
+    from cl_agent.config import connect_endpoint, endpoint_problem
     from cl_agent.inference import InferenceClient, print_predictions
 
     cfg = resolve_config(config, set_)

@@ -381,6 +381,18 @@ def endpoint_problem(value: str) -> str | None:
     return None
 
 
+def connect_endpoint(bound: str) -> str:
+    """Where this machine reaches a socket bound to ``bound``: a wildcard host (``tcp://*:5558``,
+    ``tcp://0.0.0.0:5558``) cannot be connected to, its loopback address can."""
+    scheme, _, address = bound.partition("://")
+    host, _, port = address.rpartition(":")
+    if scheme == "tcp" and host in ("*", "0.0.0.0"):
+        return f"tcp://127.0.0.1:{port}"
+    if scheme == "tcp" and host in ("[::]", "::"):
+        return f"tcp://[::1]:{port}"
+    return bound
+
+
 def build(cls: type, data: dict | None, source: str = "<config>", prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
     data = data or {}

@@ -4,7 +4,8 @@ import threading
 
 import zmq
 
-from cl_agent.agent import Agent, connect_endpoint
+from cl_agent.agent import Agent
+from cl_agent.config import connect_endpoint
 from cl_agent.config import load_config
 from cl_agent.metrics import AgentMetrics
 
