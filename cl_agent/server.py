@@ -570,11 +570,11 @@ def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str |
         if follower is not None:
             follower.start()
             log.info("following %s into %s", cfg.serve.follow_fetch_endpoint, repository.model_dir)
-        server.start()
-        if cfg.serve.metrics_port:
+        if cfg.serve.metrics_port:  # up before the first request is answered (a taken port fails before serving)
             from cl_agent.metrics import ServerMetrics, serve_registry
 
             metrics_server = serve_registry(ServerMetrics(server).registry, cfg.metrics.host, cfg.serve.metrics_port, "serve.metrics_port")
+        server.start()
         if server.version is None:
             log.warning("%s: answering 'no_model' until one is published", _why_no_model(repository))
         while not stopping.wait(1.0):
