@@ -40,8 +40,12 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def resolve_config(config: Optional[Path], overrides: Optional[list[str]]) -> AgentConfig:
-    return load_config(config, dict(parse_override(o) for o in overrides or []))
+def resolve_config(config: Optional[Path], overrides: Optional[list[str]], options: Optional[dict] = None) -> AgentConfig:
+    """The config file with the ``--set`` overrides, then a command's own options (key -> value; None = not given)
+    on top: every value goes through the config's checks."""
+    values = dict(parse_override(o) for o in overrides or [])
+    values.update({k: v for k, v in (options or {}).items() if v is not None})
+    return load_config(config, values)
 
 
 # --------------------------------------------------------------------------- the agent
@@ -98,17 +102,14 @@ def serve(
     from cl_agent.logs import setup_logging
     from cl_agent.server import serve_forever
 
-    # As overrides, so the config's checks (a well-formed endpoint) apply to them too.
-    options = {"serve.follow_fetch_endpoint": follow, "serve.follow_announce_endpoint": follow_announce}
-    overrides = dict(parse_override(o) for o in set_ or [])
-    cfg = load_config(config, {**overrides, **{k: v for k, v in options.items() if v is not None}})
+    cfg = resolve_config(config, set_, {"serve.follow_fetch_endpoint": follow, "serve.follow_announce_endpoint": follow_announce})
     setup_logging(cfg.agent.log_level, cfg.agent.log_json)
     raise typer.Exit(serve_forever(cfg, repo=repo, model=model))
 
 
 @app.command()
 def predict(
-    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files (JPEG, PNG, BMP), or folders of them.", show_default=False)] = None,
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files (JPEG, PNG, BMP, WebP), or folders of them.", show_default=False)] = None,
     endpoint: Annotated[
         Optional[str],
         typer.Option(help="The server's endpoint (default: serve.endpoint of the config; on loopback when it binds every interface)."),
@@ -127,8 +128,9 @@ def predict(
     from cl_agent.inference import InferenceClient, print_predictions
 
     cfg = resolve_config(config, set_)
-    if endpoint is not None and endpoint_problem(endpoint):
-        fail(f"--endpoint {endpoint!r}: {endpoint_problem(endpoint)}")
+    problem = endpoint_problem(endpoint) if endpoint is not None else None
+    if problem:
+        fail(f"--endpoint {endpoint!r}: {problem}")
     if not images and not show_status:
         fail("name at least one image file or folder (or --status)")
     target = endpoint or connect_endpoint(cfg.serve.endpoint)

@@ -236,11 +236,11 @@ class InferenceClient:
 
 # --------------------------------------------------------------------------- command line
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-
-
 def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The files named, and the image files (``IMAGE_SUFFIXES``) directly inside the folders named, in order."""
+    """The files named, and the image files (``scenario.IMAGE_SUFFIXES``, as the benchmark reads) directly
+    inside the folders named, in order."""
+    from cl_agent.scenario import IMAGE_SUFFIXES
+
     files = []
     for path in map(Path, paths):
         if path.is_dir():
