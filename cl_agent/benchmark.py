@@ -25,7 +25,6 @@ import numpy as np
 
 from cl_agent.bench_profile import BenchProfile
 from cl_agent.config import TrainSection, to_dict
-from cl_agent.errors import CLAgentError
 from cl_agent.scenario import ImageFolder, ScenarioTable, build_stream, val_set
 from cl_agent.storage import atomic_write_text
 
@@ -79,18 +78,6 @@ def streamed_steps(train: TrainSection, labeled_counts: list[int]) -> int:
     from cl_agent.method import epochs_for
 
     return sum(epochs_for(train, t) * math.ceil(n / train.labeled_batch) for t, n in enumerate(labeled_counts))
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLAgentError(f"--device {device}: CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise CLAgentError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
-    return device
 
 
 def device_description(device: str) -> str:

@@ -229,7 +229,8 @@ def bench_cir(
 ) -> None:
     """Run one CIR scenario x one method x one profile; writes OUT/results.json and OUT/accuracy.png."""
     from cl_agent.bench_profile import load_profile, portable_path, profile_path
-    from cl_agent.benchmark import BenchRun, resolve_device, run_benchmark
+    from cl_agent.benchmark import BenchRun, run_benchmark
+    from cl_agent.device import resolve_device
     from cl_agent.scenario import (
         ImageFolder,
         default_data_dir,
@@ -252,7 +253,7 @@ def bench_cir(
         "scenario_table": portable_path(table_path),
         "data": portable_path(data),
     }
-    run_ = BenchRun(scenario, table, folder, bench_profile, method, seed, resolve_device(device), out, sources)
+    run_ = BenchRun(scenario, table, folder, bench_profile, method, seed, str(resolve_device(device, "--device")), out, sources)
     results = run_benchmark(run_, echo=lambda line: typer.echo(line))
     typer.echo(
         f"final accuracy {100 * results['final_accuracy']:.2f}%  mean {100 * results['mean_accuracy']:.2f}%  "

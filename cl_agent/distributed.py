@@ -186,7 +186,7 @@ def init_from_env(device: str = "auto") -> tuple[World, torch.device]:
 
     NCCL on CUDA, gloo on the CPU. Without RANK in the environment: a single process.
     """
-    from cl_agent.trainer import resolve_device
+    from cl_agent.device import resolve_device
 
     resolved = resolve_device(device)
     if "RANK" not in os.environ:

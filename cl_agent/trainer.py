@@ -24,6 +24,7 @@ from cl_agent import distributed, losses
 from cl_agent.augment import AugmentSettings, augment, normalize, to_float
 from cl_agent.checkpoint import load_state, save_state
 from cl_agent.config import ModelSection, TrainSection, build
+from cl_agent.device import resolve_device
 from cl_agent.errors import CLAgentError
 from cl_agent.memory import Memory
 from cl_agent.method import LOSS_TERMS, epochs_for, get_method, loss_weights
@@ -33,18 +34,6 @@ from cl_agent.teacher import Teachers, gather_selected, select_teacher, teacher_
 
 class TrainingDivergedError(CLAgentError):
     """A loss became NaN or infinite; the optimizer step was not taken."""
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:
-        raise CLAgentError(f"device = {device!r}: {e}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CLAgentError(f"device = {device!r}: CUDA is not available on this machine")
-    return resolved
 
 
 def rotate_four_ways(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +111,7 @@ class Trainer:
                 f"{distributed.MIN_ROWS_PER_RANK * self.world.size} (the global batch is split across the processes)"
             )
         self.model_config, self.train_config, self.seed = model, train, seed
-        self.device = distributed.rank_device(resolve_device(device), self.world)
+        self.device = distributed.rank_device(resolve_device(device, "device"), self.world)
         self.method = get_method(train.method)
         with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
             torch.manual_seed(seed)

@@ -33,6 +33,7 @@ import torch
 
 from cl_agent.errors import CLAgentError
 from cl_agent.config import AgentConfig
+from cl_agent.device import resolve_device
 from cl_agent.experience import ExperienceStore
 from cl_agent.labels import LabelMap
 from cl_agent.repository import OPTIMIZED_FILE, Announcer, ModelRepository, OptimizedModel
@@ -54,15 +55,6 @@ class UpdateInterrupted(Exception):
 class TrainerSetupError(CLAgentError):
     """The trainer cannot start with this configuration (unknown backbone, no CUDA, a checkpoint of
     another model): restarting it would fail the same way."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLAgentError(f"agent.device = {name!r} but no CUDA device is available")
-    return device
 
 
 def online_accuracy(logits: torch.Tensor, labels: np.ndarray, class_names: list[str]) -> dict:
@@ -369,7 +361,7 @@ def update_loop(
     """Run updates until ``stop`` is set (the trainer process's main loop)."""
     stop = stop or threading.Event()
     try:
-        updater = Updater(cfg, resolve_device(cfg.agent.device))
+        updater = Updater(cfg, resolve_device(cfg.agent.device, "agent.device"))
     except CLAgentError as e:
         raise TrainerSetupError(str(e)) from None
     if updater.recovered is not None and on_result is not None:

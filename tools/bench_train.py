@@ -37,7 +37,8 @@ import torch
 from cl_agent import distributed
 from cl_agent.config import ModelSection, TrainSection
 from cl_agent.teacher import teacher_outputs
-from cl_agent.trainer import Trainer, resolve_device
+from cl_agent.device import resolve_device
+from cl_agent.trainer import Trainer
 
 
 def _sync(device: torch.device) -> None:
