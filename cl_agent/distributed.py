@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import socket
@@ -165,7 +166,12 @@ def data_parallel(module: nn.Module, device: torch.device, world: World) -> nn.M
     if not world.active:
         return module
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True, forward_sync_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return ddp(module, device_ids=device_ids, find_unused_parameters=True, forward_sync_buffers=False)
+    # Older torch: broadcast_buffers=False also skips the buffer sync at construction; do it here.
+    world.broadcast_buffers(module)
+    return ddp(module, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False)
 
 
 def check_agent_nproc(nproc: int) -> None:
