@@ -282,7 +282,9 @@ def nan_model(path: Path) -> Path:
         [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", SIZE, SIZE, 3])],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", len(CLASSES)]) for name in ("logits", "probs")],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7  # not the installed onnx's newest: onnxruntime may read only older IR versions
+    onnx.save(model, str(path))
     return path
 
 
