@@ -1,4 +1,5 @@
-"""The one place that turns a device name ("auto", "cpu", "cuda", "cuda:N") into a torch.device."""
+"""Devices: the one place that turns a device name ("auto", "cpu", "cuda", "cuda:N") into a torch.device,
+and host-to-device copies that do not stall the host."""
 
 from __future__ import annotations
 
@@ -42,3 +43,15 @@ def resolve_device(name: str | torch.device, what: str = "device") -> torch.devi
             )
         return torch.device("cuda", index)
     return torch.device("cuda")
+
+
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory without waiting for the copy.
+
+    A plain ``.to("cuda")`` of pageable memory waits until the GPU has run everything queued
+    before it. The training step issues a few such small copies (random augmentation
+    parameters, memory slots) per batch; pinned, asynchronous copies keep the host issuing work.
+    """
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)

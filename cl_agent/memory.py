@@ -15,6 +15,8 @@ import bisect
 
 import torch
 
+from cl_agent.device import to_device
+
 
 class Memory:
     def __init__(self, capacity: int, feature_dim: int, num_classes: int, device: torch.device | str = "cpu"):
@@ -28,8 +30,11 @@ class Memory:
     def __len__(self) -> int:
         return self.size
 
-    def _slot_for(self, label: int, gen: torch.Generator) -> int | None:
-        """Where a new item of ``label`` goes, updating the bookkeeping; None = not stored."""
+    def _slot_for(self, label: int, draws: tuple[float, float]) -> int | None:
+        """Where a new item of ``label`` goes, updating the bookkeeping; None = not stored.
+
+        ``draws`` are two uniform numbers in [0, 1) that pick the class and the slot to replace.
+        """
         if self.size < self.capacity:
             self.size += 1
             slot = self.size - 1
@@ -38,11 +43,11 @@ class Memory:
             counts[label] = counts.get(label, 0) + 1
             top = max(counts.values())
             largest = sorted(c for c, n in counts.items() if n == top)
-            victim = largest[int(torch.randint(len(largest), (1,), generator=gen))]
+            victim = largest[int(draws[0] * len(largest))]
             if not self.slots.get(victim):
                 return None  # the new item's own class is the largest and holds nothing (capacity < classes)
             victims = self.slots[victim]
-            slot = victims.pop(int(torch.randint(len(victims), (1,), generator=gen)))
+            slot = victims.pop(int(draws[1] * len(victims)))
         bisect.insort(self.slots.setdefault(label, []), slot)
         return slot
 
@@ -51,22 +56,23 @@ class Memory:
         if self.capacity == 0:
             return
         labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+        draws = torch.rand(len(labels), 2, generator=gen, dtype=torch.float64).tolist()  # one call, not two per item
         written: dict[int, int] = {}  # slot -> item written there (a later item in the same call wins)
         for i, label in enumerate(labels):
-            slot = self._slot_for(label, gen)
+            slot = self._slot_for(label, draws[i])
             if slot is not None:
                 written[slot] = i
         if written:
-            where = torch.tensor(list(written.keys())).to(self.labels.device)
-            which = torch.tensor(list(written.values())).to(features.device)
+            slots = torch.tensor([list(written), list(written.values()), [labels[i] for i in written.values()]])
+            where, which, new_labels = to_device(slots, self.labels.device)  # one copy for the three
             self.features[where] = features[which].to(self.features)
             self.logits[where] = logits[which].to(self.logits)
-            self.labels[where] = torch.tensor([labels[i] for i in written.values()]).to(self.labels.device)
+            self.labels[where] = new_labels
 
     def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Up to n distinct random items: features (n, D), labels (n,), logits (n, K)."""
         n = min(n, len(self))
-        index = torch.randperm(len(self), generator=gen)[:n].to(self.labels.device)
+        index = to_device(torch.randperm(len(self), generator=gen)[:n], self.labels.device)
         return self.features[index], self.labels[index], self.logits[index]
 
     def class_counts(self) -> dict[int, int]:

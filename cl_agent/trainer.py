@@ -24,7 +24,7 @@ from cl_agent import distributed, losses
 from cl_agent.augment import AugmentSettings, augment, normalize, to_float
 from cl_agent.checkpoint import load_state, save_state
 from cl_agent.config import ModelSection, TrainSection, build
-from cl_agent.device import resolve_device
+from cl_agent.device import resolve_device, to_device
 from cl_agent.errors import CLAgentError
 from cl_agent.memory import Memory
 from cl_agent.method import LOSS_TERMS, epochs_for, get_method, loss_weights
@@ -348,12 +348,12 @@ class Trainer:
         start = time.perf_counter()
         for _ in range(planned):
             if position >= len(order):  # a new epoch over the labeled data
-                order, position = torch.randperm(len(labeled), generator=self.generator).to(self.device), 0
+                order, position = to_device(torch.randperm(len(labeled), generator=self.generator), self.device), 0
             end = position + batch + (1 if len(order) - (position + batch) == 1 else 0)  # no 1-image batch (BN)
             index = order[position:end]
             position = end
             pick = torch.randperm(len(unlabeled), generator=self.generator)[: self.train_config.unlabeled_batch]
-            values = self.step(labeled[index], labels[index], unlabeled[pick.to(self.device)])
+            values = self.step(labeled[index], labels[index], unlabeled[to_device(pick, self.device)])
             done += 1
             for name, value in values.items():
                 sums[name] += value

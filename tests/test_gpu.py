@@ -215,3 +215,26 @@ def test_the_agent_learns_on_the_device_and_serves_the_new_version(device, tmp_p
             agent.kill9()
     (record,) = read_experience_records(cfg.agent.workdir)
     assert record["labeled"] == 32 and record["version"] == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_host_to_device_copies_arrive_whole_and_the_memory_replays_what_it_stored(device):
+    from cl_agent.device import to_device
+    from cl_agent.memory import Memory
+
+    values = torch.arange(10_000, dtype=torch.float32)
+    copies = [to_device(values * k, torch.device(device)) for k in range(3)]  # sources freed at once
+    for k, copy in enumerate(copies):
+        assert copy.device.type == device and torch.equal(copy.cpu(), values * k)
+
+    memory = Memory(capacity=8, feature_dim=4, num_classes=5, device=device)
+    gen = torch.Generator().manual_seed(0)
+    for start in range(0, 40, 10):
+        labels = torch.arange(start, start + 10) % 5
+        features = labels.float().unsqueeze(1).expand(10, 4).contiguous().to(device)
+        memory.add(features, torch.nn.functional.one_hot(labels, 5).float().to(device), labels.to(device), gen)
+    features, labels, logits = memory.sample(8, gen)
+    assert features.device.type == device and len(labels) == 8
+    assert torch.equal(features[:, 0].cpu(), labels.float().cpu())  # every row kept its own item's values
+    assert torch.equal(logits.argmax(1).cpu(), labels.cpu())
+    assert sorted(memory.class_counts().values()) == [1, 1, 2, 2, 2]  # class-balanced
