@@ -126,8 +126,9 @@ def test_mirrored_batches_give_the_single_process_update(runs):
         assert difference.norm() < MIRRORED_RELATIVE_L2 * update.norm()
         assert (difference.abs() > 1e-4).float().mean() < MIRRORED_FAR_FRACTION
         for name in reference:
-            if name.endswith("running_mean"):
-                assert torch.allclose(sharded["student"][name], reference[name], atol=1e-3), name
+            if name.endswith("running_mean"):  # follows the weights, so held to the same relative bound
+                moved = (reference[name] - initial[name]).norm()
+                assert (sharded["student"][name] - reference[name]).norm() < MIRRORED_RELATIVE_L2 * moved, name
             elif not reference[name].is_floating_point():
                 assert torch.equal(sharded["student"][name], reference[name]), name  # num_batches_tracked
         assert sharded["losses"] == pytest.approx(single["mirrored"]["losses"], rel=1e-5)
