@@ -185,7 +185,7 @@ class TrainSection:
     randaugment_ops: int = field(default=2, metadata=_range(ge=0))  # RandAugment ops per image
     randaugment_magnitude: int = field(default=9, metadata=_range(ge=0, le=30))  # RandAugment magnitude
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True  # channels_last memory format on CUDA
+    channels_last: bool = True  # channels_last memory format on CUDA (not applied with compile)
     compile: bool = False  # torch.compile the student
     nproc: int = field(default=1, metadata=_range(ge=1))  # processes (torchrun / DDP) for an update
 

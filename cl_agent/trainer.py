@@ -117,7 +117,9 @@ class Trainer:
             torch.manual_seed(seed)
             self.student = distributed.synchronised_batchnorm(create_student(model), self.device, self.world).to(self.device)
         self.cuda = self.device.type == "cuda"
-        self.memory_format = torch.channels_last if (train.channels_last and self.cuda) else torch.contiguous_format
+        # not with compile: torch.compile picks its own layouts (and channels_last + compile failed in backward on torch 2.11)
+        channels_last = train.channels_last and self.cuda and not train.compile
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.student.to(memory_format=self.memory_format)
         self.teachers = Teachers(
             self.student,

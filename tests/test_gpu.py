@@ -238,3 +238,13 @@ def test_host_to_device_copies_arrive_whole_and_the_memory_replays_what_it_store
     assert torch.equal(features[:, 0].cpu(), labels.float().cpu())  # every row kept its own item's values
     assert torch.equal(logits.argmax(1).cpu(), labels.cpu())
     assert sorted(memory.class_counts().values()) == [1, 1, 2, 2, 2]  # class-balanced
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_compiled_student_trains_on_cuda_in_the_contiguous_layout():
+    (experiences, _) = make_stream(num_experiences=1, classes_per_experience=2, per_class=8, unlabeled=16, seed=0)
+    trainer = Trainer(tiny_model(2), tiny_train(compile=True), device="cuda", seed=0)
+    assert trainer.memory_format == torch.contiguous_format  # channels_last is left to torch.compile
+    result = trainer.train_experience(*experiences[0], steps=2)
+    assert np.isfinite(result["loss"]) and result["steps"] == 2
