@@ -201,4 +201,3 @@ def augment(images: torch.Tensor, settings: AugmentSettings, gen: torch.Generato
         idx = index[a:b]
         x[idx] = _colour(name, x[idx], signs[a:b], settings.magnitude)
     return x
-
