@@ -144,9 +144,18 @@ class LabeledClient:
         self._connect()
         now = time.monotonic()
         for seq, (parts, _) in list(self._pending.items()):
-            self._socket.send_multipart([b"", *parts])
+            self._send(parts)
             self._pending[seq] = (parts, now)
             self.resent += 1
+
+    def _send(self, parts: list[bytes]) -> None:
+        """Queue a message without blocking. When no connection can take it (say, a refused CURVE
+        handshake), it stays pending: the timeout reconnects and resends it, then gives up after
+        ``retries``. A blocking send would wait there for ever."""
+        try:
+            self._socket.send_multipart([b"", *parts], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def close(self) -> None:
         if self._socket is not None:
@@ -180,7 +189,7 @@ class LabeledClient:
             raise CLAgentError(f"not sent: {e}") from None
         _check_size(parts, self.max_message_bytes, f"a {kind} message of {len(payloads)} images")  # nothing sent or queued
         self.next_seq += 1
-        self._socket.send_multipart([b"", *parts])
+        self._send(parts)
         self._pending[seq] = (parts, time.monotonic())
         return seq
 

@@ -115,6 +115,7 @@ class InferenceClient:
     def _connect(self) -> zmq.Socket:
         socket = self._context.socket(zmq.REQ)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDTIMEO, self.timeout_ms)  # no connection to take a request: an attempt fails, no hang
         return connect(socket, self.endpoint)
 
     def status(self, reset_recent: bool = False) -> dict:
@@ -175,7 +176,12 @@ class InferenceClient:
             if self._socket is None:
                 self._socket = self._connect()
             sent = time.perf_counter()
-            self._socket.send_multipart(request)
+            try:
+                self._socket.send_multipart(request)
+            except zmq.Again:  # no connection took it within the timeout
+                self._socket.close()
+                self._socket = None
+                continue
             if self._wait_for_reply(self._socket, sent, self._round_trip_s.get(images)):
                 frames = self._socket.recv_multipart()
                 if self.spin_us:

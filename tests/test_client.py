@@ -126,3 +126,43 @@ def test_a_bad_label_is_refused_before_sending_not_truncated(tmp_path):
         assert client.send(images(2), ["a", "circle"]).ok and client.in_flight == 0
         client.close()
         assert service.counters()["labeled_images_acked"] == 2
+
+
+def _no_pipe_until_connected(monkeypatch, module):
+    """Make the client's socket hold messages only once a connection is up (ZMQ_IMMEDIATE), as a socket
+    whose CURVE handshake is refused does: a blocking send would then wait for ever."""
+    real_connect = module.connect
+
+    def connect(sock, endpoint, *args):
+        sock.immediate = 1
+        return real_connect(sock, endpoint, *args)
+
+    monkeypatch.setattr(module, "connect", connect)
+
+
+@pytest.mark.timeout(30)
+def test_a_message_no_connection_takes_is_kept_and_given_up_after_the_retries(monkeypatch):
+    import cl_agent.client as client_module
+
+    _no_pipe_until_connected(monkeypatch, client_module)
+    client = LabeledClient(f"tcp://127.0.0.1:{free_port()}", "robot", timeout_s=0.2, retries=1)
+    started = time.monotonic()
+    with pytest.raises(AgentUnavailable, match="after 1 retries"):
+        client.send(images(2), ["a", "b"])
+    assert time.monotonic() - started < 5
+    assert client.in_flight == 1 and client.reconnects == 1  # kept, to be resent on the next call
+    client.close()
+
+
+@pytest.mark.timeout(30)
+def test_an_inference_request_no_connection_takes_times_out(monkeypatch):
+    import cl_agent.inference as inference_module
+    from cl_agent.inference import InferenceClient, InferenceError
+
+    _no_pipe_until_connected(monkeypatch, inference_module)
+    client = InferenceClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.2, retries=1)
+    started = time.monotonic()
+    with pytest.raises(InferenceError, match="after 2 attempts"):
+        client.predict(images(1))
+    assert time.monotonic() - started < 5
+    client.close()
