@@ -180,24 +180,23 @@ def augment(images: torch.Tensor, settings: AugmentSettings, gen: torch.Generato
     for slot in range(settings.ops):
         matrix = matrix @ _geometric_matrices(op[slot], sign[slot], settings.magnitude)
 
-    # the colour ops each image drew, per slot, as (slot, name, where its images start in `chosen`)
-    chosen, applied, start = [], [], 0
+    # the colour ops each image drew, slot by slot: (name, where its images start and end in `chosen`)
+    chosen, signs, applied, start = [], [], [], 0
     for slot in range(settings.ops):
         for name in COLOUR_OPS:
             idx = (op[slot] == OPS.index(name)).nonzero().flatten()
             if idx.numel():
                 chosen.append(idx)
-                applied.append((slot, name, start, start + idx.numel()))
+                signs.append(sign[slot][idx])
+                applied.append((name, start, start + idx.numel()))
                 start += idx.numel()
-    index = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
-    signs = torch.cat([sign[slot][idx] for (slot, *_), idx in zip(applied, chosen)]) if chosen else torch.zeros(0)
-    packed = to_device(torch.cat([matrix[:, :2].flatten(), signs, index.float()]), x.device)
+    packed = to_device(torch.cat([matrix[:, :2].flatten(), *signs, *(idx.float() for idx in chosen)]), x.device)
     theta = packed[: 6 * n].view(n, 2, 3)
     signs, index = packed[6 * n : 6 * n + start], packed[6 * n + start :].long()
 
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    for slot, name, a, b in applied:
+    for name, a, b in applied:
         idx = index[a:b]
         x[idx] = _colour(name, x[idx], signs[a:b], settings.magnitude)
     return x
