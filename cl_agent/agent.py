@@ -71,6 +71,7 @@ def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (via ``stop``)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from cl_agent.export import ExportError
     from cl_agent.updater import TrainerSetupError, update_loop
 
     _child_logging(cfg, "trainer.log", to_stderr)
@@ -98,6 +99,10 @@ def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to
         log.error("trainer cannot start: %s", error)
         results.put({"error": str(error), "fatal": True})
         raise SystemExit(2) from None
+    except ExportError as error:  # the export or its parity check refused the model: nothing was published
+        log.exception("trainer failed to export")
+        results.put({"error": f"{type(error).__name__}: {error}", "publish_failed": True})
+        raise SystemExit(1) from None
     except Exception as error:  # noqa: BLE001 - report to the parent, which logs and restarts
         log.exception("trainer failed")
         results.put({"error": f"{type(error).__name__}: {error}"})
@@ -309,8 +314,11 @@ class Agent:
                 self.stop_requested.set()
                 continue
             if "error" in item:
+                # The trainer process raised and exits: _supervise counts it as a trainer failure when
+                # it schedules the restart. Only an export that was refused is a publish failure too.
                 log.error("trainer reported: %s", item["error"])
-                metrics.inc_publish_failures()
+                if item.get("publish_failed"):
+                    metrics.inc_publish_failures()
                 continue
             state["last_experience"] = item["experience"]
             if item.get("skipped"):  # nothing trained or published: the served model and the metrics stay
@@ -348,6 +356,7 @@ class Agent:
             if self.stop_requested.is_set():  # it could not start at all: no restart
                 return
             self.trainer_restarts += 1
+            metrics.inc_trainer_failures()
             pause = min(30.0, 2.0**self.trainer_restarts)
             log.error("trainer exited with code %s; restarting in %.0f s", self.trainer.exitcode, pause)
             self._restart_at["trainer"] = now + pause

@@ -46,6 +46,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "published_version": ("gauge", (), "Newest model version published to the repository"),
     "served_version": ("gauge", (), "Model version the server reports it is serving"),
     "publish_failures_total": ("counter", (), "Exports or publishes that failed (the previous version stays)"),
+    "trainer_failures_total": ("counter", (), "Trainer processes that failed (raised or were killed) and were restarted"),
 }
 
 
@@ -211,6 +212,9 @@ class AgentMetrics:
 
     def inc_publish_failures(self, n: int = 1) -> None:
         self._metrics["publish_failures_total"].inc(n)
+
+    def inc_trainer_failures(self, n: int = 1) -> None:
+        self._metrics["trainer_failures_total"].inc(n)
 
     # ------------------------------------------------------------------ reading
 

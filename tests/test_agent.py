@@ -154,3 +154,70 @@ def test_a_killed_trainer_is_replaced_reports_through_its_own_channel_and_the_ag
             agent.kill9()
     state = read_state(cfg.agent.workdir)
     assert state["status"] == "stopped" and state["model_version"] == 2 and state["last_experience"] == 1
+
+
+def _dead_trainer(code: int):
+    """A real child process that has already exited with ``code`` (what _supervise finds after a crash)."""
+    import multiprocessing as mp
+    import os
+
+    process = mp.get_context("fork").Process(target=os._exit, args=(code,))
+    process.start()
+    process.join(10)
+    return process
+
+
+@pytest.mark.parametrize(
+    ("item", "publish_failures"),
+    [
+        ({"error": "RuntimeError: out of memory"}, 0),  # the trainer crashed: not a publish failure
+        ({"error": "ExportError: parity check failed", "publish_failed": True}, 1),  # a refused export is both
+    ],
+)
+def test_a_trainer_crash_counts_as_a_trainer_failure_and_only_a_refused_export_as_a_publish_failure(
+    tmp_path, item, publish_failures
+):
+    import queue
+
+    from cl_agent.agent import Agent
+    from cl_agent.metrics import AgentMetrics
+
+    cfg, _ = tiny_agent_config(tmp_path)
+    agent = Agent(cfg)
+    metrics = AgentMetrics()
+    agent.results = queue.Queue()  # what the dead trainer put before it exited
+    agent.results.put(item)
+    agent.trainer = _dead_trainer(1)
+    agent._supervise({}, metrics, None)
+
+    assert agent.results.empty()
+    assert metrics.value("trainer_failures_total") == 1
+    assert metrics.value("publish_failures_total") == publish_failures
+    assert "trainer" in agent._restart_at  # restarted (after its pause), not stopped
+
+
+def test_the_trainer_process_marks_a_refused_export_as_a_publish_failure(tmp_path, monkeypatch):
+    import multiprocessing as mp
+    import os
+
+    import cl_agent.updater
+    from cl_agent.agent import _trainer_main
+    from cl_agent.export import ExportError
+
+    def refused(*args, **kwargs):
+        raise ExportError("parity check failed: top-1 differs from torch on 3 of 8 images")
+
+    monkeypatch.setattr(cl_agent.updater, "update_loop", refused)
+    cfg, _ = tiny_agent_config(tmp_path)
+    ctx = mp.get_context("fork")  # the child inherits the refusing update loop
+    receive, send = ctx.Pipe(duplex=False)
+    results = ctx.Queue()
+    trainer = ctx.Process(target=_trainer_main, args=(cfg, receive, results, os.getpid(), False))
+    trainer.start()
+    try:
+        item = results.get(timeout=30)
+    finally:
+        trainer.join(30)
+        send.close()
+    assert item == {"error": "ExportError: parity check failed: top-1 differs from torch on 3 of 8 images", "publish_failed": True}
+    assert trainer.exitcode == 1

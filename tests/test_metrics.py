@@ -68,6 +68,7 @@ def test_http_scrape_shows_updated_metrics():
     m.set_published_version(3)
     m.set_served_version(2)
     m.inc_publish_failures()
+    m.inc_trainer_failures(2)
 
     server, port = m.serve_http("127.0.0.1", 0)
     try:
@@ -98,6 +99,7 @@ def test_http_scrape_shows_updated_metrics():
         "cl_agent_published_version 3.0",
         "cl_agent_served_version 2.0",
         "cl_agent_publish_failures_total 1.0",
+        "cl_agent_trainer_failures_total 2.0",
     ]:
         assert expected in lines, expected
 
