@@ -178,12 +178,12 @@ class Server:
         for version in reversed(versions):
             if version <= current:
                 return
-            key = self._refusal_key(version)
+            key, manifest = self._refusal_key(version)
             if key is None or key in self._failed:
                 continue
             started = time.perf_counter()
             try:
-                model = load_model(self.repository, version, self.serve)
+                model = load_model(self.repository, version, self.serve, manifest)
             except ModelLoadError as e:
                 self._failed.add(key)
                 self.counters["swap_failures"] += 1
@@ -201,29 +201,31 @@ class Server:
             )
             return
 
-    def _refusal_key(self, version: int) -> tuple[int, str, int, int] | None:
-        """What identifies ``version``'s bytes: (version, manifest sha256, model file size, mtime_ns).
+    def _refusal_key(self, version: int) -> tuple[tuple[int, str, int, int] | None, dict | None]:
+        """What identifies ``version``'s bytes: (version, manifest sha256, model file size, mtime_ns), and its
+        manifest (read once: the load checks the model against this same manifest).
 
-        None when it cannot be served as it is: gone (retention removed it after the listing), or
+        (None, None) when it cannot be served as it is: gone (retention removed it after the listing), or
         its manifest unreadable (warned about and counted as a swap failure once per manifest file).
         """
         folder = self.repository.version_dir(version)
         manifest_path = folder / MANIFEST_FILE
         try:
-            sha = str(self.repository.load_manifest(version).get("sha256"))
+            manifest = self.repository.load_manifest(version)
+            sha = str(manifest.get("sha256"))
             model = self.repository.model_path(version).stat()
         except (CLAgentError, OSError) as e:
             try:
                 st = manifest_path.stat()
             except OSError:
-                return None  # removed by retention between listing and reading
+                return None, None  # removed by retention between listing and reading
             bad = (version, st.st_size, st.st_mtime_ns)
             if bad not in self._bad_manifests:
                 self._bad_manifests.add(bad)
                 self.counters["swap_failures"] += 1
                 log.warning("not swapping to version %d, still serving %s: %s: %s", version, self.version, manifest_path, e)
-            return None
-        return version, sha, model.st_size, model.st_mtime_ns
+            return None, None
+        return (version, sha, model.st_size, model.st_mtime_ns), manifest
 
     def _release_retired(self) -> None:
         """Free replaced sessions here once no batch uses them: freeing one in the serving thread would stall it."""

@@ -126,10 +126,13 @@ def provider_options(providers: list[str], image_size: int, max_batch: int, trt_
     return chosen
 
 
-def load_model(repository: ModelRepository, version: int, serve: ServeSection) -> LoadedModel:
-    """Verify (sha256 against the manifest), open and warm one version; its optimised graph when it suits."""
+def load_model(repository: ModelRepository, version: int, serve: ServeSection, manifest: dict | None = None) -> LoadedModel:
+    """Verify (sha256 against the manifest), open and warm one version; its optimised graph when it suits.
+
+    ``manifest``: the version's manifest when the caller has just read it (read here otherwise).
+    """
     try:
-        manifest = repository.load_manifest(version)
+        manifest = repository.load_manifest(version) if manifest is None else manifest
         providers = choose_providers(serve.providers)
     except CLAgentError as e:
         raise ModelLoadError(f"version {version}: {e}") from None

@@ -789,3 +789,22 @@ def test_the_no_model_warning_says_what_is_wrong_with_repo_or_model(tmp_path, on
     assert _why_no_model(wrong) == f"no model 'studnet' in {tmp_path / 'models'} (models there: student)"
     (tmp_path / "models" / "empty").mkdir()
     assert "no complete version of 'empty'" in _why_no_model(ModelRepository(tmp_path / "models", "empty"))
+
+
+def test_a_new_version_is_loaded_against_the_manifest_read_once(repo, onnx_models):
+    """The watcher reads a new version's manifest once: the refusal key and the sha256 check use the same read."""
+    publish(repo, onnx_models[0])
+    reads: list[int] = []
+    load_manifest = repo.load_manifest
+
+    def counting(version: int) -> dict:
+        reads.append(version)
+        return load_manifest(version)
+
+    repo.load_manifest = counting
+    with Server(repo, serve_section(poll_s=3600)) as server:
+        assert server.version == 1 and reads == [1]
+        publish(repo, onnx_models[1])
+        server.check_now()
+        assert wait_for(lambda: server.version == 2)
+        assert reads == [1, 2]
