@@ -237,6 +237,8 @@ class Agent:
         state = initial_state(metrics_port=metrics_server.port if metrics_server else None, metrics_host=cfg.metrics.host)
         state["heartbeat_s"] = cfg.metrics.state_interval_s
         state["model_version"] = self._latest_version()
+        if state["model_version"] is not None:  # published before this start: not "none published yet"
+            metrics.set_published_version(state["model_version"])
         records = read_experience_records(self.workdir)
         state["last_experience"] = records[-1]["experience"] if records else None
         ingest = IngestService(
@@ -248,6 +250,8 @@ class Agent:
         if cfg.agent.host_server:
             self._start_server()
         view = self.view
+        if view is not None and state["model_version"] is not None:
+            view.update({"published_version": state["model_version"]})
         if cfg.agent.host_server:
             threading.Thread(
                 target=self._watch_served_version, args=(state, metrics, view), name="served-version", daemon=True

@@ -145,9 +145,13 @@ class LiveView:
         if f.get("backlog") is not None:
             ingest += f"  backlog {f['backlog']}"
 
-        model = "model  "
-        for key, label in (("published_version", "published"), ("served_version", "served")):
-            model += f" {label} " + ("-" if f.get(key) is None else f"v{f[key]}")
+        published, served = f.get("published_version"), f.get("served_version")
+        if published is None and served is None:
+            model = "model   none published yet"
+        else:
+            # served unknown: no hosted server, or it has not answered which version it serves yet
+            model = "model   published " + ("none yet" if published is None else f"v{published}")
+            model += "  served " + ("unknown" if served is None else f"v{served}")
         if f.get("online_accuracy") is not None:
             model += f"  online accuracy {f['online_accuracy']:.3f}"
         return [head, loss, ingest, model]

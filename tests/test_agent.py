@@ -221,3 +221,32 @@ def test_the_trainer_process_marks_a_refused_export_as_a_publish_failure(tmp_pat
         send.close()
     assert item == {"error": "ExportError: parity check failed: top-1 differs from torch on 3 of 8 images", "publish_failed": True}
     assert trainer.exitcode == 1
+
+
+def test_a_restarted_agent_shows_the_version_published_before_it_started(tmp_path):
+    import io
+    import signal
+    import threading
+
+    from cl_agent.agent import Agent
+    from cl_agent.console import LiveView
+
+    cfg, _ = tiny_agent_config(tmp_path, **{"agent.host_server": False, "agent.grace_period_s": 10.0})
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not read here")
+    ModelRepository(cfg.repository.root, cfg.agent.model_name).publish(
+        model, {"class_names": ["a", "b"], "image_size": 16, "experience_index": 0}
+    )
+    view = LiveView(io.StringIO(), interval_s=60.0)
+    agent = Agent(cfg, view)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stopper = threading.Timer(1.0, agent.stop_requested.set)
+    stopper.start()
+    try:
+        agent.run()
+    finally:
+        stopper.cancel()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert "model   published v1  served unknown" in view.lines()
+    assert "none published yet" not in view.stream.getvalue()

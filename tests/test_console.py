@@ -31,7 +31,7 @@ def test_non_tty_prints_one_line_per_interval():
     view.update({"experience": 3, "phase": "training", "step": 10, "steps": 40, "ingest": {"labeled": 100, "frame": 0}})
     view.update({"step": 20, "losses": {"ce": 0.5, "mlkd": 0.125}})  # within the interval: not printed yet
     assert stream.getvalue().splitlines() == [
-        "experience 3 training step 10/40 [#####---------------] 25% | loss - | ingest - | model published - served -"
+        "experience 3 training step 10/40 [#####---------------] 25% | loss - | ingest - | model none published yet"
     ]
 
     clock.now += 5.0
@@ -97,3 +97,18 @@ def test_from_section():
     assert LiveView.from_section(MetricsSection(console=False), io.StringIO()) is None
     view = LiveView.from_section(MetricsSection(console_interval_s=2.5), io.StringIO())
     assert view.interval_s == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, "model   none published yet"),
+        ({"published_version": 3}, "model   published v3  served unknown"),
+        ({"served_version": 2}, "model   published none yet  served v2"),
+        ({"published_version": 3, "served_version": 2, "online_accuracy": 0.62}, "model   published v3  served v2  online accuracy 0.620"),
+    ],
+)
+def test_the_model_line_says_in_words_what_is_not_known_yet(fields, expected):
+    view = LiveView(io.StringIO(), interval_s=60.0, clock=FakeClock())
+    view.update(fields)
+    assert view.lines()[-1] == expected
