@@ -289,8 +289,38 @@ class LabeledClient:
         return 1
 
 
+# The frame socket the agent binds for each camera socket type, and the other pairing.
+_FRAME_PAIRS = {"push": ("PUSH", "pull", "PULL"), "pub": ("PUB", "sub", "SUB")}
+_MONITOR_EVENTS = (
+    zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+class PeerRefused(CLAgentError):
+    """The agent closed the connection during the handshake: its frame socket does not take this socket type."""
+
+
+def refused_message(endpoint: str, socket_type: str) -> str:
+    """The error for a frame connection the agent refused in the handshake, naming both socket types and the fix."""
+    ours, agent_value, agent_kind = _FRAME_PAIRS[socket_type]
+    other = "pub" if socket_type == "push" else "push"
+    other_ours, other_value, other_kind = _FRAME_PAIRS[other]
+    return (
+        f"the agent at {endpoint} refused a {ours} connection: its frame socket is not a {agent_kind} "
+        f"(it expects {other_ours}, from ingest.frame_socket: {other_value}, or REQ, from router); "
+        f"use --socket {other} (socket_type={other!r}) or set ingest.frame_socket: {agent_value} on the agent"
+    )
+
+
 class FrameClient:
-    """Sends camera frames; never blocks: a frame the socket cannot take now is dropped and counted."""
+    """Sends camera frames; never blocks: a frame the socket cannot take now is dropped and counted.
+
+    A socket monitor watches the handshakes. ZeroMQ closes a connection whose socket types do not
+    pair (PUB to the agent's PULL, PUSH to its SUB or ROUTER) and never retries it, so every frame
+    would vanish; instead ``send`` raises ``PeerRefused`` (a CLAgentError) naming both socket types.
+    A CURVE refusal (wrong keys) is not reported this way: the handshake fails with an AUTH event.
+    """
 
     def __init__(
         self,
@@ -308,18 +338,71 @@ class FrameClient:
         self.max_message_bytes = message_limit(max_message_bytes)
         if socket_type not in kinds:
             raise ValueError(f"socket_type must be push or pub, got {socket_type!r}")
+        self.endpoint = endpoint
+        self.socket_type = socket_type
         self.sender = sender or default_sender("camera")
         self.seq = 0
         self.sent = 0
         self.dropped = 0
+        self.connected = False  # a handshake with the agent has succeeded (and the connection not lost since)
+        self._handshaking = False  # a TCP connection is up, its handshake not finished
+        self._auth_failed = False  # the current connection's handshake failed CURVE authentication
+        self._refused: str | None = None
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(kinds[socket_type])
         self._socket.linger = 500  # close() still delivers what is queued, for half a second at most
         self._socket.sndhwm = hwm
-        connect(self._socket, endpoint, (curve_secret_key, curve_server_key))
+        self._monitor = self._socket.get_monitor_socket(_MONITOR_EVENTS)
+        try:
+            connect(self._socket, endpoint, (curve_secret_key, curve_server_key))
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_events(self) -> None:
+        """Drain the monitor without blocking and follow each connection's handshake."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._refused is None:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_CONNECTED:
+                self._handshaking, self._auth_failed = True, False
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaking, self.connected = False, True
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._auth_failed = True
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and not self._auth_failed:
+                self._refused = refused_message(self.endpoint, self.socket_type)
+            elif event == zmq.EVENT_DISCONNECTED:
+                if self._handshaking and not self._auth_failed:
+                    # The agent hung up before the handshake ended: libzmq does this to a socket-type mismatch.
+                    self._refused = refused_message(self.endpoint, self.socket_type)
+                self._handshaking = self.connected = False
+
+    def check(self) -> None:
+        """Raise PeerRefused if the agent refused this socket type (reads the monitor; never blocks)."""
+        self._read_events()
+        if self._refused is not None:
+            raise PeerRefused(self._refused)
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a handshake: True once one succeeded, False if none yet; PeerRefused if refused."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check()
+            remaining = deadline - time.monotonic()
+            if self.connected or remaining <= 0:
+                return self.connected
+            self._monitor.poll(min(remaining, 0.05) * 1000)
 
     def send_encoded(self, payload: bytes, shape: Sequence[int], *, encoding: str = "jpeg", **fields) -> bool:
-        """Send one encoded frame; returns False if it was dropped (the agent's queue or ours is full)."""
+        """Send one encoded frame; returns False if it was dropped (the agent's queue or ours is full).
+
+        Raises PeerRefused once the agent has refused this socket type."""
+        self.check()
         parts = pack_message("frame", self.sender, self.seq, [payload], encoding=encoding, shapes=[shape], **fields)
         _check_size(parts, self.max_message_bytes, "a frame")
         self.seq += 1  # also for dropped frames: the agent counts the gaps
@@ -337,6 +420,10 @@ class FrameClient:
         return self.send_encoded(payload, shape, encoding=encoding)
 
     def close(self) -> None:
+        if not self._monitor.closed:
+            if not self._socket.closed:  # connect() closes the socket when the endpoint is bad
+                self._socket.disable_monitor()
+            self._monitor.close(linger=0)
         self._socket.close()
 
     def __enter__(self) -> "FrameClient":

@@ -7,6 +7,11 @@
 Frames are JPEG-encoded here and sent without blocking: a frame the agent
 cannot take right now is dropped (and counted), so a slow agent never stalls
 the camera.
+
+--socket must pair with the agent's ingest.frame_socket: push for pull (the
+default), pub for sub. ZeroMQ refuses a mismatched pair during the handshake
+and would drop every frame without a word; the tool watches the handshake
+instead and stops with an error naming both socket types and the fix (exit 1).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 import cv2
 import zmq
 
-from cl_agent.client import FrameClient
+from cl_agent.client import FrameClient, PeerRefused
 from cl_agent.config import endpoint_problem
 from cl_agent.errors import CLAgentError
 from cl_agent.security import client_keys_problem
@@ -55,7 +60,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="camera index (0), video file, or RTSP/HTTP URL")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5556", help="the agent's frame endpoint")
-    parser.add_argument("--socket", choices=["push", "pub"], default="push", help="push (agent PULL) or pub (agent SUB)")
+    parser.add_argument("--socket", choices=["push", "pub"], default="push", help="push (agent ingest.frame_socket: pull) or pub (agent: sub); a mismatch stops the tool with an error")
     parser.add_argument("--width", type=_number(int, 0), default=0, help="resize to this width (0 = keep; with only one of width/height the aspect is kept)")
     parser.add_argument("--height", type=_number(int, 0), default=0, help="resize to this height")
     parser.add_argument("--quality", type=_number(int, 1, 100), default=80, help="JPEG quality 1-100")
@@ -88,6 +93,7 @@ def main() -> int:
     next_time = time.monotonic()
     count = 0
     start = time.monotonic()
+    refused: PeerRefused | None = None
     try:
         while not args.max_frames or count < args.max_frames:
             ok, bgr = capture.read()
@@ -117,11 +123,16 @@ def main() -> int:
                     next_time = time.monotonic()
     except KeyboardInterrupt:
         pass
+    except PeerRefused as e:  # the agent's frame socket does not pair with --socket: nothing would arrive
+        refused = e
     finally:
         capture.release()
         frames.close()
     elapsed = max(time.monotonic() - start, 1e-9)
     print(f"{frames.sent} frames sent, {frames.dropped} dropped, {count / elapsed:.1f} frames/s")
+    if refused is not None:
+        print(f"{parser.prog}: error: {refused}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,77 @@
+"""A camera whose socket type does not pair with the agent's frame socket is told so, not left sending into nothing."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+
+from cl_agent.client import FrameClient, PeerRefused
+from ingest_support import images, make_service, wait_until
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+@pytest.mark.parametrize(
+    "camera, agent, theirs",
+    [("pub", "pull", "PUSH"), ("push", "sub", "PUB"), ("push", "router", "PUB")],
+)
+def test_a_mismatched_camera_socket_is_refused_with_both_types_named(tmp_path, camera, agent, theirs):
+    with make_service(tmp_path, ingest={"frame_socket": agent}) as service:
+        frames = FrameClient(service.endpoints["frames"], "cam", socket_type=camera)
+        try:
+            start = time.monotonic()
+            with pytest.raises(PeerRefused) as refused:
+                frames.wait_connected(2.0)
+            assert time.monotonic() - start < 2.0
+            message = str(refused.value)
+            assert f"refused a {camera.upper()} connection" in message and f"it expects {theirs}" in message
+            assert service.endpoints["frames"] in message
+            with pytest.raises(PeerRefused):  # every later send says so too, instead of dropping the frame
+                frames.send(images(1)[0])
+        finally:
+            frames.close()
+        assert service.counters()["frames_received"] == 0
+
+
+@pytest.mark.parametrize("camera, agent", [("push", "pull"), ("pub", "sub")])
+def test_a_matching_pair_connects_and_delivers(tmp_path, camera, agent):
+    with make_service(tmp_path, ingest={"frame_socket": agent}) as service:
+        with FrameClient(service.endpoints["frames"], "cam", socket_type=camera) as frames:
+            assert frames.wait_connected(2.0)
+            assert wait_until(lambda: frames.send(images(1)[0]) and service.counters()["frames_accepted"] >= 3)
+
+
+def test_no_agent_yet_is_not_a_refusal():
+    import socket
+
+    with socket.socket() as probe:  # a free port with nobody listening: the camera keeps trying, as before
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with FrameClient(f"tcp://127.0.0.1:{port}", socket_type="pub") as frames:
+        assert frames.wait_connected(0.3) is False
+        frames.send(images(1)[0])
+
+
+def test_stream_camera_stops_with_the_fix_when_the_agent_expects_push(tmp_path):
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG video")
+    for image in images(5, 1):
+        writer.write(cv2.resize(image, (64, 48)))
+    writer.release()
+    with make_service(tmp_path / "agent") as service:  # the default frame socket: PULL
+        # --loop with no frame limit: only the refusal can end it
+        result = subprocess.run(
+            [sys.executable, str(TOOLS / "stream_camera.py"), str(video), "--endpoint", service.endpoints["frames"],
+             "--socket", "pub", "--loop", "--fps", "50"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert service.counters()["frames_received"] == 0
+    assert result.returncode == 1, result.stderr
+    assert "refused a PUB connection" in result.stderr and "it expects PUSH" in result.stderr
+    assert "--socket push" in result.stderr and "ingest.frame_socket: sub" in result.stderr
+    assert "Traceback" not in result.stderr
