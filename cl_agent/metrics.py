@@ -52,7 +52,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
 
 # A serving process's metrics (``cl-agent serve``, or the one ``cl-agent run`` hosts), read from its
 # Server's counters at each scrape: nothing is added to the request path.
-# name (without prefix) -> (type, labels, help); a counter's value is the Server counter its name names.
+# name (without prefix) -> (type, labels, help); what each unlabelled one reads is in SERVE_COUNTER_KEYS.
 SERVE_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "serve_requests_total": ("counter", (), "Requests received (infer and status), valid or not"),
     "serve_images_total": ("counter", (), "Images classified"),
@@ -65,6 +65,21 @@ SERVE_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "serve_version": ("gauge", ("model",), "Model version being served (0 before the first)"),
     "serve_largest_batch": ("gauge", (), "Most images one session run was given"),
     "serve_batch_seconds": ("gauge", ("part", "quantile"), "Over the last batches (up to 2048): time in session.run (part=inference) and around it (part=handling)"),
+}
+
+# metric name (without prefix) -> the key of ``Server.counters`` it reports. Written out, not derived
+# from the names: renaming a metric must not make it read a key the server does not have.
+# INVARIANT: every counter in SERVE_METRICS is here, and every key here is one of Server.counters.
+SERVE_COUNTER_KEYS: dict[str, str] = {
+    "serve_requests_total": "requests",
+    "serve_images_total": "images",
+    "serve_batches_total": "batches",
+    "serve_errors_total": "errors",
+    "serve_swaps_total": "swaps",
+    "serve_swap_failures_total": "swap_failures",
+    "serve_busy_seconds_total": "busy_s",
+    "serve_inference_seconds_total": "inference_s",
+    "serve_largest_batch": "largest_batch",
 }
 
 
@@ -276,14 +291,13 @@ class ServerMetrics:
         for name, (kind, labels, help_text) in SERVE_METRICS.items():
             full = f"{PREFIX}_{name}"
             if kind == "counter":
-                key = name.removeprefix("serve_").removesuffix("_total").replace("_seconds", "_s")
-                yield CounterMetricFamily(full.removesuffix("_total"), help_text, value=counters[key])
+                yield CounterMetricFamily(full.removesuffix("_total"), help_text, value=counters[SERVE_COUNTER_KEYS[name]])
                 continue
             family = GaugeMetricFamily(full, help_text, labels=labels)
             if name == "serve_version":
                 family.add_metric([self._server.repository.model_name], self._server.version or 0)
-            elif name == "serve_largest_batch":
-                family.add_metric([], counters["largest_batch"])
+            elif name in SERVE_COUNTER_KEYS:
+                family.add_metric([], counters[SERVE_COUNTER_KEYS[name]])
             else:
                 for part in ("inference", "handling"):
                     for q in self.QUANTILES:

@@ -152,3 +152,30 @@ def test_the_serving_process_metrics_port_may_not_be_the_agents():
     assert load_config(None, {"serve.metrics_port": 9109, "metrics.enabled": False}).serve.metrics_port == 9109
     assert load_config(None, {"serve.metrics_port": 9110}).serve.metrics_port == 9110
 
+
+
+def test_every_serving_metric_reads_a_counter_the_server_has_and_is_scraped_from_a_running_server(tmp_path):
+    from cl_agent.config import ServeSection
+    from cl_agent.metrics import SERVE_COUNTER_KEYS, SERVE_METRICS, ServerMetrics, serve_registry
+    from cl_agent.repository import ModelRepository
+    from cl_agent.server import Server
+
+    counters = {name for name, (kind, _, _) in SERVE_METRICS.items() if kind == "counter"}
+    assert counters <= set(SERVE_COUNTER_KEYS), "a serving counter without a Server counter key"
+    assert set(SERVE_COUNTER_KEYS) <= set(SERVE_METRICS), "a Server counter key for a metric that is not exported"
+
+    repository = ModelRepository(tmp_path / "models", "student")
+    with Server(repository, ServeSection(endpoint="tcp://127.0.0.1:*", poll_s=0.05)) as server:
+        missing = {name: key for name, key in SERVE_COUNTER_KEYS.items() if key not in server.counters}
+        assert not missing, f"metrics read keys Server.counters does not have: {missing}"
+        endpoint = serve_registry(ServerMetrics(server).registry, "127.0.0.1", 0, "serve.metrics_port")
+        try:
+            text = scrape(endpoint.url)
+        finally:
+            endpoint.stop()
+    lines = text.splitlines()
+    for name, (kind, _, _) in SERVE_METRICS.items():
+        assert f"# TYPE cl_agent_{name} {kind}" in lines, name
+    for name in counters:  # no request yet: every counter is there, at zero
+        assert f"cl_agent_{name} 0.0" in lines, name
+    assert "cl_agent_serve_largest_batch 0.0" in lines
