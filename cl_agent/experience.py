@@ -245,11 +245,44 @@ class ExperienceStore:
             keys.update((s, q) for s, q in self.meta(index)["keys"])
         return keys
 
+    def segment_bytes(self, index: int) -> int:
+        """Bytes of experience ``index``'s labeled segment in the spool (0 if the file is gone)."""
+        path = self.spool_dir / self.meta(index)["labeled_segment"]
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def untrained_bytes(self) -> int:
-        """Bytes of labeled segments of cut experiences not yet trained (count against the spool limit)."""
-        total = 0
-        for index in self.pending():
-            path = self.spool_dir / self.meta(index)["labeled_segment"]
-            if path.exists():
-                total += path.stat().st_size
-        return total
+        """Bytes of labeled segments of cut experiences not yet trained (count against the spool limit).
+
+        A full recount (lists every experience); a long-running ingest keeps ``UntrainedBytes`` instead."""
+        return sum(self.segment_bytes(index) for index in self.pending())
+
+
+class UntrainedBytes:
+    """Running total of the labeled-segment bytes of cut, untrained experiences: what counts against spool.max_bytes.
+
+    Built with one scan of the store. Afterwards the ingest process ``add``s each experience it
+    cuts, and ``refresh`` looks only at the experiences it still holds as untrained, one stat of
+    the trainer's ``trained`` marker each, subtracting those newly marked. The trainer (another
+    thread or process) needs to do nothing more than ``mark_trained``. So a refresh costs one stat
+    per experience waiting for training (their bytes are bounded by spool.max_bytes), however many
+    experiences were cut before; it never lists the store nor reads a meta.json.
+    """
+
+    def __init__(self, store: ExperienceStore):
+        self.store = store
+        self.sizes: dict[int, int] = {index: store.segment_bytes(index) for index in store.pending()}
+        self.total = sum(self.sizes.values())
+
+    def add(self, index: int, size: int) -> None:
+        """Experience ``index`` was just cut; its labeled segment holds ``size`` bytes."""
+        self.total += size - self.sizes.get(index, 0)
+        self.sizes[index] = size
+
+    def refresh(self) -> int:
+        """Drop the experiences marked trained since the last call; returns the new total."""
+        for index in [i for i in self.sizes if self.store.is_trained(i)]:
+            self.total -= self.sizes.pop(index)
+        return self.total

@@ -33,7 +33,7 @@ from cl_agent.config import (
     SpoolSection,
 )
 from cl_agent.errors import CLAgentError
-from cl_agent.experience import CUT_EXPLICIT, CUT_FULL, ExperiencePolicy, ExperienceStore
+from cl_agent.experience import CUT_EXPLICIT, CUT_FULL, ExperiencePolicy, ExperienceStore, UntrainedBytes
 from cl_agent.intake import AGENT_SENDER, Counters, EndRequest, LabeledIntake
 from cl_agent.labels import LabelMap
 from cl_agent.reservoir import Frame, Reservoir
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 FRAME_DRAIN = 512  # frames handled per wake-up before the labeled socket gets a turn
 POLL_MS = 50
-SPOOL_RECOUNT_S = 1.0  # how often the bytes of cut, untrained experiences are recounted (training frees them)
+SPOOL_RECOUNT_S = 1.0  # how often cut, untrained experiences are checked for the trainer's mark (training frees their bytes)
 MAX_TRACKED_SENDERS = 10_000  # frame senders whose last seq is remembered (to count drops)
 
 COUNTER_NAMES = (
@@ -126,6 +126,7 @@ class IngestService:
         self.on_experience = on_experience
         self.endpoints: dict[str, str] = {}
         self.spool: Spool | None = None
+        self.untrained: UntrainedBytes | None = None  # running total of cut, untrained spool bytes
         self._counters = Counters(COUNTER_NAMES)
         self.intake: LabeledIntake | None = None
         self._stop = threading.Event()
@@ -209,14 +210,15 @@ class IngestService:
 
     def _setup(self) -> None:
         cfg = self.config
+        self.untrained = UntrainedBytes(self.store)  # the one full scan; cuts and trained marks keep it up to date
         self.spool = Spool(
             self.workdir / "spool",
             self.store.last_index + 1,
             self.spool_config.max_bytes,
-            closed_bytes=self.store.untrained_bytes(),
+            closed_bytes=self.untrained.total,
             keys=self.store.committed_keys(),
         )
-        self.intake = LabeledIntake(self.spool, self.labels, self.wire, self._counters, self.store.untrained_bytes)
+        self.intake = LabeledIntake(self.spool, self.labels, self.wire, self._counters, self.untrained.refresh)
         self.context = zmq.Context()
         if cfg.curve.enabled:
             from cl_agent.security import start_authenticator
@@ -302,7 +304,7 @@ class IngestService:
                 self._cut(reason)
             if time.monotonic() - last_recount >= SPOOL_RECOUNT_S:
                 # spool_bytes reports what counts against spool.max_bytes: it falls as experiences are trained
-                self.spool.closed_bytes = self.store.untrained_bytes()
+                self.spool.closed_bytes = self.untrained.refresh()
                 last_recount = time.monotonic()
 
     # ---------------------------------------------------------------- labeled path
@@ -441,7 +443,8 @@ class IngestService:
             reason=reason,
             classes=spool.segment_classes,
         )
-        spool.cut()
+        _, _, size = spool.cut()
+        self.untrained.add(index, size)
         self._counters.add("experiences_cut")
         log.info("experience %d cut (%s): %d labeled, %d unlabeled", index, reason, self.store.meta(index)["labeled_samples"], len(frames))
         if self.on_experience is not None:
