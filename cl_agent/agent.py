@@ -71,7 +71,6 @@ def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (via ``stop``)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from cl_agent.export import ExportError
     from cl_agent.updater import TrainerSetupError, update_loop
 
     _child_logging(cfg, "trainer.log", to_stderr)
@@ -99,10 +98,6 @@ def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to
         log.error("trainer cannot start: %s", error)
         results.put({"error": str(error), "fatal": True})
         raise SystemExit(2) from None
-    except ExportError as error:  # the export or its parity check refused the model: nothing was published
-        log.exception("trainer failed to export")
-        results.put({"error": f"{type(error).__name__}: {error}", "publish_failed": True})
-        raise SystemExit(1) from None
     except Exception as error:  # noqa: BLE001 - report to the parent, which logs and restarts
         log.exception("trainer failed")
         results.put({"error": f"{type(error).__name__}: {error}"})
@@ -317,19 +312,18 @@ class Agent:
                 self.exit_code = 2
                 self.stop_requested.set()
                 continue
-            if "error" in item:
-                # The trainer process raised and exits: _supervise counts it as a trainer failure when
-                # it schedules the restart. Only an export that was refused is a publish failure too.
+            if "error" in item:  # the trainer raised and exits: _supervise counts it when it schedules the restart
                 log.error("trainer reported: %s", item["error"])
-                if item.get("publish_failed"):
-                    metrics.inc_publish_failures()
                 continue
             state["last_experience"] = item["experience"]
             if item.get("skipped"):  # nothing trained or published: the served model and the metrics stay
                 log.warning("experience %d not trained (%s); model version stays %s",
                             item["experience"], item["skipped"], state.get("model_version"))
                 continue
-            state["model_version"] = item["version"]
+            if item.get("publish_error"):  # trained, but the export was refused: the served version stays
+                metrics.inc_publish_failures()
+            else:
+                state["model_version"] = item["version"]
             metrics.inc_experiences_trained(len(item.get("merged", [item["experience"]])))
             if not item.get("recovered"):  # a recovered update's times were lost with the crash
                 metrics.observe_update(item["update_seconds"], item["losses"])
@@ -341,11 +335,12 @@ class Agent:
             log.info(
                 "experience %d trained (%d labeled, %d unlabeled) in %.1f s, online accuracy %s, published version %s",
                 item["experience"], item["labeled"], item["unlabeled"], item["update_seconds"],
-                "n/a" if item["online_accuracy"] is None else f"{item['online_accuracy']:.3f}", item["version"],
+                "n/a" if item["online_accuracy"] is None else f"{item['online_accuracy']:.3f}",
+                item["version"] if not item.get("publish_error") else f"none (export refused; {state.get('model_version')} stays)",
             )
             if view is not None:
                 view.update(
-                    {"phase": "waiting", "published_version": item["version"], "online_accuracy": item["online_accuracy"]}
+                    {"phase": "waiting", "published_version": state.get("model_version"), "online_accuracy": item["online_accuracy"]}
                 )
 
     def _supervise(self, state: dict, metrics, view) -> None:

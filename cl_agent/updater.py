@@ -35,6 +35,7 @@ from cl_agent.errors import CLAgentError
 from cl_agent.config import AgentConfig
 from cl_agent.device import resolve_device
 from cl_agent.experience import ExperienceStore
+from cl_agent.export import ExportError
 from cl_agent.labels import LabelMap
 from cl_agent.repository import OPTIMIZED_FILE, Announcer, ModelRepository, OptimizedModel
 from cl_agent.session import runtime_environment
@@ -170,7 +171,10 @@ class Updater:
         published = self._published_through()
         if published is None or published < self.last_trained:
             log.info("checkpoint of experience %d was never published: exporting it now", self.last_trained)
-            version = self._publish(self.last_trained, metrics={"recovered": True})
+            try:
+                version = self._publish(self.last_trained, metrics={"recovered": True})
+            except ExportError as e:  # as in run_once: keep the checkpoint and the served version, go on learning
+                log.error("checkpoint of experience %d not published (the served version stays): %s", self.last_trained, e)
         recovered = [i for i in self.store.pending() if i <= self.last_trained]
         recorded = {i for r in read_experience_records(self.workdir) for i in r.get("merged", [])}
         if recovered and not set(recovered) <= recorded:
@@ -241,11 +245,17 @@ class Updater:
         self._checkpoint(chosen[-1])
 
         started = time.monotonic()
-        version = self._publish(chosen[-1], metrics=_jsonable(metrics), real_images=labeled)
+        try:
+            version, refused = self._publish(chosen[-1], metrics=_jsonable(metrics), real_images=labeled), None
+        except ExportError as e:  # the training stays (checkpointed); the served version stays; the next update exports again
+            version, refused = None, str(e)
+            log.error("experience %d trained but not published (the served version stays): %s", chosen[-1], e)
         export_seconds = time.monotonic() - started
         # the record goes before the marks: a crash between them leaves a recorded, unmarked experience,
         # which _restore marks without recording it again
         record = self._record(chosen, len(pending), before, metrics, (labels, unlabeled), update_seconds, export_seconds, version)
+        if refused is not None:
+            record["publish_error"] = refused
         append_experience_record(self.workdir, record)
         for index in chosen:
             self.store.mark_trained(index)

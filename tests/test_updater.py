@@ -111,3 +111,60 @@ def test_a_restart_after_a_rollback_does_not_publish_over_it(backlog):
         assert again.recovered is None
     finally:
         again.close()
+
+
+def test_a_refused_export_keeps_the_training_and_the_served_version_and_the_next_update_publishes(backlog, monkeypatch):
+    import cl_agent.export
+    from cl_agent.export import ExportError
+
+    cfg = backlog("shorten")
+    export_onnx = cl_agent.export.export_onnx
+    refusals = {"left": 1}
+
+    def refuse_once(*args, **kwargs):
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise ExportError("parity check failed: top-1 differs from torch on 3 of 8 images")
+        return export_onnx(*args, **kwargs)
+
+    monkeypatch.setattr(cl_agent.export, "export_onnx", refuse_once)
+    repository = ModelRepository(cfg.repository.root, cfg.agent.model_name)
+    updater = Updater(cfg)
+    try:
+        refused = updater.run_once()  # trained and checkpointed, not published
+        assert refused.experiences == [0] and refused.version is None
+        assert refused.record["publish_error"].startswith("parity check failed")
+        assert repository.latest_version() is None and updater.last_trained == 0
+        published = updater.run_once()  # the trainer goes on; the next export passes
+        assert published.experiences == [1] and published.version == 1 and "publish_error" not in published.record
+    finally:
+        updater.close()
+    records = read_experience_records(cfg.agent.workdir)
+    assert [r["merged"] for r in records] == [[0], [1]] and [r["version"] for r in records] == [None, 1]
+    assert ExperienceStore(cfg.agent.workdir).pending() == [2]
+
+
+def test_a_restart_whose_export_is_refused_again_goes_on_learning(backlog, monkeypatch):
+    """A checkpoint never published is exported again on restart; a second refusal must not stop the trainer."""
+    import cl_agent.export
+    from cl_agent.export import ExportError
+
+    cfg = backlog("shorten")
+    export_onnx = cl_agent.export.export_onnx
+
+    def refuse(*args, **kwargs):
+        raise ExportError("parity check failed: max |p_onnx - p_torch| = 0.2 > export.parity_atol = 0.0001")
+
+    monkeypatch.setattr(cl_agent.export, "export_onnx", refuse)
+    updater = Updater(cfg)
+    try:
+        assert updater.run_once().version is None
+    finally:
+        updater.close()
+    again = Updater(cfg)  # exports checkpoint 0 again: refused again, and that is not a setup error
+    try:
+        assert again.last_trained == 0 and again.pending() == [1, 2]
+        monkeypatch.setattr(cl_agent.export, "export_onnx", export_onnx)
+        assert again.run_once().version == 1
+    finally:
+        again.close()
