@@ -291,6 +291,7 @@ class LabeledClient:
 
 # The frame socket the agent binds for each camera socket type, and the other pairing.
 _FRAME_PAIRS = {"push": ("PUSH", "pull", "PULL"), "pub": ("PUB", "sub", "SUB")}
+UNCLEAR_FAILURES = 3  # handshakes in a row that fail without detail (libzmq retries those) before giving up
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -298,19 +299,38 @@ _MONITOR_EVENTS = (
 
 
 class PeerRefused(CLAgentError):
-    """The agent closed the connection during the handshake: its frame socket does not take this socket type."""
+    """The agent closed the connection during the handshake: its frame socket does not take this socket type,
+    or one side uses CURVE and the other does not. libzmq does not retry such a connection."""
 
 
-def refused_message(endpoint: str, socket_type: str) -> str:
-    """The error for a frame connection the agent refused in the handshake, naming both socket types and the fix."""
+def refused_message(endpoint: str, socket_type: str, *, certain: bool = True) -> str:
+    """The error for a frame connection the agent refused in the handshake, naming both socket types and the fix.
+
+    ``certain``: the agent hung up without a word, which libzmq does to a socket-type mismatch; otherwise
+    the handshake failed several times in a row without detail, which a CURVE problem can cause too."""
     ours, agent_value, agent_kind = _FRAME_PAIRS[socket_type]
     other = "pub" if socket_type == "push" else "push"
-    other_ours, other_value, other_kind = _FRAME_PAIRS[other]
-    return (
+    other_ours, other_value, _ = _FRAME_PAIRS[other]
+    message = (
         f"the agent at {endpoint} refused a {ours} connection: its frame socket is not a {agent_kind} "
         f"(it expects {other_ours}, from ingest.frame_socket: {other_value}, or REQ, from router); "
         f"use --socket {other} (socket_type={other!r}) or set ingest.frame_socket: {agent_value} on the agent"
     )
+    if not certain:
+        message += (
+            "; or only one side uses CURVE (ingest.curve.enabled against --curve-secret/--curve-server), "
+            "or the agent cannot use this client's keys (is --curve-server the agent's public key?)"
+        )
+    return message
+
+
+def mechanism_message(endpoint: str, curve: bool) -> str:
+    """The error for a connection refused because one side uses CURVE and the other does not."""
+    if curve:
+        return (f"the agent at {endpoint} refused the connection: this client uses CURVE and the agent does not "
+                "(drop --curve-secret/--curve-server, or set ingest.curve.enabled: true on the agent)")
+    return (f"the agent at {endpoint} refused the connection: the agent uses CURVE and this client has no keys "
+            "(pass --curve-secret and --curve-server, or set ingest.curve.enabled: false on the agent)")
 
 
 class FrameClient:
@@ -319,7 +339,8 @@ class FrameClient:
     A socket monitor watches the handshakes. ZeroMQ closes a connection whose socket types do not
     pair (PUB to the agent's PULL, PUSH to its SUB or ROUTER) and never retries it, so every frame
     would vanish; instead ``send`` raises ``PeerRefused`` (a CLAgentError) naming both socket types.
-    A CURVE refusal (wrong keys) is not reported this way: the handshake fails with an AUTH event.
+    The same holds when only one side uses CURVE. A client key the agent does not authorize is not
+    reported this way (the handshake fails with an AUTH event and libzmq keeps retrying).
     """
 
     def __init__(
@@ -340,6 +361,7 @@ class FrameClient:
             raise ValueError(f"socket_type must be push or pub, got {socket_type!r}")
         self.endpoint = endpoint
         self.socket_type = socket_type
+        self._curve = bool(curve_secret_key or curve_server_key)
         self.sender = sender or default_sender("camera")
         self.seq = 0
         self.sent = 0
@@ -347,6 +369,8 @@ class FrameClient:
         self.connected = False  # a handshake with the agent has succeeded (and the connection not lost since)
         self._handshaking = False  # a TCP connection is up, its handshake not finished
         self._auth_failed = False  # the current connection's handshake failed CURVE authentication
+        self._unclear = False  # the current connection's handshake failed without detail
+        self._unclear_failures = 0  # such failures in a row
         self._refused: str | None = None
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(kinds[socket_type])
@@ -365,20 +389,31 @@ class FrameClient:
 
         while self._refused is None:
             try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+                message = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            event, value = message["event"], message["value"]
             if event == zmq.EVENT_CONNECTED:
-                self._handshaking, self._auth_failed = True, False
+                self._handshaking, self._auth_failed, self._unclear = True, False, False
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshaking, self.connected = False, True
+                self._handshaking, self.connected, self._unclear_failures = False, True, 0
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._auth_failed = True
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                self._refused = mechanism_message(self.endpoint, self._curve)
             elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and not self._auth_failed:
                 self._refused = refused_message(self.endpoint, self.socket_type)
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self._unclear = True
             elif event == zmq.EVENT_DISCONNECTED:
-                if self._handshaking and not self._auth_failed:
-                    # The agent hung up before the handshake ended: libzmq does this to a socket-type mismatch.
+                if self._handshaking and self._unclear:
+                    # e.g. the agent closed while this side was writing; libzmq retries, so only a run of them counts
+                    self._unclear_failures += 1
+                    if self._unclear_failures >= UNCLEAR_FAILURES:
+                        self._refused = refused_message(self.endpoint, self.socket_type, certain=False)
+                elif self._handshaking and not self._auth_failed:
+                    # The agent hung up before the handshake ended without a word: libzmq does this to a
+                    # socket-type mismatch, and does not retry.
                     self._refused = refused_message(self.endpoint, self.socket_type)
                 self._handshaking = self.connected = False
 

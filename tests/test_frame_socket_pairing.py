@@ -75,3 +75,25 @@ def test_stream_camera_stops_with_the_fix_when_the_agent_expects_push(tmp_path):
     assert "refused a PUB connection" in result.stderr and "it expects PUSH" in result.stderr
     assert "--socket push" in result.stderr and "ingest.frame_socket: sub" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_curve_on_one_side_only_and_a_mismatch_under_curve_are_refused_too(tmp_path):
+    from cl_agent.config import CurveSection
+    from cl_agent.security import make_keypair
+
+    server_public, server_secret = make_keypair(tmp_path / "server", "server")
+    _, client_secret = make_keypair(tmp_path / "clients", "cam")
+    curve = CurveSection(enabled=True, server_secret_key=str(server_secret), authorized_clients_dir=str(tmp_path / "clients"))
+    keys = {"curve_secret_key": client_secret, "curve_server_key": server_public}
+    with make_service(tmp_path / "secure", ingest={"curve": curve}) as secure, make_service(tmp_path / "plain") as plain:
+        cases = [
+            (secure, {}, "the agent uses CURVE and this client has no keys"),
+            (plain, keys, "this client uses CURVE and the agent does not"),
+            (secure, {"socket_type": "pub", **keys}, "refused a PUB connection"),  # encrypted: the agent hangs up without detail
+        ]
+        for service, kwargs, expected in cases:
+            with FrameClient(service.endpoints["frames"], "cam", **kwargs) as frames:
+                with pytest.raises(PeerRefused, match=expected):
+                    frames.wait_connected(3.0)
+        with FrameClient(secure.endpoints["frames"], "cam", **keys) as frames:  # the right keys still connect
+            assert frames.wait_connected(3.0)

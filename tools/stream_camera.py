@@ -12,6 +12,8 @@ the camera.
 default), pub for sub. ZeroMQ refuses a mismatched pair during the handshake
 and would drop every frame without a word; the tool watches the handshake
 instead and stops with an error naming both socket types and the fix (exit 1).
+It does the same when only one side uses CURVE (--curve-secret/--curve-server
+against ingest.curve.enabled).
 """
 
 from __future__ import annotations
