@@ -59,7 +59,12 @@ def _number(kind: type, low, high=None, *, above: bool = False):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="--socket must pair with the agent's ingest.frame_socket (push: pull, pub: sub). A mismatch, or "
+        "CURVE on one side only, is refused by ZeroMQ during the handshake: the tool then stops with exit "
+        "status 1 and an error naming both socket types and the fix, instead of losing every frame.",
+    )
     parser.add_argument("source", help="camera index (0), video file, or RTSP/HTTP URL")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5556", help="the agent's frame endpoint")
     parser.add_argument("--socket", choices=["push", "pub"], default="push", help="push (agent ingest.frame_socket: pull) or pub (agent: sub); a mismatch stops the tool with an error")
