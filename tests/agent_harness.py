@@ -9,6 +9,7 @@ import numpy as np
 
 from cl_agent.config import save_resolved
 from cl_agent.demo import TINY, local_config
+from cl_agent.errors import CLAgentError
 from cl_agent.launcher import AgentProcess
 from cl_agent.repository import ModelRepository
 from cl_agent.synthetic import CLASS_NAMES, make_batch
@@ -49,3 +50,17 @@ def wait_for_version(cfg, version: int, timeout_s: float, agent: AgentProcess | 
             raise AssertionError(f"agent exited with code {agent.process.returncode}")
         time.sleep(0.2)
     raise AssertionError(f"version {version} not published within {timeout_s} s")
+
+
+def served_version(client) -> int | None:
+    try:
+        return client.predict(np.zeros((1, 16, 16, 3), np.uint8)).model_version
+    except CLAgentError:  # no_model while the server loads its first version, or a timeout under load
+        return None
+
+
+def wait_served(client, version: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while served_version(client) != version:
+        assert time.monotonic() < deadline, f"server never moved to version {version}"
+        time.sleep(0.2)

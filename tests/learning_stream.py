@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cl_agent.config import ModelSection, TrainSection
@@ -54,3 +55,17 @@ def tiny_train(method: str = "mlkd_ssl", **overrides) -> TrainSection:
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).float().mean().item()
+
+
+def real_images(n: int, size: int) -> np.ndarray:
+    """Smooth, photo-like images (gradients + a disc), unlike uniform noise."""
+    import cv2
+
+    out = np.zeros((n, size, size, 3), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        out[i, ..., 0] = (xx * 255 // size + 20 * i) % 256
+        out[i, ..., 1] = yy * 255 // size
+        out[i, ..., 2] = 128
+        cv2.circle(out[i], (size // 2, size // 2), size // 4, (255 - 10 * i, 40, 200), -1)
+    return out

@@ -9,28 +9,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from agent_harness import AgentProcess, send_experience, tiny_agent_config, wait_for_version
+from agent_harness import AgentProcess, send_experience, tiny_agent_config, wait_for_version, wait_served
 from cl_agent.cli import app
 from cl_agent.client import FrameClient, LabeledClient
 from cl_agent.experience import ExperienceStore
-from cl_agent.errors import CLAgentError
 from cl_agent.inference import InferenceClient
 from cl_agent.repository import ModelRepository
 from cl_agent.status import read_experience_records, read_state
-
-
-def served_version(client) -> int | None:
-    try:
-        return client.predict(np.zeros((1, 16, 16, 3), np.uint8)).model_version
-    except CLAgentError:  # no_model while the server loads its first version, or a timeout under load
-        return None
-
-
-def wait_served(client, version: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while served_version(client) != version:
-        assert time.monotonic() < deadline, f"server never moved to version {version}"
-        time.sleep(0.2)
 
 
 def test_agent_learns_publishes_serves_and_survives_kill9(tmp_path):

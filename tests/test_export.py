@@ -11,6 +11,7 @@ from torch import nn
 from cl_agent.config import ExportSection
 from cl_agent.errors import CLAgentError
 from cl_agent.export import ExportError, ServingGraph, export_onnx
+from learning_stream import real_images
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -50,20 +51,6 @@ class FlipsANearTie(nn.Module):
         if torch.compiler.is_exporting():
             logits = logits + torch.tensor([4e-5, 0.0])
         return logits
-
-
-def real_images(n: int, size: int) -> np.ndarray:
-    """Smooth, photo-like images (gradients + a disc), unlike uniform noise."""
-    import cv2
-
-    out = np.zeros((n, size, size, 3), np.uint8)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(n):
-        out[i, ..., 0] = (xx * 255 // size + 20 * i) % 256
-        out[i, ..., 1] = yy * 255 // size
-        out[i, ..., 2] = 128
-        cv2.circle(out[i], (size // 2, size // 2), size // 4, (255 - 10 * i, 40, 200), -1)
-    return out
 
 
 def test_tiny_net_export_matches_torch_with_dynamic_batch(tmp_path):

@@ -23,8 +23,7 @@ from cl_agent.checkpoint import load_state
 from cl_agent.export import export_onnx
 from cl_agent.config import ExportSection
 from cl_agent.trainer import Trainer
-from learning_stream import make_stream, tiny_model, tiny_train
-from test_export import real_images
+from learning_stream import make_stream, real_images, tiny_model, tiny_train
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
@@ -188,11 +187,10 @@ def test_bench_train_reports_positive_step_times_for_the_device(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_agent_learns_on_the_device_and_serves_the_new_version(device, tmp_path):
-    from agent_harness import AgentProcess, send_experience, tiny_agent_config, wait_for_version
+    from agent_harness import AgentProcess, send_experience, tiny_agent_config, wait_for_version, wait_served
     from cl_agent.client import LabeledClient
     from cl_agent.inference import InferenceClient
     from cl_agent.status import read_experience_records
-    from test_agent import wait_served
 
     cfg, path = tiny_agent_config(tmp_path, **{"agent.device": device})
     assert cfg.agent.device == device
