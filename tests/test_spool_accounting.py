@@ -64,7 +64,8 @@ def test_the_periodic_refresh_looks_only_at_experiences_waiting_for_training(tmp
         assert wait_until(lambda: service.counters()["spool_bytes"] == expected - store.spool_dir.joinpath("labeled-000119.log").stat().st_size)
 
 
-def test_the_running_total_matches_a_full_recount_across_cuts_and_training(tmp_path):
+def test_the_running_total_matches_a_full_recount_across_cuts_and_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest, "SPOOL_RECOUNT_S", 0.05)
     rng = np.random.default_rng(0)
     with make_service(tmp_path) as service:
         client = LabeledClient(service.endpoints["labeled"], "s")
