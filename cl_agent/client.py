@@ -17,6 +17,7 @@ agent would take for a retry.
 from __future__ import annotations
 
 import json
+import logging
 import socket as socket_module
 import time
 import uuid
@@ -32,6 +33,8 @@ from cl_agent.errors import CLAgentError
 from cl_agent.codec import encode_image
 from cl_agent.config import WireSection
 from cl_agent.wire import WireError, check_outgoing_size, pack_message
+
+log = logging.getLogger(__name__)
 
 
 class AgentUnavailable(CLAgentError):
@@ -292,9 +295,11 @@ class LabeledClient:
 # The frame socket the agent binds for each camera socket type, and the other pairing.
 _FRAME_PAIRS = {"push": ("PUSH", "pull", "PULL"), "pub": ("PUB", "sub", "SUB")}
 CHECK_INTERVAL_S = 0.02  # send reads the handshake monitor at most this often (a read costs several us)
-UNCLEAR_FAILURES = 3  # handshakes in a row that fail without detail (libzmq retries those) before giving up
+UNCLEAR_FAILURES = 3  # handshakes in a row that fail without detail (libzmq retries those) before a warning
+RETRY_GRACE_S = 0.3  # a hang-up in the handshake not followed by a reconnect attempt within this long is a refusal
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
 
@@ -304,11 +309,8 @@ class PeerRefused(CLAgentError):
     or one side uses CURVE and the other does not. libzmq does not retry such a connection."""
 
 
-def refused_message(endpoint: str, socket_type: str, *, certain: bool = True) -> str:
-    """The error for a frame connection the agent refused in the handshake, naming both socket types and the fix.
-
-    ``certain``: the agent hung up without a word, which libzmq does to a socket-type mismatch; otherwise
-    the handshake failed several times in a row without detail, which a CURVE problem can cause too."""
+def refused_message(endpoint: str, socket_type: str) -> str:
+    """The error for a frame connection the agent refused in the handshake, naming both socket types and the fix."""
     ours, agent_value, agent_kind = _FRAME_PAIRS[socket_type]
     other = "pub" if socket_type == "push" else "push"
     other_ours, other_value, _ = _FRAME_PAIRS[other]
@@ -317,12 +319,20 @@ def refused_message(endpoint: str, socket_type: str, *, certain: bool = True) ->
         f"(it expects {other_ours}, from ingest.frame_socket: {other_value}, or REQ, from router); "
         f"use --socket {other} (socket_type={other!r}) or set ingest.frame_socket: {agent_value} on the agent"
     )
-    if not certain:
-        message += (
-            "; or only one side uses CURVE (ingest.curve.enabled against --curve-secret/--curve-server), "
-            "or the agent cannot use this client's keys (is --curve-server the agent's public key?)"
-        )
     return message
+
+
+def failing_handshakes_message(endpoint: str, socket_type: str, curve: bool, failures: int) -> str:
+    """The warning for handshakes that keep failing without detail (libzmq keeps retrying them)."""
+    message = f"{failures} handshakes in a row with {endpoint} failed without detail; still trying. "
+    if curve:
+        ours, _, agent_kind = _FRAME_PAIRS[socket_type]
+        return message + (
+            f"Under CURVE this is how a socket-type mismatch shows (this client sends {ours}, which an agent's "
+            f"{agent_kind} frame socket takes; see --socket and ingest.frame_socket), or the agent cannot use this "
+            "client's keys (is --curve-server the agent's public key?)"
+        )
+    return message + "Something accepts connections there and closes them: is the agent up behind this address?"
 
 
 def mechanism_message(endpoint: str, curve: bool) -> str:
@@ -371,8 +381,9 @@ class FrameClient:
         self._handshaking = False  # a TCP connection is up, its handshake not finished
         self._auth_failed = False  # the current connection's handshake failed CURVE authentication
         self._unclear = False  # the current connection's handshake failed without detail
-        self._unclear_failures = 0  # such failures in a row
+        self._unclear_failures = 0  # such failures in a row (warned about once per run)
         self._refused: str | None = None
+        self._hung_up_at: float | None = None  # when the agent hung up mid-handshake, until libzmq tries again
         self._next_check = 0.0  # monotonic time of send's next look at the monitor
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(kinds[socket_type])
@@ -393,8 +404,10 @@ class FrameClient:
         while self._refused is None and self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
             message = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             event, value = message["event"], message["value"]
-            if event == zmq.EVENT_CONNECTED:
-                self._handshaking, self._auth_failed, self._unclear = True, False, False
+            if event in (zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CONNECT_RETRIED):
+                self._hung_up_at = None  # libzmq reconnects: the agent went away (e.g. restarted), it did not refuse
+            elif event == zmq.EVENT_CONNECTED:
+                self._handshaking, self._auth_failed, self._unclear, self._hung_up_at = True, False, False, None
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshaking, self.connected, self._unclear_failures = False, True, 0
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -407,15 +420,19 @@ class FrameClient:
                 self._unclear = True
             elif event == zmq.EVENT_DISCONNECTED:
                 if self._handshaking and self._unclear:
-                    # e.g. the agent closed while this side was writing; libzmq retries, so only a run of them counts
+                    # libzmq retries these: a proxy with no agent behind it, an agent that died mid-handshake,
+                    # or a mismatch under CURVE. Not a refusal; a run of them is worth one warning.
                     self._unclear_failures += 1
-                    if self._unclear_failures >= UNCLEAR_FAILURES:
-                        self._refused = refused_message(self.endpoint, self.socket_type, certain=False)
+                    if self._unclear_failures == UNCLEAR_FAILURES:
+                        log.warning(failing_handshakes_message(self.endpoint, self.socket_type, self._curve, UNCLEAR_FAILURES))
                 elif self._handshaking and not self._auth_failed:
-                    # The agent hung up before the handshake ended without a word: libzmq does this to a
-                    # socket-type mismatch, and does not retry.
-                    self._refused = refused_message(self.endpoint, self.socket_type)
+                    # The agent hung up before the handshake ended without a word. A socket-type mismatch
+                    # does this, and libzmq then never reconnects; an agent that died in that moment does
+                    # it too, and libzmq reconnects at once (CONNECT_RETRIED). Wait to see which.
+                    self._hung_up_at = time.monotonic()
                 self._handshaking = self.connected = False
+        if self._refused is None and self._hung_up_at is not None and time.monotonic() - self._hung_up_at >= RETRY_GRACE_S:
+            self._refused = refused_message(self.endpoint, self.socket_type)
 
     def check(self) -> None:
         """Raise PeerRefused if the agent refused this socket type (reads the monitor; never blocks)."""

@@ -55,6 +55,40 @@ def test_no_agent_yet_is_not_a_refusal():
         frames.send(images(1)[0])
 
 
+def test_an_agent_that_hangs_up_mid_handshake_and_comes_back_is_not_a_refusal():
+    """An agent killed while a camera is connecting also hangs up mid-handshake; libzmq reconnects then."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    hung_up = []
+    stop = threading.Event()
+
+    def hang_up_on_everyone() -> None:  # accepts the TCP connection, then closes it before any greeting
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            hung_up.append(1)
+            conn.close()
+
+    thread = threading.Thread(target=hang_up_on_everyone, daemon=True)
+    thread.start()
+    try:
+        with FrameClient(f"tcp://127.0.0.1:{listener.getsockname()[1]}", socket_type="push") as frames:
+            assert frames.wait_connected(1.0) is False  # no PeerRefused: libzmq keeps trying
+            frames.send(images(1)[0])
+            assert len(hung_up) >= 2  # it was hung up on, and reconnected
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
 def test_stream_camera_stops_with_the_fix_when_the_agent_expects_push(tmp_path):
     video = tmp_path / "clip.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
@@ -77,7 +111,7 @@ def test_stream_camera_stops_with_the_fix_when_the_agent_expects_push(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_curve_on_one_side_only_and_a_mismatch_under_curve_are_refused_too(tmp_path):
+def test_curve_on_one_side_only_is_refused_and_a_mismatch_under_curve_is_warned_about(tmp_path, caplog):
     from cl_agent.config import CurveSection
     from cl_agent.security import make_keypair
 
@@ -89,11 +123,17 @@ def test_curve_on_one_side_only_and_a_mismatch_under_curve_are_refused_too(tmp_p
         cases = [
             (secure, {}, "the agent uses CURVE and this client has no keys"),
             (plain, keys, "this client uses CURVE and the agent does not"),
-            (secure, {"socket_type": "pub", **keys}, "refused a PUB connection"),  # encrypted: the agent hangs up without detail
         ]
         for service, kwargs, expected in cases:
             with FrameClient(service.endpoints["frames"], "cam", **kwargs) as frames:
                 with pytest.raises(PeerRefused, match=expected):
                     frames.wait_connected(3.0)
+        # Encrypted, a socket-type mismatch fails without detail and libzmq retries: one warning, no error.
+        with caplog.at_level("WARNING", logger="cl_agent.client"):
+            with FrameClient(secure.endpoints["frames"], "cam", socket_type="pub", **keys) as frames:
+                assert frames.wait_connected(1.5) is False
+                frames.send(images(1)[0])
+        warnings = [r.getMessage() for r in caplog.records if r.name == "cl_agent.client"]
+        assert len(warnings) == 1 and "failed without detail" in warnings[0] and "socket-type mismatch" in warnings[0]
         with FrameClient(secure.endpoints["frames"], "cam", **keys) as frames:  # the right keys still connect
             assert frames.wait_connected(3.0)
