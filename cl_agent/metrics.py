@@ -45,7 +45,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "online_accuracy": ("gauge", (), "Accuracy on the last experience's labeled samples before training on them"),
     "published_version": ("gauge", (), "Newest model version published to the repository"),
     "served_version": ("gauge", (), "Model version the server reports it is serving"),
-    "publish_failures_total": ("counter", (), "Exports or publishes that failed (the previous version stays)"),
+    "publish_failures_total": ("counter", (), "Updates whose export was refused (the previous version stays served)"),
     "trainer_failures_total": ("counter", (), "Trainer processes that failed (raised or were killed) and were restarted"),
 }
 

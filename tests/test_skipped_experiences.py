@@ -40,6 +40,17 @@ def test_status_shows_the_last_published_version_and_says_the_last_experience_wa
     assert "experience 1: 0 usable labeled images" in out
 
 
+def test_status_says_the_last_export_was_refused_and_keeps_the_last_published_version(tmp_path, capsys):
+    write_state(tmp_path, initial_state() | {"model_version": 1})
+    append_experience_record(tmp_path, _record(0, 1))
+    append_experience_record(tmp_path, _record(1, None, publish_error="parity check failed: top-1 differs from torch on 3 of 8 images"))
+    print_status(tmp_path)
+    out = capsys.readouterr().out
+    assert out.split("last version:")[1].split("\n")[0].strip() == "1"
+    refused = out.split("export refused:")[1].split("\n")[0]
+    assert "experience 1: parity check failed" in refused and "served version stays" in refused
+
+
 def test_report_on_a_missing_workdir_says_the_folder_is_not_there(tmp_path):
     import pytest
 
