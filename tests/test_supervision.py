@@ -5,6 +5,7 @@ import time
 
 from cl_agent.agent import Agent
 from cl_agent.config import load_config
+from cl_agent.metrics import AgentMetrics
 
 
 def _dead_process():
@@ -42,10 +43,12 @@ def test_a_dead_trainer_is_restarted_after_its_pause_without_sleeping_in_the_loo
     starts = []
     agent._start_trainer = lambda: starts.append(time.monotonic())
     agent.trainer = _dead_process()
+    metrics = AgentMetrics()
     t0 = time.monotonic()
-    agent._supervise({}, None, None)
+    agent._supervise({}, metrics, None)
     assert time.monotonic() - t0 < 0.5  # the pause (2 s) is scheduled, not slept
     assert starts == []
     agent.stop_requested.wait(2.1)
-    agent._supervise({}, None, None)
+    agent._supervise({}, metrics, None)
     assert len(starts) == 1
+    assert metrics.value("trainer_failures_total") == 1  # counted once, when its restart was scheduled
