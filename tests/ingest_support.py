@@ -68,3 +68,17 @@ def wait_until(predicate, timeout_s: float = 5.0, interval_s: float = 0.01) -> b
             return True
         time.sleep(interval_s)
     return predicate()
+
+
+def write_video(path, frames: int, width: int = 64, height: int = 48):
+    """An MJPG video of ``frames`` test images at width x height; skips the test where OpenCV cannot write one."""
+    import cv2
+    import pytest
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (width, height))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG video")
+    for image in images(frames, 1):
+        writer.write(cv2.resize(image, (width, height)))
+    writer.release()
+    return path

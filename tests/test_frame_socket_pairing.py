@@ -5,11 +5,10 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import pytest
 
 from cl_agent.client import FrameClient, PeerRefused
-from ingest_support import images, make_service, wait_until
+from ingest_support import images, make_service, wait_until, write_video
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -90,13 +89,7 @@ def test_an_agent_that_hangs_up_mid_handshake_and_comes_back_is_not_a_refusal():
 
 
 def test_stream_camera_stops_with_the_fix_when_the_agent_expects_push(tmp_path):
-    video = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
-    if not writer.isOpened():
-        pytest.skip("this OpenCV build cannot write MJPG video")
-    for image in images(5, 1):
-        writer.write(cv2.resize(image, (64, 48)))
-    writer.release()
+    video = write_video(tmp_path / "clip.avi", 5)
     with make_service(tmp_path / "agent") as service:  # the default frame socket: PULL
         # --loop with no frame limit: only the refusal can end it
         result = subprocess.run(

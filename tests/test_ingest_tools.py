@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cl_agent.experience import ExperienceStore
-from ingest_support import images, make_service, wait_until
+from ingest_support import images, make_service, wait_until, write_video
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -48,13 +48,7 @@ def test_send_labeled_from_folder_or_tar(tmp_path, as_tar):
 
 
 def test_stream_camera_from_a_video_file(tmp_path):
-    video = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (160, 120))
-    if not writer.isOpened():
-        pytest.skip("this OpenCV build cannot write MJPG video")
-    for image in images(10, 1):
-        writer.write(cv2.resize(image, (160, 120)))
-    writer.release()
+    video = write_video(tmp_path / "clip.avi", 10, 160, 120)
     with make_service(tmp_path / "agent") as service:
         result = _run(TOOLS / "stream_camera.py", video, "--endpoint", service.endpoints["frames"], "--width", "64",
                       "--fps", "200", "--loop", "--max-frames", "25", "--sender", "clip")
@@ -93,13 +87,7 @@ def test_send_labeled_rejects_bad_arguments_before_sending(tmp_path):
 
 
 def _video(path: Path) -> Path:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
-    if not writer.isOpened():
-        pytest.skip("this OpenCV build cannot write MJPG video")
-    for image in images(3, 1):
-        writer.write(cv2.resize(image, (64, 48)))
-    writer.release()
-    return path
+    return write_video(path, 3)
 
 
 def test_stream_camera_rejects_bad_arguments_without_a_traceback(tmp_path):
