@@ -135,6 +135,39 @@ def _wait_for_version(client, agent: AgentProcess, version: int, probe: np.ndarr
         time.sleep(0.5)
 
 
+def _wait_for_frames(control_endpoint: str, sent: int, timeout_s: float = 15.0) -> int:
+    """Wait until the agent has received ``sent`` camera frames in all (its control socket's counters).
+
+    Frames travel on their own connection, so the labeled batches and the end-of-experience marker
+    can overtake them (at start, the camera's connection may come up after the labeler's): without
+    this wait, an experience would hold whatever frames happened to be there when it was cut, and
+    the demo's figures would change from run to run. Returns the count received (less on a timeout).
+    """
+    import json
+
+    import zmq
+
+    from cl_agent.wire import encode_message
+
+    socket_ = zmq.Context.instance().socket(zmq.REQ)
+    socket_.linger = 0
+    socket_.setsockopt(zmq.REQ_RELAXED, 1)  # a status request that timed out may be sent again ...
+    socket_.setsockopt(zmq.REQ_CORRELATE, 1)  # ... and a late answer to it is dropped
+    socket_.connect(control_endpoint)
+    received, deadline, seq = 0, time.monotonic() + timeout_s, 0
+    try:
+        while received < sent and time.monotonic() < deadline:
+            seq += 1
+            socket_.send_multipart(encode_message("status", "demo", seq))
+            if socket_.poll(1000):
+                received = json.loads(socket_.recv_multipart()[0])["counters"]["frames_received"]
+            if received < sent:
+                time.sleep(0.02)
+    finally:
+        socket_.close()
+    return received
+
+
 def run_demo(
     workdir: Path, experiences: int = 6, device: str = "auto", timeout_s: float = 900.0, overrides: dict | None = None
 ) -> int:
@@ -183,6 +216,8 @@ def run_demo(
             in_view = rng.choice(classes + list(range(len(CLASS_NAMES))), size=FRAMES_PER_EXPERIENCE)
             for image in make_batch(in_view, rng, IMAGE_SIZE):
                 frames.send(image)
+            if _wait_for_frames(cfg.ingest.control_endpoint, frames.sent) < frames.sent:
+                _say("    (not every camera frame reached the agent in time; this experience holds fewer)")
             # the labeler: labeled batches, acked only once durable
             ids = np.repeat(classes, LABELED_PER_CLASS)
             rng.shuffle(ids)

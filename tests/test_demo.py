@@ -1,6 +1,7 @@
 """`cl-agent demo`, the README's main command, end to end with a tiny model."""
 
 from cl_agent.demo import TINY, run_demo
+from cl_agent.status import read_experience_records
 
 
 def test_demo_streams_learns_and_serves_each_version(tmp_path, capsys):
@@ -9,7 +10,9 @@ def test_demo_streams_learns_and_serves_each_version(tmp_path, capsys):
     assert code == 0, out
     assert "served version 1" in out and "served version 2" in out
     assert "sent 180 labeled images (all acked)" in out
-    assert (tmp_path / "demo" / "agent" / "experiences.jsonl").exists()
+    records = read_experience_records(tmp_path / "demo" / "agent")
+    # each experience holds its camera frames: the demo waits for them before it ends the experience
+    assert [r["unlabeled"] for r in records] == [TINY["experience.unlabeled_samples"]] * 2
 
 
 def test_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path):
