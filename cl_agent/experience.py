@@ -253,12 +253,6 @@ class ExperienceStore:
         except FileNotFoundError:
             return 0
 
-    def untrained_bytes(self) -> int:
-        """Bytes of labeled segments of cut experiences not yet trained (count against the spool limit).
-
-        A full recount (lists every experience); a long-running ingest keeps ``UntrainedBytes`` instead."""
-        return sum(self.segment_bytes(index) for index in self.pending())
-
 
 class UntrainedBytes:
     """Running total of the labeled-segment bytes of cut, untrained experiences: what counts against spool.max_bytes.

@@ -7,7 +7,7 @@ import numpy as np
 
 from cl_agent import ingest
 from cl_agent.client import LabeledClient
-from cl_agent.experience import ExperienceStore
+from cl_agent.experience import ExperienceStore, UntrainedBytes
 from cl_agent.spool import Record
 from ingest_support import images, make_service, wait_until
 
@@ -78,8 +78,8 @@ def test_the_running_total_matches_a_full_recount_across_cuts_and_training(tmp_p
                 store.mark_trained(int(rng.choice(store.pending())))
             open_bytes = service.counters()["spool_bytes"] - service.spool.closed_bytes
             assert open_bytes == 0 and cut == step
-            assert wait_until(lambda: service.spool.closed_bytes == store.untrained_bytes(), timeout_s=5.0)
+            assert wait_until(lambda: service.spool.closed_bytes == UntrainedBytes(store).total, timeout_s=5.0)
         client.close()
     # a restart starts from the same total
     with make_service(tmp_path) as service:
-        assert service.counters()["spool_bytes"] == store.untrained_bytes() > 0
+        assert service.counters()["spool_bytes"] == UntrainedBytes(store).total > 0
