@@ -320,7 +320,7 @@ class Agent:
                 log.warning("experience %d not trained (%s); model version stays %s",
                             item["experience"], item["skipped"], state.get("model_version"))
                 continue
-            if item.get("publish_error"):  # trained, but the export was refused: the served version stays
+            if item.get("publish_error"):  # trained, but not published (export refused, or a write failed): the served version stays
                 metrics.inc_publish_failures()
             else:
                 state["model_version"] = item["version"]
@@ -336,7 +336,7 @@ class Agent:
                 "experience %d trained (%d labeled, %d unlabeled) in %.1f s, online accuracy %s, published version %s",
                 item["experience"], item["labeled"], item["unlabeled"], item["update_seconds"],
                 "n/a" if item["online_accuracy"] is None else f"{item['online_accuracy']:.3f}",
-                item["version"] if not item.get("publish_error") else f"none (export refused; {state.get('model_version')} stays)",
+                item["version"] if not item.get("publish_error") else f"none (not published; {state.get('model_version')} stays)",
             )
             if view is not None:
                 view.update(

@@ -61,7 +61,7 @@ EXPERIENCE_KEYS = (
     "losses",  # {term: float}: mean loss terms of the update
     "update_seconds",  # float
     "export_seconds",  # float
-    "version",  # int | null: model version published after this update (null if its export was refused: see publish_error)
+    "version",  # int | null: model version published after this update (null if it was not published: see publish_error)
     "stopped_by_budget",  # bool: the time budget cut the update short
 )
 
@@ -393,7 +393,7 @@ def print_status(workdir: Path) -> int:
         if last.get("skipped"):
             rows.append(("last skipped", f"experience {last.get('experience')}: {last['skipped']} (no update, no version)"))
         if last.get("publish_error"):
-            rows.append(("export refused", f"experience {last.get('experience')}: {last['publish_error']} (trained; the served version stays)"))
+            rows.append(("not published", f"experience {last.get('experience')}: {last['publish_error']} (trained; the served version stays)"))
     else:
         rows.append(("trained records", "none yet"))
 

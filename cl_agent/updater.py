@@ -171,10 +171,8 @@ class Updater:
         published = self._published_through()
         if published is None or published < self.last_trained:
             log.info("checkpoint of experience %d was never published: exporting it now", self.last_trained)
-            try:
-                version = self._publish(self.last_trained, metrics={"recovered": True})
-            except ExportError as e:  # as in run_once: keep the checkpoint and the served version, go on learning
-                log.error("checkpoint of experience %d not published (the served version stays): %s", self.last_trained, e)
+            exported, _ = self._try_publish(self.last_trained, metrics={"recovered": True})
+            version = exported or version  # as in run_once: a failure keeps the served version and goes on learning
         recovered = [i for i in self.store.pending() if i <= self.last_trained]
         recorded = {i for r in read_experience_records(self.workdir) for i in r.get("merged", [])}
         if recovered and not set(recovered) <= recorded:
@@ -245,11 +243,7 @@ class Updater:
         self._checkpoint(chosen[-1])
 
         started = time.monotonic()
-        try:
-            version, refused = self._publish(chosen[-1], metrics=_jsonable(metrics), real_images=labeled), None
-        except ExportError as e:  # the training stays (checkpointed); the served version stays; the next update exports again
-            version, refused = None, str(e)
-            log.error("experience %d trained but not published (the served version stays): %s", chosen[-1], e)
+        version, refused = self._try_publish(chosen[-1], metrics=_jsonable(metrics), real_images=labeled)
         export_seconds = time.monotonic() - started
         # the record goes before the marks: a crash between them leaves a recorded, unmarked experience,
         # which _restore marks without recording it again
@@ -315,6 +309,23 @@ class Updater:
         self.last_trained = experience
         for _, old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
+
+    def _try_publish(self, experience: int, metrics: dict, real_images: np.ndarray | None = None) -> tuple[int | None, str | None]:
+        """Export and publish the trained student: (version, None), or (None, why) when that failed.
+
+        A failure leaves the update standing (it is checkpointed) and the served version in place;
+        the next update exports again. Two kinds: the export was refused (exporter, checker, parity
+        check), or a file could not be written (e.g. a full disk or a read-only repository; the
+        repository removes its partial version, so readers never see one).
+        """
+        try:
+            return self._publish(experience, metrics, real_images), None
+        except ExportError as e:
+            why = str(e)
+        except OSError as e:
+            why = f"could not write the export or the version: {e}"
+        log.error("experience %d trained but not published (the served version stays): %s", experience, why)
+        return None, why
 
     def _publish(self, experience: int, metrics: dict, real_images: np.ndarray | None = None) -> int:
         from cl_agent.export import export_onnx

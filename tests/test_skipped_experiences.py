@@ -47,7 +47,7 @@ def test_status_says_the_last_export_was_refused_and_keeps_the_last_published_ve
     print_status(tmp_path)
     out = capsys.readouterr().out
     assert out.split("last version:")[1].split("\n")[0].strip() == "1"
-    refused = out.split("export refused:")[1].split("\n")[0]
+    refused = out.split("not published:")[1].split("\n")[0]
     assert "experience 1: parity check failed" in refused and "served version stays" in refused
 
 

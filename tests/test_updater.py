@@ -144,27 +144,68 @@ def test_a_refused_export_keeps_the_training_and_the_served_version_and_the_next
     assert ExperienceStore(cfg.agent.workdir).pending() == [2]
 
 
-def test_a_restart_whose_export_is_refused_again_goes_on_learning(backlog, monkeypatch):
+def _fill_the_disk(monkeypatch) -> None:
+    """Every model file the repository copies fails half-way as on a full disk (a real one cannot be made here)."""
+    import errno
+
+    import cl_agent.repository
+
+    def copy_until_full(source, target, pause_s=0.0):
+        with open(source, "rb") as src, open(target, "xb") as dst:
+            dst.write(src.read(4096))  # a partial file in the hidden temp folder, as a real ENOSPC leaves
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(cl_agent.repository, "_copy_hashed", copy_until_full)
+
+
+def test_a_repository_write_failure_keeps_the_training_and_leaves_no_partial_version(backlog, monkeypatch):
+    """A full disk while publishing: the update stands, nothing half-written is left, the next update publishes."""
+    import cl_agent.repository
+
+    cfg = backlog("shorten")
+    copy = cl_agent.repository._copy_hashed
+    repository = ModelRepository(cfg.repository.root, cfg.agent.model_name)
+    updater = Updater(cfg)
+    try:
+        _fill_the_disk(monkeypatch)
+        failed = updater.run_once()  # trained and checkpointed, not published
+        assert failed.experiences == [0] and failed.version is None and updater.last_trained == 0
+        assert "No space left on device" in failed.record["publish_error"]
+        assert repository.latest_version() is None
+        assert [p.name for p in repository.model_dir.iterdir() if p.name.startswith(".tmp-")] == []
+        monkeypatch.setattr(cl_agent.repository, "_copy_hashed", copy)  # space again
+        published = updater.run_once()
+        assert published.experiences == [1] and published.version == 1 and "publish_error" not in published.record
+    finally:
+        updater.close()
+    assert [r["version"] for r in read_experience_records(cfg.agent.workdir)] == [None, 1]
+    assert repository.load_manifest(1)["experience_index"] == 1
+
+
+@pytest.mark.parametrize("failure", ["refused", "disk_full"])
+def test_a_restart_whose_export_fails_again_goes_on_learning(backlog, monkeypatch, failure):
     """A checkpoint never published is exported again on restart; a second refusal must not stop the trainer."""
     import cl_agent.export
     from cl_agent.export import ExportError
 
     cfg = backlog("shorten")
-    export_onnx = cl_agent.export.export_onnx
 
     def refuse(*args, **kwargs):
         raise ExportError("parity check failed: max |p_onnx - p_torch| = 0.2 > export.parity_atol = 0.0001")
 
-    monkeypatch.setattr(cl_agent.export, "export_onnx", refuse)
+    if failure == "refused":
+        monkeypatch.setattr(cl_agent.export, "export_onnx", refuse)
+    else:
+        _fill_the_disk(monkeypatch)
     updater = Updater(cfg)
     try:
         assert updater.run_once().version is None
     finally:
         updater.close()
-    again = Updater(cfg)  # exports checkpoint 0 again: refused again, and that is not a setup error
+    again = Updater(cfg)  # exports checkpoint 0 again: fails again, and that is not a setup error
     try:
         assert again.last_trained == 0 and again.pending() == [1, 2]
-        monkeypatch.setattr(cl_agent.export, "export_onnx", export_onnx)
+        monkeypatch.undo()
         assert again.run_once().version == 1
     finally:
         again.close()
