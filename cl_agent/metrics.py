@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
@@ -50,36 +51,33 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
-# A serving process's metrics (``cl-agent serve``, or the one ``cl-agent run`` hosts), read from its
-# Server's counters at each scrape: nothing is added to the request path.
-# name (without prefix) -> (type, labels, help); what each unlabelled one reads is in SERVE_COUNTER_KEYS.
-SERVE_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "serve_requests_total": ("counter", (), "Requests received (infer and status), valid or not"),
-    "serve_images_total": ("counter", (), "Images classified"),
-    "serve_batches_total": ("counter", (), "onnxruntime session runs (micro-batches)"),
-    "serve_errors_total": ("counter", (), "Error replies (refused requests, failed runs) and serving-loop errors"),
-    "serve_swaps_total": ("counter", (), "Model versions swapped in"),
-    "serve_swap_failures_total": ("counter", (), "Versions refused (manifest, hash, graph, signature or warm-up); the served one kept answering"),
-    "serve_busy_seconds_total": ("counter", (), "Seconds spent receiving, running and answering requests"),
-    "serve_inference_seconds_total": ("counter", (), "Seconds spent in session.run"),
-    "serve_version": ("gauge", ("model",), "Model version being served (0 before the first)"),
-    "serve_largest_batch": ("gauge", (), "Most images one session run was given"),
-    "serve_batch_seconds": ("gauge", ("part", "quantile"), "Over the last batches (up to 2048): time in session.run (part=inference) and around it (part=handling)"),
-}
+class ServeMetric(NamedTuple):
+    kind: str  # "counter" or "gauge"
+    labels: tuple[str, ...]
+    help_text: str
+    # The key of ``Server.counters`` it reports, written out rather than derived from the name (renaming a
+    # metric must not make it read a key the server does not have); None for the gauges computed at scrape.
+    counter_key: str | None = None
 
-# metric name (without prefix) -> the key of ``Server.counters`` it reports. Written out, not derived
-# from the names: renaming a metric must not make it read a key the server does not have.
-# INVARIANT: every counter in SERVE_METRICS is here, and every key here is one of Server.counters.
-SERVE_COUNTER_KEYS: dict[str, str] = {
-    "serve_requests_total": "requests",
-    "serve_images_total": "images",
-    "serve_batches_total": "batches",
-    "serve_errors_total": "errors",
-    "serve_swaps_total": "swaps",
-    "serve_swap_failures_total": "swap_failures",
-    "serve_busy_seconds_total": "busy_s",
-    "serve_inference_seconds_total": "inference_s",
-    "serve_largest_batch": "largest_batch",
+
+# A serving process's metrics (``cl-agent serve``, or the one ``cl-agent run`` hosts), read from its
+# Server's counters at each scrape: nothing is added to the request path. Name without the prefix.
+SERVE_METRICS: dict[str, ServeMetric] = {
+    "serve_requests_total": ServeMetric("counter", (), "Requests received (infer and status), valid or not", "requests"),
+    "serve_images_total": ServeMetric("counter", (), "Images classified", "images"),
+    "serve_batches_total": ServeMetric("counter", (), "onnxruntime session runs (micro-batches)", "batches"),
+    "serve_errors_total": ServeMetric("counter", (), "Error replies (refused requests, failed runs) and serving-loop errors", "errors"),
+    "serve_swaps_total": ServeMetric("counter", (), "Model versions swapped in", "swaps"),
+    "serve_swap_failures_total": ServeMetric(
+        "counter", (), "Versions refused (manifest, hash, graph, signature or warm-up); the served one kept answering", "swap_failures"
+    ),
+    "serve_busy_seconds_total": ServeMetric("counter", (), "Seconds spent receiving, running and answering requests", "busy_s"),
+    "serve_inference_seconds_total": ServeMetric("counter", (), "Seconds spent in session.run", "inference_s"),
+    "serve_version": ServeMetric("gauge", ("model",), "Model version being served (0 before the first)"),
+    "serve_largest_batch": ServeMetric("gauge", (), "Most images one session run was given", "largest_batch"),
+    "serve_batch_seconds": ServeMetric(
+        "gauge", ("part", "quantile"), "Over the last batches (up to 2048): time in session.run (part=inference) and around it (part=handling)"
+    ),
 }
 
 
@@ -288,16 +286,16 @@ class ServerMetrics:
 
         stats = self._server.stats(quantiles=self.QUANTILES)
         counters = stats["counters"]
-        for name, (kind, labels, help_text) in SERVE_METRICS.items():
+        for name, (kind, labels, help_text, key) in SERVE_METRICS.items():
             full = f"{PREFIX}_{name}"
             if kind == "counter":
-                yield CounterMetricFamily(full.removesuffix("_total"), help_text, value=counters[SERVE_COUNTER_KEYS[name]])
+                yield CounterMetricFamily(full.removesuffix("_total"), help_text, value=counters[key])
                 continue
             family = GaugeMetricFamily(full, help_text, labels=labels)
             if name == "serve_version":
                 family.add_metric([self._server.repository.model_name], self._server.version or 0)
-            elif name in SERVE_COUNTER_KEYS:
-                family.add_metric([], counters[SERVE_COUNTER_KEYS[name]])
+            elif key is not None:
+                family.add_metric([], counters[key])
             else:
                 for part in ("inference", "handling"):
                     for q in self.QUANTILES:

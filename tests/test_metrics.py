@@ -136,7 +136,7 @@ def test_docs_list_every_metric():
     from cl_agent.metrics import SERVE_METRICS
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "observability.md").read_text()
-    for name, (kind, labels, _) in {**METRICS, **SERVE_METRICS}.items():
+    for name, (kind, labels, *_) in {**METRICS, **SERVE_METRICS}.items():
         row = next((line for line in docs.splitlines() if line.startswith(f"| `cl_agent_{name}` |")), None)
         assert row is not None, name
         assert f"| {kind} |" in row
@@ -156,17 +156,17 @@ def test_the_serving_process_metrics_port_may_not_be_the_agents():
 
 def test_every_serving_metric_reads_a_counter_the_server_has_and_is_scraped_from_a_running_server(tmp_path):
     from cl_agent.config import ServeSection
-    from cl_agent.metrics import SERVE_COUNTER_KEYS, SERVE_METRICS, ServerMetrics, serve_registry
+    from cl_agent.metrics import SERVE_METRICS, ServerMetrics, serve_registry
     from cl_agent.repository import ModelRepository
     from cl_agent.server import Server
 
-    counters = {name for name, (kind, _, _) in SERVE_METRICS.items() if kind == "counter"}
-    assert counters <= set(SERVE_COUNTER_KEYS), "a serving counter without a Server counter key"
-    assert set(SERVE_COUNTER_KEYS) <= set(SERVE_METRICS), "a Server counter key for a metric that is not exported"
+    counters = {name for name, metric in SERVE_METRICS.items() if metric.kind == "counter"}
+    assert all(SERVE_METRICS[name].counter_key for name in counters), "a serving counter without a Server counter key"
 
     repository = ModelRepository(tmp_path / "models", "student")
     with Server(repository, ServeSection(endpoint="tcp://127.0.0.1:*", poll_s=0.05)) as server:
-        missing = {name: key for name, key in SERVE_COUNTER_KEYS.items() if key not in server.counters}
+        keys = {name: metric.counter_key for name, metric in SERVE_METRICS.items() if metric.counter_key}
+        missing = {name: key for name, key in keys.items() if key not in server.counters}
         assert not missing, f"metrics read keys Server.counters does not have: {missing}"
         endpoint = serve_registry(ServerMetrics(server).registry, "127.0.0.1", 0, "serve.metrics_port")
         try:
@@ -174,8 +174,8 @@ def test_every_serving_metric_reads_a_counter_the_server_has_and_is_scraped_from
         finally:
             endpoint.stop()
     lines = text.splitlines()
-    for name, (kind, _, _) in SERVE_METRICS.items():
-        assert f"# TYPE cl_agent_{name} {kind}" in lines, name
+    for name, metric in SERVE_METRICS.items():
+        assert f"# TYPE cl_agent_{name} {metric.kind}" in lines, name
     for name in counters:  # no request yet: every counter is there, at zero
         assert f"cl_agent_{name} 0.0" in lines, name
     assert "cl_agent_serve_largest_batch 0.0" in lines

@@ -424,7 +424,7 @@ def test_server_metrics_are_read_from_the_server_at_each_scrape(repo, onnx_model
         assert p50 == pytest.approx(server.stats()["inference_ms_p50"] / 1000)
         assert p50 <= metrics.value("serve_batch_seconds", part="inference", quantile="0.99")
         text = generate_latest(metrics.registry).decode()
-        for name, (kind, _, _) in SERVE_METRICS.items():
+        for name, (kind, *_) in SERVE_METRICS.items():
             assert f"# TYPE cl_agent_{name} {kind}" in text
 
 
