@@ -8,6 +8,8 @@ labeled_images_per_s: 64x64 JPEG, 32 images per message, counted when the durabl
 frames_per_s:         640x480 JPEG frames (one per message) accepted into the reservoir (still encoded).
 raw_zmq_images_per_s: the same labeled messages through a bare pyzmq PUSH -> PULL pair into another process
                       (no validation, no disk); raw_zmq_frames_per_s: the same for the frame messages.
+frame_client_*:       the same frames sent by the project's FrameClient at --client-rate frames/s (what the agent
+                      accepted, the share dropped, the cost of one send).
 """
 
 from __future__ import annotations
@@ -132,6 +134,45 @@ def bench_frames(endpoints: dict, frames: list[bytes], seconds: float) -> float:
     return accepted / elapsed
 
 
+def bench_frame_client(endpoints: dict, frames: list[bytes], seconds: float, rate: float) -> dict:
+    """The same frames through the project's FrameClient (the camera side a robot runs), at ``rate`` frames/s.
+
+    FrameClient never blocks: a frame its queue (hwm 64) cannot take is dropped and counted. Sent
+    in bursts once a millisecond, as many cameras behind one client would be. Reports the frames
+    the agent accepted per second, the share the client dropped, and the mean time of one
+    ``send_encoded`` call (packing, the size check, the monitor check every 20 ms, the send).
+    """
+    from cl_agent.client import FrameClient
+
+    client = FrameClient(endpoints["frames"], "bench-client", hwm=64)
+    try:
+        if not client.wait_connected(10):
+            raise RuntimeError("FrameClient did not connect to the ingest process")
+        before = status(endpoints["control"])
+        in_send, calls, tick = 0.0, 0, 0.001
+        start = time.perf_counter()
+        while (now := time.perf_counter()) - start < seconds:
+            due = int((now - start) * rate)  # frames the schedule has asked for by now
+            while calls < due:
+                t = time.perf_counter()
+                client.send_encoded(frames[calls % len(frames)], (480, 640, 3))
+                in_send += time.perf_counter() - t
+                calls += 1
+            time.sleep(max(0.0, tick - (time.perf_counter() - now)))
+        while status(endpoints["control"])["frames_received"] < before["frames_received"] + client.sent:
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - start
+        accepted = status(endpoints["control"])["frames_accepted"] - before["frames_accepted"]
+    finally:
+        client.close()
+    return {
+        "frame_client_rate_per_s": rate,
+        "frame_client_frames_per_s": round(accepted / elapsed, 1),
+        "frame_client_dropped_pct": round(100 * client.dropped / max(calls, 1), 2),
+        "frame_client_send_us_mean": round(1e6 * in_send / max(calls, 1), 2),
+    }
+
+
 def raw_receiver(port: int) -> None:
     """Subprocess side of the bare-pyzmq baseline: PULL, count payload parts, stop at b"END"."""
     pull = zmq.Context.instance().socket(zmq.PULL)
@@ -172,6 +213,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
     parser.add_argument("--window", type=int, default=32, help="labeled messages in flight")
+    parser.add_argument("--client-rate", type=float, default=10_000, help="frames/s the FrameClient measurement sends")
     parser.add_argument("--workdir", type=Path, default=None, help="spool folder (default: a temporary folder)")
     parser.add_argument("--raw-receiver", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,6 +234,7 @@ def main() -> None:
     try:
         labeled = bench_labeled(endpoints["labeled"], batches, args.window, args.seconds)
         frames_per_s = bench_frames(endpoints, frames, args.seconds)
+        frame_client = bench_frame_client(endpoints, frames, args.seconds, args.client_rate)
         counters = status(endpoints["control"])
     finally:
         process.send_signal(signal.SIGTERM)
@@ -203,6 +246,7 @@ def main() -> None:
         "labeled_vs_raw_ratio": round(labeled / raw, 3),
         "raw_zmq_frames_per_s": round(raw_frames, 1),
         "frames_vs_raw_ratio": round(frames_per_s / raw_frames, 3),
+        **frame_client,
         "labeled_message": "32 x 64x64 JPEG",
         "labeled_jpeg_bytes_mean": round(float(np.mean([len(p) for b in batches for p in b[0]])), 1),
         "frame_jpeg_bytes_mean": round(float(np.mean([len(f) for f in frames])), 1),
