@@ -273,10 +273,12 @@ class Agent:
                     rejected=counters["rejected"],
                     dropped=counters["frames_dropped"],
                     experiences_cut=counters["experiences_cut"],
+                    experiences_pruned=counters["experiences_pruned"],
                 )
                 metrics.set_counts(
                     spool_samples=counters.get("open_experience_samples"),
                     spool_bytes=counters.get("spool_bytes"),
+                    trained_data_bytes=counters.get("trained_bytes"),
                     reservoir_size=counters["reservoir_frames"],
                     backlog=pending,
                 )

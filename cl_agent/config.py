@@ -114,6 +114,7 @@ class SpoolSection:
     max_bytes: int = field(default=2_000_000_000, metadata=_range(ge=1))  # labeled spool size limit; past it senders get a negative ack
     group_commit_ms: float = field(default=0.0, metadata=_range(ge=0))  # extra wait for more messages before one fsync; 0 = one fsync per drained batch
     max_classes: int = field(default=0, metadata=_range(ge=0))  # label map size (0 = model.num_classes); a new class past it is refused
+    keep_trained_bytes: int = field(default=10_000_000_000, metadata=_range(ge=-1))  # data of trained experiences kept on disk (labeled segments + drawn frames), the oldest deleted past this; -1 = keep all
 
 
 @dataclass

@@ -8,6 +8,7 @@ Layout under the working directory:
     experiences/000007/unlabeled.log  the unlabeled draw (same record format, labels empty)
     experiences/000007/meta.json    written last, atomically: its presence means "cut"
     experiences/000007/trained      marker written by mark_trained
+    experiences/000007/pruned       marker: its data (segment and draw) was deleted by retention (retention.py)
 
 Numbering continues after a restart: the next experience is one past the
 highest ``meta.json``. The store is read through files only, so a trainer in
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 CUT_COUNT, CUT_TIME, CUT_EXPLICIT = "count", "time", "explicit"
 CUT_FULL = "spool_full"  # the open experience alone filled the spool: only training it can free space
+UNLABELED_FILE = "unlabeled.log"
+PRUNED_MARKER = "pruned"
 
 
 class ExperiencePolicy:
@@ -159,7 +162,7 @@ class ExperienceStore:
         self.root = self.workdir / "experiences"
         self.spool_dir = self.workdir / "spool"
 
-    def _dir(self, index: int) -> Path:
+    def experience_dir(self, index: int) -> Path:
         return self.root / f"{index:06d}"
 
     def indices(self) -> list[int]:
@@ -176,13 +179,17 @@ class ExperienceStore:
 
     def pending(self) -> list[int]:
         """Cut, durable, not yet trained; in order."""
-        return [i for i in self.indices() if not (self._dir(i) / "trained").exists()]
+        return [i for i in self.indices() if not (self.experience_dir(i) / "trained").exists()]
 
     def is_trained(self, index: int) -> bool:
-        return (self._dir(index) / "trained").exists()
+        return (self.experience_dir(index) / "trained").exists()
+
+    def is_pruned(self, index: int) -> bool:
+        """Its data was deleted by retention (spool.keep_trained_bytes); the meta and the trained marker stay."""
+        return (self.experience_dir(index) / PRUNED_MARKER).exists()
 
     def meta(self, index: int) -> dict:
-        path = self._dir(index) / "meta.json"
+        path = self.experience_dir(index) / "meta.json"
         if not path.exists():
             raise KeyError(f"experience {index} has not been cut (no {path})")
         try:
@@ -195,15 +202,20 @@ class ExperienceStore:
 
     def load(self, index: int) -> Experience:
         meta = self.meta(index)
+        if self.is_pruned(index):
+            raise CLAgentError(
+                f"experience {index} was trained and its data deleted to keep the disk bounded "
+                "(spool.keep_trained_bytes; -1 keeps all)"
+            )
         labeled, labels = _samples([r for _, r in read_records(self.spool_dir / meta["labeled_segment"])])
-        unlabeled, _ = _samples([r for _, r in read_records(self._dir(index) / "unlabeled.log")])
+        unlabeled, _ = _samples([r for _, r in read_records(self.experience_dir(index) / UNLABELED_FILE)])
         if len(labeled) != meta["labeled_samples"]:
             raise ValueError(f"experience {index}: meta says {meta['labeled_samples']} labeled samples, spool holds {len(labeled)}")
         return Experience(index, labeled, np.asarray(labels, dtype=np.int64), unlabeled, meta)
 
     def mark_trained(self, index: int) -> None:
         self.meta(index)  # raises if not cut
-        atomic_write_text(self._dir(index) / "trained", f"{time.time()}\n")
+        atomic_write_text(self.experience_dir(index) / "trained", f"{time.time()}\n")
 
     def write(
         self,
@@ -217,13 +229,13 @@ class ExperienceStore:
         classes: Sequence[int] = (),
     ) -> Path:
         """Make experience ``index`` durable: the unlabeled draw first, the meta last (atomic)."""
-        directory = self._dir(index)
+        directory = self.experience_dir(index)
         directory.mkdir(parents=True, exist_ok=True)
         body = b"".join(
             Record(f.source or "frames", i, f.encoding, [f.shape], [], [f.payload], f.color).to_bytes()
             for i, f in enumerate(unlabeled)
         )
-        atomic_write_bytes(directory / "unlabeled.log", body)
+        atomic_write_bytes(directory / UNLABELED_FILE, body)
         meta = {
             "index": index,
             "labeled_segment": labeled_segment,
@@ -269,6 +281,7 @@ class UntrainedBytes:
         self.store = store
         self.sizes: dict[int, int] = {index: store.segment_bytes(index) for index in store.pending()}
         self.total = sum(self.sizes.values())
+        self.newly_trained: list[int] = []
 
     def add(self, index: int, size: int) -> None:
         """Experience ``index`` was just cut; its labeled segment holds ``size`` bytes."""
@@ -276,7 +289,16 @@ class UntrainedBytes:
         self.sizes[index] = size
 
     def refresh(self) -> int:
-        """Drop the experiences marked trained since the last call; returns the new total."""
+        """Drop the experiences marked trained since the last call; returns the new total.
+
+        Their indices gather in ``newly_trained`` until the owner takes them (``take_trained``).
+        """
         for index in [i for i in self.sizes if self.store.is_trained(i)]:
             self.total -= self.sizes.pop(index)
+            self.newly_trained.append(index)
         return self.total
+
+    def take_trained(self) -> list[int]:
+        """The experiences ``refresh`` saw marked trained since the last call (for retention)."""
+        taken, self.newly_trained = self.newly_trained, []
+        return taken

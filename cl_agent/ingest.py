@@ -34,6 +34,7 @@ from cl_agent.config import (
 )
 from cl_agent.errors import CLAgentError
 from cl_agent.experience import CUT_EXPLICIT, CUT_FULL, ExperiencePolicy, ExperienceStore, UntrainedBytes
+from cl_agent.retention import TrainedRetention
 from cl_agent.intake import AGENT_SENDER, Counters, EndRequest, LabeledIntake
 from cl_agent.labels import LabelMap
 from cl_agent.reservoir import Frame, Reservoir
@@ -62,6 +63,7 @@ COUNTER_NAMES = (
     "control_messages",  # control-socket messages
     "control_accepted",  # end_experience messages acked (an experience cut), on the labeled or control socket
     "experiences_cut",  # experiences cut by this process
+    "experiences_pruned",  # trained experiences whose data this process deleted (spool.keep_trained_bytes)
 )
 
 
@@ -127,6 +129,7 @@ class IngestService:
         self.endpoints: dict[str, str] = {}
         self.spool: Spool | None = None
         self.untrained: UntrainedBytes | None = None  # running total of cut, untrained spool bytes
+        self.retention: TrainedRetention | None = None  # bounds the disk the trained experiences' data takes
         self._counters = Counters(COUNTER_NAMES)
         self.intake: LabeledIntake | None = None
         self._stop = threading.Event()
@@ -180,6 +183,8 @@ class IngestService:
         out["label_classes"] = len(self.labels)
         if spool is not None:
             out["spool_bytes"] = spool.size_bytes
+        if self.retention is not None:
+            out["trained_bytes"] = self.retention.total
             out["open_experience"] = spool.segment
             out["open_experience_samples"] = spool.samples
         return out
@@ -211,6 +216,8 @@ class IngestService:
     def _setup(self) -> None:
         cfg = self.config
         self.untrained = UntrainedBytes(self.store)  # the one full scan; cuts and trained marks keep it up to date
+        self.retention = TrainedRetention(self.store, self.spool_config.keep_trained_bytes)  # may delete at once
+        self._counters.add("experiences_pruned", self.retention.pruned)
         self.spool = Spool(
             self.workdir / "spool",
             self.store.last_index + 1,
@@ -305,6 +312,7 @@ class IngestService:
             if time.monotonic() - last_recount >= SPOOL_RECOUNT_S:
                 # spool_bytes reports what counts against spool.max_bytes: it falls as experiences are trained
                 self.spool.closed_bytes = self.untrained.refresh()
+                self._counters.add("experiences_pruned", len(self.retention.add(self.untrained.take_trained())))
                 last_recount = time.monotonic()
 
     # ---------------------------------------------------------------- labeled path

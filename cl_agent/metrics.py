@@ -36,9 +36,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "frames_dropped_total": ("counter", (), "Unlabeled frames dropped (high-water mark or reservoir policy)"),
     "spool_samples": ("gauge", (), "Labeled samples in the open experience (since the last cut)"),
     "spool_bytes": ("gauge", (), "Bytes in the durable labeled spool"),
+    "trained_data_bytes": ("gauge", (), "Bytes of trained experiences' data kept on disk (bounded by spool.keep_trained_bytes)"),
     "reservoir_size": ("gauge", (), "Unlabeled frames held in the reservoir"),
     "experiences_cut_total": ("counter", (), "Experiences cut from the labeled stream"),
     "experiences_trained_total": ("counter", (), "Experiences the student was trained on"),
+    "experiences_pruned_total": ("counter", (), "Trained experiences whose data was deleted to keep the disk bounded"),
     "backlog_experiences": ("gauge", (), "Experiences cut and waiting to be trained"),
     "update_duration_seconds": ("histogram", (), "Wall-clock time of one student update"),
     "export_duration_seconds": ("histogram", (), "Wall-clock time of one ONNX export + parity check + publish"),
@@ -144,6 +146,7 @@ class AgentMetrics:
         experiences_cut: int | None = None,
         experiences_trained: int | None = None,
         publish_failures: int | None = None,
+        experiences_pruned: int | None = None,
     ) -> None:
         """Feed cumulative totals (e.g. ``IngestService.counters()``); counters grow by the difference.
 
@@ -160,6 +163,7 @@ class AgentMetrics:
             ("experiences_cut_total", experiences_cut),
             ("experiences_trained_total", experiences_trained),
             ("publish_failures_total", publish_failures),
+            ("experiences_pruned_total", experiences_pruned),
         ):
             if total is not None:
                 updates.append((name, {}, total))
@@ -182,11 +186,13 @@ class AgentMetrics:
         spool_bytes: int | None = None,
         reservoir_size: int | None = None,
         backlog: int | None = None,
+        trained_data_bytes: int | None = None,
     ) -> None:
         """Set the level gauges; ``None`` leaves a gauge as it is."""
         for name, value in (
             ("spool_samples", spool_samples),
             ("spool_bytes", spool_bytes),
+            ("trained_data_bytes", trained_data_bytes),
             ("reservoir_size", reservoir_size),
             ("backlog_experiences", backlog),
         ):

@@ -91,6 +91,7 @@ def agent_config(workdir: Path, **extra):
         "agent.host_server": True,
         "agent.grace_period_s": 20.0,
         "repository.keep_last": 3,  # retention runs during the test, so readers race deletions too
+        "spool.keep_trained_bytes": -1,  # every acked message is checked against the spool at the end
         **extra,
     }
     cfg = local_config(workdir, "cpu", **overrides)
