@@ -60,7 +60,8 @@ def _child_logging(cfg: AgentConfig, name: str, to_stderr: bool) -> None:
     from cl_agent.logs import setup_logging
 
     stream = None if to_stderr else open(os.devnull, "w")
-    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / name, stream=stream)
+    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / name, stream=stream,
+                  max_bytes=cfg.agent.log_max_bytes, backups=cfg.agent.log_backups)
     quiet_libraries()
 
 
@@ -429,6 +430,7 @@ def run_agent(cfg: AgentConfig) -> int:
     make_workdir(cfg.repository.root, "repository.root")  # else the first publish fails, and every retry
     view = LiveView.from_section(cfg.metrics, sys.stderr)
     stream = view.log_stream() if view is not None else None
-    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "agent.log", stream=stream)
+    setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "agent.log", stream=stream,
+                  max_bytes=cfg.agent.log_max_bytes, backups=cfg.agent.log_backups)
     quiet_libraries()
     return Agent(cfg, view).run()

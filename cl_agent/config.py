@@ -56,6 +56,8 @@ class AgentSection:
     grace_period_s: float = field(default=30.0, metadata=_range(gt=0))  # SIGTERM: time to checkpoint and exit
     log_json: bool = False  # structured JSON-lines logs instead of plain text
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # minimum log level
+    log_max_bytes: int = field(default=100_000_000, metadata=_range(ge=0))  # each log file in the workdir is rotated past this size (0 = never)
+    log_backups: int = field(default=3, metadata=_range(ge=1))  # rotated files kept per log (agent.log.1 .. agent.log.N), the oldest deleted
     host_server: bool = True  # also run a serving process, so one command gives a working deployment
     backlog_policy: Literal["merge", "shorten"] = "merge"  # experiences queued behind an update: merge them, or shorten epochs
 

@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import logging
 import sys
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import TextIO
 
@@ -80,8 +81,14 @@ def setup_logging(
     file: Path | None = None,
     *,
     stream: TextIO | None = None,
+    max_bytes: int = 0,
+    backups: int = 3,
 ) -> list[logging.Handler]:
     """Configure the root logger: a handler on ``stream`` (default stderr) and, if given, one appending to ``file``.
+
+    With ``max_bytes`` > 0 the file is rotated once it would pass that size: ``file`` becomes
+    ``file.1``, the older ones move up, and only ``backups`` of them are kept (each log file has
+    one writing process, as rotation needs). 0 lets the file grow.
 
     ``level`` is one of debug, info, warning, error (AgentSection.log_level); ``json_lines``
     selects JSON lines over plain text (AgentSection.log_json) for both handlers.
@@ -102,7 +109,10 @@ def setup_logging(
         file = Path(file)
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            handlers.append(logging.FileHandler(file, mode="a", encoding="utf-8"))
+            if max_bytes > 0:
+                handlers.append(RotatingFileHandler(file, mode="a", maxBytes=max_bytes, backupCount=max(1, backups), encoding="utf-8"))
+            else:
+                handlers.append(logging.FileHandler(file, mode="a", encoding="utf-8"))
         except OSError as e:
             raise CLAgentError(f"cannot open log file {file}: {e.strerror or e}") from None
     for handler in handlers:

@@ -73,3 +73,24 @@ def test_calling_again_replaces_its_handlers(tmp_path):
 def test_unknown_level_is_refused():
     with pytest.raises(CLAgentError, match="'verbose'"):
         setup_logging("verbose", json_lines=False)
+
+
+def test_the_log_file_is_rotated_past_its_size_and_only_the_set_number_of_old_files_is_kept(tmp_path):
+    log_file = tmp_path / "agent.log"
+    setup_logging("info", json_lines=False, file=log_file, stream=io.StringIO(), max_bytes=2_000, backups=2)
+    log = logging.getLogger("cl_agent.test")
+    for i in range(200):
+        log.info("line %03d %s", i, "x" * 40)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["agent.log", "agent.log.1", "agent.log.2"]  # older files were deleted
+    assert all(p.stat().st_size <= 2_000 for p in tmp_path.iterdir())
+    assert "line 199" in log_file.read_text()  # the newest lines are in the current file
+    assert "line 000" not in "".join(p.read_text() for p in tmp_path.iterdir())
+
+
+def test_a_zero_size_limit_never_rotates(tmp_path):
+    log_file = tmp_path / "agent.log"
+    setup_logging("info", json_lines=False, file=log_file, stream=io.StringIO(), max_bytes=0)
+    for i in range(200):
+        logging.getLogger("cl_agent.test").info("line %03d %s", i, "x" * 40)
+    assert [p.name for p in tmp_path.iterdir()] == ["agent.log"] and "line 000" in log_file.read_text()
