@@ -196,6 +196,29 @@ def models_list(
     raise typer.Exit(print_versions(repo, model))
 
 
+@models_app.command("show")
+def models_show(
+    version: Annotated[Optional[int], typer.Option(help="Version to show (default: the newest).")] = None,
+    repo: Annotated[Path, typer.Option(help="Model repository root.")] = Path("runs/models"),
+    model: Annotated[str, typer.Option(help="Model name.")] = "student",
+) -> None:
+    """Print a version's manifest as JSON: classes, input, experience, metrics, parent, sha256."""
+    from cl_agent.repository import print_manifest
+
+    raise typer.Exit(print_manifest(repo, model, version))
+
+
+@models_app.command("verify")
+def models_verify(
+    repo: Annotated[Path, typer.Option(help="Model repository root.")] = Path("runs/models"),
+    model: Annotated[str, typer.Option(help="Model name.")] = "student",
+) -> None:
+    """Check every version's files against the sha256 in its manifest; exit 1 if any differs or is missing."""
+    from cl_agent.repository import verify_versions
+
+    raise typer.Exit(verify_versions(repo, model))
+
+
 @models_app.command("rollback")
 def models_rollback(
     to: Annotated[int, typer.Option("--to", help="Version to bring back.")],

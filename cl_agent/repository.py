@@ -503,6 +503,80 @@ def print_versions(repo: str | os.PathLike, model: str) -> int:
     return 0
 
 
+def print_manifest(repo: str | os.PathLike, model: str, version: int | None) -> int:
+    """``cl-agent models show``: the manifest of ``version`` (default: the newest) as JSON; exit code 0."""
+    import typer
+
+    repository = ModelRepository(repo, model)
+    if version is None:
+        version = repository.latest_version()
+        if version is None:
+            raise CLAgentError(f"no versions of {model!r} in {repo}")
+    typer.echo(json.dumps(repository.load_manifest(version), indent=2, sort_keys=True))
+    return 0
+
+
+def check_files(repository: ModelRepository, version: int) -> tuple[list[str], list[str]]:
+    """(problems, notes) of ``version``'s files against its manifest: missing or altered files are problems.
+
+    An optimised graph the manifest names but that is not there is only a note: a follower
+    installs ``model.onnx`` alone, and servers then open that.
+    """
+    try:
+        manifest = repository.load_manifest(version)
+    except CLAgentError as e:
+        return [str(e)], []
+    problem = manifest_problem(manifest)
+    if problem:
+        return [problem], []
+    model = repository.model_path(version)
+    files: dict[Path, object] = {model: manifest["sha256"]}
+    entry = manifest.get("optimized")
+    if isinstance(entry, dict):
+        files.update(optimized_files(repository.version_dir(version), entry))
+    problems, notes = [], []
+    for path, expected in files.items():
+        try:
+            actual = sha256_file(path)
+        except FileNotFoundError:
+            if path == model:
+                problems.append(f"{path.name} is missing")
+            elif not notes:
+                notes.append(f"no optimised graph here (servers open {model.name})")
+            continue
+        if actual != expected:
+            problems.append(f"{path.name}: sha256 {actual[:12]}... does not match the manifest's {str(expected)[:12]}...")
+    return problems, notes
+
+
+def verify_versions(repo: str | os.PathLike, model: str) -> int:
+    """``cl-agent models verify``: check every version's files against its manifest; exit code 0 if all match, else 1."""
+    import typer
+
+    repository = ModelRepository(repo, model)
+    versions = repository._numbered_dirs()  # incomplete ones too: a published version that lost a file shows here
+    if not versions:
+        raise CLAgentError(f"no versions of {model!r} in {repo}")
+    bad = 0
+    for version in versions:
+        folder = repository.version_dir(version)
+        missing = [name for name in (MODEL_FILE, MANIFEST_FILE) if not (folder / name).is_file()]
+        if missing:
+            problems, notes = [f"{' and '.join(missing)} missing (not a version any more: servers skip this folder)"], []
+        else:
+            problems, notes = check_files(repository, version)
+        bad += bool(problems)
+        typer.echo(f"version {version}: " + ("; ".join(problems) if problems else " ".join(["ok", *(f"({n})" for n in notes)])))
+    if bad:
+        typer.echo(
+            f"{bad} of {len(versions)} versions of {model!r} do not match their manifests: servers refuse them "
+            "(an optimised graph that does not match is skipped for model.onnx); republish with "
+            "`cl-agent models rollback --to` a version that is ok",
+            err=True,
+        )
+    return 1 if bad else 0
+
+
 def rollback(repo: str | os.PathLike, model: str, to: int, announce_endpoint: str | None = None) -> int:
     """``cl-agent models rollback``: republish ``to`` as a new version, optionally announce it; exit code 0."""
     import typer

@@ -204,6 +204,44 @@ def test_models_list_and_rollback_commands(tmp_path):
     assert json.loads((root / "student" / "3" / "manifest.json").read_text())["version"] == 3
 
 
+def test_models_show_prints_a_manifest_and_verify_finds_altered_or_missing_files(tmp_path):
+    runner = CliRunner()
+    root = tmp_path / "models"
+    args = ["--repo", str(root), "--model", "student"]
+    nothing = runner.invoke(app, ["models", "verify", *args])
+    assert nothing.exit_code != 0 and "no versions" in str(nothing.exception)
+
+    repo = ModelRepository(root, "student")
+    graph = fake_model(tmp_path, b"optimised graph")
+    publish(repo, tmp_path, b"a", experience_index=0)
+    repo.publish(fake_model(tmp_path, b"bb"), {"class_names": CLASSES, "image_size": 16}, OptimizedModel(graph, {"cpu": "x"}))
+    publish(repo, tmp_path, b"ccc", experience_index=2, metrics={"loss": 0.5})
+
+    newest = runner.invoke(app, ["models", "show", *args])
+    assert newest.exit_code == 0, newest.output
+    assert json.loads(newest.output) == repo.load_manifest(3)
+    assert json.loads(runner.invoke(app, ["models", "show", "--version", "1", *args]).output)["experience_index"] == 0
+    assert "no version 7" in str(runner.invoke(app, ["models", "show", "--version", "7", *args]).exception)
+
+    clean = runner.invoke(app, ["models", "verify", *args])
+    assert clean.exit_code == 0, clean.output
+    assert clean.output.splitlines() == ["version 1: ok", "version 2: ok", "version 3: ok"]
+
+    (root / "student" / "2" / OPTIMIZED_FILE).unlink()  # as on a follower, which installs model.onnx alone
+    follower_like = runner.invoke(app, ["models", "verify", *args])
+    assert follower_like.exit_code == 0, follower_like.output
+    assert follower_like.output.splitlines()[1] == "version 2: ok (no optimised graph here (servers open model.onnx))"
+
+    (root / "student" / "1" / "model.onnx").write_bytes(b"A")  # a byte changed on disk
+    (root / "student" / "3" / "model.onnx").unlink()
+    damaged = runner.invoke(app, ["models", "verify", *args])
+    assert damaged.exit_code == 1
+    lines = damaged.output.splitlines()
+    assert lines[0].startswith("version 1: model.onnx: sha256") and "does not match" in lines[0]
+    assert lines[2] == "version 3: model.onnx missing (not a version any more: servers skip this folder)"
+    assert "2 of 3 versions" in damaged.output
+
+
 def test_concurrent_publishers_get_distinct_versions(tmp_path):
     import threading
 
