@@ -34,10 +34,10 @@ from cl_agent.config import (
 )
 from cl_agent.errors import CLAgentError
 from cl_agent.experience import CUT_EXPLICIT, CUT_FULL, ExperiencePolicy, ExperienceStore, UntrainedBytes
-from cl_agent.retention import TrainedRetention
 from cl_agent.intake import AGENT_SENDER, Counters, EndRequest, LabeledIntake
 from cl_agent.labels import LabelMap
 from cl_agent.reservoir import Frame, Reservoir
+from cl_agent.retention import TrainedRetention
 from cl_agent.spool import Spool
 from cl_agent.wire import Message, WireError, decode_message, peek_seq, reply
 
@@ -183,10 +183,10 @@ class IngestService:
         out["label_classes"] = len(self.labels)
         if spool is not None:
             out["spool_bytes"] = spool.size_bytes
-        if self.retention is not None:
-            out["trained_bytes"] = self.retention.total
             out["open_experience"] = spool.segment
             out["open_experience_samples"] = spool.samples
+        if self.retention is not None:
+            out["trained_bytes"] = self.retention.total
         return out
 
     # ---------------------------------------------------------------- thread
