@@ -49,7 +49,10 @@ class TrainedRetention:
             if not store.is_trained(index):
                 continue
             if store.is_pruned(index):
-                self._remove_files(index)  # a crash may have come between the marker and the removal
+                # A crash may have come between the marker and the removal. The frames file goes last
+                # (and every cut experience has one), so while it is there the removal is unfinished.
+                if (store.experience_dir(index) / UNLABELED_FILE).exists():
+                    self._remove_files(index)
             else:
                 self._track(index)
         self.prune()
@@ -101,6 +104,6 @@ class TrainedRetention:
         return [self.store.spool_dir / segment, self.store.experience_dir(index) / UNLABELED_FILE]
 
     def _remove_files(self, index: int) -> None:
-        for path in self._files(index):
+        for path in self._files(index):  # the labeled segment first, the frames file last
             path.unlink(missing_ok=True)
 

@@ -72,11 +72,13 @@ def test_keep_all_deletes_nothing_and_zero_keeps_no_trained_data(tmp_path):
 
 def test_a_crash_between_the_marker_and_the_removal_is_finished_on_the_next_start(tmp_path):
     store = ExperienceStore(tmp_path)
-    _cut(store, 0)
-    store.mark_trained(0)
-    (store.experience_dir(0) / PRUNED_MARKER).write_text("1\n")  # the marker went down, the files did not
+    for index in (0, 1):
+        _cut(store, index)
+        store.mark_trained(index)
+        (store.experience_dir(index) / PRUNED_MARKER).write_text("1\n")  # the marker went down, the files did not
+    (store.spool_dir / "labeled-000001.log").unlink()  # ... or only the first of the two went
     retention = TrainedRetention(store, KEEP_ALL)  # even when nothing more needs deleting
-    assert not _has_data(store, 0) and retention.total == 0
+    assert not _has_data(store, 0) and not _has_data(store, 1) and retention.total == 0
 
 
 def test_the_ingest_process_prunes_as_experiences_are_trained_and_still_knows_every_retried_message(tmp_path, monkeypatch):
