@@ -19,7 +19,7 @@ from cl_agent.status import read_experience_records, read_state
 
 
 def test_agent_learns_publishes_serves_and_survives_kill9(tmp_path):
-    cfg, path = tiny_agent_config(tmp_path)
+    cfg, path = tiny_agent_config(tmp_path, **{"spool.keep_trained_bytes": 0})  # trained data deleted as it goes
     rng = np.random.default_rng(0)
     agent = AgentProcess(path, tmp_path / "agent.log")
     labeled = LabeledClient(cfg.ingest.labeled_endpoint, "test-labeler", timeout_s=5.0, retries=10)
@@ -63,6 +63,9 @@ def test_agent_learns_publishes_serves_and_survives_kill9(tmp_path):
     store = ExperienceStore(cfg.agent.workdir)
     assert store.indices() == [0, 1, 2] and store.pending() == []
     assert sum(store.meta(i)["labeled_samples"] for i in store.indices()) == acked == 96
+    # retention deleted the data of the experiences trained well before the end (the last may have been too recent)
+    assert store.is_pruned(0) and store.is_pruned(1)
+    assert not (store.spool_dir / store.meta(0)["labeled_segment"]).exists()
     records = read_experience_records(cfg.agent.workdir)
     trained = [i for r in records for i in r["merged"]]
     assert sorted(trained) == [0, 1, 2], "an experience was trained twice or never"
