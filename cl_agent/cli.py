@@ -34,6 +34,9 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.001 (repeatable)."),
 ]
 
+RepoOpt = Annotated[Path, typer.Option(help="Model repository root.")]
+ModelOpt = Annotated[str, typer.Option(help="Model name.")]
+
 
 def fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -187,8 +190,8 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @models_app.command("list")
 def models_list(
-    repo: Annotated[Path, typer.Option(help="Model repository root.")] = Path("runs/models"),
-    model: Annotated[str, typer.Option(help="Model name.")] = "student",
+    repo: RepoOpt = Path("runs/models"),
+    model: ModelOpt = "student",
 ) -> None:
     """List the published versions of a model."""
     from cl_agent.repository import print_versions
@@ -199,8 +202,8 @@ def models_list(
 @models_app.command("show")
 def models_show(
     version: Annotated[Optional[int], typer.Option(help="Version to show (default: the newest).")] = None,
-    repo: Annotated[Path, typer.Option(help="Model repository root.")] = Path("runs/models"),
-    model: Annotated[str, typer.Option(help="Model name.")] = "student",
+    repo: RepoOpt = Path("runs/models"),
+    model: ModelOpt = "student",
 ) -> None:
     """Print a version's manifest as JSON: classes, input, experience, metrics, parent, sha256."""
     from cl_agent.repository import print_manifest
@@ -210,8 +213,8 @@ def models_show(
 
 @models_app.command("verify")
 def models_verify(
-    repo: Annotated[Path, typer.Option(help="Model repository root.")] = Path("runs/models"),
-    model: Annotated[str, typer.Option(help="Model name.")] = "student",
+    repo: RepoOpt = Path("runs/models"),
+    model: ModelOpt = "student",
 ) -> None:
     """Check every version's files against the sha256 in its manifest; exit 1 if any differs or is missing."""
     from cl_agent.repository import verify_versions
@@ -222,8 +225,8 @@ def models_verify(
 @models_app.command("rollback")
 def models_rollback(
     to: Annotated[int, typer.Option("--to", help="Version to bring back.")],
-    repo: Annotated[Path, typer.Option(help="Model repository root.")] = Path("runs/models"),
-    model: Annotated[str, typer.Option(help="Model name.")] = "student",
+    repo: RepoOpt = Path("runs/models"),
+    model: ModelOpt = "student",
     announce: Annotated[Optional[str], typer.Option(help="PUB endpoint to announce the new version on.")] = None,
 ) -> None:
     """Republish an old version as a new, higher version, so every server moves to it."""

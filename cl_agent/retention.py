@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
-from cl_agent.errors import CLAgentError
 from cl_agent.experience import PRUNED_MARKER, UNLABELED_FILE, ExperienceStore
+from cl_agent.spool import segment_name
 from cl_agent.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ KEEP_ALL = -1
 class TrainedRetention:
     """The data of trained experiences, newest kept up to ``max_bytes`` (``KEEP_ALL``: never delete).
 
-    Built with one scan of the trained experiences (a stat or two each); afterwards the owner
+    Built with one scan of the trained experiences (a stat or two each, no meta.json read); afterwards the owner
     ``add``s the experiences it sees marked trained, and the oldest go once the total passes
     ``max_bytes``. ``total``: the bytes kept; ``pruned``: experiences deleted by this object.
     """
@@ -95,13 +96,8 @@ class TrainedRetention:
         self.sizes[index] = size
         self.total += size
 
-    def _files(self, index: int) -> list:
-        try:
-            segment = self.store.meta(index)["labeled_segment"]
-        except (CLAgentError, KeyError) as e:  # a damaged meta.json: its segment is unknown, leave the spool alone
-            log.warning("experience %d: %s; only its frames are counted and deleted", index, e)
-            return [self.store.experience_dir(index) / UNLABELED_FILE]
-        return [self.store.spool_dir / segment, self.store.experience_dir(index) / UNLABELED_FILE]
+    def _files(self, index: int) -> list[Path]:
+        return [self.store.spool_dir / segment_name(index), self.store.experience_dir(index) / UNLABELED_FILE]
 
     def _remove_files(self, index: int) -> None:
         for path in self._files(index):  # the labeled segment first, the frames file last

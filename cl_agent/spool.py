@@ -64,6 +64,11 @@ class Record:
         return b"".join((_HEAD.pack(MAGIC, len(meta_bytes), len(body), crc), meta_bytes, body))
 
 
+def segment_name(index: int) -> str:
+    """The spool file of experience ``index``'s labeled records (what its meta.json names as labeled_segment)."""
+    return f"labeled-{index:06d}.log"
+
+
 def read_records(path: str | Path) -> Iterator[tuple[int, Record]]:
     """Yield (end offset, record) for every intact record; stops at the first torn or corrupt one."""
     with open(path, "rb") as f:
@@ -125,7 +130,7 @@ class Spool:
     # ---------------------------------------------------------------- segments
 
     def segment_path(self, index: int) -> Path:
-        return self.directory / f"labeled-{index:06d}.log"
+        return self.directory / segment_name(index)
 
     def open_segment(self, index: int) -> None:
         """Open (or reopen after a crash) the segment of experience ``index``, cutting a torn tail."""

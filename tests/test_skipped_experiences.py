@@ -30,22 +30,25 @@ def test_a_skipped_experience_keeps_the_published_version_and_counts_no_training
     assert not metrics.value("update_duration_seconds_count")
 
 
-def test_status_shows_the_last_published_version_and_says_the_last_experience_was_skipped(tmp_path, capsys):
+def _status_after_a_published_then_an_unpublished_record(tmp_path, capsys, **unpublished) -> str:
+    """`cl-agent status` output after version 1 (experience 0) and then experience 1 without a version."""
     write_state(tmp_path, initial_state() | {"model_version": 1})
     append_experience_record(tmp_path, _record(0, 1))
-    append_experience_record(tmp_path, _record(1, None, skipped="0 usable labeled images, an update needs 2"))
+    append_experience_record(tmp_path, _record(1, None, **unpublished))
     print_status(tmp_path)
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_status_shows_the_last_published_version_and_says_the_last_experience_was_skipped(tmp_path, capsys):
+    out = _status_after_a_published_then_an_unpublished_record(tmp_path, capsys, skipped="0 usable labeled images, an update needs 2")
     assert "last version:" in out and out.split("last version:")[1].split("\n")[0].strip() == "1"
     assert "experience 1: 0 usable labeled images" in out
 
 
 def test_status_says_the_last_export_was_refused_and_keeps_the_last_published_version(tmp_path, capsys):
-    write_state(tmp_path, initial_state() | {"model_version": 1})
-    append_experience_record(tmp_path, _record(0, 1))
-    append_experience_record(tmp_path, _record(1, None, publish_error="parity check failed: top-1 differs from torch on 3 of 8 images"))
-    print_status(tmp_path)
-    out = capsys.readouterr().out
+    out = _status_after_a_published_then_an_unpublished_record(
+        tmp_path, capsys, publish_error="parity check failed: top-1 differs from torch on 3 of 8 images"
+    )
     assert out.split("last version:")[1].split("\n")[0].strip() == "1"
     refused = out.split("not published:")[1].split("\n")[0]
     assert "experience 1: parity check failed" in refused and "served version stays" in refused
