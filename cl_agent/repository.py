@@ -154,6 +154,25 @@ def manifest_problem(manifest: dict) -> str | None:
     return f"manifest has wrong-typed fields: {', '.join(wrong)}" if wrong else None
 
 
+def mismatched_files(files: dict[Path, object], pause_s: float = 0.0) -> dict[Path, str | None]:
+    """The files of ``files`` (path -> the manifest's sha256) that are missing (None) or differ (why).
+
+    The one check of a version's files against its manifest: a server refuses to load a graph
+    that fails it, rollback refuses a model that fails it and skips an optimised graph that
+    does, and ``cl-agent models verify`` reports both.
+    """
+    found: dict[Path, str | None] = {}
+    for path, expected in files.items():
+        try:
+            actual = sha256_file(path, pause_s)
+        except FileNotFoundError:
+            found[path] = None
+            continue
+        if actual != expected:
+            found[path] = f"sha256 {actual[:12]}... does not match the manifest's {str(expected)[:12]}..."
+    return found
+
+
 def optimized_files(version_dir: Path, entry: dict) -> dict[Path, object]:
     """The files of a version's optimised graph (the graph, its weights file if any) and their manifest sha256."""
     files = {version_dir / OPTIMIZED_FILE: entry.get("sha256")}
@@ -245,12 +264,8 @@ class ModelRepository:
     def verify(self, version: int) -> dict:
         """The manifest of ``version`` after checking the model file's sha256 against it."""
         manifest = self.load_manifest(version)
-        actual = sha256_file(self.model_path(version))
-        if actual != manifest.get("sha256"):
-            raise CLAgentError(
-                f"{self.model_path(version)}: sha256 {actual[:12]}... does not match the manifest's "
-                f"{str(manifest.get('sha256'))[:12]}..."
-            )
+        for path, why in mismatched_files({self.model_path(version): manifest.get("sha256")}).items():
+            raise CLAgentError(f"{path}: {why or 'missing'}")  # the one file: the first problem is the only one
         return manifest
 
     def last_version_ever(self) -> int:
@@ -423,10 +438,9 @@ class ModelRepository:
         entry = manifest.get("optimized")
         if not isinstance(entry, dict):
             return None
-        for path, expected in optimized_files(self.version_dir(version), entry).items():
-            if not path.is_file() or sha256_file(path, self.pause_s) != expected:
-                log.warning("%s is missing or does not match its manifest: not carried over (servers will use %s)", path, MODEL_FILE)
-                return None
+        for path, why in mismatched_files(optimized_files(self.version_dir(version), entry), self.pause_s).items():
+            log.warning("%s: %s: not carried over (servers will use %s)", path, why or "missing", MODEL_FILE)
+            return None
         return OptimizedModel(self.version_dir(version) / OPTIMIZED_FILE, dict(entry.get("environment") or {}))
 
 
@@ -535,17 +549,13 @@ def check_files(repository: ModelRepository, version: int) -> tuple[list[str], l
     if isinstance(entry, dict):
         files.update(optimized_files(repository.version_dir(version), entry))
     problems, notes = [], []
-    for path, expected in files.items():
-        try:
-            actual = sha256_file(path)
-        except FileNotFoundError:
-            if path == model:
-                problems.append(f"{path.name} is missing")
-            elif not notes:
-                notes.append(f"no optimised graph here (servers open {model.name})")
-            continue
-        if actual != expected:
-            problems.append(f"{path.name}: sha256 {actual[:12]}... does not match the manifest's {str(expected)[:12]}...")
+    for path, why in mismatched_files(files).items():
+        if why:
+            problems.append(f"{path.name}: {why}")
+        elif path == model:
+            problems.append(f"{path.name} is missing")
+        elif not notes:
+            notes.append(f"no optimised graph here (servers open {model.name})")
     return problems, notes
 
 

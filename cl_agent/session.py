@@ -26,7 +26,7 @@ import numpy as np
 
 from cl_agent.config import ServeSection
 from cl_agent.errors import CLAgentError
-from cl_agent.repository import OPTIMIZED_FILE, ModelRepository, manifest_problem, optimized_files, sha256_file
+from cl_agent.repository import OPTIMIZED_FILE, ModelRepository, manifest_problem, mismatched_files, optimized_files
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +165,8 @@ def _load(
     optimized = path.name == OPTIMIZED_FILE
     try:
         before = {f: _identity(f) for f in files}
-        for f, expected in files.items():
-            digest = sha256_file(f, serve.loader_pause_us / 1e6)
-            if digest != expected:
-                raise ModelLoadError(f"version {version}: {f.name} sha256 {digest[:12]}... differs from the manifest's")
+        for f, why in mismatched_files(files, serve.loader_pause_us / 1e6).items():
+            raise ModelLoadError(f"version {version}: {f.name}: {why or 'missing'}")
     except OSError as e:
         raise ModelLoadError(f"version {version}: {e}") from None
     names, size = manifest["class_names"], manifest["image_size"]  # checked by load_model

@@ -522,7 +522,7 @@ def test_optimised_graph_is_opened_when_made_here_and_model_onnx_otherwise(tmp_p
     loaded = [load_model(repo, v, section) for v in (v_here, v_elsewhere, v_damaged, v_bad_weights, v_missing, v_plain)]
     assert [m.optimized for m in loaded] == [True, False, False, False, False, False]
     assert "not using its optimised graph" in caplog.text
-    assert f"{OPTIMIZED_DATA_FILE} sha256" in caplog.text
+    assert f"{OPTIMIZED_DATA_FILE}: sha256" in caplog.text
     batch = images(4)
     (expected,) = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(["probs"], {"images": batch})
     for model in loaded:
