@@ -279,7 +279,7 @@ class Agent:
                 metrics.set_counts(
                     spool_samples=counters.get("open_experience_samples"),
                     spool_bytes=counters.get("spool_bytes"),
-                    trained_data_bytes=counters.get("trained_bytes"),
+                    trained_data_bytes=counters.get("trained_data_bytes"),
                     reservoir_size=counters["reservoir_frames"],
                     backlog=pending,
                 )

@@ -186,7 +186,7 @@ class IngestService:
             out["open_experience"] = spool.segment
             out["open_experience_samples"] = spool.samples
         if self.retention is not None:
-            out["trained_bytes"] = self.retention.total
+            out["trained_data_bytes"] = self.retention.total
         return out
 
     # ---------------------------------------------------------------- thread

@@ -96,7 +96,7 @@ def test_the_ingest_process_prunes_as_experiences_are_trained_and_still_knows_ev
         store.mark_trained(1)
         assert wait_until(lambda: service.counters()["experiences_pruned"] == 2, timeout_s=5.0)
         assert [i for i in range(3) if _has_data(store, i)] == [2]
-        assert service.counters()["trained_bytes"] == 0
+        assert service.counters()["trained_data_bytes"] == 0
 
     with make_service(tmp_path, spool={"keep_trained_bytes": 0}) as service:
         retry = LabeledClient(service.endpoints["labeled"], "robot-1", start_seq=1000)  # the first message again,
