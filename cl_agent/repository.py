@@ -410,21 +410,34 @@ class ModelRepository:
         atomic_write_text(self.model_dir / COUNTER_FILE, f"{version}\n", FILE_MODE)
         atomic_write_text(self.model_dir / CONFIG_FILE, triton_config(self.model_name, image_size, num_classes), FILE_MODE)
         os.rename(temp, self.version_dir(version))
-        fsync_dir(self.model_dir)
+        try:
+            fsync_dir(self.model_dir)
+        except OSError as e:
+            # The version is in place and servers may load it already: it is published, only
+            # whether the rename survives a power cut is in doubt (its number is never reused).
+            log.warning("version %d is in place, but %s could not be fsynced (%s): a power cut may still lose it", version, self.model_dir, e)
 
     def _apply_retention(self) -> None:
-        """Keep the newest ``keep_last`` versions; rename a folder away before deleting it."""
-        doomed = self.versions()[: -self.keep_last]  # folders that are not versions are left for a person to look at
-        for version in doomed:
-            trash = self.model_dir / f".deleted-{version}-{uuid.uuid4().hex[:8]}"
-            os.rename(self.version_dir(version), trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        # Leftovers of publishers that crashed before their rename.
-        for stale in self.model_dir.glob(".tmp-*"):
-            if time.time() - stale.stat().st_mtime > 3600:
-                shutil.rmtree(stale, ignore_errors=True)
-        if doomed:
-            fsync_dir(self.model_dir)
+        """Keep the newest ``keep_last`` versions; rename a folder away before deleting it.
+
+        Runs after a version is in place, so a failure here (say, a folder a person made
+        read-only) is logged, not raised: the new version is published all the same, and
+        the next publish tries again.
+        """
+        try:
+            doomed = self.versions()[: -self.keep_last]  # folders that are not versions are left for a person to look at
+            for version in doomed:
+                trash = self.model_dir / f".deleted-{version}-{uuid.uuid4().hex[:8]}"
+                os.rename(self.version_dir(version), trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            # Leftovers of publishers that crashed before their rename.
+            for stale in self.model_dir.glob(".tmp-*"):
+                if time.time() - stale.stat().st_mtime > 3600:
+                    shutil.rmtree(stale, ignore_errors=True)
+            if doomed:
+                fsync_dir(self.model_dir)
+        except OSError as e:
+            log.warning("%s: could not remove old versions (%s); keeping them until the next publish", self.model_dir, e)
 
     def rollback(self, to: int) -> int:
         """Republish version ``to`` as a new, higher version (so every server moves to it)."""

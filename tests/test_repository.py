@@ -83,6 +83,38 @@ def test_versions_only_increase_across_restarts_and_retention(tmp_path):
     assert publish(again, tmp_path, b"after restart") == 6
 
 
+def test_a_failure_after_the_rename_leaves_the_version_published(tmp_path, monkeypatch, caplog):
+    """Once a version's folder is renamed into place servers can load it: a failing fsync of the
+    folder above, or an old version that cannot be removed, must not make publish report a failure."""
+    import errno
+
+    import cl_agent.repository as repository_module
+
+    repo = ModelRepository(tmp_path, "student", keep_last=1)
+    assert publish(repo, tmp_path, b"first") == 1
+    real_fsync_dir, real_rename = repository_module.fsync_dir, os.rename
+
+    def failing_fsync_dir(path):
+        if os.fspath(path) == os.fspath(repo.model_dir):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_dir(path)
+
+    def failing_trash_rename(src, dst):
+        if ".deleted-" in os.fspath(dst):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(repository_module, "fsync_dir", failing_fsync_dir)
+    monkeypatch.setattr(os, "rename", failing_trash_rename)
+    assert publish(repo, tmp_path, b"second") == 2
+    assert repo.verify(2)["version"] == 2
+    assert repo.versions() == [1, 2]  # version 1 could not be removed: kept, not lost
+    assert "could not be fsynced" in caplog.text and "could not remove old versions" in caplog.text
+    monkeypatch.undo()
+    assert publish(repo, tmp_path, b"third") == 3
+    assert repo.versions() == [3]  # the next publish's retention catches up
+
+
 def test_rollback_republishes_old_model_as_new_version(tmp_path):
     repo = ModelRepository(tmp_path, "student", keep_last=10)
     publish(repo, tmp_path, b"v1 bytes", experience_index=0)
