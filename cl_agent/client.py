@@ -295,7 +295,8 @@ class LabeledClient:
 # The frame socket the agent binds for each camera socket type, and the other pairing.
 _FRAME_PAIRS = {"push": ("PUSH", "pull", "PULL"), "pub": ("PUB", "sub", "SUB")}
 CHECK_INTERVAL_S = 0.02  # send reads the handshake monitor at most this often (a read costs several us)
-UNCLEAR_FAILURES = 3  # handshakes in a row that fail without detail (libzmq retries those) before a warning
+UNCLEAR_FAILURES = 3  # handshakes in a row that fail without detail (libzmq retries those) before a warning,
+UNCLEAR_WARN_AFTER_S = 1.0  # ... and for this long: under load a few come before a refusal that settles it
 RETRY_GRACE_S = 0.3  # a hang-up in the handshake not followed by a reconnect attempt within this long is a refusal
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -322,9 +323,9 @@ def refused_message(endpoint: str, socket_type: str) -> str:
     return message
 
 
-def failing_handshakes_message(endpoint: str, socket_type: str, curve: bool, failures: int) -> str:
+def failing_handshakes_message(endpoint: str, socket_type: str, curve: bool, failures: int, seconds: float) -> str:
     """The warning for handshakes that keep failing without detail (libzmq keeps retrying them)."""
-    message = f"{failures} handshakes in a row with {endpoint} failed without detail; still trying. "
+    message = f"{failures} handshakes in a row with {endpoint} failed without detail over {seconds:.1f} s; still trying. "
     if curve:
         ours, _, agent_kind = _FRAME_PAIRS[socket_type]
         return message + (
@@ -381,7 +382,9 @@ class FrameClient:
         self._handshaking = False  # a TCP connection is up, its handshake not finished
         self._auth_failed = False  # the current connection's handshake failed CURVE authentication
         self._unclear = False  # the current connection's handshake failed without detail
-        self._unclear_failures = 0  # such failures in a row (warned about once per run)
+        self._unclear_failures = 0  # such failures in a row
+        self._unclear_since: float | None = None  # when the first of them came
+        self._unclear_warned = False  # once per client
         self._refused: str | None = None
         self._hung_up_at: float | None = None  # when the agent hung up mid-handshake, until libzmq tries again
         self._next_check = 0.0  # monotonic time of send's next look at the monitor
@@ -409,7 +412,7 @@ class FrameClient:
             elif event == zmq.EVENT_CONNECTED:
                 self._handshaking, self._auth_failed, self._unclear, self._hung_up_at = True, False, False, None
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshaking, self.connected, self._unclear_failures = False, True, 0
+                self._handshaking, self.connected, self._unclear_failures, self._unclear_since = False, True, 0, None
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._auth_failed = True
             elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
@@ -423,8 +426,14 @@ class FrameClient:
                     # libzmq retries these: a proxy with no agent behind it, an agent that died mid-handshake,
                     # or a mismatch under CURVE. Not a refusal; a run of them is worth one warning.
                     self._unclear_failures += 1
-                    if self._unclear_failures == UNCLEAR_FAILURES:
-                        log.warning(failing_handshakes_message(self.endpoint, self.socket_type, self._curve, UNCLEAR_FAILURES))
+                    now = time.monotonic()
+                    if self._unclear_since is None:
+                        self._unclear_since = now
+                    if (not self._unclear_warned and self._unclear_failures >= UNCLEAR_FAILURES
+                            and now - self._unclear_since >= UNCLEAR_WARN_AFTER_S):
+                        self._unclear_warned = True
+                        log.warning(failing_handshakes_message(
+                            self.endpoint, self.socket_type, self._curve, self._unclear_failures, now - self._unclear_since))
                 elif self._handshaking and not self._auth_failed:
                     # The agent hung up before the handshake ended without a word. A socket-type mismatch
                     # does this, and libzmq then never reconnects; an agent that died in that moment does

@@ -125,9 +125,12 @@ def test_curve_on_one_side_only_is_refused_and_a_mismatch_under_curve_is_warned_
         caplog.clear()  # only this client's warnings (a refused client above may have warned before its refusal)
         with caplog.at_level("WARNING", logger="cl_agent.client"):
             with FrameClient(secure.endpoints["frames"], "cam", socket_type="pub", **keys) as frames:
+                # Not in the first second: under load a few such failures can come before a refusal.
+                assert frames.wait_connected(0.5) is False
+                assert not [r for r in caplog.records if r.name == "cl_agent.client"]
                 assert frames.wait_connected(1.5) is False
                 frames.send(images(1)[0])
         warnings = [r.getMessage() for r in caplog.records if r.name == "cl_agent.client"]
-        assert len(warnings) == 1 and "failed without detail" in warnings[0] and "socket-type mismatch" in warnings[0]
+        assert len(warnings) == 1 and "failed without detail over" in warnings[0] and "socket-type mismatch" in warnings[0]
         with FrameClient(secure.endpoints["frames"], "cam", **keys) as frames:  # the right keys still connect
             assert frames.wait_connected(3.0)
