@@ -28,6 +28,7 @@ import numpy as np
 
 from cl_agent.config import ExperienceSection, WireSection
 from cl_agent.errors import CLAgentError
+from cl_agent.keyset import KeySet
 from cl_agent.reservoir import Frame
 from cl_agent.spool import Record, read_records
 from cl_agent.storage import atomic_write_bytes, atomic_write_text, fsync_dir
@@ -250,9 +251,9 @@ class ExperienceStore:
         fsync_dir(self.root)
         return directory
 
-    def committed_keys(self) -> set[tuple[str, int]]:
+    def committed_keys(self) -> KeySet:
         """(sender, seq) of every labeled message in a cut experience (for idempotency across restarts)."""
-        keys: set[tuple[str, int]] = set()
+        keys = KeySet()
         for index in self.indices():
             keys.update((s, q) for s, q in self.meta(index)["keys"])
         return keys

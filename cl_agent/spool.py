@@ -23,9 +23,10 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from cl_agent.errors import CLAgentError
+from cl_agent.keyset import KeySet
 from cl_agent.storage import fsync_dir
 
 MAGIC = b"CLR1"
@@ -110,7 +111,7 @@ class Spool:
     Not thread-safe: one ingest thread owns it.
     """
 
-    def __init__(self, directory: str | Path, segment: int, max_bytes: int, *, closed_bytes: int = 0, keys: set | None = None):
+    def __init__(self, directory: str | Path, segment: int, max_bytes: int, *, closed_bytes: int = 0, keys: Iterable[tuple[str, int]] | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         # One writer per spool: a second process would interleave records. The lock dies with the process.
@@ -122,7 +123,7 @@ class Spool:
             raise CLAgentError(f"the spool {self.directory} is in use by another ingest process") from None
         self.max_bytes = max_bytes
         self.closed_bytes = closed_bytes  # bytes of cut, not yet trained segments (count against max_bytes)
-        self.keys: set[tuple[str, int]] = set(keys or ())  # committed (sender, seq): also those of earlier segments
+        self.keys = keys if isinstance(keys, KeySet) else KeySet(keys or ())  # committed (sender, seq): also earlier segments
         self.segment = -1
         self._file = None
         self.open_segment(segment)

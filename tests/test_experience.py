@@ -37,7 +37,7 @@ def test_store_cut_load_decode_and_mark_trained(tmp_path):
                 unlabeled=frames, reason="count", classes=[0, 1])
     spool.cut()
     assert store.last_index == 0 and store.pending() == [0]
-    assert store.committed_keys() == {("s", 1)}
+    assert set(store.committed_keys()) == {("s", 1)}
     experience = store.load(0)
     labeled, labels, unlabeled = experience.decode(32)
     assert labeled.shape == (3, 32, 32, 3) and labeled.dtype == np.uint8
