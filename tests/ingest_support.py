@@ -61,7 +61,8 @@ def request(endpoint: str, parts: list[bytes], timeout_s: float = 5.0, kind: int
     return json.loads(reply[-1])
 
 
-def wait_until(predicate, timeout_s: float = 5.0, interval_s: float = 0.01) -> bool:
+def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.01) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout_s`` passes (its last value)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():

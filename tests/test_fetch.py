@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ingest_support import wait_until
+
 from cl_agent.config import CurveSection, ServeSection
 from cl_agent.errors import CLAgentError
 from cl_agent.fetch import FetchClient, FetchError, ModelFetchService
@@ -70,15 +72,6 @@ def publish(repo: ModelRepository, path: Path) -> int:
     return repo.publish(path, {"class_names": CLASSES, "image_size": SIZE})
 
 
-def wait_for(condition, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def answered_version(endpoint: str) -> int | None:
     """The version a real inference request is answered with (None while the server has none)."""
     with InferenceClient(endpoint, timeout_s=2.0, retries=1) as client:
@@ -110,7 +103,7 @@ class Edge:
         self.follower.stop()
 
     def answers(self, version: int, timeout_s: float = 10.0) -> bool:
-        return wait_for(lambda: answered_version(self.server.endpoint) == version, timeout_s)
+        return wait_until(lambda: answered_version(self.server.endpoint) == version, timeout_s)
 
 
 def test_two_servers_move_to_each_new_version(tmp_path, source, models):
@@ -189,7 +182,7 @@ def test_a_tampered_source_file_is_never_installed_until_fixed(tmp_path, source,
             path = source.model_path(version)
             good = path.read_bytes()
             path.write_bytes(good[:-10])  # truncated on the agent's disk: its bytes no longer match the manifest
-            assert wait_for(lambda: edge.follower.counters["corrupt"] >= 2)
+            assert wait_until(lambda: edge.follower.counters["corrupt"] >= 2)
             assert edge.repository.versions() == [1] and answered_version(edge.server.endpoint) == 1
             path.write_bytes(good)
             assert edge.answers(version)
@@ -306,10 +299,10 @@ def test_cli_serve_follow(tmp_path, source, models):
         ]  # fmt: skip
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
-            assert wait_for(lambda: answered_version(endpoint) == 1, 30), "the following server never served version 1"
+            assert wait_until(lambda: answered_version(endpoint) == 1, 30), "the following server never served version 1"
             version = publish(source, models[1])
             announcer.announce("student", version, source.load_manifest(version)["sha256"])
-            assert wait_for(lambda: answered_version(endpoint) == 2, 10)
+            assert wait_until(lambda: answered_version(endpoint) == 2, 10)
             process.send_signal(signal.SIGTERM)
             assert process.wait(15) == 0
         finally:

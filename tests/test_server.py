@@ -23,6 +23,8 @@ import zmq
 from prometheus_client import generate_latest
 from torch import nn
 
+from ingest_support import wait_until
+
 from cl_agent.config import ExportSection, ServeSection
 from cl_agent.export import export_onnx
 from cl_agent.errors import CLAgentError
@@ -66,15 +68,6 @@ def publish(repo: ModelRepository, path: Path, **manifest) -> int:
 
 def serve_section(**overrides) -> ServeSection:
     return ServeSection(**{"endpoint": "tcp://127.0.0.1:*", "poll_s": 0.05, "max_batch": 8, **overrides})
-
-
-def wait_for(condition, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def images(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
@@ -132,7 +125,7 @@ def test_no_model_yet_then_first_version_is_picked_up(repo, onnx_models):
         with pytest.raises(InferenceError, match="no_model"):
             client.predict(images(1))
         publish(repo, onnx_models[0])
-        assert wait_for(lambda: server.version == 1)
+        assert wait_until(lambda: server.version == 1)
         assert client.predict(images(1)).model_version == 1
 
 
@@ -228,7 +221,7 @@ def test_partial_version_folders_are_never_loaded(repo, onnx_models):
         assert server.version == 1 and server.counters["swap_failures"] == 0
         assert client.predict(images(1)).model_version == 1
         assert publish(repo, onnx_models[1]) == 7
-        assert wait_for(lambda: server.version == 7)
+        assert wait_until(lambda: server.version == 7)
 
 
 def test_corrupt_or_mismatched_versions_are_refused_and_old_keeps_answering(repo, onnx_models, caplog):
@@ -241,17 +234,17 @@ def test_corrupt_or_mismatched_versions_are_refused_and_old_keeps_answering(repo
         data[len(data) // 2] ^= 0xFF
         repo.model_path(v2).write_bytes(bytes(data))
         server.check_now()
-        assert wait_for(lambda: server.counters["swap_failures"] == 1)
+        assert wait_until(lambda: server.counters["swap_failures"] == 1)
         # v3: consistent hash but not an ONNX model.
         junk = repo.model_dir.parent / "junk.onnx"
         junk.write_bytes(b"this is not onnx")
         publish(repo, junk)
         server.check_now()
-        assert wait_for(lambda: server.counters["swap_failures"] == 2)
+        assert wait_until(lambda: server.counters["swap_failures"] == 2)
         # v4: a model whose input size disagrees with its manifest.
         repo.publish(onnx_models[1], {"class_names": CLASSES, "image_size": 32})
         server.check_now()
-        assert wait_for(lambda: server.counters["swap_failures"] == 3)
+        assert wait_until(lambda: server.counters["swap_failures"] == 3)
         server.check_now()
         time.sleep(0.2)  # refused versions are not retried
         assert server.counters["swap_failures"] == 3
@@ -260,7 +253,7 @@ def test_corrupt_or_mismatched_versions_are_refused_and_old_keeps_answering(repo
         # A good version after the bad ones is taken.
         assert publish(repo, onnx_models[1]) == 5
         server.check_now()
-        assert wait_for(lambda: server.version == 5)
+        assert wait_until(lambda: server.version == 5)
         assert client.predict(images(1)).model_version == 5
 
 
@@ -293,7 +286,7 @@ def test_version_failing_warm_up_is_refused(repo, onnx_models, tmp_path, caplog)
     with Server(repo, serve_section(poll_s=3600)) as server, InferenceClient(server.endpoint) as client:
         publish(repo, nan_model(tmp_path / "nan.onnx"))
         server.check_now()
-        assert wait_for(lambda: server.counters["swap_failures"] == 1)
+        assert wait_until(lambda: server.counters["swap_failures"] == 1)
         assert "not finite" in caplog.text
         assert server.version == 1 and client.predict(images(1)).model_version == 1
 
@@ -306,7 +299,7 @@ def test_announcement_triggers_swap_without_polling(repo, onnx_models):
             v2 = publish(repo, onnx_models[1])
             sha = repo.load_manifest(v2)["sha256"]
             # PUB drops messages until the SUB connection is up: announce until the server moves.
-            assert wait_for(lambda: announcer.announce("student", v2, sha) or server.version == v2, timeout_s=10)
+            assert wait_until(lambda: announcer.announce("student", v2, sha) or server.version == v2, timeout_s=10)
     finally:
         announcer.close()
 
@@ -317,10 +310,10 @@ def test_rollback_moves_the_server_to_the_old_model(repo, onnx_models):
     with Server(repo, serve_section()) as server:
         assert server.version == 2
         v3 = repo.rollback(1)
-        assert wait_for(lambda: server.version == v3)
+        assert wait_until(lambda: server.version == v3)
         assert server._model.sha256 == repo.load_manifest(1)["sha256"]
         # The replaced sessions are freed by the watcher once no batch holds them.
-        assert wait_for(lambda: server._retired == [])
+        assert wait_until(lambda: server._retired == [])
 
 
 def test_requests_sent_during_swaps_all_get_answers(repo, onnx_models):
@@ -343,7 +336,7 @@ def test_requests_sent_during_swaps_all_get_answers(repo, onnx_models):
             t.start()
         for k in range(4):
             version = publish(repo, onnx_models[k % 2])
-            assert wait_for(lambda: server.version == version)
+            assert wait_until(lambda: server.version == version)
             time.sleep(0.05)
         stop.set()
         for t in threads:
@@ -415,7 +408,7 @@ def test_server_metrics_are_read_from_the_server_at_each_scrape(repo, onnx_model
         assert decode_message(dealer.recv_multipart(), server.wire).header["reason"] == "no_images"
         dealer.close(0)
         publish(repo, onnx_models[1])
-        assert wait_for(lambda: metrics.value("serve_version", model="student") == 2)
+        assert wait_until(lambda: metrics.value("serve_version", model="student") == 2)
         assert metrics.value("serve_images_total") == 3 and metrics.value("serve_largest_batch") == 3
         assert metrics.value("serve_requests_total") == 2 and metrics.value("serve_errors_total") == 1
         assert metrics.value("serve_swaps_total") == 2 and metrics.value("serve_swap_failures_total") == 0
@@ -533,7 +526,7 @@ def test_optimised_graph_is_opened_when_made_here_and_model_onnx_otherwise(tmp_p
         assert client.status()["model_providers"] == ["CPUExecutionProvider"]
         repo.rollback(v_here)  # republished with its optimised graph
         server.check_now()
-        assert wait_for(lambda: client.status()["model_version"] == v_plain + 1)
+        assert wait_until(lambda: client.status()["model_version"] == v_plain + 1)
         assert client.status()["model_optimized"] is True
         np.testing.assert_allclose([p for _, p in client.predict(batch[:1], top_k=3).predictions[0]], np.sort(expected[0])[::-1], atol=1e-6)
 
@@ -705,7 +698,7 @@ def test_a_reset_repository_is_warned_about_once_and_not_served(repo, onnx_model
         for _ in range(3):
             server.check_now()
             time.sleep(0.1)
-        assert wait_for(lambda: "restart" in caplog.text)
+        assert wait_until(lambda: "restart" in caplog.text)
         assert server.version == 3
     warnings = [r.getMessage() for r in caplog.records if "restart" in r.getMessage()]
     assert len(warnings) == 1
@@ -722,7 +715,7 @@ def test_a_refused_version_fixed_in_place_is_loaded(repo, onnx_models):
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
         server.check_now()
-        assert wait_for(lambda: server.counters["swap_failures"] == 1)
+        assert wait_until(lambda: server.counters["swap_failures"] == 1)
         server.check_now()
         time.sleep(0.2)
         assert server.version == 1 and server.counters["swap_failures"] == 1  # not retried as it is
@@ -730,7 +723,7 @@ def test_a_refused_version_fixed_in_place_is_loaded(repo, onnx_models):
         st = path.stat()
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # coarse clocks: a surely new mtime
         server.check_now()
-        assert wait_for(lambda: server.version == v2)
+        assert wait_until(lambda: server.version == v2)
 
 
 def test_a_malformed_manifest_is_warned_about_and_counted_once(repo, onnx_models, caplog):
@@ -743,7 +736,7 @@ def test_a_malformed_manifest_is_warned_about_and_counted_once(repo, onnx_models
         for _ in range(3):
             server.check_now()
             time.sleep(0.1)
-        assert wait_for(lambda: server.counters["swap_failures"] == 1)
+        assert wait_until(lambda: server.counters["swap_failures"] == 1)
         time.sleep(0.1)
         assert server.counters["swap_failures"] == 1
         assert server.version == 1 and client.predict(images(1)).model_version == 1
@@ -759,7 +752,7 @@ def test_a_manifest_missing_a_field_is_refused_naming_the_field(repo, onnx_model
         shutil.copy(onnx_models[1], folder / "model.onnx")  # copied in by hand, with a partial manifest
         (folder / "manifest.json").write_text(json.dumps({"version": 2, "class_names": CLASSES, "image_size": SIZE}))
         server.check_now()
-        assert wait_for(lambda: server.counters["swap_failures"] == 1)
+        assert wait_until(lambda: server.counters["swap_failures"] == 1)
         assert server.version == 1 and client.predict(images(1)).model_version == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "version 2" in r.getMessage()]
     assert len(errors) == 1 and "manifest is missing sha256" in errors[0]
@@ -806,5 +799,5 @@ def test_a_new_version_is_loaded_against_the_manifest_read_once(repo, onnx_model
         assert server.version == 1 and reads == [1]
         publish(repo, onnx_models[1])
         server.check_now()
-        assert wait_for(lambda: server.version == 2)
+        assert wait_until(lambda: server.version == 2)
         assert reads == [1, 2]
