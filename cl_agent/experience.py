@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,10 @@ class ExperienceStore:
         self.workdir = Path(workdir)
         self.root = self.workdir / "experiences"
         self.spool_dir = self.workdir / "spool"
+        # What pending() has seen: the experiences not yet trained, and where new ones would appear.
+        self._untrained: set[int] | None = None
+        self._next_index = 0
+        self._pending_lock = threading.Lock()  # the agent's loop and the ingest thread share a store
 
     def experience_dir(self, index: int) -> Path:
         return self.root / f"{index:06d}"
@@ -179,8 +184,26 @@ class ExperienceStore:
         return found[-1] if found else -1
 
     def pending(self) -> list[int]:
-        """Cut, durable, not yet trained; in order."""
-        return [i for i in self.indices() if not (self.experience_dir(i) / "trained").exists()]
+        """Cut, durable, not yet trained; in order.
+
+        Polled about twice a second by the agent and by the trainer, so only the first call
+        scans the store. Later calls look above the newest experience seen (the ingest process
+        cuts them in order, each one past the last) and at those still untrained: a trained
+        mark is never taken back, so a poll costs the same after ten experiences or a hundred
+        thousand. Another process's cuts and marks are seen, as is a folder a person moved away.
+        """
+        with self._pending_lock:
+            if self._untrained is None:
+                found = self.indices()
+                self._untrained = {i for i in found if not self.is_trained(i)}
+                self._next_index = found[-1] + 1 if found else 0
+            while (self.experience_dir(self._next_index) / "meta.json").exists():
+                self._untrained.add(self._next_index)
+                self._next_index += 1
+            for index in sorted(self._untrained):
+                if self.is_trained(index) or not (self.experience_dir(index) / "meta.json").exists():
+                    self._untrained.discard(index)
+            return sorted(self._untrained)
 
     def is_trained(self, index: int) -> bool:
         return (self.experience_dir(index) / "trained").exists()

@@ -52,6 +52,42 @@ def test_store_cut_load_decode_and_mark_trained(tmp_path):
         store.load(1)
 
 
+def _cut(store: ExperienceStore, spool: Spool, index: int) -> None:
+    spool.append(Record("s", index, "jpeg", [(8, 8, 3)], [0], [_jpeg(8, 8, 0)]))
+    spool.commit()
+    store.write(index, labeled_segment=spool.segment_path(index).name, labeled_samples=1, keys=spool.segment_keys,
+                unlabeled=[], reason="count", classes=[0])
+    spool.cut()
+
+
+def test_pending_follows_other_processes_and_a_poll_looks_only_at_untrained_and_new_experiences(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    spool = Spool(tmp_path / "spool", 0, 10**9)
+    ingest, trainer = ExperienceStore(tmp_path), ExperienceStore(tmp_path)  # as in two processes
+    for index in range(200):
+        _cut(ingest, spool, index)
+        if index < 197:
+            ingest.mark_trained(index)
+    assert trainer.pending() == [197, 198, 199]
+    _cut(ingest, spool, 200)  # cut by the other process
+    ingest.mark_trained(197)
+    assert trainer.pending() == [198, 199, 200]
+    # A person moves an untrained experience's folder away: it is no longer pending.
+    trainer.experience_dir(199).rename(tmp_path / "moved-away")
+    assert trainer.pending() == [198, 200]
+
+    looked_at = []
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: looked_at.append(self) or real_exists(self))
+    _cut(ingest, spool, 201)
+    looked_at.clear()
+    assert trainer.pending() == [198, 200, 201]
+    # Above the newest seen until one is missing (202), and each untrained one: not the 198 trained ones.
+    touched = {int(path.parent.name) for path in looked_at}
+    assert touched == {198, 200, 201, 202}, sorted(touched)
+
+
 def test_decode_raw_grey_and_bgr():
     grey = Sample(bytes([7]) * 64, "raw", (8, 8, 1))
     assert decode_sample(grey, 8).shape == (8, 8, 3)
@@ -120,3 +156,18 @@ def test_decode_of_readable_experience_logs_nothing(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="cl_agent.experience"):
         store.load(0).decode(16)
     assert not [r for r in caplog.records if r.name == "cl_agent.experience"]
+
+
+def test_bench_store_reports_polls_against_a_full_scan(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_store.py"
+    spec = importlib.util.spec_from_file_location("bench_store", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--experiences", "30", "--messages", "3", "--polls", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["experiences"] == 30 and result["keys"] == 32 * 3 and result["key_runs"] == 1
+    assert result["poll_ms"] > 0 and result["full_scan_ms"] > 0 and result["first_pending_ms"] > 0
