@@ -223,7 +223,7 @@ class Agent:
     def run(self) -> int:
         from cl_agent.ingest import IngestService
         from cl_agent.metrics import AgentMetrics, serve_from_config
-        from cl_agent.status import initial_state, read_experience_records, write_state
+        from cl_agent.status import initial_state, records_backwards, write_state
 
         cfg = self.cfg
         self._lock()
@@ -235,8 +235,8 @@ class Agent:
         state["model_version"] = self._latest_version()
         if state["model_version"] is not None:  # published before this start: not "none published yet"
             metrics.set_published_version(state["model_version"])
-        records = read_experience_records(self.workdir)
-        state["last_experience"] = records[-1]["experience"] if records else None
+        last = next(records_backwards(self.workdir), None)
+        state["last_experience"] = last.get("experience") if last else None
         ingest = IngestService(
             cfg.ingest, cfg.spool, cfg.reservoir, cfg.experience, self.workdir, seed=cfg.agent.seed
         ).start()

@@ -19,7 +19,7 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from cl_agent.errors import CLAgentError
@@ -210,17 +210,68 @@ def _numbered_records(workdir: str | os.PathLike) -> list[tuple[int, dict]]:
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            record = None
-        if isinstance(record, dict):
+        record = _parse_record(raw)
+        if record is not None:
             records.append((number, record))
         elif number == len(lines):
             log.debug("skipping torn last line of %s", path)
         else:
             log.warning("skipping unreadable line %d of %s", number, path)
     return records
+
+
+def records_backwards(workdir: str | os.PathLike, block_bytes: int = 1 << 16) -> Iterator[dict]:
+    """The records of ``workdir/experiences.jsonl``, newest first, read from the end in blocks.
+
+    At start the agent and the trainer need only the newest records; reading the whole file
+    would take seconds and hundreds of MB after tens of thousands of experiences. Lines that
+    are not JSON objects (a torn write) are skipped, as by ``read_experience_records``.
+    """
+    path = Path(workdir) / EXPERIENCES_FILE
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise CLAgentError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        position = f.seek(0, os.SEEK_END)
+        partial = b""  # the start of a line whose beginning lies in the block before
+        while position > 0:
+            step = min(block_bytes, position)
+            position -= step
+            f.seek(position)
+            lines = (f.read(step) + partial).split(b"\n")
+            partial = lines.pop(0) if position > 0 else b""
+            for raw in reversed(lines):
+                record = _parse_record(raw)
+                if record is not None:
+                    yield record
+
+
+def _parse_record(raw: bytes) -> dict | None:
+    if not raw.strip():
+        return None
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def recorded_since(workdir: str | os.PathLike, first: int) -> set[int]:
+    """The experience indices >= ``first`` that some record covers (its ``merged`` list).
+
+    Records are appended in training order, which is experience order, so the search reads
+    backwards and stops at the first record wholly below ``first``.
+    """
+    found: set[int] = set()
+    for record in records_backwards(workdir):
+        merged = [i for i in record.get("merged") or () if isinstance(i, int) and not isinstance(i, bool)]
+        if merged and max(merged) < first:
+            break
+        found.update(i for i in merged if i >= first)
+    return found
 
 
 def _is_number(value) -> bool:

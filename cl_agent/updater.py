@@ -39,7 +39,7 @@ from cl_agent.export import ExportError
 from cl_agent.labels import LabelMap
 from cl_agent.repository import OPTIMIZED_FILE, Announcer, ModelRepository, OptimizedModel
 from cl_agent.session import runtime_environment
-from cl_agent.status import append_experience_record, now_iso, read_experience_records
+from cl_agent.status import append_experience_record, now_iso, recorded_since
 
 log = logging.getLogger("cl_agent.updater")
 
@@ -174,8 +174,7 @@ class Updater:
             exported, _ = self._try_publish(self.last_trained, metrics={"recovered": True})
             version = exported or version  # as in run_once: a failure keeps the served version and goes on learning
         recovered = [i for i in self.store.pending() if i <= self.last_trained]
-        recorded = {i for r in read_experience_records(self.workdir) for i in r.get("merged", [])}
-        if recovered and not set(recovered) <= recorded:
+        if recovered and not set(recovered) <= recorded_since(self.workdir, min(recovered)):
             # trained and checkpointed before a crash, but never recorded: record it (its online accuracy is lost)
             record = self._record(recovered, len(recovered), {}, None, None, 0.0, 0.0, version)
             metas = [self.store.meta(i) for i in recovered]  # the counts, without reading the images
@@ -268,8 +267,7 @@ class Updater:
         """Record and mark experiences that cannot be trained (no update, no version); the record says why."""
         log.warning("experiences %s skipped: %s", chosen, reason)
         record = {**self._record(chosen, pending, {}, None, None, 0.0, 0.0, None), "recovered": False, "skipped": reason}
-        recorded = {i for r in read_experience_records(self.workdir) for i in r.get("merged", [])}
-        if not set(chosen) <= recorded:  # a crash between the record and the marks must not record them twice
+        if not set(chosen) <= recorded_since(self.workdir, min(chosen)):  # a crash between the record and the marks must not record them twice
             append_experience_record(self.workdir, record)
         for index in chosen:
             self.store.mark_trained(index)

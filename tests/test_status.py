@@ -17,6 +17,8 @@ from cl_agent.status import (
     online_summary,
     read_experience_records,
     read_state,
+    recorded_since,
+    records_backwards,
     write_state,
 )
 
@@ -107,6 +109,35 @@ def test_torn_last_line_is_tolerated_and_next_append_starts_fresh(workdir):
 
     append_experience_record(workdir, record(3, 40))
     assert [r["experience"] for r in read_experience_records(workdir)] == [0, 1, 2, 3]
+
+
+def test_records_read_backwards_match_the_file_across_blocks_and_torn_lines(tmp_path):
+    for e in range(40):
+        append_experience_record(tmp_path, record(e, e % 50, merged=[e] if e % 7 else [e - 1, e] if e else [0]))
+    with (tmp_path / EXPERIENCES_FILE).open("ab") as f:
+        f.write(b'{"experience": 40, "tim')  # torn by a crash
+    forwards = read_experience_records(tmp_path)
+    for block in (7, 64, 1 << 16):  # blocks shorter than a line, a few lines, the whole file
+        assert list(records_backwards(tmp_path, block_bytes=block)) == forwards[::-1]
+    assert next(records_backwards(tmp_path / "absent"), None) is None
+
+
+def test_recorded_since_reads_only_the_newest_records(tmp_path, monkeypatch):
+    for e in range(30):
+        append_experience_record(tmp_path, record(e, 5))
+    append_experience_record(tmp_path, record(30, 5, merged=[30, 31]))
+    assert recorded_since(tmp_path, 29) == {29, 30, 31}
+    assert recorded_since(tmp_path, 32) == set()
+    assert recorded_since(tmp_path, 0) == set(range(32))
+    # Older lines are never reached once a record below the start is found: damage there goes unread.
+    path = tmp_path / EXPERIENCES_FILE
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join([b"not json"] * 25 + lines[25:]))
+    seen = []
+    real = json.loads
+    monkeypatch.setattr(json, "loads", lambda raw, *a, **k: seen.append(raw) or real(raw, *a, **k))
+    assert recorded_since(tmp_path, 28) == {28, 29, 30, 31}
+    assert len(seen) == 4  # the records of 30-31, 29 and 28, and the one below (27) that ends the search
 
 
 def test_status_of_a_running_agent(workdir):

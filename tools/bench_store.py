@@ -12,7 +12,11 @@ leaves them; no image data) and two pending ones, then measures in one run:
   its marker (what a poll cost before it looked only at new and untrained ones), median;
 - ``first_pending_ms``: the first ``pending()`` of a fresh store (the one full scan, at start);
 - ``committed_keys_ms``: reading every experience's keys at start, with the number of runs
-  they make (``cl_agent/keyset.py``).
+  they make (``cl_agent/keyset.py``);
+- ``records_tail_ms``: what the agent and the trainer read of ``experiences.jsonl`` (one record
+  per experience, 100 classes' online accuracy each) at start: the newest record, and which
+  of the pending experiences a record covers; against ``records_full_read_ms``, reading the
+  whole file, as they did before.
 
 Prints one JSON object.
 """
@@ -29,7 +33,10 @@ from pathlib import Path
 
 
 def build(workdir: Path, experiences: int, messages: int) -> None:
+    from cl_agent.status import EXPERIENCES_FILE
+
     root = workdir / "experiences"
+    records = open(workdir / EXPERIENCES_FILE, "w")
     for index in range(experiences + 2):
         folder = root / f"{index:06d}"
         folder.mkdir(parents=True)
@@ -39,6 +46,19 @@ def build(workdir: Path, experiences: int, messages: int) -> None:
         (folder / "meta.json").write_text(json.dumps(meta))
         if index < experiences:
             (folder / "trained").write_text("0\n")
+            records.write(json.dumps(record(index)) + "\n")
+    records.close()
+
+
+def record(index: int) -> dict:
+    """An experience record of the size the agent writes with 100 classes."""
+    return {
+        "experience": index, "time": "2026-01-01T00:00:00.000Z", "labeled": 3200, "unlabeled": 1000,
+        "merged": [index], "online_accuracy": 0.5, "online_correct": 1600, "online_total": 3200,
+        "online_accuracy_per_class": {f"class_{c}": 0.5 for c in range(100)},
+        "losses": {"ce": 0.5, "mlkd": 0.1, "ssl": 0.3, "total": 0.9}, "update_seconds": 120.0,
+        "export_seconds": 2.5, "version": index + 1, "stopped_by_budget": False, "backlog": 0, "recovered": False,
+    }
 
 
 def timed(call) -> tuple[float, object]:
@@ -57,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--experiences must be >= 0, --messages and --polls >= 1")
 
     from cl_agent.experience import ExperienceStore
+    from cl_agent.status import read_experience_records, recorded_since, records_backwards
 
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         workdir = Path(tmp)
@@ -75,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             if found != expected:
                 raise SystemExit(f"the full scan gave {found}, expected {expected}")
         keys_ms, keys = timed(ExperienceStore(workdir).committed_keys)
+        tail_ms, _ = timed(lambda: (next(records_backwards(workdir), None), recorded_since(workdir, expected[0])))
+        full_ms, _ = timed(lambda: read_experience_records(workdir))
     poll, scan = statistics.median(polls), statistics.median(scans)
     print(json.dumps({
         "experiences": args.experiences,
@@ -86,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "committed_keys_ms": round(keys_ms, 1),
         "keys": len(keys),
         "key_runs": keys.runs(),
+        "records_tail_ms": round(tail_ms, 2),
+        "records_full_read_ms": round(full_ms, 1),
     }))
     return 0
 
