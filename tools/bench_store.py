@@ -16,7 +16,8 @@ leaves them; no image data) and two pending ones, then measures in one run:
 - ``records_tail_ms``: what the agent and the trainer read of ``experiences.jsonl`` (one record
   per experience, 100 classes' online accuracy each) at start: the newest record, and which
   of the pending experiences a record covers; against ``records_full_read_ms``, reading the
-  whole file, as they did before.
+  whole file, as they did before; ``records_*_peak_mb`` the memory each took at its peak
+  (tracemalloc, in a separate call from the timed one).
 
 Prints one JSON object.
 """
@@ -29,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 
@@ -59,6 +61,15 @@ def record(index: int) -> dict:
         "losses": {"ce": 0.5, "mlkd": 0.1, "ssl": 0.3, "total": 0.9}, "update_seconds": 120.0,
         "export_seconds": 2.5, "version": index + 1, "stopped_by_budget": False, "backlog": 0, "recovered": False,
     }
+
+
+def peak_mb(call) -> float:
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
 
 
 def timed(call) -> tuple[float, object]:
@@ -96,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             if found != expected:
                 raise SystemExit(f"the full scan gave {found}, expected {expected}")
         keys_ms, keys = timed(ExperienceStore(workdir).committed_keys)
-        tail_ms, _ = timed(lambda: (next(records_backwards(workdir), None), recorded_since(workdir, expected[0])))
+        def tail():
+            return next(records_backwards(workdir), None), recorded_since(workdir, expected[0])
+
+        tail_ms, _ = timed(tail)
         full_ms, _ = timed(lambda: read_experience_records(workdir))
+        tail_mb, full_mb = peak_mb(tail), peak_mb(lambda: read_experience_records(workdir))
     poll, scan = statistics.median(polls), statistics.median(scans)
     print(json.dumps({
         "experiences": args.experiences,
@@ -111,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         "key_runs": keys.runs(),
         "records_tail_ms": round(tail_ms, 2),
         "records_full_read_ms": round(full_ms, 1),
+        "records_tail_peak_mb": round(tail_mb, 2),
+        "records_full_read_peak_mb": round(full_mb, 1),
     }))
     return 0
 
