@@ -200,7 +200,7 @@ class ExperienceStore:
             while (self.experience_dir(self._next_index) / "meta.json").exists():
                 self._untrained.add(self._next_index)
                 self._next_index += 1
-            for index in sorted(self._untrained):
+            for index in list(self._untrained):
                 if self.is_trained(index) or not (self.experience_dir(index) / "meta.json").exists():
                     self._untrained.discard(index)
             return sorted(self._untrained)
@@ -274,10 +274,13 @@ class ExperienceStore:
         fsync_dir(self.root)
         return directory
 
-    def committed_keys(self) -> KeySet:
-        """(sender, seq) of every labeled message in a cut experience (for idempotency across restarts)."""
+    def committed_keys(self, indices: Sequence[int] | None = None) -> KeySet:
+        """(sender, seq) of every labeled message in a cut experience (for idempotency across restarts).
+
+        ``indices``: the cut experiences, when the caller has just listed them (``indices()``).
+        """
         keys = KeySet()
-        for index in self.indices():
+        for index in self.indices() if indices is None else indices:
             keys.update((s, q) for s, q in self.meta(index)["keys"])
         return keys
 

@@ -215,15 +215,16 @@ class IngestService:
 
     def _setup(self) -> None:
         cfg = self.config
-        self.untrained = UntrainedBytes(self.store)  # the one full scan; cuts and trained marks keep it up to date
-        self.retention = TrainedRetention(self.store, self.spool_config.keep_trained_bytes)  # may delete at once
+        self.untrained = UntrainedBytes(self.store)  # cuts and trained marks keep it up to date from here on
+        cut = self.store.indices()  # listed once for the rest of the start
+        self.retention = TrainedRetention(self.store, self.spool_config.keep_trained_bytes, cut)  # may delete at once
         self._counters.add("experiences_pruned", self.retention.pruned)
         self.spool = Spool(
             self.workdir / "spool",
-            self.store.last_index + 1,
+            cut[-1] + 1 if cut else 0,
             self.spool_config.max_bytes,
             closed_bytes=self.untrained.total,
-            keys=self.store.committed_keys(),
+            keys=self.store.committed_keys(cut),
         )
         self.intake = LabeledIntake(self.spool, self.labels, self.wire, self._counters, self.untrained.refresh)
         self.context = zmq.Context()

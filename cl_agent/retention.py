@@ -38,7 +38,7 @@ class TrainedRetention:
     ``max_bytes``. ``total``: the bytes kept; ``pruned``: experiences deleted by this object.
     """
 
-    def __init__(self, store: ExperienceStore, max_bytes: int):
+    def __init__(self, store: ExperienceStore, max_bytes: int, indices: Iterable[int] | None = None):
         if max_bytes < KEEP_ALL:
             raise ValueError(f"max_bytes must be >= 0, or {KEEP_ALL} to keep everything; got {max_bytes}")
         self.store = store
@@ -46,7 +46,7 @@ class TrainedRetention:
         self.sizes: dict[int, int] = {}  # trained experience -> bytes of its data on disk; oldest first
         self.total = 0
         self.pruned = 0
-        for index in store.indices():
+        for index in store.indices() if indices is None else indices:  # the cut experiences, if listed already
             if not store.is_trained(index):
                 continue
             if store.is_pruned(index):
