@@ -9,6 +9,7 @@ Layout under the working directory:
     experiences/000007/meta.json    written last, atomically: its presence means "cut"
     experiences/000007/trained      marker written by mark_trained
     experiences/000007/pruned       marker: its data (segment and draw) was deleted by retention (retention.py)
+    experiences/keys.json           the (sender, seq) keys of experiences 0..N as runs, rewritten after each cut
 
 Numbering continues after a restart: the next experience is one past the
 highest ``meta.json``. The store is read through files only, so a trainer in
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from bisect import bisect_left
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ CUT_COUNT, CUT_TIME, CUT_EXPLICIT = "count", "time", "explicit"
 CUT_FULL = "spool_full"  # the open experience alone filled the spool: only training it can free space
 UNLABELED_FILE = "unlabeled.log"
 PRUNED_MARKER = "pruned"
+KEYS_SUMMARY = "keys.json"
 
 
 class ExperiencePolicy:
@@ -183,7 +186,7 @@ class ExperienceStore:
         found = self.indices()
         return found[-1] if found else -1
 
-    def pending(self) -> list[int]:
+    def pending(self, listed: Sequence[int] | None = None) -> list[int]:
         """Cut, durable, not yet trained; in order.
 
         Polled about twice a second by the agent and by the trainer, so only the first call
@@ -191,10 +194,12 @@ class ExperienceStore:
         cuts them in order, each one past the last) and at those still untrained: a trained
         mark is never taken back, so a poll costs the same after ten experiences or a hundred
         thousand. Another process's cuts and marks are seen, as is a folder a person moved away.
+        ``listed``: the cut experiences (``indices()``) when the caller has just listed them, for
+        the first call.
         """
         with self._pending_lock:
             if self._untrained is None:
-                found = self.indices()
+                found = self.indices() if listed is None else list(listed)
                 self._untrained = {i for i in found if not self.is_trained(i)}
                 self._next_index = found[-1] + 1 if found else 0
             while (self.experience_dir(self._next_index) / "meta.json").exists():
@@ -277,12 +282,39 @@ class ExperienceStore:
     def committed_keys(self, indices: Sequence[int] | None = None) -> KeySet:
         """(sender, seq) of every labeled message in a cut experience (for idempotency across restarts).
 
-        ``indices``: the cut experiences, when the caller has just listed them (``indices()``).
+        ``indices``: the cut experiences, in order, when the caller has just listed them (``indices()``).
+        Starts from the summary ``save_keys`` left (``keys.json``) and reads the ``meta.json`` of
+        only the experiences cut after it, so a start does not read every experience ever cut.
+        Without a usable summary (none yet, damaged, or its last experience moved away) every
+        ``meta.json`` is read, as the summary is only a shortcut to what they hold.
         """
-        keys = KeySet()
-        for index in self.indices() if indices is None else indices:
-            keys.update((s, q) for s, q in self.meta(index)["keys"])
+        indices = self.indices() if indices is None else indices
+        keys, through = self._keys_summary(indices)
+        for index in indices:
+            if index > through:
+                keys.update((s, q) for s, q in self.meta(index)["keys"])
         return keys
+
+    def save_keys(self, through: int, keys: KeySet) -> None:
+        """Record ``keys``, the keys of every cut experience up to ``through`` and of no other, as runs."""
+        atomic_write_text(self.root / KEYS_SUMMARY, json.dumps({"through": through, "runs": keys.to_runs()}, separators=(",", ":")))
+
+    def _keys_summary(self, indices: Sequence[int]) -> tuple[KeySet, int]:
+        path = self.root / KEYS_SUMMARY
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            through = summary["through"]
+            if type(through) is not int:
+                raise ValueError(f"through must be an integer, got {through!r}")
+            i = bisect_left(indices, through)
+            if i == len(indices) or indices[i] != through:
+                raise ValueError(f"experience {through}, the last it covers, is not in the store")
+            return KeySet.from_runs(summary["runs"]), through
+        except FileNotFoundError:
+            return KeySet(), -1
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            log.warning("not using %s (%s: %s); reading the keys of every experience instead", path, type(e).__name__, e)
+            return KeySet(), -1
 
     def segment_bytes(self, index: int) -> int:
         """Bytes of experience ``index``'s labeled segment in the spool (0 if the file is gone)."""
@@ -304,9 +336,9 @@ class UntrainedBytes:
     experiences were cut before; it never lists the store nor reads a meta.json.
     """
 
-    def __init__(self, store: ExperienceStore):
+    def __init__(self, store: ExperienceStore, listed: Sequence[int] | None = None):
         self.store = store
-        self.sizes: dict[int, int] = {index: store.segment_bytes(index) for index in store.pending()}
+        self.sizes: dict[int, int] = {index: store.segment_bytes(index) for index in store.pending(listed)}
         self.total = sum(self.sizes.values())
         self.newly_trained: list[int] = []
 

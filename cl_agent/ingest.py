@@ -215,9 +215,11 @@ class IngestService:
 
     def _setup(self) -> None:
         cfg = self.config
-        self.untrained = UntrainedBytes(self.store)  # cuts and trained marks keep it up to date from here on
-        cut = self.store.indices()  # listed once for the rest of the start
-        self.retention = TrainedRetention(self.store, self.spool_config.keep_trained_bytes, cut)  # may delete at once
+        cut = self.store.indices()  # listed once for the whole start
+        self.untrained = UntrainedBytes(self.store, cut)  # cuts and trained marks keep it up to date from here on
+        # Marked trained later (by the trainer, meanwhile): refresh() finds it and retention adds it then.
+        trained = [i for i in cut if i not in self.untrained.sizes]
+        self.retention = TrainedRetention(self.store, self.spool_config.keep_trained_bytes, trained)  # may delete at once
         self._counters.add("experiences_pruned", self.retention.pruned)
         self.spool = Spool(
             self.workdir / "spool",
@@ -454,6 +456,10 @@ class IngestService:
         )
         _, _, size = spool.cut()
         self.untrained.add(index, size)
+        try:  # the keys of every experience up to this one (the new segment's are not committed yet)
+            self.store.save_keys(index, spool.keys)
+        except OSError as e:  # a shortcut for the next start only: without it, that start reads every meta.json
+            log.warning("cannot save the experiences' key summary: %s", e)
         self._counters.add("experiences_cut")
         log.info("experience %d cut (%s): %d labeled, %d unlabeled", index, reason, self.store.meta(index)["labeled_samples"], len(frames))
         if self.on_experience is not None:

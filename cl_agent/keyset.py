@@ -71,3 +71,29 @@ class KeySet:
     def runs(self) -> int:
         """How many runs are held (what the memory grows with)."""
         return sum(len(starts) for starts in self._starts.values())
+
+    def to_runs(self) -> dict[str, list[list[int]]]:
+        """The runs as plain JSON data: sender -> [[first seq, last seq], ...], in order."""
+        return {sender: [[s, e] for s, e in zip(starts, self._ends[sender])] for sender, starts in self._starts.items()}
+
+    @classmethod
+    def from_runs(cls, runs: object) -> "KeySet":
+        """The inverse of ``to_runs``; raises ValueError naming the first thing that is not sorted, disjoint runs."""
+        if not isinstance(runs, dict):
+            raise ValueError(f"runs must be an object of sender -> [[first, last], ...], got {type(runs).__name__}")
+        keys = cls()
+        for sender, pairs in runs.items():
+            if not isinstance(pairs, list):
+                raise ValueError(f"sender {sender!r}: runs must be a list, got {type(pairs).__name__}")
+            starts, ends = [], []
+            for pair in pairs:
+                if not (isinstance(pair, list) and len(pair) == 2 and all(type(v) is int for v in pair) and pair[0] <= pair[1]):
+                    raise ValueError(f"sender {sender!r}: {pair!r} is not a run [first, last] of integers")
+                if ends and pair[0] <= ends[-1] + 1:
+                    raise ValueError(f"sender {sender!r}: run {pair!r} is not after the one before it, with a gap")
+                starts.append(pair[0])
+                ends.append(pair[1])
+                keys._count += pair[1] - pair[0] + 1
+            if starts:
+                keys._starts[sender], keys._ends[sender] = starts, ends
+        return keys

@@ -36,9 +36,11 @@ class TrainedRetention:
     Built with one scan of the trained experiences (a stat or two each, no meta.json read); afterwards the owner
     ``add``s the experiences it sees marked trained, and the oldest go once the total passes
     ``max_bytes``. ``total``: the bytes kept; ``pruned``: experiences deleted by this object.
+    ``trained``: the experiences marked trained, in order, when the caller knows them (else the
+    store is listed and each one checked for its marker).
     """
 
-    def __init__(self, store: ExperienceStore, max_bytes: int, indices: Iterable[int] | None = None):
+    def __init__(self, store: ExperienceStore, max_bytes: int, trained: Iterable[int] | None = None):
         if max_bytes < KEEP_ALL:
             raise ValueError(f"max_bytes must be >= 0, or {KEEP_ALL} to keep everything; got {max_bytes}")
         self.store = store
@@ -46,9 +48,9 @@ class TrainedRetention:
         self.sizes: dict[int, int] = {}  # trained experience -> bytes of its data on disk; oldest first
         self.total = 0
         self.pruned = 0
-        for index in store.indices() if indices is None else indices:  # the cut experiences, if listed already
-            if not store.is_trained(index):
-                continue
+        if trained is None:
+            trained = [i for i in store.indices() if store.is_trained(i)]
+        for index in trained:
             if store.is_pruned(index):
                 # A crash may have come between the marker and the removal. The frames file goes last
                 # (and every cut experience has one), so while it is there the removal is unfinished.

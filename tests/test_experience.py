@@ -6,6 +6,7 @@ import pytest
 
 from cl_agent.config import ExperienceSection
 from cl_agent.experience import CUT_COUNT, CUT_TIME, ExperiencePolicy, ExperienceStore, Sample, decode_sample
+from cl_agent.keyset import KeySet
 from cl_agent.labels import LabelError, LabelMap
 from cl_agent.reservoir import Frame
 from cl_agent.spool import Record, Spool
@@ -172,3 +173,46 @@ def test_bench_store_reports_polls_against_a_full_scan(capsys):
     assert result["experiences"] == 30 and result["keys"] == 32 * 3 and result["key_runs"] == 1
     assert result["poll_ms"] > 0 and result["full_scan_ms"] > 0 and result["first_pending_ms"] > 0
     assert result["records_tail_ms"] > 0 and result["records_full_read_ms"] > 0
+    assert result["committed_keys_summary_ms"] > 0 and result["start_ms"] > 0
+
+
+def _store_with_keys(tmp_path, experiences: int) -> ExperienceStore:
+    spool = Spool(tmp_path / "spool", 0, 10**9)
+    store = ExperienceStore(tmp_path)
+    for index in range(experiences):
+        _cut(store, spool, index)
+    return store
+
+
+def test_keys_at_start_read_only_the_experiences_after_the_summary(tmp_path, monkeypatch):
+    store = _store_with_keys(tmp_path, 6)
+    everything = {("s", i) for i in range(6)}
+    store.save_keys(3, KeySet([("s", i) for i in range(4)]))
+    read = []
+    original = ExperienceStore.meta
+    monkeypatch.setattr(ExperienceStore, "meta", lambda self, index: read.append(index) or original(self, index))
+    assert set(ExperienceStore(tmp_path).committed_keys()) == everything
+    assert read == [4, 5]
+
+
+@pytest.mark.parametrize("summary, reason", [
+    ('{"through": 3, "runs": {"s": [[0, 3]]', "JSONDecodeError"),  # torn by hand: the writes are atomic
+    ('{"through": 9, "runs": {"s": [[0, 9]]}}', "experience 9, the last it covers, is not in the store"),
+    ('{"through": "3", "runs": {}}', "through must be an integer"),
+    ('{"through": 3, "runs": {"s": [[3, 0]]}}', "is not a run"),
+    ('[3]', "TypeError"),
+])
+def test_an_unusable_key_summary_is_named_and_every_experience_is_read(tmp_path, caplog, summary, reason):
+    _store_with_keys(tmp_path, 6)
+    (tmp_path / "experiences" / "keys.json").write_text(summary)
+    with caplog.at_level("WARNING", logger="cl_agent.experience"):
+        keys = ExperienceStore(tmp_path).committed_keys()
+    assert set(keys) == {("s", i) for i in range(6)}
+    assert "keys.json" in caplog.text and reason in caplog.text
+
+
+def test_the_summary_is_not_an_experience(tmp_path):
+    store = _store_with_keys(tmp_path, 2)
+    store.save_keys(1, store.committed_keys())
+    again = ExperienceStore(tmp_path)
+    assert again.indices() == [0, 1] and again.pending() == [0, 1] and again.last_index == 1

@@ -243,3 +243,21 @@ def test_ingest_command_logs_iso_8601_utc_times(tmp_path):
     cut = [line for line in stderr.splitlines() if "experience 0 cut" in line]
     assert cut, stderr
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO cl_agent\.ingest: ", cut[0]), cut[0]
+
+
+def test_each_cut_saves_the_keys_so_far_and_a_restart_recognises_retries_from_them(tmp_path):
+    first = encode_message("labeled", "robot-7", 42, images(1), labels=["a"])
+    later = encode_message("labeled", "robot-7", 43, images(1), labels=["a"])
+    with make_service(tmp_path) as service:
+        assert request(service.endpoints["labeled"], first)["kind"] == "ack"
+        assert service.end_experience() == 0
+        assert request(service.endpoints["labeled"], later)["kind"] == "ack"  # committed, not cut
+        summary = json.loads((tmp_path / "experiences" / "keys.json").read_text())
+        assert summary == {"through": 0, "runs": {"robot-7": [[42, 42]]}}
+        assert service.end_experience() == 1
+        summary = json.loads((tmp_path / "experiences" / "keys.json").read_text())
+        assert summary == {"through": 1, "runs": {"robot-7": [[42, 43]]}}
+    with make_service(tmp_path) as service:
+        again = [request(service.endpoints["labeled"], parts) for parts in (first, later)]
+        fresh = request(service.endpoints["labeled"], encode_message("labeled", "robot-7", 44, images(1), labels=["a"]))
+    assert [a["duplicate"] for a in again] == [True, True] and not fresh["duplicate"]

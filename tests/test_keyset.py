@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import tracemalloc
 
+import pytest
+
 from cl_agent.keyset import KeySet
 
 
@@ -51,3 +53,24 @@ def test_memory_grows_with_runs_not_with_messages():
     as_set = allocated(lambda: {(str(s), int(q)) for s, q in messages})
     as_runs = allocated(lambda: KeySet(messages))
     assert as_runs * 100 < as_set, (as_runs, as_set)
+
+
+def test_runs_round_trip_as_plain_data_and_bad_runs_are_refused():
+    keys = KeySet([("cam", 1), ("cam", 2), ("cam", 5), ("arm", 0)])
+    runs = keys.to_runs()
+    assert runs == {"cam": [[1, 2], [5, 5]], "arm": [[0, 0]]}
+    again = KeySet.from_runs(runs)
+    assert set(again) == set(keys) and len(again) == 4 and again.runs() == 3
+    again.add(("cam", 3))
+    assert again.to_runs()["cam"] == [[1, 3], [5, 5]]
+    for bad, named in [
+        ([[1, 2]], "object"),
+        ({"cam": [[2, 1]]}, r"\[2, 1\]"),
+        ({"cam": [[1, 2], [3, 4]]}, r"\[3, 4\] is not after"),  # adjacent: must have been one run
+        ({"cam": [[5, 6], [1, 2]]}, r"\[1, 2\] is not after"),
+        ({"cam": [[1, "2"]]}, "integers"),
+        ({"cam": [[True, 2]]}, "integers"),
+        ({"cam": "1-2"}, "must be a list"),
+    ]:
+        with pytest.raises(ValueError, match=named):
+            KeySet.from_runs(bad)

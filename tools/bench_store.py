@@ -12,7 +12,12 @@ leaves them; no image data) and two pending ones, then measures in one run:
   its marker (what a poll cost before it looked only at new and untrained ones), median;
 - ``first_pending_ms``: the first ``pending()`` of a fresh store (the one full scan, at start);
 - ``committed_keys_ms``: reading every experience's keys at start, with the number of runs
-  they make (``cl_agent/keyset.py``);
+  they make (``cl_agent/keyset.py``), as a start without a key summary does;
+  ``committed_keys_summary_ms``: the same keys from the summary the ingest process rewrites
+  after each cut (``experiences/keys.json``), as a start finds the store;
+- ``start_ms``: all the store work of the ingest process's start with that summary (the first
+  ``pending()``, the untrained bytes, listing the store, retention's look at each trained
+  experience, the keys), on a fresh store object;
 - ``records_tail_ms``: what the agent and the trainer read of ``experiences.jsonl`` (one record
   per experience, 100 classes' online accuracy each) at start: the newest record, and which
   of the pending experiences a record covers; against ``records_full_read_ms``, reading the
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiences < 0 or args.messages < 1 or args.polls < 1:
         parser.error("--experiences must be >= 0, --messages and --polls >= 1")
 
-    from cl_agent.experience import ExperienceStore
+    from cl_agent.experience import ExperienceStore, UntrainedBytes
+    from cl_agent.retention import KEEP_ALL, TrainedRetention
     from cl_agent.status import read_experience_records, recorded_since, records_backwards
 
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
@@ -107,6 +113,20 @@ def main(argv: list[str] | None = None) -> int:
             if found != expected:
                 raise SystemExit(f"the full scan gave {found}, expected {expected}")
         keys_ms, keys = timed(ExperienceStore(workdir).committed_keys)
+        store.save_keys(expected[-1], keys)  # what the ingest process leaves after its last cut
+        summary_ms, from_summary = timed(ExperienceStore(workdir).committed_keys)
+        if from_summary.to_runs() != keys.to_runs():
+            raise SystemExit("the keys read through the summary differ from those read from every experience")
+
+        def start():
+            fresh = ExperienceStore(workdir)  # as IngestService._setup does it
+            cut = fresh.indices()
+            untrained = UntrainedBytes(fresh, cut)
+            TrainedRetention(fresh, KEEP_ALL, [i for i in cut if i not in untrained.sizes])
+            return fresh.committed_keys(cut)
+
+        start_ms, _ = timed(start)
+
         def tail():
             return next(records_backwards(workdir), None), recorded_since(workdir, expected[0])
 
@@ -122,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "full_scan_over_poll": round(scan / poll, 1) if poll > 0 else None,
         "first_pending_ms": round(first_ms, 1),
         "committed_keys_ms": round(keys_ms, 1),
+        "committed_keys_summary_ms": round(summary_ms, 2),
+        "start_ms": round(start_ms, 1),
         "keys": len(keys),
         "key_runs": keys.runs(),
         "records_tail_ms": round(tail_ms, 2),
