@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from cl_agent.config import AgentConfig, connect_endpoint, save_resolved
-from cl_agent.errors import CLAgentError
+from cl_agent.errors import BusyError, CLAgentError
 
 log = logging.getLogger("cl_agent.agent")
 
@@ -151,7 +151,7 @@ class Agent:
         except BlockingIOError:
             self._lock_file.seek(0)
             holder = self._lock_file.read().strip() or "unknown"
-            raise CLAgentError(f"another agent (pid {holder}) is running in {self.workdir}") from None
+            raise BusyError(f"another agent (pid {holder}) is running in {self.workdir}") from None
         self._lock_file.seek(0)
         self._lock_file.truncate()
         self._lock_file.write(f"{os.getpid()}\n")

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from cl_agent.config import AgentConfig, ConfigError, load_config, parse_override
-from cl_agent.errors import CLAgentError
+from cl_agent.errors import EXIT_ERROR, CLAgentError, exit_code
 
 app = typer.Typer(
     help="cl-agent: online continual learning for vision streams (MLKD + dynamic SSL), ONNX export and hot-swapping serving.",
@@ -328,9 +328,12 @@ def keys_make(
 def main() -> None:
     try:
         app()
-    except (ConfigError, CLAgentError) as e:
+    except ConfigError as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
-        sys.exit(2)
+        sys.exit(EXIT_ERROR)
+    except CLAgentError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(exit_code(e))
     except KeyboardInterrupt:
         sys.exit(130)
 

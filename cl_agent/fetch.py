@@ -34,7 +34,7 @@ import time
 import zmq
 
 from cl_agent.config import CurveSection, WireSection
-from cl_agent.errors import CLAgentError
+from cl_agent.errors import CLAgentError, bind_failure
 from cl_agent.repository import ModelRepository
 from cl_agent.wire import PROTOCOL_VERSION, WireError, decode_message, pack_message, reply
 
@@ -104,7 +104,7 @@ class ModelFetchService:
             try:
                 router.bind(self.requested_endpoint)
             except zmq.ZMQError as e:
-                raise CLAgentError(f"cannot bind repository.fetch_endpoint {self.requested_endpoint}: {e}") from None
+                raise bind_failure(f"cannot bind repository.fetch_endpoint {self.requested_endpoint}", e) from None
         except BaseException:
             if router is not None:
                 router.close(0)

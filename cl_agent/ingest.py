@@ -32,7 +32,7 @@ from cl_agent.config import (
     ReservoirSection,
     SpoolSection,
 )
-from cl_agent.errors import CLAgentError
+from cl_agent.errors import CLAgentError, bind_failure
 from cl_agent.experience import CUT_EXPLICIT, CUT_FULL, ExperiencePolicy, ExperienceStore, UntrainedBytes
 from cl_agent.intake import AGENT_SENDER, Counters, EndRequest, LabeledIntake
 from cl_agent.labels import LabelMap
@@ -74,7 +74,7 @@ def bind(socket: zmq.Socket, endpoint: str) -> str:
     try:
         socket.bind(endpoint)
     except zmq.ZMQError as e:
-        raise CLAgentError(f"cannot bind {endpoint}: {e}") from None
+        raise bind_failure(f"cannot bind {endpoint}", e) from None
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import start_http_server
 
 from cl_agent.config import MetricsSection
-from cl_agent.errors import CLAgentError
+from cl_agent.errors import BusyError, CLAgentError
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +265,10 @@ def serve_registry(registry: CollectorRegistry, host: str, port: int, setting: s
     try:
         httpd, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as e:
-        hint = ""
+        message = f"cannot serve metrics on {host}:{port}: {e.strerror or e}"
         if e.errno == errno.EADDRINUSE:
-            hint = f" (port already in use: pick another {setting})"
-        raise CLAgentError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}{hint}") from None
+            raise BusyError(f"{message} (port already in use: pick another {setting})") from None
+        raise CLAgentError(message) from None
     server = MetricsServer(host=host, port=httpd.server_address[1], _httpd=httpd, _thread=thread)
     log.info("metrics at %s", server.url, extra={"metrics_port": server.port})
     return server

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from cl_agent.errors import CLAgentError
+from cl_agent.errors import CLAgentError, bind_failure
 from cl_agent.storage import atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -475,7 +475,7 @@ class Announcer:
             self.socket.bind(endpoint)
         except zmq.ZMQError as e:
             self.socket.close(0)
-            raise CLAgentError(f"cannot bind the announce endpoint {endpoint}: {e}") from None
+            raise bind_failure(f"cannot bind the announce endpoint {endpoint}", e) from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def announce(self, model: str, version: int, sha256: str) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 import zmq
 
 from cl_agent.config import AgentConfig, ServeSection, WireSection
-from cl_agent.errors import CLAgentError
+from cl_agent.errors import CLAgentError, bind_failure
 from cl_agent.repository import MANIFEST_FILE, ModelRepository, parse_announcement
 from cl_agent.session import LoadedModel, ModelLoadError, choose_providers, load_model
 from cl_agent.wire import Message, WireError, decode_message, json_number, peek_seq, prediction_reply, reply
@@ -106,7 +106,7 @@ class Server:
             router.bind(self.serve.endpoint)
         except zmq.ZMQError as e:
             router.close()
-            raise CLAgentError(f"cannot bind serve.endpoint {self.serve.endpoint}: {e}") from None
+            raise bind_failure(f"cannot bind serve.endpoint {self.serve.endpoint}", e) from None
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         try:
             self._check_for_new_version()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from cl_agent.errors import CLAgentError
+from cl_agent.errors import BusyError
 from cl_agent.keyset import KeySet
 from cl_agent.storage import fsync_dir
 
@@ -120,7 +120,7 @@ class Spool:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.close()
-            raise CLAgentError(f"the spool {self.directory} is in use by another ingest process") from None
+            raise BusyError(f"the spool {self.directory} is in use by another ingest process") from None
         self.max_bytes = max_bytes
         self.closed_bytes = closed_bytes  # bytes of cut, not yet trained segments (count against max_bytes)
         self.keys = keys if isinstance(keys, KeySet) else KeySet(keys or ())  # committed (sender, seq): also earlier segments
