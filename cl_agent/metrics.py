@@ -33,7 +33,7 @@ EXPORT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, float("inf"))
 METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ingest_accepted_total": ("counter", ("kind",), "Ingest messages accepted, by message kind"),
     "ingest_rejected_total": ("counter", ("reason",), "Ingest messages rejected, by reason code"),
-    "frames_dropped_total": ("counter", (), "Unlabeled frames dropped (high-water mark or reservoir policy)"),
+    "frames_dropped_total": ("counter", (), "Unlabeled frames lost before reaching the agent: gaps in each camera's seq (its client's send queue was full, or the network lost them); frames the reservoir leaves out are not drops"),
     "spool_samples": ("gauge", (), "Labeled samples in the open experience (since the last cut)"),
     "spool_bytes": ("gauge", (), "Bytes in the durable labeled spool"),
     "trained_data_bytes": ("gauge", (), "Bytes of trained experiences' data kept on disk (bounded by spool.keep_trained_bytes)"),

@@ -66,10 +66,39 @@ class LoadedModel:
         return probs
 
 
+# From the CPU onnxruntime (a dependency) to the GPU build (the `gpu` extra): the two share one
+# module, so uninstalling the CPU package deletes files the GPU one needs, and it is reinstalled.
+GPU_SWITCH = "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps 'onnxruntime-gpu>=1.18'"
+
+
+def runtime_packages() -> list[str]:
+    """The installed distributions that provide the ``onnxruntime`` module (exactly one is right)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            version(name)
+        except PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
 def choose_providers(requested: list[str]) -> list[str]:
     """onnxruntime providers: ``auto`` = TensorRT, then CUDA, when installed, always ending with CPU."""
     import onnxruntime as ort
 
+    if not hasattr(ort, "get_available_providers"):
+        raise CLAgentError(
+            f"the onnxruntime module in {list(getattr(ort, '__path__', []))} is incomplete, as after uninstalling one of "
+            f"onnxruntime and onnxruntime-gpu while both were installed; for the GPU build repair it with: {GPU_SWITCH}"
+        )
+    if len(runtime_packages()) > 1:
+        log.warning(
+            "both onnxruntime and onnxruntime-gpu are installed: they provide the same module, so the providers "
+            "depend on which was installed last; keep one (for the GPU build: %s)", GPU_SWITCH,
+        )
     available = ort.get_available_providers()
     if requested == ["auto"]:
         preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
