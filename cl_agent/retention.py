@@ -9,7 +9,9 @@ and deletes the oldest past it. What stays: ``meta.json`` (counts, classes and t
 and the ``trained`` marker; a ``pruned`` marker says the data is gone.
 
 Only experiences marked trained are touched, and the trainer marks an experience only after
-its update is checkpointed and published, so nothing an update still needs is deleted. The
+its update is checkpointed and recorded (published, or recorded with the reason the publish
+was refused; a skipped experience is recorded as skipped), so nothing an update still needs
+is deleted. The
 marker is written before the files are removed: a crash in between leaves files that the
 next start removes.
 """
