@@ -105,7 +105,9 @@ def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to
         raise SystemExit(1) from None
 
 
-def _server_main(cfg: AgentConfig, parent_pid: int, to_stderr: bool = True) -> None:
+def _server_main(cfg: AgentConfig, parent_pid: int, to_stderr: bool = True, report=None) -> None:
+    """The hosted server. Exit 1 when a restart may help (serve.endpoint taken, say), 2 with the
+    reason sent on ``report`` when the configuration cannot work (a provider that is not installed)."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from cl_agent.server import serve_forever
@@ -113,9 +115,14 @@ def _server_main(cfg: AgentConfig, parent_pid: int, to_stderr: bool = True) -> N
     _child_logging(cfg, "server.log", to_stderr)
     try:
         code = serve_forever(cfg)
-    except CLAgentError as error:  # e.g. serve.endpoint taken: one line, not a traceback per restart
+    except BusyError as error:  # one line, not a traceback per restart
         log.error("server cannot run: %s", error)
         code = 1
+    except CLAgentError as error:
+        log.error("server cannot run: %s", error)
+        if report is not None:
+            report.send(str(error))
+        code = 2
     raise SystemExit(code)
 
 
@@ -132,6 +139,7 @@ class Agent:
         self.stop_requested = threading.Event()
         self.trainer: mp.Process | None = None
         self.server: mp.Process | None = None
+        self.server_report = None  # read end of the hosted server's pipe (see _server_main)
         self.fetch_service = None  # cl_agent.fetch.ModelFetchService, in this process
         self.trainer_stop = None  # write end of the running trainer's stop pipe
         self.results: mp.Queue | None = None  # the running trainer's results (both new for each trainer process)
@@ -200,10 +208,12 @@ class Agent:
         receive.close()  # the child has its own copy: EOF here means the parent is gone
 
     def _start_server(self) -> None:
+        self.server_report, report = self.ctx.Pipe(duplex=False)  # why it cannot run, when it exits with 2
         self.server = self.ctx.Process(
-            target=_server_main, args=(self.cfg, os.getpid(), self.children_log_to_stderr), name="cl-agent-server"
+            target=_server_main, args=(self.cfg, os.getpid(), self.children_log_to_stderr, report), name="cl-agent-server"
         )
         self.server.start()
+        report.close()
 
     def _start_fetch_service(self) -> None:
         """Serve the repository's versions to servers on other machines (``cl-agent serve --follow``)."""
@@ -363,6 +373,13 @@ class Agent:
             log.error("trainer exited with code %s; restarting in %.0f s", self.trainer.exitcode, pause)
             self._restart_at["trainer"] = now + pause
         if self.server is not None and not self.server.is_alive() and "server" not in self._restart_at:
+            if self.server.exitcode == 2:  # its configuration: a restart would fail the same way
+                reason = self.server_report.recv() if self.server_report.poll() else "see server.log"
+                state["stop_error"] = f"hosted server cannot run: {reason}"
+                log.error("%s; stopping (restarting it would fail the same way)", state["stop_error"])
+                self.exit_code = 2
+                self.stop_requested.set()
+                return
             self.server_restarts += 1
             pause = min(30.0, 2.0 ** (self.server_restarts - 1))
             log.error("server exited with code %s; restarting in %.0f s", self.server.exitcode, pause)

@@ -177,12 +177,39 @@ def report(
 
 @app.command("config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Validate a config file and print it fully resolved (defaults filled in)."""
+    """Validate a config file and print it fully resolved (defaults filled in).
+
+    Beyond each value's type and range: the backbone name is looked up in timm. What depends on
+    the machine (CUDA for agent.device, the installed onnxruntime providers) is only a warning
+    here, as the file may be meant for another machine; `cl-agent run` refuses it.
+    """
     import yaml
 
     from cl_agent.config import to_dict
+    from cl_agent.student import backbone_problem
 
-    typer.echo(yaml.safe_dump(to_dict(resolve_config(config, set_)), sort_keys=False), nl=False)
+    cfg = resolve_config(config, set_)
+    problem = backbone_problem(cfg.model.backbone)
+    if problem:
+        fail(problem)
+    for warning in machine_warnings(cfg):
+        typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
+
+
+def machine_warnings(cfg: AgentConfig) -> list[str]:
+    """What in ``cfg`` this machine cannot run: CUDA for the trainer, providers for the server."""
+    import onnxruntime
+    import torch
+
+    warnings = []
+    if cfg.agent.device.startswith("cuda") and not torch.cuda.is_available():
+        warnings.append(f"agent.device = {cfg.agent.device!r}, and CUDA is not available on this machine")
+    missing = [p for p in cfg.serve.providers if p != "auto" and p not in onnxruntime.get_available_providers()]
+    if missing:
+        warnings.append(f"serve.providers: {', '.join(missing)} not installed on this machine "
+                        f"(have {', '.join(onnxruntime.get_available_providers())})")
+    return warnings
 
 
 # --------------------------------------------------------------------------- models

@@ -62,6 +62,8 @@ class AgentSection:
     backlog_policy: Literal["merge", "shorten"] = "merge"  # experiences queued behind an update: merge them, or shorten epochs
 
     def validate(self) -> None:
+        if not self.workdir.strip():
+            raise ConfigValueError("workdir", self.workdir, "must name a folder (empty would mean the current directory)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigValueError("device", self.device, "expected auto, cpu, cuda or cuda:N")
         from cl_agent.errors import CLAgentError
@@ -80,6 +82,20 @@ class CurveSection:
     enabled: bool = False  # require CURVE encryption + client authentication on every endpoint
     server_secret_key: str = ""  # path to the server's secret key file (cl-agent keys make DIR)
     authorized_clients_dir: str = ""  # folder of client public key files allowed to connect
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        if not self.server_secret_key:
+            raise ConfigValueError(
+                "server_secret_key", self.server_secret_key,
+                "is empty, and curve.enabled needs the agent's secret key file (cl-agent keys make DIR writes DIR/agent.key_secret)",
+            )
+        if not self.authorized_clients_dir:
+            raise ConfigValueError(
+                "authorized_clients_dir", self.authorized_clients_dir,
+                "is empty, and curve.enabled needs the folder of the public key files of the clients allowed to connect",
+            )
 
 
 @dataclass
@@ -192,6 +208,12 @@ class TrainSection:
     compile: bool = False  # torch.compile the student
     nproc: int = field(default=1, metadata=_range(ge=1))  # processes (torchrun / DDP) for an update
 
+    def validate(self) -> None:
+        from cl_agent.method import METHODS  # imports this module: loaded by the time a config is built
+
+        if self.method not in METHODS:
+            raise ConfigValueError("method", self.method, f"unknown method (known: {', '.join(METHODS)})")
+
 
 @dataclass
 class ExportSection:
@@ -209,6 +231,10 @@ class RepositorySection:
     publish_pause_us: int = field(default=300, metadata=_range(ge=0, le=100_000))  # pause after each 256 KiB a publish copies, so it does not hold up a server on the same cores (0 = full speed)
     announce_endpoint: str = "tcp://127.0.0.1:5557"  # PUB socket announcing each published version
     fetch_endpoint: str = "tcp://127.0.0.1:5560"  # ROUTER serving manifests and model bytes to remote servers
+
+    def validate(self) -> None:
+        if not self.root.strip():
+            raise ConfigValueError("root", self.root, "must name a folder (empty would mean the current directory)")
 
 
 @dataclass
@@ -231,6 +257,23 @@ class ServeSection:
     follow_poll_s: float = field(default=5.0, metadata=_range(gt=0))  # when following: ask the agent for a newer version this often (fallback to announcements)
     follow_curve_secret_key: str = ""  # when following with CURVE: this server's secret key file (cl-agent keys make)
     follow_curve_server_key: str = ""  # when following with CURVE: the agent's public key file
+
+    def validate(self) -> None:
+        if not self.providers:
+            raise ConfigValueError("providers", self.providers, "expected [auto] or a list of onnxruntime provider names")
+        if self.providers == ["auto"]:
+            return
+        if "auto" in self.providers:
+            raise ConfigValueError("providers", self.providers, "auto stands alone: [auto], or a list of provider names")
+        import onnxruntime  # only for a list of names: the default needs no import
+
+        known = onnxruntime.get_all_providers()  # every provider onnxruntime knows, installed here or not
+        unknown = [p for p in self.providers if p not in known]
+        if unknown:
+            raise ConfigValueError(
+                "providers", self.providers,
+                f"{', '.join(unknown)}: not an onnxruntime provider name (e.g. CUDAExecutionProvider, CPUExecutionProvider, or [auto])",
+            )
 
 
 @dataclass

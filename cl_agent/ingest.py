@@ -67,14 +67,16 @@ COUNTER_NAMES = (
 )
 
 
-def bind(socket: zmq.Socket, endpoint: str) -> str:
-    """Bind, accepting port 0 for "any free port"; returns the endpoint actually bound."""
+def bind(socket: zmq.Socket, endpoint: str, key: str = "") -> str:
+    """Bind, accepting port 0 for "any free port"; returns the endpoint actually bound.
+
+    ``key``: the config key that chose the endpoint, named in the error."""
     if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
         endpoint = endpoint[:-2] + ":*"
     try:
         socket.bind(endpoint)
     except zmq.ZMQError as e:
-        raise bind_failure(f"cannot bind {endpoint}", e) from None
+        raise bind_failure(f"cannot bind {key + ' ' if key else ''}{endpoint}", e) from None
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
@@ -256,7 +258,7 @@ class IngestService:
         self.labeled_socket = server_socket(zmq.ROUTER)
         # Per sender: a few groups queued at most; past that TCP pushes back and the client waits (nothing is lost).
         self.labeled_socket.rcvhwm = 2 * cfg.max_batch_messages
-        self.endpoints["labeled"] = bind(self.labeled_socket, cfg.labeled_endpoint)
+        self.endpoints["labeled"] = bind(self.labeled_socket, cfg.labeled_endpoint, "ingest.labeled_endpoint")
 
         frame_kind = {"pull": zmq.PULL, "sub": zmq.SUB, "router": zmq.ROUTER}[cfg.frame_socket]
         self.frame_socket = server_socket(frame_kind)
@@ -264,14 +266,14 @@ class IngestService:
         if cfg.frame_socket == "sub":
             self.frame_socket.setsockopt(zmq.SUBSCRIBE, b"")
         if cfg.frame_endpoint:
-            self.endpoints["frames"] = bind(self.frame_socket, cfg.frame_endpoint)
+            self.endpoints["frames"] = bind(self.frame_socket, cfg.frame_endpoint, "ingest.frame_endpoint")
         for endpoint in cfg.frame_connect:
             self.frame_socket.connect(endpoint)
 
         self.control_socket = None
         if cfg.control_endpoint:
             self.control_socket = server_socket(zmq.REP)
-            self.endpoints["control"] = bind(self.control_socket, cfg.control_endpoint)
+            self.endpoints["control"] = bind(self.control_socket, cfg.control_endpoint, "ingest.control_endpoint")
 
     def _teardown(self) -> None:
         for name in ("labeled_socket", "frame_socket", "control_socket"):

@@ -65,12 +65,18 @@ def _pooled_feature_size(backbone: nn.Module, model: ModelSection) -> int:
     return int(out.shape[1])
 
 
+def backbone_problem(name: str) -> str | None:
+    """Why ``name`` cannot be the student's backbone (checked without building it); None if it can."""
+    if not timm.is_model(name):
+        return f"model.backbone = {name!r}: timm has no model of that name (see timm.list_models())"
+    return None
+
+
 def create_student(model: ModelSection) -> Student:
     """Build the student for ``model.backbone`` (any name ``timm.list_models()`` knows), untrained."""
-    if not timm.is_model(model.backbone):
-        raise CLAgentError(
-            f"model.backbone = {model.backbone!r}: timm has no model of that name (see timm.list_models())"
-        )
+    problem = backbone_problem(model.backbone)
+    if problem:
+        raise CLAgentError(problem)
     backbone = timm.create_model(model.backbone, pretrained=False, num_classes=0)
     feature_dim = _pooled_feature_size(backbone, model)
     return Student(backbone, feature_dim, model.num_classes)

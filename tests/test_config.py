@@ -48,6 +48,14 @@ def test_unknown_section_is_an_error(tmp_path):
         ("model:\n  mean: [0.5, 0.5]\n", "model.mean"),
         ("ingest:\n  wire:\n    encodings: [gif]\n", "ingest.wire.encodings"),
         ("spool:\n  max_classes: 200\nmodel:\n  num_classes: 100\n", "spool.max_classes"),
+        ("train:\n  method: mlkd\n", "train.method"),
+        ("serve:\n  providers: [cuda]\n", "serve.providers"),
+        ("serve:\n  providers: [auto, CPUExecutionProvider]\n", "serve.providers"),
+        ("serve:\n  providers: []\n", "serve.providers"),
+        ("agent:\n  workdir: ''\n", "agent.workdir"),
+        ("repository:\n  root: ' '\n", "repository.root"),
+        ("ingest:\n  curve:\n    enabled: true\n", "ingest.curve.server_secret_key"),
+        ("ingest:\n  curve:\n    enabled: true\n    server_secret_key: k/agent.key_secret\n", "ingest.curve.authorized_clients_dir"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, key):
@@ -205,3 +213,28 @@ def test_bad_endpoints_are_config_errors_naming_the_key(key, value, reason):
 @pytest.mark.parametrize("value", ["tcp://*:5558", "tcp://[::1]:5558", "tcp://robot.local:0", "ipc:///run/cl.sock", "inproc://x", ""])
 def test_good_endpoints_and_the_empty_string_are_accepted(value):
     assert load_config(None, {"repository.announce_endpoint": value}).repository.announce_endpoint == value
+
+
+def test_provider_names_onnxruntime_knows_are_accepted_installed_here_or_not():
+    cfg = load_config(None, {"serve.providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]})
+    assert cfg.serve.providers[-1] == "CPUExecutionProvider"
+
+
+def test_the_config_command_checks_the_backbone_and_warns_about_this_machine(tmp_path):
+    import onnxruntime
+    import torch
+    from typer.testing import CliRunner
+
+    from cl_agent.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["config", "--set", "model.backbone=resnet_typo"])
+    assert bad.exit_code == 2 and "model.backbone = 'resnet_typo': timm has no model" in bad.output
+    good = runner.invoke(app, ["config", "--set", "model.backbone=resnet18"])
+    assert good.exit_code == 0 and "warning" not in good.output and "backbone: resnet18" in good.output
+    missing = [p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") if p not in onnxruntime.get_available_providers()]
+    if torch.cuda.is_available() or not missing:
+        pytest.skip("this machine has CUDA: nothing to warn about")
+    warned = runner.invoke(app, ["config", "--set", "agent.device=cuda", "--set", f"serve.providers=[{missing[0]}]"])
+    assert warned.exit_code == 0
+    assert "agent.device = 'cuda', and CUDA is not available" in warned.output and f"{missing[0]} not installed" in warned.output

@@ -30,7 +30,7 @@ def taken_port():
 @pytest.mark.parametrize("run", [run_agent, run_ingest])
 def test_a_taken_ingest_port_is_busy_and_named(tmp_path, taken_port, run):
     cfg = _config(tmp_path, **{"ingest.labeled_endpoint": f"tcp://127.0.0.1:{taken_port}"})
-    with pytest.raises(BusyError, match=f"cannot bind tcp://127.0.0.1:{taken_port}"):
+    with pytest.raises(BusyError, match=f"cannot bind ingest.labeled_endpoint tcp://127.0.0.1:{taken_port}"):
         run(cfg)
 
 
@@ -64,7 +64,7 @@ def test_the_command_exits_75_for_a_taken_port_and_2_for_a_bad_setting(tmp_path,
     busy = subprocess.run([*base, "--set", f"ingest.labeled_endpoint=tcp://127.0.0.1:{taken_port}"],
                           capture_output=True, text=True, timeout=120)
     assert busy.returncode == 75, busy.stderr
-    assert f"cannot bind tcp://127.0.0.1:{taken_port}" in busy.stderr and "Traceback" not in busy.stderr
+    assert f"cannot bind ingest.labeled_endpoint tcp://127.0.0.1:{taken_port}" in busy.stderr and "Traceback" not in busy.stderr
     (tmp_path / "file").write_text("x")
     bad = subprocess.run([*base, "--set", f"agent.workdir={tmp_path / 'file'}"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a folder" in bad.stderr, bad.stderr

@@ -52,3 +52,44 @@ def test_a_dead_trainer_is_restarted_after_its_pause_without_sleeping_in_the_loo
     agent._supervise({}, metrics, None)
     assert len(starts) == 1
     assert metrics.value("trainer_failures_total") == 1  # counted once, when its restart was scheduled
+
+
+def _wait_dead(process, timeout_s=60.0):
+    process.join(timeout_s)
+    assert not process.is_alive()
+
+
+def test_a_hosted_server_that_cannot_run_with_its_configuration_stops_the_agent_with_the_reason(tmp_path):
+    # A provider name onnxruntime knows but this machine does not have: no restart would help.
+    import onnxruntime
+
+    missing = next(p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") if p not in onnxruntime.get_available_providers())
+    agent = Agent(load_config(None, {"agent.workdir": str(tmp_path), "serve.providers": [missing, "CPUExecutionProvider"],
+                                     "serve.endpoint": "tcp://127.0.0.1:0", "repository.announce_endpoint": ""}))
+    agent.children_log_to_stderr = False
+    agent._start_server()
+    _wait_dead(agent.server)
+    assert agent.server.exitcode == 2
+    state = {}
+    agent._supervise(state, AgentMetrics(), None)
+    assert agent.stop_requested.is_set() and agent.exit_code == 2
+    assert state["stop_error"].startswith("hosted server cannot run:") and missing in state["stop_error"]
+    assert "server" not in agent._restart_at
+
+
+def test_a_hosted_server_whose_port_is_taken_is_restarted(tmp_path):
+    import zmq
+
+    taken = zmq.Context.instance().socket(zmq.ROUTER)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        agent = Agent(load_config(None, {"agent.workdir": str(tmp_path), "serve.endpoint": f"tcp://127.0.0.1:{port}",
+                                         "repository.announce_endpoint": ""}))
+        agent.children_log_to_stderr = False
+        agent._start_server()
+        _wait_dead(agent.server)
+        assert agent.server.exitcode == 1
+        agent._supervise({}, AgentMetrics(), None)
+        assert not agent.stop_requested.is_set() and "server" in agent._restart_at
+    finally:
+        taken.close(0)
