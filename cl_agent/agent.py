@@ -140,6 +140,7 @@ class Agent:
         self.trainer: mp.Process | None = None
         self.server: mp.Process | None = None
         self.server_report = None  # read end of the hosted server's pipe (see _server_main)
+        self.served_watch: threading.Thread | None = None  # asks the hosted server which version it serves
         self.fetch_service = None  # cl_agent.fetch.ModelFetchService, in this process
         self.trainer_stop = None  # write end of the running trainer's stop pipe
         self.results: mp.Queue | None = None  # the running trainer's results (both new for each trainer process)
@@ -176,7 +177,10 @@ class Agent:
             log.warning("the served version is not watched (serve.endpoint %s): %s", self.cfg.serve.endpoint, e)
             return
         try:
-            while not self.stop_requested.wait(self.cfg.metrics.state_interval_s):
+            stopping = False
+            while not stopping:
+                # Once more when the agent stops (before its server does), so the last state.json is current.
+                stopping = self.stop_requested.wait(self.cfg.metrics.state_interval_s)
                 try:
                     version = client.status().get("model_version")
                 except CLAgentError:
@@ -259,9 +263,10 @@ class Agent:
         if view is not None and state["model_version"] is not None:
             view.update({"published_version": state["model_version"]})
         if cfg.agent.host_server:
-            threading.Thread(
+            self.served_watch = threading.Thread(
                 target=self._watch_served_version, args=(state, metrics, view), name="served-version", daemon=True
-            ).start()
+            )
+            self.served_watch.start()
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: self.stop_requested.set())
@@ -401,6 +406,8 @@ class Agent:
                 self.trainer_stop.send("stop")
             except OSError:  # the trainer is gone already
                 pass
+        if self.served_watch is not None:  # its last question to the server, before the server stops
+            self.served_watch.join(2.0)
         for child in (self.trainer, self.server):
             if child is None:
                 continue
