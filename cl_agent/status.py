@@ -413,6 +413,11 @@ def print_status(workdir: Path) -> int:
     records, skipped = usable_experience_records(workdir)
     _warn(skipped)
     if state is None and not records and not skipped:
+        if (workdir / "ingest-config.yaml").exists():  # written by `cl-agent ingest`, which keeps no state.json
+            raise CLAgentError(
+                f"{workdir} is the folder of an ingestion-only process (cl-agent ingest), which writes no {STATE_FILE}: "
+                "ask it for its counters with a `status` message on its ingest.control_endpoint"
+            )
         raise CLAgentError(
             f"no agent state in {workdir}: neither {STATE_FILE} nor {EXPERIENCES_FILE} found "
             "(is this the agent.workdir of the config?)"

@@ -251,3 +251,11 @@ def test_status_and_report_on_a_file_say_it_is_not_a_folder(tmp_path):
         result = invoke(command, "--workdir", path)
         assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
         assert "not a folder" in result.output and str(path) in result.output
+
+
+def test_status_on_the_folder_of_an_ingestion_only_process_says_so(tmp_path):
+    from cl_agent.config import load_config, save_resolved
+
+    save_resolved(load_config(None, {"agent.workdir": str(tmp_path)}), tmp_path / "ingest-config.yaml")  # as cl-agent ingest does
+    result = invoke("status", "--workdir", tmp_path)
+    assert result.exit_code == 2 and "ingestion-only process (cl-agent ingest)" in result.output
