@@ -310,6 +310,10 @@ class PeerRefused(CLAgentError):
     or one side uses CURVE and the other does not. libzmq does not retry such a connection."""
 
 
+class NotConnected(CLAgentError):
+    """No connection to the agent came up within the wait (nothing listening there, or a handshake that never ends)."""
+
+
 def refused_message(endpoint: str, socket_type: str) -> str:
     """The error for a frame connection the agent refused in the handshake, naming both socket types and the fix."""
     ours, agent_value, agent_kind = _FRAME_PAIRS[socket_type]
@@ -318,7 +322,9 @@ def refused_message(endpoint: str, socket_type: str) -> str:
     message = (
         f"the agent at {endpoint} refused a {ours} connection: its frame socket is not a {agent_kind} "
         f"(it expects {other_ours}, from ingest.frame_socket: {other_value}, or REQ, from router); "
-        f"use --socket {other} (socket_type={other!r}) or set ingest.frame_socket: {agent_value} on the agent"
+        f"use --socket {other} (socket_type={other!r}) or set ingest.frame_socket: {agent_value} on the agent; "
+        "or the endpoint is not the agent's frame endpoint at all (check it is ingest.frame_endpoint, "
+        "not the labeled or control one)"
     )
     return message
 
@@ -326,14 +332,19 @@ def refused_message(endpoint: str, socket_type: str) -> str:
 def failing_handshakes_message(endpoint: str, socket_type: str, curve: bool, failures: int, seconds: float) -> str:
     """The warning for handshakes that keep failing without detail (libzmq keeps retrying them)."""
     message = f"{failures} handshakes in a row with {endpoint} failed without detail over {seconds:.1f} s; still trying. "
+    return message + _unclear_causes(socket_type, curve)
+
+
+def _unclear_causes(socket_type: str, curve: bool) -> str:
+    """What handshakes failing without detail most likely mean."""
     if curve:
         ours, _, agent_kind = _FRAME_PAIRS[socket_type]
-        return message + (
+        return (
             f"Under CURVE this is how a socket-type mismatch shows (this client sends {ours}, which an agent's "
             f"{agent_kind} frame socket takes; see --socket and ingest.frame_socket), or the agent cannot use this "
             "client's keys (is --curve-server the agent's public key?)"
         )
-    return message + "Something accepts connections there and closes them: is the agent up behind this address?"
+    return "Something accepts connections there and closes them: is the agent up behind this address?"
 
 
 def mechanism_message(endpoint: str, curve: bool) -> str:
@@ -353,6 +364,12 @@ class FrameClient:
     would vanish; instead ``send`` raises ``PeerRefused`` (a CLAgentError) naming both socket types.
     The same holds when only one side uses CURVE. A client key the agent does not authorize is not
     reported this way (the handshake fails with an AUTH event and libzmq keeps retrying).
+
+    ``connected`` is True once the agent can take frames: the handshake succeeded and, for pub, the
+    agent's subscription arrived (frames published before it are discarded by ZeroMQ). ``sent`` counts
+    every frame the socket took; ``sent_unconnected`` the part of them taken while no connection was up
+    (by the last monitor read), which is delivered only if one comes up before ``close`` ends.
+    ``require_connected(timeout_s)`` waits for the connection and names the likely cause when none came.
     """
 
     def __init__(
@@ -367,7 +384,9 @@ class FrameClient:
         context: zmq.Context | None = None,
         max_message_bytes: int | None = None,
     ):
-        kinds = {"push": zmq.PUSH, "pub": zmq.PUB}
+        # XPUB, not PUB: the agent's SUB takes either, and XPUB shows when its subscription arrived and (with
+        # NODROP) refuses a frame at the high-water mark, where PUB would discard it and report it sent.
+        kinds = {"push": zmq.PUSH, "pub": zmq.XPUB}
         self.max_message_bytes = message_limit(max_message_bytes)
         if socket_type not in kinds:
             raise ValueError(f"socket_type must be push or pub, got {socket_type!r}")
@@ -378,7 +397,11 @@ class FrameClient:
         self.seq = 0
         self.sent = 0
         self.dropped = 0
-        self.connected = False  # a handshake with the agent has succeeded (and the connection not lost since)
+        self.sent_unconnected = 0  # of ``sent``, taken while no connection was up: delivered only if one comes
+        self._handshaken = False  # a handshake with the agent has succeeded (and the connection not lost since)
+        self._subscribed = False  # pub: the agent's subscription has arrived on the current connection
+        self._tcp_connected = False  # some TCP connection was ever accepted (for the not-connected message)
+        self._auth_rejected = False  # some handshake ever failed CURVE authentication (ditto)
         self._handshaking = False  # a TCP connection is up, its handshake not finished
         self._auth_failed = False  # the current connection's handshake failed CURVE authentication
         self._unclear = False  # the current connection's handshake failed without detail
@@ -392,12 +415,30 @@ class FrameClient:
         self._socket = self._context.socket(kinds[socket_type])
         self._socket.linger = 500  # close() still delivers what is queued, for half a second at most
         self._socket.sndhwm = hwm
+        if socket_type == "pub":
+            self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription is passed up, a reconnect's too
+            self._socket.setsockopt(zmq.XPUB_NODROP, 1)
         self._monitor = self._socket.get_monitor_socket(_MONITOR_EVENTS)
         try:
             connect(self._socket, endpoint, (curve_secret_key, curve_server_key))
         except BaseException:
             self.close()
             raise
+
+    @property
+    def connected(self) -> bool:
+        """The agent can take frames now (as of the last monitor read): handshake done and, for pub, subscribed."""
+        return self._handshaken and (self.socket_type == "push" or self._subscribed)
+
+    def _read_subscriptions(self) -> None:
+        """pub: read the agent's (un)subscriptions that XPUB hands up (first byte 1: subscribe, 0: unsubscribe)."""
+        while self._socket.get(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                message = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if message[:1] in (b"\x00", b"\x01"):
+                self._subscribed = message[:1] == b"\x01"
 
     def _read_events(self) -> None:
         """Drain the monitor without blocking and follow each connection's handshake."""
@@ -411,10 +452,11 @@ class FrameClient:
                 self._hung_up_at = None  # libzmq reconnects: the agent went away (e.g. restarted), it did not refuse
             elif event == zmq.EVENT_CONNECTED:
                 self._handshaking, self._auth_failed, self._unclear, self._hung_up_at = True, False, False, None
+                self._tcp_connected = True
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshaking, self.connected, self._unclear_failures, self._unclear_since = False, True, 0, None
+                self._handshaking, self._handshaken, self._unclear_failures, self._unclear_since = False, True, 0, None
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._auth_failed = True
+                self._auth_failed = self._auth_rejected = True
             elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
                 self._refused = mechanism_message(self.endpoint, self._curve)
             elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and not self._auth_failed:
@@ -439,7 +481,9 @@ class FrameClient:
                     # does this, and libzmq then never reconnects; an agent that died in that moment does
                     # it too, and libzmq reconnects at once (CONNECT_RETRIED). Wait to see which.
                     self._hung_up_at = time.monotonic()
-                self._handshaking = self.connected = False
+                self._handshaking = self._handshaken = self._subscribed = False
+        if self.socket_type == "pub" and self._refused is None:
+            self._read_subscriptions()
         if self._refused is None and self._hung_up_at is not None and time.monotonic() - self._hung_up_at >= RETRY_GRACE_S:
             self._refused = refused_message(self.endpoint, self.socket_type)
 
@@ -450,14 +494,41 @@ class FrameClient:
             raise PeerRefused(self._refused)
 
     def wait_connected(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for a handshake: True once one succeeded, False if none yet; PeerRefused if refused."""
+        """Wait up to ``timeout_s`` for the connection (see ``connected``): True once it is up, False if not yet;
+        PeerRefused if refused."""
         deadline = time.monotonic() + timeout_s
+        poller = zmq.Poller()
+        poller.register(self._monitor, zmq.POLLIN)
+        if self.socket_type == "pub":
+            poller.register(self._socket, zmq.POLLIN)  # the subscription arrives on the socket itself
         while True:
             self.check()
             remaining = deadline - time.monotonic()
             if self.connected or remaining <= 0:
                 return self.connected
-            self._monitor.poll(min(remaining, 0.05) * 1000)
+            poller.poll(min(remaining, 0.05) * 1000)
+
+    def require_connected(self, timeout_s: float) -> None:
+        """``wait_connected``, raising NotConnected (naming the endpoint and the likely cause) when no
+        connection came up in ``timeout_s``, PeerRefused when the agent refused this one."""
+        if not self.wait_connected(timeout_s):
+            raise NotConnected(self.not_connected_message(timeout_s))
+
+    def not_connected_message(self, waited_s: float) -> str:
+        """Why no connection is up after ``waited_s`` seconds, from what the monitor saw."""
+        where = f"no connection to {self.endpoint} within {waited_s:g} s: "
+        if self._auth_rejected:
+            return where + ("the agent rejected this client's CURVE key (is its public key in the agent's "
+                            "ingest.curve.authorized_clients_dir, and is --curve-server the agent's public key?)")
+        if self._unclear_failures:
+            return where + f"{self._unclear_failures} handshakes failed without detail. " + _unclear_causes(self.socket_type, self._curve)
+        if self._handshaken:  # pub only: the handshake is done, the subscription never came
+            return where + "the handshake succeeded but no subscription arrived (is this the agent's SUB frame socket?)"
+        if self._tcp_connected:
+            return where + ("something accepted the TCP connection but no ZeroMQ handshake finished "
+                            "(is this the agent's ingest.frame_endpoint?)")
+        return where + ("nothing accepted a connection there (is the agent running, and is this its "
+                        "ingest.frame_endpoint, host and port?)")
 
     def send_encoded(self, payload: bytes, shape: Sequence[int], *, encoding: str = "jpeg", **fields) -> bool:
         """Send one encoded frame; returns False if it was dropped (the agent's queue or ours is full).
@@ -476,6 +547,8 @@ class FrameClient:
             self.dropped += 1
             return False
         self.sent += 1
+        if not self.connected:
+            self.sent_unconnected += 1
         return True
 
     def send(self, image: np.ndarray, *, encoding: str = "jpeg", quality: int = 80) -> bool:
@@ -483,12 +556,13 @@ class FrameClient:
         payload, shape = encode_image(image, encoding, quality)
         return self.send_encoded(payload, shape, encoding=encoding)
 
-    def close(self) -> None:
+    def close(self, linger_s: float | None = None) -> None:
+        """Close the socket; queued frames still go out for ``linger_s`` seconds (default 0.5), then are discarded."""
         if not self._monitor.closed:
             if not self._socket.closed:  # connect() closes the socket when the endpoint is bad
                 self._socket.disable_monitor()
             self._monitor.close(linger=0)
-        self._socket.close()
+        self._socket.close(linger=None if linger_s is None else round(linger_s * 1000))
 
     def __enter__(self) -> "FrameClient":
         return self

@@ -8,12 +8,19 @@ Frames are JPEG-encoded here and sent without blocking: a frame the agent
 cannot take right now is dropped (and counted), so a slow agent never stalls
 the camera.
 
---socket must pair with the agent's ingest.frame_socket: push for pull (the
-default), pub for sub. ZeroMQ refuses a mismatched pair during the handshake
-and would drop every frame without a word; the tool watches the handshake
-instead and stops with an error naming both socket types and the fix (exit 1).
-It does the same when only one side uses CURVE (--curve-secret/--curve-server
+Before the first frame the tool waits (--connect-timeout) until the agent has
+taken the connection, and stops with exit status 1 and an error naming the
+endpoint and the likely cause when it has not: nothing listening there, or an
+agent that refused the handshake. --socket must pair with the agent's
+ingest.frame_socket: push for pull (the default), pub for sub; ZeroMQ refuses a
+mismatched pair during the handshake and would drop every frame without a word.
+The same holds when only one side uses CURVE (--curve-secret/--curve-server
 against ingest.curve.enabled).
+
+Frames the socket took while the connection was down (the agent restarted)
+are counted apart from the ones sent over a live connection: they arrive only
+if it comes back in time. At the end queued frames get --linger seconds to go
+out; the tool says so when the connection was down then.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 import cv2
 import zmq
 
-from cl_agent.client import FrameClient, PeerRefused
+from cl_agent.client import FrameClient, NotConnected, PeerRefused
 from cl_agent.config import endpoint_problem
 from cl_agent.errors import CLAgentError
 from cl_agent.security import client_keys_problem
@@ -61,9 +68,11 @@ def _number(kind: type, low, high=None, *, above: bool = False):
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="--socket must pair with the agent's ingest.frame_socket (push: pull, pub: sub). A mismatch, or "
-        "CURVE on one side only, is refused by ZeroMQ during the handshake: the tool then stops with exit "
-        "status 1 and an error naming both socket types and the fix, instead of losing every frame.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Before streaming, the tool waits up to --connect-timeout seconds for the agent to take the "
+        "connection. --socket must pair with the agent's ingest.frame_socket (push: pull, pub: sub). No agent at "
+        "--endpoint, a mismatch, or CURVE on one side only stops the tool with exit status 1 and an error naming "
+        "the endpoint and the fix, instead of losing every frame.",
     )
     parser.add_argument("source", help="camera index (0), video file, or RTSP/HTTP URL")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5556", help="the agent's frame endpoint")
@@ -74,7 +83,11 @@ def main() -> int:
     parser.add_argument("--fps", type=_number(float, 0), default=0.0, help="frame-rate cap (0 = as fast as the source)")
     parser.add_argument("--max-frames", type=_number(int, 0), default=0, help="stop after this many frames (0 = never)")
     parser.add_argument("--loop", action="store_true", help="restart a video file at its end")
-    parser.add_argument("--sender", default=None, help="sender id (default: camera + random suffix)")
+    parser.add_argument("--connect-timeout", type=_number(float, 0, above=True), default=10.0,
+                        help="seconds to wait for the agent to take the connection before the first frame")
+    parser.add_argument("--linger", type=_number(float, 0), default=1.0,
+                        help="seconds queued frames still get to go out at the end")
+    parser.add_argument("--sender", default=None, help="sender id (None: camera-<random suffix>)")
     parser.add_argument("--curve-secret", type=Path, default=None, help="this client's CURVE secret key file")
     parser.add_argument("--curve-server", type=Path, default=None, help="the agent's CURVE public key file")
     args = parser.parse_args()
@@ -97,11 +110,14 @@ def main() -> int:
         capture.release()
         parser.error(f"cannot connect to --endpoint {args.endpoint!r}: {e}")
     interval = 1.0 / args.fps if args.fps > 0 else 0.0
-    next_time = time.monotonic()
     count = 0
     start = time.monotonic()
-    refused: PeerRefused | None = None
+    failed: CLAgentError | None = None
     try:
+        # Nothing is read or counted before the agent has taken the connection: frames queued in a socket
+        # that never connects would be reported sent and then thrown away.
+        frames.require_connected(args.connect_timeout)
+        next_time = start = time.monotonic()
         while not args.max_frames or count < args.max_frames:
             ok, bgr = capture.read()
             if not ok:
@@ -128,18 +144,29 @@ def main() -> int:
                     time.sleep(delay)
                 else:
                     next_time = time.monotonic()
+        frames.check()  # the latest connection state, for the summary
     except KeyboardInterrupt:
         pass
-    except PeerRefused as e:  # the agent's frame socket does not pair with --socket: nothing would arrive
-        refused = e
+    except (NotConnected, PeerRefused) as e:  # nothing listens there, or it does not pair with --socket
+        failed = e
     finally:
         capture.release()
-        frames.close()
+        down_at_end = not frames.connected
+        frames.close(args.linger)
     elapsed = max(time.monotonic() - start, 1e-9)
-    print(f"{frames.sent} frames sent, {frames.dropped} dropped, {count / elapsed:.1f} frames/s")
-    if refused is not None:
-        print(f"{parser.prog}: error: {refused}", file=sys.stderr)
+    live = frames.sent - frames.sent_unconnected
+    if count or failed is None:
+        print(f"{live} frames sent, {frames.dropped} dropped, {count / elapsed:.1f} frames/s")
+    if frames.sent_unconnected:
+        print(f"{parser.prog}: warning: {frames.sent_unconnected} more frames were queued while the connection to "
+              f"{args.endpoint} was down (the agent away or restarting); they were delivered only if it came back "
+              "before the end", file=sys.stderr)
+    if failed is not None:
+        print(f"{parser.prog}: error: {failed}", file=sys.stderr)
         return 1
+    if down_at_end and count:
+        print(f"{parser.prog}: warning: the connection to {args.endpoint} was down at the end; frames still "
+              f"queued then were discarded after --linger {args.linger:g} s", file=sys.stderr)
     return 0
 
 
