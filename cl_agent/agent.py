@@ -254,6 +254,8 @@ class Agent:
         ingest = IngestService(
             cfg.ingest, cfg.spool, cfg.reservoir, cfg.experience, self.workdir, seed=cfg.agent.seed
         ).start()
+        log.info("working directory %s, model repository %s (model %r)", self.workdir.resolve(),
+                 Path(cfg.repository.root).resolve(), cfg.agent.model_name)
         log.info("ingest listening: %s", ", ".join(f"{k}={v}" for k, v in ingest.endpoints.items()))
         self._start_fetch_service()
         self._start_trainer()

@@ -355,7 +355,7 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(key, value, source, f"expected a list of {_type_name(item)}")
+            raise ConfigError(key, value, source, f"expected a list of {_type_name(item)}, written [a, b] (e.g. [{value}])")
         return [_convert(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is dict:
         k_tp, v_tp = typing.get_args(tp)
@@ -570,7 +570,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, equals, raw = text.partition("=")
     key = key.strip()
     if not equals or not key:
-        raise ConfigError(text, None, "<command line>", "override must look like section.key=value")
+        raise ConfigError(None, None, "<command line>", f"--set {text!r}: an override must look like section.key=value")
     if not raw.strip():
         return key, ""  # `--set key=`: the empty string (for a string field; other types reject it)
     try:

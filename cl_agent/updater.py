@@ -383,6 +383,8 @@ def update_loop(
         updater = Updater(cfg, resolve_device(cfg.agent.device, "agent.device"))
     except CLAgentError as e:
         raise TrainerSetupError(str(e)) from None
+    log.info("trainer ready: %s, %s at %d px, method %s, on %s",
+             cfg.model.backbone, f"{cfg.model.num_classes} classes", cfg.model.image_size, cfg.train.method, updater.device)
     if updater.recovered is not None and on_result is not None:
         on_result(updater.recovered)
     try:
