@@ -173,7 +173,7 @@ def test_bench_store_reports_polls_against_a_full_scan(capsys):
     assert result["experiences"] == 30 and result["keys"] == 32 * 3 and result["key_runs"] == 1
     assert result["poll_ms"] > 0 and result["full_scan_ms"] > 0 and result["first_pending_ms"] > 0
     assert result["records_tail_ms"] > 0 and result["records_full_read_ms"] > 0
-    assert result["committed_keys_summary_ms"] > 0 and result["start_ms"] > 0
+    assert result["committed_keys_summary_ms"] > 0 and result["start_ms"] > 0 and result["start_without_summary_ms"] > 0
 
 
 def _store_with_keys(tmp_path, experiences: int) -> ExperienceStore:
