@@ -11,6 +11,9 @@ attempt resumes, checks the sha256 against the manifest, and installs the
 version under the same number (``ModelRepository.install``, atomic). The local
 ``Server`` then hot-swaps it as usual. A corrupt or failed transfer is counted,
 never installed, and retried after ``retry_s`` (doubling up to ``poll_s``).
+An agent that does not answer at all (down, or a wrong address) is warned about
+once it has been silent for ``silent_warn_s``, then at most every
+``silent_repeat_s`` while it stays silent, not once per attempt.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from cl_agent.repository import ModelRepository, parse_announcement
 log = logging.getLogger(__name__)
 
 PARTIAL_PREFIX = ".fetch-"
+NO_ANSWER = ("timeout", "stopped")  # FetchError reasons that mean the agent sent nothing back
 
 
 def download(
@@ -44,6 +48,7 @@ def download(
     max_bytes: int,
     counters: dict | None = None,
     stop: threading.Event | None = None,
+    on_answer: Callable[[], None] | None = None,
 ) -> Path:
     """Fetch ``version``'s model into ``folder`` (resuming a partial file), verified; returns the file's path.
 
@@ -51,6 +56,7 @@ def download(
     same bytes ever resume it. Raises ``FetchError`` (reason ``corrupt`` after a
     sha256 mismatch, which also deletes the partial file so the retry starts over;
     ``stopped`` when ``stop`` is set, keeping the partial file for the next start).
+    ``on_answer`` is called after each chunk the agent sends.
     """
     expected = manifest["sha256"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,6 +77,8 @@ def download(
             if stop is not None and stop.is_set():
                 raise FetchError("stopped", f"stopped at byte {offset} of version {version}")
             header, data = client.chunk(version, offset)
+            if on_answer is not None:
+                on_answer()
             if header.get("sha256") != expected:
                 raise FetchError("changed", f"version {version} on the agent has sha256 {str(header.get('sha256'))[:12]}..., not {expected[:12]}...")
             if size is not None and header["size"] != size:
@@ -102,7 +110,10 @@ class RepositoryFollower:
     Syncs at start (catching up after being offline), on each announcement of a
     newer version, and every ``poll_s``. A failed or corrupt transfer is counted
     and retried after ``retry_s`` (doubling up to ``poll_s``). ``on_install`` is
-    called with each installed version (e.g. ``Server.check_now``).
+    called with each installed version (e.g. ``Server.check_now``). A second thread
+    warns when the agent has sent no answer for ``silent_warn_s`` (since the start or
+    its last answer), again every ``silent_repeat_s`` while that lasts, and says when
+    it answers again.
     """
 
     def __init__(
@@ -121,9 +132,13 @@ class RepositoryFollower:
         curve_server_key: str | os.PathLike | None = None,
         on_install: Callable[[int], None] | None = None,
         context: zmq.Context | None = None,
+        silent_warn_s: float = 10.0,
+        silent_repeat_s: float = 60.0,
     ):
         if poll_s <= 0 or retry_s <= 0:
             raise CLAgentError(f"poll_s and retry_s must be > 0, got {poll_s}, {retry_s}")
+        if silent_warn_s <= 0 or silent_repeat_s <= 0:
+            raise CLAgentError(f"silent_warn_s and silent_repeat_s must be > 0, got {silent_warn_s}, {silent_repeat_s}")
         self.repository = local_repository
         self.announce_endpoint = announce_endpoint or None
         self.poll_s = poll_s
@@ -146,7 +161,14 @@ class RepositoryFollower:
         self.counters = {"syncs": 0, "installs": 0, "announcements": 0, "corrupt": 0, "fetch_errors": 0, "bytes": 0}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self._warned_behind: int | None = None
+        self.silent_warn_s = silent_warn_s
+        self._curve = bool(curve_secret_key)
+        self.silent_repeat_s = silent_repeat_s
+        self._answer_lock = threading.Lock()
+        self._last_answer = time.monotonic()  # the start counts as an answer: silence is measured from here
+        self._silence_warned_at: float | None = None  # when the current silence was last warned about
 
     @property
     def version(self) -> int | None:
@@ -155,16 +177,21 @@ class RepositoryFollower:
 
     def start(self) -> "RepositoryFollower":
         self._stop.clear()
+        with self._answer_lock:
+            self._last_answer, self._silence_warned_at = time.monotonic(), None
         self._thread = threading.Thread(target=self._loop, name="repository-follower", daemon=True)
+        self._watcher = threading.Thread(target=self._watch_silence, name="repository-follower-silence", daemon=True)
         self._thread.start()
+        self._watcher.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
-            self._thread = None
+        for thread in (self._thread, self._watcher):
+            if thread is not None:
+                thread.join(timeout=15)
+        self._thread = self._watcher = None
 
     def __enter__(self) -> "RepositoryFollower":
         return self.start()
@@ -179,6 +206,7 @@ class RepositoryFollower:
         """Install the agent's newest version if it is newer than every local one; returns it, or None."""
         self.counters["syncs"] += 1
         versions = self.client.list_versions()
+        self._answered()
         if not versions:
             return None
         newest, local = versions[-1], self.repository.last_version_ever()
@@ -191,8 +219,11 @@ class RepositoryFollower:
                 )
             return None
         manifest = self.client.manifest(newest)
+        self._answered()
         try:
-            path = download(self.client, newest, manifest, self.repository.model_dir, self.max_model_bytes, self.counters, self._stop)
+            path = download(
+                self.client, newest, manifest, self.repository.model_dir, self.max_model_bytes, self.counters, self._stop, self._answered
+            )
         except FetchError as e:
             if e.reason == "corrupt":
                 self.counters["corrupt"] += 1
@@ -239,7 +270,13 @@ class RepositoryFollower:
                         break
                     if not isinstance(e, FetchError) or e.reason != "corrupt":
                         self.counters["fetch_errors"] += 1
-                    log.warning("fetch from %s failed, retrying in %.1f s: %s", self.client.endpoint, delay, e)
+                    if isinstance(e, FetchError) and e.reason in NO_ANSWER:
+                        # no answer at all: _watch_silence warns about that, at a bounded rate
+                        log.debug("no answer from %s, retrying in %.1f s: %s", self.client.endpoint, delay, e)
+                    else:
+                        if isinstance(e, FetchError):
+                            self._answered()  # an error reply, or a bad one: the agent is there
+                        log.warning("fetch from %s failed, retrying in %.1f s: %s", self.client.endpoint, delay, e)
                     next_sync = time.monotonic() + delay
                     delay = min(self.poll_s, delay * 2)
                     continue
@@ -249,6 +286,42 @@ class RepositoryFollower:
             if sub is not None:
                 sub.close(0)
             self.client.close()
+
+    # ----------------------------------------------------------------- silence
+
+    def _answered(self) -> None:
+        """The agent sent something back: the silence, if any, is over."""
+        with self._answer_lock:
+            now = time.monotonic()
+            silent_s, warned = now - self._last_answer, self._silence_warned_at is not None
+            self._last_answer, self._silence_warned_at = now, None
+        if warned:
+            log.info("the agent's fetch endpoint %s answers again (after %.0f s without an answer)", self.client.endpoint, silent_s)
+
+    def check_silence(self, now: float) -> bool:
+        """Warn if the agent has not answered for ``silent_warn_s`` and the last warning is ``silent_repeat_s`` old; True if it warned."""
+        with self._answer_lock:
+            silent_s = now - self._last_answer
+            if silent_s < self.silent_warn_s:
+                return False
+            if self._silence_warned_at is not None and now - self._silence_warned_at < self.silent_repeat_s:
+                return False
+            self._silence_warned_at = now
+        try:
+            local = self.version
+        except OSError:  # the folder is being replaced or unreadable: the warning is still worth giving
+            local = "unknown"
+        curve = ", and does it accept this server's CURVE key" if self._curve else ""
+        log.warning(
+            "the agent's fetch endpoint %s has not answered for %.0f s (is the agent running, is this its "
+            "repository.fetch_endpoint%s?); still trying; the local repository has %s",
+            self.client.endpoint, silent_s, curve, "no version yet" if local is None else f"version {local}",
+        )
+        return True
+
+    def _watch_silence(self) -> None:
+        while not self._stop.wait(min(1.0, self.silent_warn_s / 4)):
+            self.check_silence(time.monotonic())
 
 
 def derived_announce_endpoint(fetch_endpoint: str, announce_endpoint: str) -> str | None:

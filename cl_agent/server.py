@@ -544,16 +544,45 @@ def _why_no_model(repository: ModelRepository) -> str:
     return f"no complete version of {name!r} in {repository.model_dir} yet"
 
 
+def check_repository_root(root: str | Path, key: str, following: bool) -> None:
+    """Refuse, naming ``key`` (a config key or an option), a repository folder this server can never use.
+
+    A server reading the folder may start before it exists (the first publish makes it), as long
+    as it can be made there: the nearest existing folder on its path must be a folder. A follower
+    writes its mirror into it, so it creates the folder now and needs to be able to write there.
+    """
+    root = Path(root)
+    where = f"{key} = {str(root)!r}"
+    if root.exists() and not root.is_dir():
+        raise CLAgentError(f"{where}: exists and is not a folder")
+    if following:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CLAgentError(f"{where}: cannot create the folder: {e.strerror or e}") from None
+        if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+            raise CLAgentError(f"{where}: the folder is not writable (a follower installs the versions it fetches there)")
+        return
+    if not root.exists():
+        ancestor = next(p for p in root.absolute().parents if p.exists())
+        if not ancestor.is_dir():
+            raise CLAgentError(f"{where}: cannot be created: {ancestor} is not a folder")
+        return
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise CLAgentError(f"{where}: the folder is not readable")
+
+
 def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str | None = None) -> int:
     """``cl-agent serve``: serve until SIGINT/SIGTERM; returns the exit code (0 on a signal).
 
     Logging is the caller's to set up. A signal the caller ignores (SIG_IGN, e.g. SIGINT in a
     child process of the agent) stays ignored.
     """
+    following = bool(cfg.serve.follow_fetch_endpoint)
+    check_repository_root(repo or cfg.repository.root, "--repo" if repo else "repository.root", following)
     repository = ModelRepository(repo or cfg.repository.root, model or cfg.agent.model_name, cfg.repository.keep_last)
     from cl_agent.follower import follower_from_config
 
-    following = bool(cfg.serve.follow_fetch_endpoint)
     # A follower's repository is local: the agent's announcements name versions that are not here yet.
     announce = None if following else cfg.repository.announce_endpoint
     server = Server(repository, cfg.serve, cfg.ingest.wire, announce_endpoint=announce)
