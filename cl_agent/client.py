@@ -83,6 +83,11 @@ def connect(sock: zmq.Socket, endpoint: str, curve: tuple = (None, None)) -> zmq
     return sock
 
 
+def tries(count: int) -> str:
+    """``count`` tries, in words ("1 try", "3 tries")."""
+    return f"{count} {'try' if count == 1 else 'tries'}"
+
+
 def message_limit(max_message_bytes: int | None) -> int:
     """The receiver's ``wire.max_message_bytes``: as given (>= 1), or the default limit."""
     if max_message_bytes is None:
@@ -263,7 +268,7 @@ class LabeledClient:
             failures += 1
             if failures > self.retries:
                 raise AgentUnavailable(
-                    f"no reply from {self.endpoint} after {self.retries} retries of {self.timeout_s} s "
+                    f"no reply from {self.endpoint} in {tries(self.retries + 1)} of {self.timeout_s:g} s each "
                     f"({len(self._pending)} messages still pending; they are resent on the next call)"
                 )
             self._reconnect()

@@ -128,3 +128,32 @@ def test_make_config_writes_checks_and_refuses_a_missing_folder(tmp_path):
     assert stale.returncode == 1 and "differs" in stale.stderr
     _usage_error(_run(tool, "--out", tmp_path / "no" / "such" / "robot.yaml"), str(tmp_path / "no" / "such"), "does not exist")
     _usage_error(_run(tool, "--check", tmp_path / "absent.yaml"), "absent.yaml")
+
+
+def test_send_labeled_names_unreadable_files_and_a_silent_endpoint(tmp_path):
+    from cl_agent.client import AgentUnavailable, LabeledClient
+    from ingest_support import free_port
+
+    root = _tree(tmp_path / "data")
+    broken = [root / "cat" / f"broken{i}.jpg" for i in range(7)]
+    for path in broken:
+        path.write_bytes(b"not a jpeg")
+    tool = TOOLS / "send_labeled.py"
+    with make_service(tmp_path / "agent") as service:
+        result = _run(tool, root, "--endpoint", service.endpoints["labeled"])
+        assert result.returncode == 0, result.stderr
+        assert "15 images acked, 0 refused, 7 unreadable" in result.stdout
+        assert "skipped 7 files" in result.stderr and str(broken[0]) in result.stderr and "and 2 more" in result.stderr
+        # the frame port (PULL) takes the connection and never answers
+        silent = _run(tool, root, "--endpoint", service.endpoints["frames"], "--timeout", "0.2", "--retries", "1")
+    assert silent.returncode == 1
+    assert f"no reply came from {service.endpoints['frames']} (2 tries of 0.2 s each)" in silent.stderr
+    assert "ingest.labeled_endpoint" in silent.stderr and "resent" not in silent.stderr and "Traceback" not in silent.stderr
+
+    once = _run(tool, root, "--endpoint", "localhost:5555")
+    _usage_error(once, "'localhost:5555'", "tcp://")
+    assert once.stderr.count("localhost:5555") == 1
+
+    with LabeledClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.1, retries=0) as client:
+        with pytest.raises(AgentUnavailable, match=r"in 1 try of 0.1 s each"):
+            client.send(images(1), ["cat"])

@@ -26,7 +26,8 @@ import numpy as np
 
 import zmq
 
-from cl_agent.client import AgentUnavailable, LabeledClient
+from cl_agent.client import AgentUnavailable, LabeledClient, tries
+from cl_agent.config import endpoint_problem
 from cl_agent.errors import CLAgentError
 from cl_agent.security import client_keys_problem
 from cl_agent.wire import WireError, image_dimensions
@@ -34,6 +35,7 @@ from cl_agent.wire import WireError, image_dimensions
 AS_IS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
 READABLE = {".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 RETRY_REASONS = {"spool_full", "disk_full"}
+NAMED_UNREADABLE = 5  # unreadable files named in the summary; the rest are counted
 
 
 def list_images(root: Path) -> list[tuple[str, str]]:
@@ -86,15 +88,15 @@ def _only_classes(items: list[tuple[str, str]], classes: str, root: Path, parser
     return [item for item in items if item[1] in wanted]
 
 
-def read_bytes(root: Path, items: list[tuple[str, str]]) -> Iterator[tuple[bytes, str, str]]:
-    """(file bytes, suffix, class) in the order of items."""
+def read_bytes(root: Path, items: list[tuple[str, str]]) -> Iterator[tuple[bytes, str, str, str]]:
+    """(file bytes, suffix, class, path or tar member name) in the order of items."""
     if root.is_dir():
         for path, label in items:
-            yield Path(path).read_bytes(), Path(path).suffix.lower(), label
+            yield Path(path).read_bytes(), Path(path).suffix.lower(), label, path
         return
     with tarfile.open(root) as tar:
         for name, label in items:
-            yield tar.extractfile(name).read(), PurePosixPath(name).suffix.lower(), label
+            yield tar.extractfile(name).read(), PurePosixPath(name).suffix.lower(), label, name
 
 
 def to_payload(data: bytes, suffix: str) -> tuple[bytes, str, list[int]] | None:
@@ -130,6 +132,9 @@ def main() -> int:
     parser.add_argument("--curve-server", type=Path, default=None, help="the agent's CURVE public key file")
     args = parser.parse_args()
 
+    problem = endpoint_problem(args.endpoint)
+    if problem:
+        parser.error(f"--endpoint {args.endpoint!r}: {problem}")
     keys_problem = client_keys_problem(args.curve_secret, args.curve_server)
     if keys_problem:
         parser.error(keys_problem)
@@ -150,9 +155,10 @@ def main() -> int:
             args.endpoint, args.sender, timeout_s=args.timeout, retries=args.retries, window=args.window,
             curve_secret_key=args.curve_secret, curve_server_key=args.curve_server,
         )
-    except (CLAgentError, zmq.ZMQError) as e:
-        parser.error(f"cannot connect to --endpoint {args.endpoint!r}: {e}")
-    sent = acked = refused = skipped = 0
+    except (CLAgentError, zmq.ZMQError) as e:  # the message names the endpoint
+        parser.error(f"--endpoint: {e}")
+    sent = acked = refused = 0
+    unreadable: list[str] = []
     batches: dict[int, tuple] = {}
     start = time.perf_counter()
 
@@ -180,10 +186,10 @@ def main() -> int:
 
     try:
         group = []
-        for data, suffix, label in read_bytes(args.root, items):
+        for data, suffix, label, name in read_bytes(args.root, items):
             converted = to_payload(data, suffix)
             if converted is None:
-                skipped += 1
+                unreadable.append(name)
                 continue
             group.append((*converted, label))
             sent += 1
@@ -197,9 +203,15 @@ def main() -> int:
         if args.end_experience:
             ack = client.end_experience()
             print(f"end of experience: {'experience ' + str(ack.experience) if ack.ok else ack.reason}")
-    except AgentUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        print(f"{acked} images acked before the agent stopped answering; the others are not known to be stored", file=sys.stderr)
+    except AgentUnavailable:
+        waited = f"{tries(args.retries + 1)} of {args.timeout:g} s each"
+        if acked:
+            print(f"error: the agent at {args.endpoint} stopped answering ({waited}) after {acked} images were acked; "
+                  "the others are not known to be stored", file=sys.stderr)
+        else:
+            print(f"error: no reply came from {args.endpoint} ({waited}); nothing is known to be stored. Is the agent "
+                  "running, and is --endpoint its ingest.labeled_endpoint (not the frame or control endpoint)?",
+                  file=sys.stderr)
         return 1
     except (OSError, tarfile.TarError) as e:
         print(f"error: cannot read {args.root}: {e} ({acked} images acked before it)", file=sys.stderr)
@@ -207,7 +219,12 @@ def main() -> int:
     finally:
         client.close()
     elapsed = time.perf_counter() - start
-    print(f"{acked} images acked, {refused} refused, {skipped} unreadable, {elapsed:.1f} s ({acked / max(elapsed, 1e-9):.0f} images/s)")
+    print(f"{acked} images acked, {refused} refused, {len(unreadable)} unreadable, {elapsed:.1f} s ({acked / max(elapsed, 1e-9):.0f} images/s)")
+    if unreadable:
+        more = len(unreadable) - NAMED_UNREADABLE
+        files = "file" if len(unreadable) == 1 else "files"
+        print(f"skipped {len(unreadable)} {files} OpenCV cannot read as an image: {', '.join(unreadable[:NAMED_UNREADABLE])}"
+              + (f" and {more} more" if more > 0 else ""), file=sys.stderr)
     return 0 if refused == 0 else 1
 
 

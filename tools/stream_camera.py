@@ -108,7 +108,7 @@ def main() -> int:
         )
     except (CLAgentError, zmq.ZMQError) as e:
         capture.release()
-        parser.error(f"cannot connect to --endpoint {args.endpoint!r}: {e}")
+        parser.error(f"--endpoint: {e}")  # the message names the endpoint
     interval = 1.0 / args.fps if args.fps > 0 else 0.0
     count = 0
     start = time.monotonic()
