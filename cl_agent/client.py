@@ -268,8 +268,9 @@ class LabeledClient:
             failures += 1
             if failures > self.retries:
                 raise AgentUnavailable(
-                    f"no reply from {self.endpoint} in {tries(self.retries + 1)} of {self.timeout_s:g} s each "
-                    f"({len(self._pending)} messages still pending; they are resent on the next call)"
+                    f"no reply from {self.endpoint} after {self.retries} retries ({tries(self.retries + 1)} of "
+                    f"{self.timeout_s:g} s each; {len(self._pending)} {'message' if len(self._pending) == 1 else 'messages'} "
+                    "still pending, resent on the next call)"
                 )
             self._reconnect()
 
