@@ -499,10 +499,24 @@ def parse_announcement(frames: list[bytes]) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
+def check_repo_option(repo: str | os.PathLike) -> None:
+    """CLAgentError naming ``--repo`` unless it is a folder that can be read: the ``models`` commands
+    say so rather than report a mistyped path as a repository without versions."""
+    path = Path(repo)
+    where = f"--repo = {str(path)!r}"
+    if not path.exists():
+        raise CLAgentError(f"{where}: folder not found")
+    if not path.is_dir():
+        raise CLAgentError(f"{where}: not a folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CLAgentError(f"{where}: the folder is not readable")
+
+
 def print_versions(repo: str | os.PathLike, model: str) -> int:
     """``cl-agent models list``: one line per version; exit code 0, or 1 if there is none."""
     import typer
 
+    check_repo_option(repo)
     repository = ModelRepository(repo, model)
     versions = repository.versions()
     if not versions:
@@ -534,6 +548,7 @@ def print_manifest(repo: str | os.PathLike, model: str, version: int | None) -> 
     """``cl-agent models show``: the manifest of ``version`` (default: the newest) as JSON; exit code 0."""
     import typer
 
+    check_repo_option(repo)
     repository = ModelRepository(repo, model)
     if version is None:
         version = repository.latest_version()
@@ -576,6 +591,7 @@ def verify_versions(repo: str | os.PathLike, model: str) -> int:
     """``cl-agent models verify``: check every version's files against its manifest; exit code 0 if all match, else 1."""
     import typer
 
+    check_repo_option(repo)
     repository = ModelRepository(repo, model)
     versions = repository._numbered_dirs()  # incomplete ones too: a published version that lost a file shows here
     if not versions:
@@ -604,6 +620,7 @@ def rollback(repo: str | os.PathLike, model: str, to: int, announce_endpoint: st
     """``cl-agent models rollback``: republish ``to`` as a new version, optionally announce it; exit code 0."""
     import typer
 
+    check_repo_option(repo)
     # Retention is the publisher's business (its config); a rollback from the command line deletes nothing.
     existing = ModelRepository(repo, model).versions()
     repository = ModelRepository(repo, model, keep_last=max(1, len(existing) + 1))

@@ -207,6 +207,7 @@ def test_announcer_publishes_model_version_and_sha(tmp_path):
 def test_models_list_and_rollback_commands(tmp_path):
     runner = CliRunner()
     root = tmp_path / "models"
+    root.mkdir()  # an existing, empty repository (a missing folder is an error naming --repo: test_cli_models.py)
     empty = runner.invoke(app, ["models", "list", "--repo", str(root), "--model", "student"])
     assert empty.exit_code == 1 and "no versions" in empty.output
 
@@ -240,6 +241,7 @@ def test_models_show_prints_a_manifest_and_verify_finds_altered_or_missing_files
     runner = CliRunner()
     root = tmp_path / "models"
     args = ["--repo", str(root), "--model", "student"]
+    root.mkdir()
     nothing = runner.invoke(app, ["models", "verify", *args])
     assert nothing.exit_code != 0 and "no versions" in str(nothing.exception)
 
