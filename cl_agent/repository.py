@@ -621,12 +621,18 @@ def rollback(repo: str | os.PathLike, model: str, to: int, announce_endpoint: st
     import typer
 
     check_repo_option(repo)
+    if announce_endpoint is not None:  # checked before anything is published: a typo must not leave a rollback unannounced
+        from cl_agent.config import endpoint_problem
+
+        problem = endpoint_problem(announce_endpoint)
+        if problem:
+            raise CLAgentError(f"--announce = {announce_endpoint!r}: {problem}")
     # Retention is the publisher's business (its config); a rollback from the command line deletes nothing.
     existing = ModelRepository(repo, model).versions()
     repository = ModelRepository(repo, model, keep_last=max(1, len(existing) + 1))
     version = repository.rollback(to)
     typer.echo(f"rolled {model!r} back to version {to}: published as version {version}")
-    if announce_endpoint:
+    if announce_endpoint is not None:
         try:
             announcer = Announcer(announce_endpoint)
         except CLAgentError as e:  # e.g. the running agent holds the endpoint: servers still find it by polling

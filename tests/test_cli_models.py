@@ -51,3 +51,15 @@ def test_an_existing_empty_repository_keeps_its_messages(tmp_path, monkeypatch, 
     publish(ModelRepository(root, "student"), tmp_path, b"a")
     code, out, _ = cl_agent(monkeypatch, capsys, "models", "list", "--repo", str(root))
     assert code == 0 and out.splitlines()[1].split()[0] == "1"
+
+
+@pytest.mark.parametrize("endpoint", ["notanendpoint", "tcp://127.0.0.1", "tcp://127.0.0.1:99999", ""])
+def test_a_malformed_announce_endpoint_is_refused_before_anything_is_published(tmp_path, monkeypatch, capsys, endpoint):
+    root = tmp_path / "models"
+    repository = ModelRepository(root, "student")
+    publish(repository, tmp_path, b"a")
+    publish(repository, tmp_path, b"b")
+    code, out, err = cl_agent(monkeypatch, capsys, "models", "rollback", "--to", "1", "--repo", str(root), "--announce", endpoint)
+    assert code == 2 and out == "", out
+    assert err.startswith(f"error: --announce = {endpoint!r}: ") and len(err.strip().splitlines()) == 1
+    assert repository.versions() == [1, 2] and repository.last_version_ever() == 2  # nothing published
