@@ -157,3 +157,23 @@ def test_send_labeled_names_unreadable_files_and_a_silent_endpoint(tmp_path):
     with LabeledClient(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.1, retries=0) as client:
         with pytest.raises(AgentUnavailable, match=r"after 0 retries \(1 try of 0.1 s each; 1 message still pending"):
             client.send(images(1), ["cat"])
+
+
+@pytest.mark.parametrize("tool", ["send_labeled.py", "stream_camera.py"])
+def test_help_describes_every_option_with_its_default(tool):
+    import re
+
+    result = _run(TOOLS / tool, "--help")
+    assert result.returncode == 0, result.stderr
+    options_text = result.stdout.split("options:")[1]
+    # an entry starts at a line "  --name ..." and runs until the next such line or a blank line
+    entries = re.findall(r"^  (--[\w-]+.*?)(?=^  -|^\s*$)", options_text, flags=re.M | re.S)
+    names = {entry.split()[0] for entry in entries}
+    assert names >= {"--endpoint", "--curve-secret", "--curve-server", "--sender"}, names
+    for entry in entries:
+        if entry.startswith("--help"):
+            continue
+        words = " ".join(entry.split())
+        assert "(default: " in words, words
+        description = re.sub(r"^--[\w-]+( [A-Z_{},a-z]+)?", "", words).split("(default: ")[0].strip()
+        assert len(description) > 5, words

@@ -118,18 +118,27 @@ def to_payload(data: bytes, suffix: str) -> tuple[bytes, str, list[int]] | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder <root>/<class>/<image>, or a tar of that layout")
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="the agent's labeled endpoint")
-    parser.add_argument("--batch", type=_number(int, at_least=1), default=32, help="images per message")
-    parser.add_argument("--limit", type=_number(int, at_least=0), default=0, help="send at most this many images (0 = all)")
-    parser.add_argument("--classes", default="", help="comma-separated class names to send (default: all)")
-    parser.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="shuffle the images with this seed")
+    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555",
+                        help="the agent's labeled endpoint, its ingest.labeled_endpoint (default: %(default)s)")
+    parser.add_argument("--batch", type=_number(int, at_least=1), default=32, help="images per message (default: %(default)s)")
+    parser.add_argument("--limit", type=_number(int, at_least=0), default=0,
+                        help="send at most this many images, 0 for all (default: %(default)s)")
+    parser.add_argument("--classes", default="", help="comma-separated class names to send (default: every class)")
+    parser.add_argument("--shuffle", type=int, default=None, metavar="SEED",
+                        help="shuffle the images with this seed (default: in file or tar order)")
     parser.add_argument("--sender", default=None, help="sender id (default: host name + random suffix)")
-    parser.add_argument("--window", type=_number(int, at_least=1), default=8, help="messages in flight")
-    parser.add_argument("--timeout", type=_number(float, above=0), default=5.0, help="seconds to wait for an ack before retrying")
-    parser.add_argument("--retries", type=_number(int, at_least=0), default=10, help="retries before giving up")
-    parser.add_argument("--end-experience", action="store_true", help="ask the agent to cut an experience at the end")
-    parser.add_argument("--curve-secret", type=Path, default=None, help="this client's CURVE secret key file")
-    parser.add_argument("--curve-server", type=Path, default=None, help="the agent's CURVE public key file")
+    parser.add_argument("--window", type=_number(int, at_least=1), default=8,
+                        help="messages in flight at once (default: %(default)s)")
+    parser.add_argument("--timeout", type=_number(float, above=0), default=5.0,
+                        help="seconds to wait for an ack before sending again (default: %(default)s)")
+    parser.add_argument("--retries", type=_number(int, at_least=0), default=10,
+                        help="times to send again without a reply before giving up (default: %(default)s)")
+    parser.add_argument("--end-experience", action="store_true",
+                        help="ask the agent to cut an experience at the end (default: off)")
+    parser.add_argument("--curve-secret", type=Path, default=None,
+                        help="this client's CURVE secret key file (default: none, no CURVE)")
+    parser.add_argument("--curve-server", type=Path, default=None,
+                        help="the agent's CURVE public key file (default: none, no CURVE)")
     args = parser.parse_args()
 
     problem = endpoint_problem(args.endpoint)

@@ -68,28 +68,37 @@ def _number(kind: type, low, high=None, *, above: bool = False):
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Before streaming, the tool waits up to --connect-timeout seconds for the agent to take the "
         "connection. --socket must pair with the agent's ingest.frame_socket (push: pull, pub: sub). No agent at "
         "--endpoint, a mismatch, or CURVE on one side only stops the tool with exit status 1 and an error naming "
         "the endpoint and the fix, instead of losing every frame.",
     )
     parser.add_argument("source", help="camera index (0), video file, or RTSP/HTTP URL")
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5556", help="the agent's frame endpoint")
-    parser.add_argument("--socket", choices=["push", "pub"], default="push", help="push (agent ingest.frame_socket: pull) or pub (agent: sub); a mismatch stops the tool with an error")
-    parser.add_argument("--width", type=_number(int, 0), default=0, help="resize to this width (0 = keep; with only one of width/height the aspect is kept)")
-    parser.add_argument("--height", type=_number(int, 0), default=0, help="resize to this height")
-    parser.add_argument("--quality", type=_number(int, 1, 100), default=80, help="JPEG quality 1-100")
-    parser.add_argument("--fps", type=_number(float, 0), default=0.0, help="frame-rate cap (0 = as fast as the source)")
-    parser.add_argument("--max-frames", type=_number(int, 0), default=0, help="stop after this many frames (0 = never)")
-    parser.add_argument("--loop", action="store_true", help="restart a video file at its end")
+    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5556",
+                        help="the agent's frame endpoint, its ingest.frame_endpoint (default: %(default)s)")
+    parser.add_argument("--socket", choices=["push", "pub"], default="push",
+                        help="push (agent ingest.frame_socket: pull) or pub (agent: sub); a mismatch stops the tool "
+                        "with an error (default: %(default)s)")
+    parser.add_argument("--width", type=_number(int, 0), default=0,
+                        help="resize to this width, 0 to keep it; with only one of width/height the aspect is kept "
+                        "(default: %(default)s)")
+    parser.add_argument("--height", type=_number(int, 0), default=0, help="resize to this height, 0 to keep it (default: %(default)s)")
+    parser.add_argument("--quality", type=_number(int, 1, 100), default=80, help="JPEG quality 1-100 (default: %(default)s)")
+    parser.add_argument("--fps", type=_number(float, 0), default=0.0,
+                        help="frame-rate cap, 0 for as fast as the source (default: %(default)s)")
+    parser.add_argument("--max-frames", type=_number(int, 0), default=0,
+                        help="stop after this many frames, 0 for never (default: %(default)s)")
+    parser.add_argument("--loop", action="store_true", help="restart a video file at its end (default: off)")
     parser.add_argument("--connect-timeout", type=_number(float, 0, above=True), default=10.0,
-                        help="seconds to wait for the agent to take the connection before the first frame")
+                        help="seconds to wait for the agent to take the connection before the first frame; "
+                        "none by then is an error (default: %(default)s)")
     parser.add_argument("--linger", type=_number(float, 0), default=1.0,
-                        help="seconds queued frames still get to go out at the end")
-    parser.add_argument("--sender", default=None, help="sender id (None: camera-<random suffix>)")
-    parser.add_argument("--curve-secret", type=Path, default=None, help="this client's CURVE secret key file")
-    parser.add_argument("--curve-server", type=Path, default=None, help="the agent's CURVE public key file")
+                        help="seconds queued frames still get to go out at the end (default: %(default)s)")
+    parser.add_argument("--sender", default=None, help="sender id (default: camera-<random suffix>)")
+    parser.add_argument("--curve-secret", type=Path, default=None,
+                        help="this client's CURVE secret key file (default: none, no CURVE)")
+    parser.add_argument("--curve-server", type=Path, default=None,
+                        help="the agent's CURVE public key file (default: none, no CURVE)")
     args = parser.parse_args()
     problem = endpoint_problem(args.endpoint)
     if problem:
