@@ -153,13 +153,16 @@ def main() -> int:
                     time.sleep(delay)
                 else:
                     next_time = time.monotonic()
-        frames.check()  # the latest connection state, for the summary
     except KeyboardInterrupt:
         pass
     except (NotConnected, PeerRefused) as e:  # nothing listens there, or it does not pair with --socket
         failed = e
     finally:
         capture.release()
+        try:
+            frames.check()  # the latest connection state, for the summary
+        except PeerRefused as e:
+            failed = failed or e
         down_at_end = not frames.connected
         frames.close(args.linger)
     elapsed = max(time.monotonic() - start, 1e-9)
