@@ -11,6 +11,7 @@ seen so far, as an inference client would.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import time
@@ -135,7 +136,80 @@ def _wait_for_version(client, agent: AgentProcess, version: int, probe: np.ndarr
         time.sleep(0.5)
 
 
-def _wait_for_frames(control_endpoint: str, sent: int, timeout_s: float = 15.0) -> int:
+def _control_socket(control_endpoint: str):
+    """A REQ socket to the agent's control endpoint that may resend a status request left unanswered."""
+    import zmq
+
+    socket_ = zmq.Context.instance().socket(zmq.REQ)
+    socket_.linger = 0
+    socket_.setsockopt(zmq.REQ_RELAXED, 1)  # a status request that timed out may be sent again ...
+    socket_.setsockopt(zmq.REQ_CORRELATE, 1)  # ... and a late answer to it is dropped
+    socket_.connect(control_endpoint)
+    return socket_
+
+
+def _wait_for_agent(agent: AgentProcess, control_endpoint: str, timeout_s: float) -> None:
+    """Wait until the agent answers on its control socket, so that an agent that cannot start
+    is reported before anything is streamed to it (AgentProcess.check raises once it has exited)."""
+    from cl_agent.wire import encode_message
+
+    socket_ = _control_socket(control_endpoint)
+    deadline, seq = time.monotonic() + timeout_s, 0
+    try:
+        while True:
+            agent.check()
+            seq += 1
+            socket_.send_multipart(encode_message("status", "demo", seq))
+            if socket_.poll(500):
+                socket_.recv_multipart()
+                return
+            if time.monotonic() > deadline:
+                raise CLAgentError(f"the agent has not answered on {control_endpoint} after {timeout_s:.0f} s; see {agent.log.name}")
+    finally:
+        socket_.close()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def exit_reason(agent_workdir: Path, log_path: Path) -> str | None:
+    """Why the agent stopped, in its own words: ``stop_error`` of its state.json, else the last
+    ``error:`` line the command line printed to its log, else the last ERROR record or traceback line."""
+    from cl_agent.status import read_state
+
+    try:
+        state = read_state(agent_workdir)
+    except CLAgentError:
+        state = None
+    if state and state.get("stop_error"):
+        return str(state["stop_error"])
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 65536))
+            lines = [_ANSI.sub("", line).rstrip() for line in f.read().decode("utf-8", "replace").splitlines()]
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line[len("error: "):]
+    for index in range(len(lines) - 1, -1, -1):
+        line = lines[index]
+        if " ERROR " in line or " CRITICAL " in line:
+            return line.split(": ", 1)[-1]
+        if line.startswith("Traceback (most recent call last)"):
+            last = [text for text in lines[index + 1 :] if text and not text.startswith(" ")]
+            return last[-1] if last else None
+    return None
+
+
+def _agent_failure(agent: AgentProcess, agent_workdir: Path) -> CLAgentError:
+    """The error for an agent that exited: its exit code and its reason, and where its log is."""
+    reason = exit_reason(agent_workdir, Path(agent.log.name))
+    said = f": {reason}" if reason else ""
+    return CLAgentError(f"the agent exited with code {agent.process.returncode}{said} (log: {agent.log.name})")
+
+
+def _wait_for_frames(agent: AgentProcess, control_endpoint: str, sent: int, timeout_s: float = 15.0) -> int:
     """Wait until the agent has received ``sent`` camera frames in all (its control socket's counters).
 
     Frames travel on their own connection, so the labeled batches and the end-of-experience marker
@@ -145,18 +219,13 @@ def _wait_for_frames(control_endpoint: str, sent: int, timeout_s: float = 15.0) 
     """
     import json
 
-    import zmq
-
     from cl_agent.wire import encode_message
 
-    socket_ = zmq.Context.instance().socket(zmq.REQ)
-    socket_.linger = 0
-    socket_.setsockopt(zmq.REQ_RELAXED, 1)  # a status request that timed out may be sent again ...
-    socket_.setsockopt(zmq.REQ_CORRELATE, 1)  # ... and a late answer to it is dropped
-    socket_.connect(control_endpoint)
+    socket_ = _control_socket(control_endpoint)
     received, deadline, seq = 0, time.monotonic() + timeout_s, 0
     try:
         while received < sent and time.monotonic() < deadline:
+            agent.check()
             seq += 1
             socket_.send_multipart(encode_message("status", "demo", seq))
             if socket_.poll(1000):
@@ -172,9 +241,11 @@ def run_demo(
     workdir: Path, experiences: int = 6, device: str = "auto", timeout_s: float = 900.0, overrides: dict | None = None
 ) -> int:
     from cl_agent.client import FrameClient, LabeledClient
+    from cl_agent.device import resolve_device
     from cl_agent.inference import InferenceClient
     from cl_agent.status import read_experience_records
 
+    resolve_device(device, "--device")  # before anything starts: the agent would refuse it only after its start-up
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise CLAgentError(f"--workdir {workdir} is not a folder")
@@ -207,6 +278,7 @@ def run_demo(
     seen: set[int] = set()
     rows = []
     try:
+        _wait_for_agent(agent, cfg.ingest.control_endpoint, timeout_s)
         for t, classes in enumerate(plan):
             agent.check()
             seen |= set(classes)
@@ -216,7 +288,7 @@ def run_demo(
             in_view = rng.choice(classes + list(range(len(CLASS_NAMES))), size=FRAMES_PER_EXPERIENCE)
             for image in make_batch(in_view, rng, IMAGE_SIZE):
                 frames.send(image)
-            if _wait_for_frames(cfg.ingest.control_endpoint, frames.sent) < frames.sent:
+            if _wait_for_frames(agent, cfg.ingest.control_endpoint, frames.sent) < frames.sent:
                 _say("    (not every camera frame reached the agent in time; this experience holds fewer)")
             # the labeler: labeled batches, acked only once durable
             ids = np.repeat(classes, LABELED_PER_CLASS)
@@ -247,6 +319,10 @@ def run_demo(
                 f"    served version {served}: accuracy on held-out images of the {len(seen)} classes seen so far "
                 f"{correct / total:.0%}; online accuracy on this experience before learning it {online_text}"
             )
+    except CLAgentError:
+        if not agent.alive():  # whatever failed here, the agent's own reason is the one to show
+            raise _agent_failure(agent, Path(cfg.agent.workdir)) from None
+        raise
     finally:
         labeled.close()
         frames.close()
