@@ -78,7 +78,7 @@ def demo(
         "runs/demo"
     ),
     experiences: Annotated[int, typer.Option(min=1, help="Experiences to stream.")] = 6,
-    device: Annotated[str, typer.Option(help="Training device: auto, cpu, cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="Training device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Self-contained demo: agent + server + built-in image stream over real ZeroMQ sockets."""
     from cl_agent.demo import run_demo
