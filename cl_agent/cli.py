@@ -11,27 +11,58 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from cl_agent.config import AgentConfig, ConfigError, load_config, parse_override
 from cl_agent.errors import EXIT_ERROR, CLAgentError, exit_code
 
-app = typer.Typer(
-    help="cl-agent: online continual learning for vision streams (MLKD + dynamic SSL), ONNX export and hot-swapping serving.",
-    no_args_is_help=True,
+# Plain help text (click's layout), not typer's Rich panels: typer 0.2x's panels print a type after
+# every option, flags included (`--json <bool>`, `--help <bool>`), as if they took a value; the plain
+# layout prints types only for options that take one.
+HELP_MARKUP = None
+
+
+class HelpGroup(TyperGroup):
+    """A command group whose command list gives each command's first sentence whole (wrapped),
+    where the plain layout would cut it at the terminal width with '...'."""
+
+    def format_commands(self, ctx, formatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=500)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def command_group(help_text: str, **options) -> typer.Typer:
+    return typer.Typer(help=help_text, cls=HelpGroup, rich_markup_mode=HELP_MARKUP, no_args_is_help=True, **options)
+
+
+app = command_group(
+    "cl-agent: online continual learning for vision streams (MLKD + dynamic SSL), ONNX export and hot-swapping serving.",
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-models_app = typer.Typer(help="Inspect and roll back versions in a model repository.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks: the CIR learning benchmark and result comparison.", no_args_is_help=True)
-keys_app = typer.Typer(help="CURVE key management for authenticated endpoints.", no_args_is_help=True)
+models_app = command_group("Inspect and roll back versions in a model repository.")
+bench_app = command_group("Benchmarks: the CIR learning benchmark and result comparison.")
+keys_app = command_group("CURVE key management for authenticated endpoints.")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(keys_app, name="keys")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/robot.yaml).")]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config", "-c", metavar="FILE",
+        help="YAML config file (see configs/robot.yaml). Without it, the built-in defaults (`cl-agent config` prints them).",
+    ),
+]  # fmt: skip
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.001 (repeatable)."),
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=0.001 (repeatable); applied over --config or the defaults."),
 ]
 
 RepoOpt = Annotated[Path, typer.Option(help="Model repository root.")]
@@ -88,8 +119,10 @@ def demo(
 
 @app.command()
 def serve(
-    repo: Annotated[Optional[Path], typer.Option(help="Model repository root.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model name inside the repository.")] = None,
+    repo: Annotated[
+        Optional[Path], typer.Option(help="Model repository root (default: repository.root of the config). It may not exist yet.")
+    ] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model name inside the repository (default: agent.model_name of the config).")] = None,
     follow: Annotated[
         Optional[str],
         typer.Option(help="The agent's fetch endpoint (tcp://AGENT:5560): mirror its new versions into --repo (serve.follow_fetch_endpoint)."),
@@ -280,7 +313,10 @@ def models_rollback(
     to: Annotated[int, typer.Option("--to", help="Version to bring back.")],
     repo: RepoOpt = Path("runs/models"),
     model: ModelOpt = "student",
-    announce: Annotated[Optional[str], typer.Option(help="PUB endpoint to announce the new version on.")] = None,
+    announce: Annotated[
+        Optional[str],
+        typer.Option(help="PUB endpoint to announce the new version on (e.g. tcp://127.0.0.1:5557); while the agent holds it, servers find the version by polling."),
+    ] = None,
 ) -> None:
     """Republish an old version as a new, higher version, so every server moves to it."""
     from cl_agent.repository import rollback

@@ -544,6 +544,16 @@ def _why_no_model(repository: ModelRepository) -> str:
     return f"no complete version of {name!r} in {repository.model_dir} yet"
 
 
+def served_summary(counters: dict) -> str:
+    """``Server.counters`` as one line for the log, e.g. "12 requests (30 images in 9 batches, largest 8; 1 refused), ..."."""
+    c = counters
+    return (
+        f"{c['requests']} requests ({c['images']} images in {c['batches']} batches, largest {c['largest_batch']}; "
+        f"{c['errors']} refused), {c['swaps']} version swaps ({c['swap_failures']} refused), "
+        f"{c['busy_s']:.2f} s busy ({c['inference_s']:.2f} s in inference)"
+    )
+
+
 def check_repository_root(root: str | Path, key: str, following: bool) -> None:
     """Refuse, naming ``key`` (a config key or an option), a repository folder this server can never use.
 
@@ -618,5 +628,5 @@ def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str |
             follower.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    log.info("stopped; served %s", server.counters)
+    log.info("stopped after %s", served_summary(server.counters))
     return 0
