@@ -299,6 +299,16 @@ class ExperienceStore:
         """Record ``keys``, the keys of every cut experience up to ``through`` and of no other, as runs."""
         atomic_write_text(self.root / KEYS_SUMMARY, json.dumps({"through": through, "runs": keys.to_runs()}, separators=(",", ":")))
 
+    def discard_unfinished_writes(self) -> int:
+        """Delete what a process killed while rewriting the key summary left (its temp files); returns how many.
+
+        Only the one writer of the store (the ingest process) may call it, before it writes."""
+        removed = 0
+        for path in self.root.glob(f".{KEYS_SUMMARY}.*.tmp") if self.root.is_dir() else ():
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def _keys_summary(self, indices: Sequence[int]) -> tuple[KeySet, int]:
         path = self.root / KEYS_SUMMARY
         try:

@@ -218,6 +218,7 @@ class IngestService:
     def _setup(self) -> None:
         cfg = self.config
         cut = self.store.indices()  # listed once for the whole start
+        self.store.discard_unfinished_writes()  # a key summary half written when the last process was killed
         self.untrained = UntrainedBytes(self.store, cut)  # cuts and trained marks keep it up to date from here on
         # Marked trained later (by the trainer, meanwhile): refresh() finds it and retention adds it then.
         trained = [i for i in cut if i not in self.untrained.sizes]

@@ -127,8 +127,11 @@ def test_kill_9_while_streaming_loses_no_acked_sample_and_stores_each_once(tmp_p
         assert seq in by_seq, f"acked message {seq} lost"
         assert by_seq[seq].payloads == sent[seq]
     # Experiences were cut across the crashes and numbered without gaps.
-    experiences = sorted(p.name for p in (tmp_path / "agent" / "experiences").iterdir())
+    names = sorted(p.name for p in (tmp_path / "agent" / "experiences").iterdir())
+    experiences = [name for name in names if name.isdigit()]
     assert experiences == [f"{i:06d}" for i in range(len(experiences))] and len(experiences) >= 3
+    # The key summary, and nothing half written by a killed process (a restart removes it).
+    assert names == [*experiences, "keys.json"], names
 
 
 def _limit_file_size(limit: int):

@@ -216,3 +216,12 @@ def test_the_summary_is_not_an_experience(tmp_path):
     store.save_keys(1, store.committed_keys())
     again = ExperienceStore(tmp_path)
     assert again.indices() == [0, 1] and again.pending() == [0, 1] and again.last_index == 1
+
+
+def test_a_summary_half_written_by_a_killed_process_is_discarded(tmp_path):
+    store = _store_with_keys(tmp_path, 2)
+    store.save_keys(1, store.committed_keys())
+    leftover = tmp_path / "experiences" / ".keys.json.x1y2z3.tmp"
+    leftover.write_text('{"through": 1, "ru')
+    assert store.discard_unfinished_writes() == 1 and not leftover.exists()
+    assert (tmp_path / "experiences" / "keys.json").exists() and store.indices() == [0, 1]
