@@ -143,29 +143,6 @@ def serve(
     raise typer.Exit(serve_forever(cfg, repo=repo, model=model))
 
 
-def image_paths(paths: list[Path]) -> list[Path]:
-    """The files named, and every image file under the folders named, subfolders included
-    (``<root>/<class>/<image>`` trees), sorted by path; hidden files and folders are skipped.
-    A path that is neither is passed on for ``print_predictions`` to report."""
-    import os
-
-    from cl_agent.scenario import IMAGE_SUFFIXES
-
-    files: list[Path] = []
-    for path in paths:
-        if not path.is_dir():
-            files.append(path)
-            continue
-        found = []
-        for folder, subfolders, names in os.walk(path):  # symbolic links to folders are not followed (no loops)
-            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-            found += [Path(folder) / name for name in names if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES]
-        if not found:
-            raise CLAgentError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}), in it or in its subfolders")
-        files += sorted(found)
-    return files
-
-
 @app.command()
 def predict(
     images: Annotated[
@@ -201,7 +178,7 @@ def predict(
             if show_status:
                 typer.echo(json.dumps(client.status(), indent=2))
                 raise typer.Exit(0)
-            code = print_predictions(client, image_paths(images), top_k, as_json=json_)
+            code = print_predictions(client, images, top_k, as_json=json_)
     except CLAgentError as e:
         fail(str(e), code=1)
     raise typer.Exit(code)

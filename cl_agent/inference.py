@@ -243,17 +243,22 @@ class InferenceClient:
 # --------------------------------------------------------------------------- command line
 
 def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The files named, and the image files (``scenario.IMAGE_SUFFIXES``, as the benchmark reads) directly
-    inside the folders named, in order."""
+    """The files named, and every image file (``scenario.IMAGE_SUFFIXES``, as the benchmark reads) under
+    the folders named, subfolders included (``<root>/<class>/<image>`` trees), each folder's sorted by
+    path; hidden files and folders are skipped, symbolic links to folders not followed."""
     from cl_agent.scenario import IMAGE_SUFFIXES
 
-    files = []
+    files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = []
+            for folder, subfolders, names in os.walk(path):
+                subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+                found += [Path(folder) / name for name in names
+                          if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES]
             if not found:
-                raise CLAgentError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-            files += found
+                raise CLAgentError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)}), in it or in its subfolders")
+            files += sorted(found)
         elif path.is_file():
             files.append(path)
         else:
@@ -295,5 +300,7 @@ def print_predictions(
             row = {"image": str(path), "model": result.model, "model_version": result.model_version, "predictions": ranked}
             typer.echo(json.dumps(row))
         else:
-            typer.echo(f"{path}  v{result.model_version}  " + "  ".join(f"{name} {p:.3f}" for name, p in ranked))
+            # Classes never trained on have probability 0 (the exported graph masks them): not worth a column.
+            shown = [(name, p) for name, p in ranked if p > 0] or ranked[:1]
+            typer.echo(f"{path}  v{result.model_version}  " + "  ".join(f"{name} {p:.3f}" for name, p in shown))
     return 1 if failed else 0

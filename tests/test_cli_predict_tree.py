@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 from typer.testing import CliRunner
 
-from cl_agent.cli import app, image_paths
+from cl_agent.cli import app
+from cl_agent.inference import image_files
 from test_predict_command import server  # noqa: F401  (fixtures)
 from test_server import onnx_models  # noqa: F401
 
@@ -41,6 +42,7 @@ def test_a_tree_without_images_says_subfolders_were_searched(tmp_path):
 
 
 def test_files_named_are_kept_in_the_order_given(tmp_path):
-    picture(tmp_path / "b" / "1.png", 0)
+    for name in ("z.jpg", "b/1.png", "a.jpg"):
+        picture(tmp_path / name, 0)
     named = [tmp_path / "z.jpg", tmp_path / "b", tmp_path / "a.jpg"]
-    assert image_paths(named) == [tmp_path / "z.jpg", tmp_path / "b" / "1.png", tmp_path / "a.jpg"]
+    assert image_files(named) == [tmp_path / "z.jpg", tmp_path / "b" / "1.png", tmp_path / "a.jpg"]

@@ -63,3 +63,28 @@ def test_predict_says_what_is_wrong(tmp_path):
     cv2.imwrite(str(tmp_path / "x.png"), np.zeros((8, 8, 3), np.uint8))
     silent = runner.invoke(app, ["predict", str(tmp_path), "--endpoint", "tcp://127.0.0.1:9", "--timeout", "0.2"])
     assert silent.exit_code == 1 and "timeout" in silent.output  # no server there: one clear error, not one per image
+
+
+def test_classes_never_trained_on_are_left_out_of_the_printed_line(tmp_path):
+    # The exported graph gives classes never trained on a probability of 0: a column of "0.000" says nothing.
+    import torch
+
+    from cl_agent.config import ExportSection
+    from cl_agent.export import export_onnx
+    from cl_agent.student import SeenClassMask
+    from test_server import tiny_net
+
+    model = tmp_path / "masked.onnx"
+    masked = SeenClassMask(tiny_net(0), torch.tensor([True, False, True])).eval()
+    export_onnx([masked], model, image_size=SIZE, mean=[0.5] * 3, std=[0.25] * 3, export=ExportSection())
+    repo = ModelRepository(tmp_path / "models", "student")
+    publish(repo, model)
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    with Server(repo, serve_section()) as running:
+        plain = CliRunner().invoke(app, ["predict", str(image), "--endpoint", running.endpoint, "--top-k", "3"])
+        as_json = CliRunner().invoke(app, ["predict", str(image), "--endpoint", running.endpoint, "--top-k", "3", "--json"])
+    assert plain.exit_code == 0 and as_json.exit_code == 0
+    shown = plain.stdout.split("  v1  ")[1].split("  ")
+    assert sorted(entry.split()[0] for entry in shown) == ["cat", "cup"]  # "dog" (never trained) is not printed
+    assert len(json.loads(as_json.stdout)["predictions"]) == 3  # the JSON keeps all k, zeros included
