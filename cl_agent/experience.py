@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from bisect import bisect_left
 import threading
 import time
@@ -169,6 +170,8 @@ class ExperienceStore:
         # What pending() has seen: the experiences not yet trained, and where new ones would appear.
         self._untrained: set[int] | None = None
         self._next_index = 0
+        self._listed: set[int] = set()  # the experience folder names at the last listing (numbers)
+        self._root_mtime: int | None = None  # experiences/ changed since that listing when this does
         self._pending_lock = threading.Lock()  # the agent's loop and the ingest thread share a store
 
     def experience_dir(self, index: int) -> Path:
@@ -193,15 +196,21 @@ class ExperienceStore:
         scans the store. Later calls look above the newest experience seen (the ingest process
         cuts them in order, each one past the last) and at those still untrained: a trained
         mark is never taken back, so a poll costs the same after ten experiences or a hundred
-        thousand. Another process's cuts and marks are seen, as is a folder a person moved away.
-        ``listed``: the cut experiences (``indices()``) when the caller has just listed them, for
-        the first call.
+        thousand. Another process's cuts and marks are seen, as is a folder a person moved away,
+        or back: when the folder ``experiences/`` changed (its modification time, one stat a
+        poll), its names are listed, without reading inside, and a name not there at the last
+        listing and below the newest is looked at. ``listed``: the cut experiences
+        (``indices()``) when the caller has just listed them, for the first call.
         """
         with self._pending_lock:
             if self._untrained is None:
+                self._root_mtime = self._root_mtime_ns()  # before listing: a change during it is seen next time
                 found = self.indices() if listed is None else list(listed)
                 self._untrained = {i for i in found if not self.is_trained(i)}
                 self._next_index = found[-1] + 1 if found else 0
+                self._listed = set(found)
+            else:
+                self._look_for_returned()
             while (self.experience_dir(self._next_index) / "meta.json").exists():
                 self._untrained.add(self._next_index)
                 self._next_index += 1
@@ -209,6 +218,24 @@ class ExperienceStore:
                 if self.is_trained(index) or not (self.experience_dir(index) / "meta.json").exists():
                     self._untrained.discard(index)
             return sorted(self._untrained)
+
+    def _root_mtime_ns(self) -> int | None:
+        try:
+            return self.root.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def _look_for_returned(self) -> None:
+        """Folders put back (or in) below the newest experience since the last listing join the untrained."""
+        mtime = self._root_mtime_ns()
+        if mtime == self._root_mtime:
+            return
+        self._root_mtime = mtime
+        names = {int(n) for n in os.listdir(self.root) if n.isdigit()} if mtime is not None else set()
+        for index in names - self._listed:
+            if index < self._next_index and (self.experience_dir(index) / "meta.json").exists() and not self.is_trained(index):
+                self._untrained.add(index)
+        self._listed = names
 
     def is_trained(self, index: int) -> bool:
         return (self.experience_dir(index) / "trained").exists()

@@ -77,6 +77,11 @@ def test_pending_follows_other_processes_and_a_poll_looks_only_at_untrained_and_
     # A person moves an untrained experience's folder away: it is no longer pending.
     trainer.experience_dir(199).rename(tmp_path / "moved-away")
     assert trainer.pending() == [198, 200]
+    # ... and back (or another untrained one put in below the newest): pending again.
+    (tmp_path / "moved-away").rename(trainer.experience_dir(199))
+    assert trainer.pending() == [198, 199, 200]
+    trainer.experience_dir(199).rename(tmp_path / "moved-away")
+    assert trainer.pending() == [198, 200]
 
     looked_at = []
     real_exists = Path.exists
