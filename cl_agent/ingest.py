@@ -215,6 +215,29 @@ class IngestService:
         """Why the running loop died (no socket is served any more), None while it is healthy."""
         return self._failure
 
+    def _refuse_lost_labels(self, cut: list[int]) -> None:
+        """An empty class-name map while stored samples carry class ids: the map was lost (labels.json
+        deleted or emptied). Starting would name the outputs '0', '1', ... and give new class names ids
+        that were trained as other classes, so the start is refused with the ways to recover."""
+        path = self.workdir / "labels.json"
+        where = None
+        for index in cut:  # the first experience with labeled samples is usually the first one
+            if self.store.meta(index).get("classes"):
+                where = f"experience {index} holds labeled samples"
+                break
+        if where is None and self.spool.samples:
+            where = f"the open experience {self.spool.segment} holds {self.spool.samples} labeled samples"
+        if where is None:
+            return
+        state = "is missing" if not path.exists() else "holds no class names"
+        raise CLAgentError(
+            f"{path} {state}, but {where}: starting would give new class names the ids of classes "
+            f"already trained. Restore labels.json from a backup, or rebuild it from the newest "
+            f"published version's manifest (`cl-agent models show` prints its class_names in output "
+            f'order; write them as {{"names": [...]}}); to start over instead, move the working '
+            f"directory away"
+        )
+
     def _setup(self) -> None:
         cfg = self.config
         cut = self.store.indices()  # listed once for the whole start
@@ -231,6 +254,8 @@ class IngestService:
             closed_bytes=self.untrained.total,
             keys=self.store.committed_keys(cut),
         )
+        if len(self.labels) == 0:
+            self._refuse_lost_labels(cut)
         self.intake = LabeledIntake(self.spool, self.labels, self.wire, self._counters, self.untrained.refresh)
         self.context = zmq.Context()
         if cfg.curve.enabled:

@@ -6,15 +6,26 @@ message is refused (nothing is added). An integer id is used as is (it must be
 below ``max_classes``); ids beyond the known names get placeholder names
 (their decimal string), so names and ids never point at different classes.
 The map is written atomically before any sample using a new class is acked.
+
+Names are compared exactly: "Circle" and "circle" are two classes (they may be
+distinct on purpose), but each takes one of the model's outputs for good, so a
+new name equal to a known one but for letter case is logged as a warning once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
 from cl_agent.storage import atomic_write_text
+
+log = logging.getLogger("cl_agent.labels")
+
+
+def _limit_text(max_classes: int) -> str:
+    return f"spool.max_classes is {max_classes} (0, the default, means model.num_classes)"
 
 
 class LabelError(ValueError):
@@ -32,6 +43,7 @@ class LabelMap:
         self.max_classes = max_classes
         self._names: list[str] = []
         self._ids: dict[str, int] = {}
+        self._folded: dict[str, str] = {}  # casefolded name -> the first name with that folding
         if self.path.exists():
             data = json.loads(self.path.read_text())
             names = data.get("names") if isinstance(data, dict) else None
@@ -49,6 +61,7 @@ class LabelMap:
 
     def _add(self, name: str) -> int:
         self._ids.setdefault(name, len(self._names))
+        self._folded.setdefault(name.casefold(), name)
         self._names.append(name)
         return len(self._names) - 1
 
@@ -69,14 +82,14 @@ class LabelMap:
                     class_id = len(self._names) + len(new_names)
                     if self.max_classes and class_id >= self.max_classes:
                         raise LabelError(
-                            "too_many_classes", f"new class {label!r} would be class {class_id + 1}, max_classes is {self.max_classes}"
+                            "too_many_classes", f"new class {label!r} would be class {class_id + 1}, {_limit_text(self.max_classes)}"
                         )
                     planned[label] = class_id
                     new_names.append(label)
             else:
                 class_id = int(label)
                 if class_id < 0 or (self.max_classes and class_id >= self.max_classes):
-                    raise LabelError("bad_class_id", f"class id {class_id} outside [0, {self.max_classes})")
+                    raise LabelError("bad_class_id", f"class id {class_id} outside [0, {self.max_classes}): {_limit_text(self.max_classes)}")
                 top_id = max(top_id, class_id)
             ids.append(class_id)
         if top_id >= len(self._names) + len(new_names):
@@ -85,23 +98,35 @@ class LabelMap:
             return self._ids_with_placeholders(labels, top_id)
         if new_names:
             for name in new_names:
+                self._warn_if_similar(name)
                 self._add(name)
             self.save()
         return ids
+
+    def _warn_if_similar(self, name: str) -> None:
+        """Called once per new name, before it is added."""
+        similar = self._folded.get(name.casefold())
+        if similar is not None:
+            log.warning(
+                "new class %r differs from the known class %r only in letter case; it becomes a separate "
+                "class (class %d) and takes one of the model's outputs for good",
+                name, similar, len(self._names),
+            )
 
     def _ids_with_placeholders(self, labels: Sequence[str | int], top_id: int) -> list[int]:
         names = list(self._names)
         names += [str(i) for i in range(len(names), top_id + 1)]
         trial = LabelMap.__new__(LabelMap)
-        trial.path, trial.max_classes, trial._names, trial._ids = self.path, self.max_classes, [], {}
+        trial.path, trial.max_classes, trial._names, trial._ids, trial._folded = self.path, self.max_classes, [], {}, {}
         for name in names:
             trial._add(name)
         new = [lab for lab in dict.fromkeys(labels) if isinstance(lab, str) and lab not in trial._ids]
         if self.max_classes and len(names) + len(new) > self.max_classes:
-            raise LabelError("too_many_classes", f"{len(names) + len(new)} classes needed, max_classes is {self.max_classes}")
+            raise LabelError("too_many_classes", f"{len(names) + len(new)} classes needed, {_limit_text(self.max_classes)}")
         for name in new:
+            trial._warn_if_similar(name)
             trial._add(name)
-        self._names, self._ids = trial._names, trial._ids
+        self._names, self._ids, self._folded = trial._names, trial._ids, trial._folded
         self.save()
         return [self._ids[lab] if isinstance(lab, str) else int(lab) for lab in labels]
 
