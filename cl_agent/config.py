@@ -60,6 +60,7 @@ class AgentSection:
     log_backups: int = field(default=3, metadata=_range(ge=1))  # rotated files kept per log (agent.log.1 .. agent.log.N), the oldest deleted
     host_server: bool = True  # also run a serving process, so one command gives a working deployment
     backlog_policy: Literal["merge", "shorten"] = "merge"  # experiences queued behind an update: merge them, or shorten epochs
+    accept_lost_checkpoints: bool = False  # start even when the checkpoint of the newest trained experience is missing (continue from an older one, or untrained); for one start after such a loss
 
     def validate(self) -> None:
         if not self.workdir.strip():

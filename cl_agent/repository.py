@@ -291,8 +291,12 @@ class ModelRepository:
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
-    def publish(self, onnx_path: str | os.PathLike, manifest: dict, optimized: OptimizedModel | None = None) -> int:
+    def publish(self, onnx_path: str | os.PathLike, manifest: dict, optimized: OptimizedModel | None = None, after: int = 0) -> int:
         """Publish a copy of ``onnx_path`` as a new version; returns the version number.
+
+        The number is one past the highest ever published here, and past ``after``: a publisher
+        that remembers its own last version (the agent's records) never reuses a number, also
+        when the repository folder was deleted or replaced.
 
         ``manifest`` must hold ``class_names`` (output order) and ``image_size``;
         ``experience_index``, ``metrics``, ``export`` and anything else are kept.
@@ -321,7 +325,7 @@ class ModelRepository:
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise CLAgentError(f"manifest class_names must be a non-empty list of strings, got {names!r:.200}")
         with self._lock():
-            version = self.last_version_ever() + 1
+            version = max(self.last_version_ever(), after) + 1
             temp = self.model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
             temp.mkdir()
             os.chmod(temp, DIR_MODE)

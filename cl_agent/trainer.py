@@ -476,8 +476,14 @@ class Trainer:
         if isinstance(self_or_class, Trainer):
             trainer = self_or_class
             if stored_model != trainer.model_config:
+                changed = "; ".join(
+                    f"model.{f.name}: {getattr(stored_model, f.name)!r} there, {getattr(trainer.model_config, f.name)!r} in the config"
+                    for f in dataclasses.fields(ModelSection)
+                    if getattr(stored_model, f.name) != getattr(trainer.model_config, f.name)
+                )
                 raise CLAgentError(
-                    f"checkpoint {str(path)!r} was made for model {stored_model}, this trainer has {trainer.model_config}"
+                    f"checkpoint {str(path)!r} was trained with another model ({changed}). Set the config back; "
+                    "or, for a new model, give it a new agent.workdir and agent.model_name (a new model learns from scratch)"
                 )
         else:
             stored_train = train or dataclasses.replace(

@@ -39,7 +39,8 @@ from cl_agent.export import ExportError
 from cl_agent.labels import LabelMap
 from cl_agent.repository import OPTIMIZED_FILE, Announcer, ModelRepository, OptimizedModel
 from cl_agent.session import runtime_environment
-from cl_agent.status import append_experience_record, now_iso, recorded_since
+from cl_agent.status import append_experience_record, now_iso, recorded_since, records_backwards
+from cl_agent.storage import atomic_write_text
 
 log = logging.getLogger("cl_agent.updater")
 
@@ -47,6 +48,35 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_RE = re.compile(r"^exp-(\d{6})\.pt$")
 KEEP_CHECKPOINTS = 2
 EXPORT_TEMP_PREFIX = "export-"  # temp folders of an export in progress (removed on start if a crash left one)
+AGENT_ID_FILE = "agent-id"  # names this working directory in the manifests of the versions it publishes
+
+
+def agent_id(workdir: Path) -> str:
+    """The identity of the agent of ``workdir``: made once, then read (it moves with the folder)."""
+    import uuid
+
+    path = workdir / AGENT_ID_FILE
+    try:
+        found = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        found = ""
+    if not found:
+        found = uuid.uuid4().hex
+        atomic_write_text(path, found + "\n")
+    return found
+
+
+def newest_trained(workdir: Path) -> tuple[int | None, int | None]:
+    """(the newest experience an update trained, the newest version published) from ``experiences.jsonl``."""
+    trained = version = None
+    for record in records_backwards(workdir):
+        if version is None and isinstance(record.get("version"), int):
+            version = record["version"]
+        if trained is None and not record.get("skipped"):
+            trained = max(record.get("merged") or [record.get("experience", -1)])
+        if trained is not None and version is not None:
+            break
+    return trained, version
 
 
 class UpdateInterrupted(Exception):
@@ -109,6 +139,9 @@ class Updater:
         self.trainer = Trainer(cfg.model, cfg.train, device=self.device, seed=cfg.agent.seed)
         self.checkpoint_dir = self.workdir / CHECKPOINT_DIR
         self.last_trained = -1
+        self.agent_id = agent_id(self.workdir)
+        self._check_repository_owner()
+        self.trained_through, self.last_version = newest_trained(self.workdir)
         self.announcer = self._open_announcer()
         self.recovered: UpdateResult | None = None  # an update that a crash cut short and _restore completed
         self._restore()
@@ -128,6 +161,25 @@ class Updater:
         if self.announcer is not None:
             self.announcer.close()
             self.announcer = None
+
+    def _check_repository_owner(self) -> None:
+        """Refuse a model name whose newest version another agent published: each would replace the other's
+        versions on every server (with a model of other classes, sizes or training, say)."""
+        latest = self.repository.latest_version()
+        if latest is None:
+            return
+        try:
+            owner = self.repository.load_manifest(latest).get("agent_id")
+        except CLAgentError:
+            return  # a damaged version: the servers skip it, and so does this check
+        if owner is not None and owner != self.agent_id:
+            raise CLAgentError(
+                f"model {self.cfg.agent.model_name!r} in {self.cfg.repository.root} was published by another agent "
+                f"(version {latest}: agent id {owner}; this working directory's is {self.agent_id}, in "
+                f"{self.workdir / AGENT_ID_FILE}). Two agents publishing one model would replace each other's versions "
+                "on every server: give this agent its own agent.model_name or repository.root; or, if this working "
+                f"directory takes over from that agent on purpose, copy that agent's {AGENT_ID_FILE} file here"
+            )
 
     # ------------------------------------------------------------------ state
 
@@ -158,10 +210,31 @@ class Updater:
                 indices.append(index)
         return max(indices, default=None)
 
+    def _check_checkpoints_cover(self, newest: int | None) -> None:
+        """Refuse to start from an older model than the records say was trained (a checkpoint deleted by
+        hand): it would be published as the next version, and what it lacks would never be trained again."""
+        if self.trained_through is None or (newest is not None and newest >= self.trained_through):
+            return
+        have = f"the newest checkpoint is of experience {newest}" if newest is not None else "there is no checkpoint"
+        start = f"the checkpoint of experience {newest}" if newest is not None else "an untrained model"
+        problem = (
+            f"experiences up to {self.trained_through} were trained ({self.workdir / 'experiences.jsonl'}), but {have} "
+            f"in {self.checkpoint_dir}: the model that learned them is missing"
+        )
+        if self.cfg.agent.accept_lost_checkpoints:
+            log.warning("%s; going on from %s (agent.accept_lost_checkpoints)", problem, start)
+            return
+        raise CLAgentError(
+            f"{problem}. Restore {CHECKPOINT_DIR}/exp-{self.trained_through:06d}.pt from a backup; or, to go on from "
+            f"{start} anyway (what came after it is not trained again), start once with "
+            "--set agent.accept_lost_checkpoints=true"
+        )
+
     def _restore(self) -> None:
         for stale in self.workdir.glob(f"{EXPORT_TEMP_PREFIX}*"):  # left by an export that a crash interrupted
             shutil.rmtree(stale, ignore_errors=True)
         checkpoints = self._checkpoints()
+        self._check_checkpoints_cover(checkpoints[-1][0] if checkpoints else None)
         if not checkpoints:
             return
         self.last_trained, path = checkpoints[-1]
@@ -349,11 +422,13 @@ class Updater:
                 "metrics": metrics,
                 "export": _jsonable(parity),
                 "backbone": model.backbone,
+                "agent_id": self.agent_id,
             }
             optimized = None
             if optimized_path is not None and optimized_path.is_file():
                 optimized = OptimizedModel(optimized_path, runtime_environment())
-            version = self.repository.publish(onnx_path, manifest, optimized)
+            version = self.repository.publish(onnx_path, manifest, optimized, after=self.last_version or 0)
+        self.last_version = version
         if self.announcer is not None:
             sha = self.repository.load_manifest(version)["sha256"]
             self.announcer.announce(self.cfg.agent.model_name, version, sha)

@@ -1,0 +1,78 @@
+"""What an operator does to a working directory or a repository between runs, and what the trainer makes of it."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent_harness import tiny_agent_config
+from cl_agent.errors import CLAgentError
+from cl_agent.repository import ModelRepository
+from cl_agent.status import read_experience_records
+from cl_agent.updater import AGENT_ID_FILE, Updater
+from test_updater import ingest_experiences
+
+
+def _trained(tmp_path, class_sets, **extra):
+    """A working directory whose experiences were each trained and published (shorten: one per update)."""
+    cfg, _ = tiny_agent_config(tmp_path, **{"agent.backlog_policy": "shorten", "repository.announce_endpoint": "", **extra})
+    ingest_experiences(cfg, class_sets)
+    updater = Updater(cfg)
+    try:
+        while updater.run_once() is not None:
+            pass
+    finally:
+        updater.close()
+    return cfg
+
+
+def test_a_deleted_newest_checkpoint_stops_the_start_and_the_flag_goes_on_from_the_older_one(tmp_path, caplog):
+    cfg = _trained(tmp_path, [[0, 1], [1, 2]])
+    checkpoints = tmp_path / "agent" / "checkpoints"
+    (checkpoints / "exp-000001.pt").unlink()
+    with pytest.raises(CLAgentError, match=r"experiences up to 1 were trained .* the newest checkpoint is of experience 0 .* "
+                                           r"Restore checkpoints/exp-000001.pt .* agent.accept_lost_checkpoints=true"):
+        Updater(cfg)
+    cfg.agent.accept_lost_checkpoints = True
+    with caplog.at_level("WARNING", logger="cl_agent.updater"):
+        updater = Updater(cfg)
+    updater.close()
+    assert updater.last_trained == 0 and "going on from the checkpoint of experience 0" in caplog.text
+
+
+def test_all_checkpoints_deleted_stops_the_start_instead_of_publishing_an_untrained_model(tmp_path):
+    cfg = _trained(tmp_path, [[0, 1]])
+    for path in (tmp_path / "agent" / "checkpoints").iterdir():
+        path.unlink()
+    with pytest.raises(CLAgentError, match="there is no checkpoint .* go on from an untrained model"):
+        Updater(cfg)
+    assert ModelRepository(cfg.repository.root, cfg.agent.model_name).versions() == [1]  # nothing published meanwhile
+
+
+def test_another_agent_cannot_publish_into_the_same_model(tmp_path):
+    first = _trained(tmp_path / "a", [[0, 1]])
+    assert ModelRepository(first.repository.root, "student").load_manifest(1)["agent_id"] == \
+        (tmp_path / "a" / "agent" / AGENT_ID_FILE).read_text().strip()
+    second, _ = tiny_agent_config(tmp_path / "b", **{"repository.root": first.repository.root, "repository.announce_endpoint": ""})
+    with pytest.raises(CLAgentError, match="published by another agent .* own agent.model_name or repository.root"):
+        Updater(second)
+    second.agent.model_name = "student-b"  # its own model: fine
+    Updater(second).close()
+    # Taking over on purpose: the working directory carries the other agent's identity.
+    second.agent.model_name = "student"
+    (tmp_path / "b" / "agent" / AGENT_ID_FILE).write_text((tmp_path / "a" / "agent" / AGENT_ID_FILE).read_text())
+    Updater(second).close()
+
+
+def test_version_numbers_do_not_come_back_after_the_repository_folder_is_deleted(tmp_path):
+    import shutil
+
+    cfg = _trained(tmp_path, [[0, 1], [1, 2]])
+    assert [r["version"] for r in read_experience_records(cfg.agent.workdir)] == [1, 2]
+    shutil.rmtree(cfg.repository.root)
+    ingest_experiences(cfg, [[2, 3]])
+    updater = Updater(cfg)  # the repository lost the checkpoint's version: exported again, as 3 (1 was another model)
+    try:
+        result = updater.run_once()
+    finally:
+        updater.close()
+    assert result.version == 4 and ModelRepository(cfg.repository.root, "student").versions() == [3, 4]
