@@ -129,14 +129,21 @@ def _server_main(cfg: AgentConfig, parent_pid: int, to_stderr: bool = True, repo
 # --------------------------------------------------------------------------- the agent
 
 
+def install_stop_handlers(stop_requested: threading.Event) -> None:
+    """SIGINT and SIGTERM set ``stop_requested`` (a clean stop, exit 0) instead of killing the process."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop_requested.set())
+
+
 class Agent:
-    def __init__(self, cfg: AgentConfig, view=None):
+    def __init__(self, cfg: AgentConfig, view=None, stop_requested: threading.Event | None = None):
+        """``stop_requested``: an event the caller's signal handlers already set (see ``run_agent``)."""
         self.cfg = cfg
         self.view = view  # cl_agent.console.LiveView, or None
         self.children_log_to_stderr = not (view is not None and view.tty)
         self.workdir = Path(cfg.agent.workdir)
         self.ctx = mp.get_context("spawn")
-        self.stop_requested = threading.Event()
+        self.stop_requested = stop_requested if stop_requested is not None else threading.Event()
         self.trainer: mp.Process | None = None
         self.server: mp.Process | None = None
         self.server_report = None  # read end of the hosted server's pipe (see _server_main)
@@ -240,6 +247,8 @@ class Agent:
         from cl_agent.status import initial_state, records_backwards, write_state
 
         cfg = self.cfg
+        # First: a stop asked for during the start-up (which takes seconds) is a clean stop, not exit 143.
+        install_stop_handlers(self.stop_requested)
         self._lock()
         save_resolved(cfg, self.workdir / RESOLVED_CONFIG)
         metrics = AgentMetrics()
@@ -257,21 +266,21 @@ class Agent:
         log.info("working directory %s, model repository %s (model %r)", self.workdir.resolve(),
                  Path(cfg.repository.root).resolve(), cfg.agent.model_name)
         log.info("ingest listening: %s", ", ".join(f"{k}={v}" for k, v in ingest.endpoints.items()))
-        self._start_fetch_service()
-        self._start_trainer()
-        if cfg.agent.host_server:
+        starting = not self.stop_requested.is_set()  # else stopped during the start-up: start no children
+        if starting:
+            self._start_fetch_service()
+            self._start_trainer()
+        if starting and cfg.agent.host_server:
             self._start_server()
         view = self.view
         if view is not None and state["model_version"] is not None:
             view.update({"published_version": state["model_version"]})
-        if cfg.agent.host_server:
+        if starting and cfg.agent.host_server:
             self.served_watch = threading.Thread(
                 target=self._watch_served_version, args=(state, metrics, view), name="served-version", daemon=True
             )
             self.served_watch.start()
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: self.stop_requested.set())
         last_state = 0.0
         code = 0
         try:
@@ -445,6 +454,8 @@ def _rate_counters(counters: dict) -> dict:
 
 
 def run_agent(cfg: AgentConfig) -> int:
+    stop_requested = threading.Event()
+    install_stop_handlers(stop_requested)  # before the slow imports and start-up: SIGTERM then stops cleanly (exit 0)
     from cl_agent.console import LiveView
     from cl_agent.distributed import check_agent_nproc
     from cl_agent.logs import setup_logging
@@ -459,4 +470,4 @@ def run_agent(cfg: AgentConfig) -> int:
     setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "agent.log", stream=stream,
                   max_bytes=cfg.agent.log_max_bytes, backups=cfg.agent.log_backups)
     quiet_libraries()
-    return Agent(cfg, view).run()
+    return Agent(cfg, view, stop_requested).run()
