@@ -31,6 +31,7 @@ log = logging.getLogger("cl_agent.agent")
 
 LOCK_FILE = "agent.lock"
 RESOLVED_CONFIG = "config.yaml"
+SERVER_UP_S = 10.0  # a restarted hosted server alive this long counts as running when nothing asks it
 
 
 # --------------------------------------------------------------------------- child processes
@@ -106,23 +107,32 @@ def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to
 
 
 def _server_main(cfg: AgentConfig, parent_pid: int, to_stderr: bool = True, report=None) -> None:
-    """The hosted server. Exit 1 when a restart may help (serve.endpoint taken, say), 2 with the
-    reason sent on ``report`` when the configuration cannot work (a provider that is not installed)."""
+    """The hosted server. Exit 1 when a restart may help (serve.endpoint taken, say), 2 when the
+    configuration cannot work (a provider that is not installed); either way the reason is sent on
+    ``report`` (the agent shows it in state.json and ``cl-agent status``)."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from cl_agent.server import serve_forever
+
+    def tell(reason: str) -> None:
+        if report is not None:
+            report.send(reason)
 
     _child_logging(cfg, "server.log", to_stderr)
     try:
         code = serve_forever(cfg)
     except BusyError as error:  # one line, not a traceback per restart
         log.error("server cannot run: %s", error)
+        tell(str(error))
         code = 1
     except CLAgentError as error:
         log.error("server cannot run: %s", error)
-        if report is not None:
-            report.send(str(error))
+        tell(str(error))
         code = 2
+    except Exception as error:  # noqa: BLE001 - logged with its traceback; the parent restarts the server
+        log.exception("server failed")
+        tell(f"{type(error).__name__}: {error}")
+        code = 1
     raise SystemExit(code)
 
 
@@ -154,6 +164,7 @@ class Agent:
         self.trainer_restarts = 0
         self.exit_code = 0  # set when the agent stops itself on a failure
         self.server_restarts = 0
+        self._server_started = 0.0  # monotonic time the running server process was started
         self._restart_at: dict[str, float] = {}  # child name -> monotonic time of its scheduled restart
         self._lock_file = None
 
@@ -192,6 +203,9 @@ class Agent:
                     version = client.status().get("model_version")
                 except CLAgentError:
                     continue  # starting, restarting or busy: try again next time
+                if state.get("server_failure") is not None and self.server is not None and self.server.is_alive():
+                    state["server_failure"] = None  # it runs again
+                    log.info("hosted server running again (after %d restarts)", self.server_restarts)
                 if version is not None and version != state.get("served_version"):
                     state["served_version"] = version
                     metrics.set_served_version(version)
@@ -219,7 +233,10 @@ class Agent:
         receive.close()  # the child has its own copy: EOF here means the parent is gone
 
     def _start_server(self) -> None:
-        self.server_report, report = self.ctx.Pipe(duplex=False)  # why it cannot run, when it exits with 2
+        if self.server_report is not None:  # the previous process's pipe: read already (see _server_exit_reason)
+            self.server_report.close()
+        self.server_report, report = self.ctx.Pipe(duplex=False)  # why it cannot run, sent before it exits
+        self._server_started = time.monotonic()
         self.server = self.ctx.Process(
             target=_server_main, args=(self.cfg, os.getpid(), self.children_log_to_stderr, report), name="cl-agent-server"
         )
@@ -270,6 +287,8 @@ class Agent:
         if starting:
             self._start_fetch_service()
             self._start_trainer()
+        if cfg.agent.host_server:
+            state.update(server_restarts=0, server_failure=None)
         if starting and cfg.agent.host_server:
             self._start_server()
         view = self.view
@@ -389,21 +408,42 @@ class Agent:
             log.error("trainer exited with code %s; restarting in %.0f s", self.trainer.exitcode, pause)
             self._restart_at["trainer"] = now + pause
         if self.server is not None and not self.server.is_alive() and "server" not in self._restart_at:
+            reason = self._server_exit_reason()
             if self.server.exitcode == 2:  # its configuration: a restart would fail the same way
-                reason = self.server_report.recv() if self.server_report.poll() else "see server.log"
                 state["stop_error"] = f"hosted server cannot run: {reason}"
                 log.error("%s; stopping (restarting it would fail the same way)", state["stop_error"])
                 self.exit_code = 2
                 self.stop_requested.set()
                 return
             self.server_restarts += 1
+            state["server_restarts"] = self.server_restarts
+            state["server_failure"] = reason
             pause = min(30.0, 2.0 ** (self.server_restarts - 1))
-            log.error("server exited with code %s; restarting in %.0f s", self.server.exitcode, pause)
+            log.error("server exited with code %s (%s); restarting in %.0f s", self.server.exitcode, reason, pause)
             self._restart_at["server"] = now + pause
+        elif (
+            state.get("server_failure") is not None
+            and self.server is not None
+            and (self.served_watch is None or not self.served_watch.is_alive())
+            and now - self._server_started >= SERVER_UP_S
+        ):  # no watch to hear it answer (a random serve.endpoint port): up for a while counts as running
+            state["server_failure"] = None
         for name, start in (("trainer", self._start_trainer), ("server", self._start_server)):
             if name in self._restart_at and now >= self._restart_at[name]:
                 del self._restart_at[name]
                 start()
+
+    def _server_exit_reason(self) -> str:
+        """What the dead server process sent before it exited, else its exit code."""
+        try:
+            if self.server_report is not None and self.server_report.poll():
+                return str(self.server_report.recv())
+        except (EOFError, OSError):  # it exited without sending (killed, or a crash in the interpreter)
+            pass
+        code = self.server.exitcode
+        if code is not None and code < 0:
+            return f"killed by signal {signal.Signals(-code).name} (see server.log)"
+        return f"exited with code {code} (see server.log)"
 
     def _shutdown(self, ingest, state: dict, view, metrics, metrics_server) -> None:
         """Stop taking work, let the trainer abandon its update at the next step, close everything."""

@@ -46,6 +46,9 @@ STATE_KEYS = (
     "metrics_port",  # int | null: port of the /metrics endpoint
 )
 STATUS_VALUES = ("running", "stopped")
+# Keys a state.json holds only when the agent hosts the server (agent.host_server):
+#   "server_restarts"  int: times the hosted server exited and was restarted since the agent started
+#   "server_failure"   str | null: why it last exited, while it is down or restarting; null once it runs again
 
 # Keys every experiences.jsonl record holds (more may be added).
 EXPERIENCE_KEYS = (
@@ -406,6 +409,15 @@ def _warn(messages: list[str]) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
+def _hosted_server_row(state: Mapping) -> list[tuple[str, str]]:
+    """One row while a running agent's hosted server is down and being restarted, else none."""
+    failure = state.get("server_failure")
+    if not failure or state.get("status") != "running":
+        return []
+    restarts = state.get("server_restarts") or 0
+    return [("hosted server", f"restarting ({restarts} restart{'s' if restarts != 1 else ''}; last: {failure})")]
+
+
 def print_status(workdir: Path) -> int:
     """Print an agent's state from its working directory; exit code 0. CLAgentError if there is no agent there."""
     workdir = _check_workdir(workdir)
@@ -437,6 +449,7 @@ def print_status(workdir: Path) -> int:
             ("pending", f"{state.get('pending_experiences', 0)} experience(s) waiting to be trained"),
             ("model version", _or_none(state.get("model_version"))),
             ("served version", _or_none(state.get("served_version"))),
+            *_hosted_server_row(state),
             ("metrics", _or_none(state.get("metrics_port"), f"http://{metrics_host}:{{}}/metrics")),
         ]
     if records:
