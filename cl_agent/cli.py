@@ -49,9 +49,11 @@ app = command_group(
 models_app = command_group("Inspect and roll back versions in a model repository.")
 bench_app = command_group("Benchmarks: the CIR learning benchmark and result comparison.")
 keys_app = command_group("CURVE key management for authenticated endpoints.")
+labels_app = command_group("The class-name map of an agent's working directory (labels.json).")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(keys_app, name="keys")
+app.add_typer(labels_app, name="labels")
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -194,6 +196,33 @@ def status(workdir: Annotated[Path, typer.Option(help="The agent's working direc
     except CLAgentError as e:
         fail(str(e))
     raise typer.Exit(code)
+
+
+@labels_app.command("restore")
+def labels_restore(
+    workdir: Annotated[Path, typer.Option(help="The agent's working directory (labels.json is written there).")] = Path("runs/agent"),
+    repo: RepoOpt = Path("runs/models"),
+    model: ModelOpt = "student",
+    version: Annotated[Optional[int], typer.Option(help="Version whose class_names to use (default: the newest).")] = None,
+) -> None:
+    """Rebuild a lost labels.json from a published version's manifest (its class_names, in output order)."""
+    from cl_agent.labels import highest_stored_class_id, restore_labels
+    from cl_agent.repository import ModelRepository, check_repo_option
+
+    try:
+        if not workdir.is_dir():
+            raise CLAgentError(f"--workdir {workdir} is not a folder")
+        check_repo_option(repo)
+        repository = ModelRepository(repo, model)
+        if version is None:
+            version = repository.latest_version()
+            if version is None:
+                raise CLAgentError(f"no versions of {model!r} in {repo}: restore labels.json from a backup instead")
+        manifest = repository.load_manifest(version)
+        notes = restore_labels(workdir, manifest["class_names"], highest_stored_class_id(workdir), f"version {version}")
+    except CLAgentError as e:
+        fail(str(e))
+    typer.echo(f"wrote {workdir / 'labels.json'}: " + "; ".join(notes))
 
 
 @app.command()

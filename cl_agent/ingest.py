@@ -233,9 +233,9 @@ class IngestService:
         raise CLAgentError(
             f"{path} {state}, but {where}: starting would give new class names the ids of classes "
             f"already trained. Restore labels.json from a backup, or rebuild it from the newest "
-            f"published version's manifest (`cl-agent models show` prints its class_names in output "
-            f'order; write them as {{"names": [...]}}); to start over instead, move the working '
-            f"directory away"
+            f"published version's manifest: `cl-agent labels restore --workdir {self.workdir} --repo "
+            f"REPOSITORY_ROOT` (`cl-agent models show` prints that manifest, class_names in output "
+            f"order); to start over instead, move the working directory away"
         )
 
     def _setup(self) -> None:

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from cl_agent.errors import CLAgentError
 from cl_agent.storage import atomic_write_text
 
 log = logging.getLogger("cl_agent.labels")
@@ -130,5 +131,65 @@ class LabelMap:
         self.save()
         return [self._ids[lab] if isinstance(lab, str) else int(lab) for lab in labels]
 
+    def _replace(self, names: Sequence[str]) -> None:
+        """The whole map, as rebuilt by ``restore_labels``; saved."""
+        self._names, self._ids, self._folded = [], {}, {}
+        for name in names:
+            self._add(name)
+        self.save()
+
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps({"names": self._names}, indent=0))
+
+
+def names_from_manifest(class_names: Sequence[str]) -> list[str]:
+    """A published version's ``class_names`` (one per model output) as a label map: the trailing
+    outputs no class was given yet carry their index as a placeholder name and are left out, so
+    new class names take them again."""
+    names = list(class_names)
+    while names and names[-1] == str(len(names) - 1):
+        names.pop()
+    return names
+
+
+def restore_labels(workdir: str | Path, class_names: Sequence[str], highest_stored_id: int, source: str) -> list[str]:
+    """Write ``workdir/labels.json`` from a published version's ``class_names``; the notes to print.
+
+    Refuses to replace a map that holds names. Classes stored in experiences above the names
+    the version knows (added after it was published) get placeholder names (their ids), and a
+    note says so: their real names only a backup has.
+    """
+    path = Path(workdir) / "labels.json"
+    if path.exists():
+        try:
+            held = LabelMap(path, 0).names
+        except (OSError, UnicodeDecodeError, ValueError):
+            held = []  # damaged: replacing it is what the restore is for
+        if held:
+            raise CLAgentError(f"{path} already holds {len(held)} class names; move it away first to rebuild it")
+    names = names_from_manifest(class_names)
+    notes = [f"{len(names)} class names from {source}"]
+    if highest_stored_id >= len(names):
+        notes.append(
+            f"the stored experiences use class ids up to {highest_stored_id}, past the {len(names)} names of {source}: "
+            f"ids {len(names)}..{highest_stored_id} were added after it was published and are named by their ids now "
+            f"(rename them in {path.name} from a backup or your records if you know them)"
+        )
+        names += [str(i) for i in range(len(names), highest_stored_id + 1)]
+    LabelMap(path, 0)._replace(names)
+    return notes
+
+
+def highest_stored_class_id(workdir: str | Path) -> int:
+    """The highest class id in the cut experiences and the open spool segment; -1 if none."""
+    from cl_agent.experience import ExperienceStore
+    from cl_agent.spool import read_records, segment_name
+
+    store = ExperienceStore(workdir)
+    cut = store.indices()
+    highest = max((max(store.meta(i).get("classes") or [-1]) for i in cut), default=-1)
+    open_segment = Path(workdir) / "spool" / segment_name(cut[-1] + 1 if cut else 0)
+    if open_segment.exists():
+        for _, record in read_records(open_segment):
+            highest = max(highest, *record.labels, -1)
+    return highest

@@ -31,7 +31,7 @@ def test_a_lost_labels_json_refuses_the_start_when_experiences_hold_labels(tmp_p
         make_service(tmp_path).start()
     message = str(refused.value)
     assert "labels.json" in message and "experience 0" in message
-    assert "backup" in message and "cl-agent models show" in message and "class_names" in message
+    assert "backup" in message and "cl-agent labels restore" in message and "class_names" in message
     assert not path.exists() or json.loads(path.read_text()) == {"names": []}  # nothing written over it
 
 
@@ -43,6 +43,9 @@ def test_a_lost_labels_json_refuses_the_start_when_the_open_experience_holds_lab
     (tmp_path / "labels.json").unlink()
     with pytest.raises(CLAgentError, match="labels.json is missing, but the open experience 0 holds 2 labeled"):
         make_service(tmp_path).start()
+    from cl_agent.labels import highest_stored_class_id
+
+    assert highest_stored_class_id(tmp_path) == 1  # read from the open spool segment
 
 
 def test_restored_labels_json_starts_and_keeps_the_ids(tmp_path):
@@ -80,3 +83,54 @@ def test_names_differing_only_in_case_are_kept_apart_with_one_warning_each(tmp_p
     assert "'CIRCLE'" in warnings[0] and "'Circle'" in warnings[0]
     assert "'circle'" in warnings[1] and "'Circle'" in warnings[1]
     assert LabelMap(tmp_path / "labels.json", 10).names == ["Circle", "square", "CIRCLE", "circle"]
+
+
+def _publish(tmp_path, class_names) -> None:
+    from cl_agent.repository import ModelRepository
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not read here")
+    ModelRepository(tmp_path / "models", "student").publish(
+        model, {"class_names": class_names, "image_size": 16, "experience_index": 0}
+    )
+
+
+def _restore(*args: str):
+    from typer.testing import CliRunner
+
+    from cl_agent.cli import app
+
+    return CliRunner().invoke(app, ["labels", "restore", *args])
+
+
+def test_labels_restore_rebuilds_the_map_from_the_newest_manifest_and_the_start_succeeds(tmp_path):
+    workdir = tmp_path / "agent"
+    _ingest_one_experience(workdir, labels=("circle", "square", "circle"))
+    (workdir / "labels.json").unlink()
+    _publish(tmp_path, ["circle", "square", "2", "3"])  # outputs 2 and 3 unused yet: placeholders
+    result = _restore("--workdir", str(workdir), "--repo", str(tmp_path / "models"))
+    assert result.exit_code == 0, result.output
+    assert "2 class names from version 1" in result.output
+    assert json.loads((workdir / "labels.json").read_text()) == {"names": ["circle", "square"]}
+    with make_service(workdir) as service:
+        assert service.labels.ids_for(["square", "triangle"]) == [1, 2]
+
+    again = _restore("--workdir", str(workdir), "--repo", str(tmp_path / "models"))
+    assert again.exit_code == 2 and "already holds 3 class names" in again.output
+
+
+def test_labels_restore_names_classes_added_after_the_version_by_their_ids(tmp_path):
+    workdir = tmp_path / "agent"
+    _ingest_one_experience(workdir, labels=("circle", "square", "star"))
+    (workdir / "labels.json").unlink()
+    _publish(tmp_path, ["circle", "square", "2"])  # published before "star" arrived
+    result = _restore("--workdir", str(workdir), "--repo", str(tmp_path / "models"))
+    assert result.exit_code == 0, result.output
+    assert "ids 2..2 were added after it was published" in result.output
+    assert json.loads((workdir / "labels.json").read_text()) == {"names": ["circle", "square", "2"]}
+
+
+def test_labels_restore_without_versions_says_to_use_a_backup(tmp_path):
+    (tmp_path / "models").mkdir()
+    result = _restore("--workdir", str(tmp_path), "--repo", str(tmp_path / "models"))
+    assert result.exit_code == 2 and "backup" in result.output
