@@ -165,6 +165,7 @@ class Agent:
         self.exit_code = 0  # set when the agent stops itself on a failure
         self.server_restarts = 0
         self._server_started = 0.0  # monotonic time the running server process was started
+        self._server_answered = 0.0  # monotonic time the served-version watch last got an answer
         self._restart_at: dict[str, float] = {}  # child name -> monotonic time of its scheduled restart
         self._lock_file = None
 
@@ -203,9 +204,7 @@ class Agent:
                     version = client.status().get("model_version")
                 except CLAgentError:
                     continue  # starting, restarting or busy: try again next time
-                if state.get("server_failure") is not None and self.server is not None and self.server.is_alive():
-                    state["server_failure"] = None  # it runs again
-                    log.info("hosted server running again (after %d restarts)", self.server_restarts)
+                self._server_answered = time.monotonic()  # _supervise clears server_failure if it is the new process
                 if version is not None and version != state.get("served_version"):
                     state["served_version"] = version
                     metrics.set_served_version(version)
@@ -421,13 +420,11 @@ class Agent:
             pause = min(30.0, 2.0 ** (self.server_restarts - 1))
             log.error("server exited with code %s (%s); restarting in %.0f s", self.server.exitcode, reason, pause)
             self._restart_at["server"] = now + pause
-        elif (
-            state.get("server_failure") is not None
-            and self.server is not None
-            and (self.served_watch is None or not self.served_watch.is_alive())
-            and now - self._server_started >= SERVER_UP_S
-        ):  # no watch to hear it answer (a random serve.endpoint port): up for a while counts as running
-            state["server_failure"] = None
+        elif state.get("server_failure") is not None and self.server is not None and self.server.is_alive():
+            unwatched = self.served_watch is None or not self.served_watch.is_alive()  # a random serve.endpoint port
+            if self._server_answered > self._server_started or (unwatched and now - self._server_started >= SERVER_UP_S):
+                state["server_failure"] = None  # it runs again (or, unwatched, has been up a while)
+                log.info("hosted server running again (after %d restarts)", self.server_restarts)
         for name, start in (("trainer", self._start_trainer), ("server", self._start_server)):
             if name in self._restart_at and now >= self._restart_at[name]:
                 del self._restart_at[name]
