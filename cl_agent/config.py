@@ -53,7 +53,7 @@ class AgentSection:
     model_name: str = "student"  # name of the model in the repository
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N"
     seed: int = 0  # seed for sampling, augmentation and initialisation
-    grace_period_s: float = field(default=30.0, metadata=_range(gt=0))  # SIGTERM: time to checkpoint and exit
+    grace_period_s: float = field(default=30.0, metadata=_range(gt=0))  # SIGTERM: time the trainer and server get to exit (training stops at its next step; a checkpoint, export or publish under way finishes)
     log_json: bool = False  # structured JSON-lines logs instead of plain text
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # minimum log level
     log_max_bytes: int = field(default=100_000_000, metadata=_range(ge=0))  # each log file in the workdir is rotated past this size (0 = never)
