@@ -213,12 +213,7 @@ def labels_restore(
         if not workdir.is_dir():
             raise CLAgentError(f"--workdir {workdir} is not a folder")
         check_repo_option(repo)
-        repository = ModelRepository(repo, model)
-        if version is None:
-            version = repository.latest_version()
-            if version is None:
-                raise CLAgentError(f"no versions of {model!r} in {repo}: restore labels.json from a backup instead")
-        manifest = repository.load_manifest(version)
+        version, manifest = ModelRepository(repo, model).chosen_manifest(version, ": restore labels.json from a backup instead")
         notes = restore_labels(workdir, manifest["class_names"], highest_stored_class_id(workdir), f"version {version}")
     except CLAgentError as e:
         fail(str(e))

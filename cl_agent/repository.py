@@ -246,6 +246,16 @@ class ModelRepository:
     def model_path(self, version: int) -> Path:
         return self.version_dir(version) / MODEL_FILE
 
+    def chosen_manifest(self, version: int | None, none_hint: str = "") -> tuple[int, dict]:
+        """(version, its manifest) for ``version``, the newest when None; CLAgentError if there is none.
+
+        ``none_hint``: appended to the error when the repository holds no version (what to do instead)."""
+        if version is None:
+            version = self.latest_version()
+            if version is None:
+                raise CLAgentError(f"no versions of {self.model_name!r} in {self.root}{none_hint}")
+        return version, self.load_manifest(version)
+
     def load_manifest(self, version: int) -> dict:
         path = self.version_dir(version) / MANIFEST_FILE
         try:
@@ -553,12 +563,8 @@ def print_manifest(repo: str | os.PathLike, model: str, version: int | None) -> 
     import typer
 
     check_repo_option(repo)
-    repository = ModelRepository(repo, model)
-    if version is None:
-        version = repository.latest_version()
-        if version is None:
-            raise CLAgentError(f"no versions of {model!r} in {repo}")
-    typer.echo(json.dumps(repository.load_manifest(version), indent=2, sort_keys=True))
+    _, manifest = ModelRepository(repo, model).chosen_manifest(version)
+    typer.echo(json.dumps(manifest, indent=2, sort_keys=True))
     return 0
 
 

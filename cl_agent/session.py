@@ -71,8 +71,11 @@ class LoadedModel:
 GPU_SWITCH = "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps 'onnxruntime-gpu>=1.18'"
 
 
-def runtime_packages() -> list[str]:
-    """The installed distributions that provide the ``onnxruntime`` module (exactly one is right)."""
+@functools.lru_cache(maxsize=1)
+def runtime_packages() -> tuple[str, ...]:
+    """The installed distributions that provide the ``onnxruntime`` module (exactly one is right).
+
+    Read from the package metadata once per process: ``choose_providers`` runs at every version load."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = []
@@ -82,7 +85,7 @@ def runtime_packages() -> list[str]:
         except PackageNotFoundError:
             continue
         found.append(name)
-    return found
+    return tuple(found)
 
 
 def choose_providers(requested: list[str]) -> list[str]:

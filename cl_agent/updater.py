@@ -141,10 +141,10 @@ class Updater:
         self.last_trained = -1
         self.agent_id = agent_id(self.workdir)
         self._check_repository_owner()
-        self.trained_through, self.last_version = newest_trained(self.workdir)
+        trained_through, self.last_version = newest_trained(self.workdir)
         self.announcer = self._open_announcer()
         self.recovered: UpdateResult | None = None  # an update that a crash cut short and _restore completed
-        self._restore()
+        self._restore(trained_through)
 
     def _open_announcer(self) -> Announcer | None:
         """The PUB socket for version announcements; None when announcing is off (empty endpoint) or the bind fails."""
@@ -210,31 +210,31 @@ class Updater:
                 indices.append(index)
         return max(indices, default=None)
 
-    def _check_checkpoints_cover(self, newest: int | None) -> None:
+    def _check_checkpoints_cover(self, trained_through: int | None, newest: int | None) -> None:
         """Refuse to start from an older model than the records say was trained (a checkpoint deleted by
         hand): it would be published as the next version, and what it lacks would never be trained again."""
-        if self.trained_through is None or (newest is not None and newest >= self.trained_through):
+        if trained_through is None or (newest is not None and newest >= trained_through):
             return
         have = f"the newest checkpoint is of experience {newest}" if newest is not None else "there is no checkpoint"
         start = f"the checkpoint of experience {newest}" if newest is not None else "an untrained model"
         problem = (
-            f"experiences up to {self.trained_through} were trained ({self.workdir / 'experiences.jsonl'}), but {have} "
+            f"experiences up to {trained_through} were trained ({self.workdir / 'experiences.jsonl'}), but {have} "
             f"in {self.checkpoint_dir}: the model that learned them is missing"
         )
         if self.cfg.agent.accept_lost_checkpoints:
             log.warning("%s; going on from %s (agent.accept_lost_checkpoints)", problem, start)
             return
         raise CLAgentError(
-            f"{problem}. Restore {CHECKPOINT_DIR}/exp-{self.trained_through:06d}.pt from a backup; or, to go on from "
+            f"{problem}. Restore {CHECKPOINT_DIR}/exp-{trained_through:06d}.pt from a backup; or, to go on from "
             f"{start} anyway (what came after it is not trained again), start once with "
             "--set agent.accept_lost_checkpoints=true"
         )
 
-    def _restore(self) -> None:
+    def _restore(self, trained_through: int | None) -> None:
         for stale in self.workdir.glob(f"{EXPORT_TEMP_PREFIX}*"):  # left by an export that a crash interrupted
             shutil.rmtree(stale, ignore_errors=True)
         checkpoints = self._checkpoints()
-        self._check_checkpoints_cover(checkpoints[-1][0] if checkpoints else None)
+        self._check_checkpoints_cover(trained_through, checkpoints[-1][0] if checkpoints else None)
         if not checkpoints:
             return
         self.last_trained, path = checkpoints[-1]
