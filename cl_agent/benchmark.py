@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import time
@@ -74,10 +73,10 @@ def forgetting(per_class_history: list[list], classes: set[int]) -> float | None
 
 
 def streamed_steps(train: TrainSection, labeled_counts: list[int]) -> int:
-    """Optimizer steps of the streamed run: sum over t of epochs(t) * ceil(N_t / labeled_batch), as the Trainer plans them."""
-    from cl_agent.method import epochs_for
+    """Optimizer steps of the streamed run: sum over t of epochs(t) * steps_per_epoch(N_t), as the Trainer plans them."""
+    from cl_agent.method import epochs_for, steps_per_epoch
 
-    return sum(epochs_for(train, t) * math.ceil(n / train.labeled_batch) for t, n in enumerate(labeled_counts))
+    return sum(epochs_for(train, t) * steps_per_epoch(n, train.labeled_batch) for t, n in enumerate(labeled_counts))
 
 
 def device_description(device: str) -> str:

@@ -172,10 +172,10 @@ class ModelSection:
 @dataclass
 class TrainSection:
     method: str = "mlkd_ssl"  # mlkd_ssl, naive, lwf_unlabeled, joint, or an ablation (see docs/method.md)
-    labeled_batch: int = field(default=64, metadata=_range(ge=1))  # labeled images per step
+    labeled_batch: int = field(default=64, metadata=_range(ge=2))  # labeled images per step (>= 2: BatchNorm cannot train on one image)
     unlabeled_batch: int = field(default=100, metadata=_range(ge=0))  # unlabeled images per step (distillation)
     rotation_images: int = field(default=25, metadata=_range(ge=0))  # unlabeled images rotated 4 ways per step (SSL)
-    memory_batch: int = field(default=10, metadata=_range(ge=0))  # memory items replayed per step
+    memory_batch: int = field(default=10, metadata=_range(ge=0))  # memory items replayed per step (0 = no replay)
     memory_size: int = field(default=200, metadata=_range(ge=0))  # representation memory (feature, logits, label), no images
     lr: float = field(default=4e-4, metadata=_range(gt=0))  # Adam learning rate
     epochs_base: int = field(default=74, metadata=_range(ge=1))  # epochs(t) = max(epochs_min, epochs_base - t)
@@ -186,7 +186,7 @@ class TrainSection:
     snapshot_mode: Literal["frozen", "ema"] = "frozen"  # frozen snapshots, or the reference code's EMA-updated ones
     ce_ssl_factor: float = field(default=0.1, metadata=_range(ge=0))  # CE weight = 1 - ce_ssl_factor * ssl_weight(t)
     kd_feature_base: float = field(default=0.002, metadata=_range(ge=0))  # feature KD weight = kd_feature_base * (t + 1)
-    kd_logit_weight: float = field(default=0.1, metadata=_range(ge=0))  # logit distillation weight (unlabeled, t >= 1)
+    kd_logit_weight: float = field(default=0.1, metadata=_range(ge=0))  # logit distillation weight (unlabeled, t >= kd_unlabeled_start)
     kd_logit_kind: Literal["symmetry", "kl"] = "symmetry"  # ||A - A^T||^2/B + ||C - C^T||^2/K, or temperature KL
     kd_temperature: float = field(default=2.0, metadata=_range(gt=0))  # temperature for kd_logit_kind = kl
     ssl_base: float = field(default=0.5, metadata=_range(ge=0))  # ssl_weight(t) = ssl_base * ssl_decay^t
@@ -194,7 +194,7 @@ class TrainSection:
     memory_weight: float = field(default=0.4, metadata=_range(ge=0))  # replay loss weight (CE + KL to stored logits)
     margin_weight: float = field(default=0.0, metadata=_range(ge=0))  # optional X-DER margin constraint weight (0.01 in the reference)
     margin: float = field(default=0.1, metadata=_range(ge=0))  # X-DER margin
-    kd_unlabeled_start: int = field(default=1, metadata=_range(ge=0))  # first experience t with distillation on unlabeled data
+    kd_unlabeled_start: int = field(default=1, metadata=_range(ge=0))  # first experience t with distillation on unlabeled data (feature and logit KD; the reference: 1)
     lwf_weight: float = field(default=1.0, metadata=_range(ge=0))  # lwf_unlabeled: KL weight against the frozen previous model
     lwf_temperature: float = field(default=2.0, metadata=_range(gt=0))  # lwf_unlabeled: KL temperature
     ema_copy_classifier: bool = True  # EMA teachers take the student's classifier each step (reference) instead of averaging it
@@ -254,7 +254,7 @@ class ServeSection:
     poll_s: float = field(default=2.0, metadata=_range(gt=0))  # repository poll interval (fallback to announcements)
     metrics_port: int = field(default=0, metadata=_range(ge=0, le=65535))  # Prometheus /metrics of the serving process on metrics.host (0 = none)
     follow_fetch_endpoint: str = ""  # the agent's repository.fetch_endpoint: mirror its versions into this server's repository ("" = read the repository folder directly)
-    follow_announce_endpoint: str = ""  # the agent's announce endpoint when following; "" = the fetch endpoint's host with repository.announce_endpoint's port
+    follow_announce_endpoint: str = ""  # the agent's announce endpoint when following; "" = the one the agent reports (on the fetch endpoint's host), else this config's repository.announce_endpoint port
     follow_poll_s: float = field(default=5.0, metadata=_range(gt=0))  # when following: ask the agent for a newer version this often (fallback to announcements)
     follow_curve_secret_key: str = ""  # when following with CURVE: this server's secret key file (cl-agent keys make)
     follow_curve_server_key: str = ""  # when following with CURVE: the agent's public key file

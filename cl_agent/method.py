@@ -81,3 +81,9 @@ def loss_weights(method: Method, train: TrainSection, t: int) -> dict[str, float
 def epochs_for(train: TrainSection, t: int) -> int:
     """Epochs over the labeled data of experience t: max(epochs_min, epochs_base - t)."""
     return max(train.epochs_min, train.epochs_base - t)
+
+
+def steps_per_epoch(images: int, batch: int) -> int:
+    """Batches in one epoch over ``images`` labeled images: ceil(images / batch), one fewer when a single
+    image would be left over (it joins the last batch instead: BatchNorm needs two)."""
+    return -(-images // batch) - (1 if images > batch and images % batch == 1 else 0)

@@ -1,7 +1,8 @@
 """The trainer: turns an experience (labeled images + unlabeled frames) into an updated student.
 
 One step (``Trainer.step``) computes every loss term the configured method
-uses, from one student pass and one pass per teacher, and returns the terms.
+uses, from two student passes (distillation, rotation) and one pass per
+teacher over the distillation pass's images, and returns the terms.
 ``train_experience`` runs the schedule around it: class bookkeeping and teacher
 snapshots at the start, steps until the epoch schedule or the time budget is
 spent, the representation memory at the end.
@@ -27,7 +28,7 @@ from cl_agent.config import ModelSection, TrainSection, build
 from cl_agent.device import resolve_device, to_device
 from cl_agent.errors import CLAgentError
 from cl_agent.memory import Memory
-from cl_agent.method import LOSS_TERMS, epochs_for, get_method, loss_weights
+from cl_agent.method import LOSS_TERMS, epochs_for, get_method, loss_weights, steps_per_epoch
 from cl_agent.student import ROTATIONS, SeenClassMask, create_student
 from cl_agent.teacher import Teachers, gather_selected, select_teacher, teacher_outputs
 
@@ -68,23 +69,24 @@ class _InstanceOrClassMethod:
 class StudentPasses(torch.nn.Module):
     """The student's passes of one step as one forward, so that DistributedDataParallel sees them.
 
-    x (L + U + 4R, 3, S, S) -> features (L + U + 4R, D), logits (L, K), (U, K),
-    rotation logits (4R, 4) and replayed-memory logits (M, K); heads with no
-    rows give None (an unused head must not be in the graph under DDP).
+    x (L + U, 3, S, S) -> features (L + U, D), logits (L, K), (U, K); x_rotated
+    (4R, 3, S, S) in a pass of its own -> rotation logits (4R, 4); replayed
+    memory features (M, D) -> logits (M, K). The first pass holds exactly the
+    images the teachers see, so both normalise BN over the same batch. Heads with
+    no rows give None (an unused head must not be in the graph under DDP).
     """
 
     def __init__(self, student: torch.nn.Module, features: Callable):
         super().__init__()
         self.student, self.features = student, features  # features: student.forward_features, maybe compiled
 
-    def forward(self, x: torch.Tensor, n_l: int, n_u: int, replay_features: torch.Tensor | None):
-        feats = self.features(x)
-        head, n_r = self.student.forward_head, len(x) - n_l - n_u
+    def forward(self, x: torch.Tensor, n_l: int, x_rotated: torch.Tensor | None, replay_features: torch.Tensor | None):
+        feats, head = self.features(x), self.student.forward_head
         return (
             feats,
             head(feats[:n_l]).float(),
-            head(feats[n_l : n_l + n_u]).float() if n_u else None,
-            self.student.forward_rotation(feats[n_l + n_u :]).float() if n_r else None,
+            head(feats[n_l:]).float() if len(x) > n_l else None,
+            self.student.forward_rotation(self.features(x_rotated)).float() if x_rotated is not None else None,
             head(replay_features).float() if replay_features is not None else None,
         )
 
@@ -217,26 +219,27 @@ class Trainer:
 
         # augment once: the teachers see the student's views
         x_l = self._input(labeled)  # (L, 3, S, S)
-        x_u = self._input(unlabeled) if (distill_u or rotations) else None  # (U, 3, S, S)
+        x_u = self._input(unlabeled if distill_u else unlabeled[:rotations]) if (distill_u or rotations) else None  # (U or R, 3, S, S)
         x_r, y_r = rotate_four_ways(x_u[:rotations]) if rotations else (None, None)  # (4R, 3, S, S)
         n_l, n_u = len(x_l), (len(x_u) if distill_u else 0)
-        student_inputs = [x_l] + ([x_u] if n_u else []) + ([x_r] if rotations else [])
-        teacher_inputs = ([x_l] if distill_l else []) + ([x_u] if n_u else [])
+        x = torch.cat([x_l, x_u]) if n_u else x_l  # (L + U, 3, S, S): the student's distillation pass
+        # the teachers see that pass whole when they normalise BN over their batch (the student's batch); else what is distilled
+        n_tl = n_l if (distill_l or cfg.teacher_batch_statistics) else 0
+        teaching = distill_l or n_u > 0
 
-        # student: one pass over every image it learns from (+ replayed memory features); teachers: one pass each, no grad
-        replay = self.memory.sample(cfg.memory_batch, self.generator) if w["memory"] and len(self.memory) else None
+        # student: the distillation pass, the rotation pass, replayed memory features; teachers: one pass each, no grad
+        replaying = w["memory"] and cfg.memory_batch > 0 and len(self.memory) > 0
+        replay = self.memory.sample(cfg.memory_batch, self.generator) if replaying else None
         with self._autocast():
-            replayed = replay[0] if replay else None
-            feats, logits_l, logits_u, rot_logits, replay_logits = self.passes(torch.cat(student_inputs), n_l, n_u, replayed)
-            if teacher_inputs:
-                t_feats, t_logits = teacher_outputs(teachers, torch.cat(teacher_inputs), cfg.teacher_batch_statistics)
+            feats, logits_l, logits_u, rot_logits, replay_logits = self.passes(x, n_l, x_r, replay[0] if replay else None)
+            if teaching:
+                t_feats, t_logits = teacher_outputs(teachers, x[n_l - n_tl :], cfg.teacher_batch_statistics)
 
         terms = {}
         hidden = losses.ace_mask(labels, self.seen_mask, self.previous_mask) if self.method.masked_ce else None
         terms["ce"] = losses.masked_cross_entropy(logits_l, labels, hidden)
-        if teacher_inputs:
+        if teaching:
             t_logits = losses.apply_mask(t_logits.float(), self.unseen_mask)  # (T, L' + U, K)
-            n_tl = n_l if distill_l else 0
         if distill_l:
             pick = select_teacher(t_logits[:, :n_tl], labels)
             teacher_f = gather_selected(t_feats[:, :n_tl], pick).float()
@@ -341,8 +344,7 @@ class Trainer:
         self.begin_experience(labels)
         batch = self.train_config.labeled_batch
         epochs = epochs_for(self.train_config, t)
-        per_epoch = math.ceil(len(labeled) / batch) - (1 if len(labeled) > batch and len(labeled) % batch == 1 else 0)
-        planned = steps if steps is not None else epochs * per_epoch
+        planned = steps if steps is not None else epochs * steps_per_epoch(len(labeled), batch)
         sums = dict.fromkeys(["total", *LOSS_TERMS], 0.0)
         counts = dict.fromkeys(sums, 0)
         order, position, done, stopped = torch.empty(0, dtype=torch.long), 0, 0, False

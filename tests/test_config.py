@@ -230,7 +230,7 @@ def test_the_config_command_checks_the_backbone_and_warns_about_this_machine(tmp
     runner = CliRunner()
     bad = runner.invoke(app, ["config", "--set", "model.backbone=resnet_typo"])
     assert bad.exit_code == 2 and "model.backbone = 'resnet_typo': timm has no model" in bad.output
-    good = runner.invoke(app, ["config", "--set", "model.backbone=resnet18"])
+    good = runner.invoke(app, ["config", "--set", "model.backbone=resnet18", "--set", "train.time_budget_s=600"])  # no CPU-speed warning either
     assert good.exit_code == 0 and "warning" not in good.output and "backbone: resnet18" in good.output
     missing = [p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") if p not in onnxruntime.get_available_providers()]
     if torch.cuda.is_available() or not missing:
@@ -238,3 +238,11 @@ def test_the_config_command_checks_the_backbone_and_warns_about_this_machine(tmp
     warned = runner.invoke(app, ["config", "--set", "agent.device=cuda", "--set", f"serve.providers=[{missing[0]}]"])
     assert warned.exit_code == 0
     assert "agent.device = 'cuda', and CUDA is not available" in warned.output and f"{missing[0]} not installed" in warned.output
+
+
+def test_a_labeled_batch_of_one_image_is_refused_naming_the_key():
+    # BatchNorm cannot train on a batch of one image: the config stops it before the trainer crashes
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"train.labeled_batch": 1})
+    assert info.value.key == "train.labeled_batch" and ">= 2" in str(info.value)
+    assert load_config(None, {"train.labeled_batch": 2}).train.labeled_batch == 2

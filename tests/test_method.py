@@ -39,3 +39,17 @@ def test_unknown_method_lists_the_names():
     with pytest.raises(CLAgentError) as e:
         get_method("fancy")
     assert "fancy" in str(e.value) and all(name in str(e.value) for name in METHODS)
+
+
+def test_unlabeled_feature_and_logit_distillation_start_together_at_kd_unlabeled_start():
+    train, method = TrainSection(kd_unlabeled_start=2), get_method("mlkd_ssl")
+    for t in (0, 1):
+        assert loss_weights(method, train, t)["kd_feature_unlabeled"] == 0 and loss_weights(method, train, t)["kd_logit"] == 0
+    assert loss_weights(method, train, 2)["kd_feature_unlabeled"] > 0 and loss_weights(method, train, 2)["kd_logit"] > 0
+    assert loss_weights(method, TrainSection(kd_unlabeled_start=0), 0)["kd_logit"] > 0
+
+
+def test_steps_per_epoch_merges_a_single_leftover_image_into_the_last_batch():
+    from cl_agent.method import steps_per_epoch
+
+    assert [steps_per_epoch(n, 16) for n in (1, 2, 16, 17, 18, 32, 33, 34)] == [1, 1, 1, 1, 2, 2, 2, 3]

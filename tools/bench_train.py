@@ -3,10 +3,11 @@
 
 naive_step_s:    a plain cross-entropy step on `labeled_batch` labeled images.
 mlkd_ssl_step_s: a full method step at t = 2: 3 teachers (EMA + 2 snapshots),
-                 labeled + unlabeled + 4 x rotation images through the student,
+                 labeled + unlabeled images through the student (the batch the teachers
+                 see), the 4 x rotation images in a student pass of their own,
                  memory replay, EMA update, optimizer step.
 floor_step_s:    the student's forward+backward time per image x the images it must
-                 pass (64 + 100 + 100) + the forward time per image x the teachers'
+                 pass (64 + 100, then 100) + the forward time per image x the teachers'
                  images (3 x 164), both measured in this run at the same batch sizes.
 overhead:        mlkd_ssl_step_s / floor_step_s.
 
