@@ -45,6 +45,10 @@ CUT_FULL = "spool_full"  # the open experience alone filled the spool: only trai
 UNLABELED_FILE = "unlabeled.log"
 PRUNED_MARKER = "pruned"
 KEYS_SUMMARY = "keys.json"
+# The size limits a stored image is decoded under (decode_sample's default); the labeled intake checks
+# images against them too, so that an acked image is one the trainer decodes.
+STORED_IMAGE_LIMITS = WireSection()
+NAMED_DROPS = 5  # dropped labeled images named in the warning; the rest are counted
 
 
 class ExperiencePolicy:
@@ -74,13 +78,16 @@ class Sample:
     encoding: str
     shape: tuple[int, int, int]
     color: str = "rgb"
+    sender: str = ""  # of the message that carried it (a frame's source for unlabeled samples)
+    seq: int | None = None  # that message's seq (labeled samples only: an unlabeled record's seq is its draw index)
+    position: int = 0  # index of the image in its message
 
 
 def decode_sample(sample: Sample, image_size: int, limits: WireSection | None = None) -> np.ndarray:
     """Decode to uint8 (S, S, 3) RGB. Large JPEG/PNG images are decoded at a reduced scale when that still covers S."""
     import cv2
 
-    limits = limits or WireSection()
+    limits = limits or STORED_IMAGE_LIMITS
     if sample.encoding == "raw":
         image = decode_image(sample.payload, "raw", limits, shape=sample.shape, color=sample.color)
     else:
@@ -122,6 +129,7 @@ class Experience:
         labeled, labels = [], []
         dropped_labeled = dropped_unlabeled = 0
         reasons: set[str] = set()
+        named: list[str] = []  # which labeled images: sender, seq and index in the message
         for sample, label in zip(self.labeled, self.labels):
             try:
                 labeled.append(decode_sample(sample, image_size))
@@ -129,6 +137,8 @@ class Experience:
             except WireError as e:
                 dropped_labeled += 1
                 reasons.add(e.reason)
+                if len(named) < NAMED_DROPS:
+                    named.append(f"{sample.sender} seq {sample.seq} image {sample.position} ({e.reason})")
         unlabeled = []
         for sample in self.unlabeled:
             try:
@@ -137,12 +147,15 @@ class Experience:
                 dropped_unlabeled += 1
                 reasons.add(e.reason)
         if dropped_labeled or dropped_unlabeled:
+            more = dropped_labeled - len(named)
+            which = f"; labeled: {', '.join(named)}" + (f" and {more} more" if more > 0 else "") if named else ""
             log.warning(
-                "experience %d: dropped %d labeled and %d unlabeled images that could not be decoded (%s)",
+                "experience %d: dropped %d labeled and %d unlabeled images that could not be decoded (%s)%s",
                 self.index,
                 dropped_labeled,
                 dropped_unlabeled,
                 ", ".join(sorted(reasons)),
+                which,
                 extra={"experience": self.index, "dropped_labeled": dropped_labeled, "dropped_unlabeled": dropped_unlabeled},
             )
         empty = np.zeros((0, image_size, image_size, 3), np.uint8)
@@ -153,11 +166,14 @@ class Experience:
         )
 
 
-def _samples(records: Sequence[Record]) -> tuple[list[Sample], list[int]]:
+def _samples(records: Sequence[Record], *, labeled: bool = True) -> tuple[list[Sample], list[int]]:
     samples, labels = [], []
     for record in records:
-        for payload, shape, label in zip(record.payloads, record.shapes, record.labels or [None] * len(record.payloads)):
-            samples.append(Sample(payload, record.encoding, tuple(shape), record.color))
+        seq = record.seq if labeled else None
+        for position, (payload, shape, label) in enumerate(
+            zip(record.payloads, record.shapes, record.labels or [None] * len(record.payloads))
+        ):
+            samples.append(Sample(payload, record.encoding, tuple(shape), record.color, record.sender, seq, position))
             labels.append(label)
     return samples, labels
 
@@ -264,7 +280,7 @@ class ExperienceStore:
                 "(spool.keep_trained_bytes; -1 keeps all)"
             )
         labeled, labels = _samples([r for _, r in read_records(self.spool_dir / meta["labeled_segment"])])
-        unlabeled, _ = _samples([r for _, r in read_records(self.experience_dir(index) / UNLABELED_FILE)])
+        unlabeled, _ = _samples([r for _, r in read_records(self.experience_dir(index) / UNLABELED_FILE)], labeled=False)
         if len(labeled) != meta["labeled_samples"]:
             raise ValueError(f"experience {index}: meta says {meta['labeled_samples']} labeled samples, spool holds {len(labeled)}")
         return Experience(index, labeled, np.asarray(labels, dtype=np.int64), unlabeled, meta)

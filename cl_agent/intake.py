@@ -4,9 +4,12 @@ No sockets here: the ingestion service hands over the message bodies it
 drained and sends back what this returns. The whole group shares one commit
 (one fsync), and every answer is decided only after that commit:
 
-    validate -> duplicate? -> class ids -> spool.append ... spool.commit -> ack | nack
+    validate -> duplicate? -> decode every image -> class ids -> spool.append ... spool.commit -> ack | nack
 
 INVARIANT: an ack is produced only for a record whose commit returned.
+INVARIANT: an acked image decodes, within the trainer's size limits: a message with one that does not is
+refused whole (``decode_failed`` or ``image_too_large``, the nack naming the image) before any class is added.
+The stored bytes are the ones received; the decoded pixels are discarded.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+from cl_agent.codec import check_decodes, check_size
 from cl_agent.config import WireSection
+from cl_agent.experience import STORED_IMAGE_LIMITS
 from cl_agent.labels import LabelError, LabelMap
 from cl_agent.spool import DISK_FULL_ERRNOS, Record, RecordTooLarge, Spool, SpoolFull
 from cl_agent.wire import Message, WireError, decode_message, peek_seq, reply
@@ -66,6 +71,21 @@ class EndRequest:
 Answer = Callable[[OSError | None], list[bytes]]  # the reply, once the commit's outcome is known
 
 
+def check_trainable(message: Message) -> None:
+    """Every image of a validated message decodes in full, within the limits the trainer decodes under.
+
+    ``decode_message`` read the sizes from the header bytes only; a truncated or corrupt body passes
+    it. WireError names the first image refused (``image`` is its index).
+    """
+    for i, (payload, (height, width, _)) in enumerate(zip(message.payloads, message.shapes)):
+        try:
+            # Only stricter than decode_message's check when ingest.wire allows more than the defaults.
+            check_size(height, width, STORED_IMAGE_LIMITS, "(the trainer decodes under the default wire limits)")
+            check_decodes(payload, message.encoding)
+        except WireError as e:
+            raise WireError(e.reason, f"image {i}: {e.detail}", image=i) from None
+
+
 def _disk_reason(error: OSError) -> str:
     return "disk_full" if error.errno in DISK_FULL_ERRNOS else "spool_error"
 
@@ -95,7 +115,7 @@ class LabeledIntake:
             try:
                 message = decode_message(body, self.wire)
             except WireError as e:
-                pending.append(self._nack(peek_seq(body, self.wire), e.reason, e.detail))
+                pending.append(self._nack(peek_seq(body, self.wire), e.reason, e.detail, e.image))
                 continue
             if message.kind == "end_experience":
                 pending.append(EndRequest(message.seq))
@@ -114,10 +134,11 @@ class LabeledIntake:
             self.counters.add("labeled_images_acked", sum(appended))
         return [item if isinstance(item, EndRequest) else item(error) for item in pending]
 
-    def _nack(self, seq: int, reason: str, detail: str) -> Answer:
+    def _nack(self, seq: int, reason: str, detail: str, image: int | None = None) -> Answer:
         self.counters.reject(reason)
         self.counters.add("labeled_nacked")
-        return lambda _error: reply("nack", AGENT_SENDER, seq, reason=reason, detail=detail)
+        fields = {} if image is None else {"image": image}  # the index of the image refused
+        return lambda _error: reply("nack", AGENT_SENDER, seq, reason=reason, detail=detail, **fields)
 
     def _store(self, message: Message, appended: list[int]) -> Answer:
         """Append one message (not yet durable); the answer waits for the commit."""
@@ -125,6 +146,10 @@ class LabeledIntake:
         if self.spool.contains(message.sender, seq):
             self.counters.add("labeled_duplicates")
             return self._after_commit(seq, 0, duplicate=True)
+        try:
+            check_trainable(message)
+        except WireError as e:
+            return self._nack(seq, e.reason, e.detail, e.image)
         try:
             ids = self.labels.ids_for(message.labels)
         except LabelError as e:

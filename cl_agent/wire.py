@@ -188,18 +188,22 @@ def _is_int(value: Any) -> bool:
 def _check_payloads(
     payloads: Sequence[bytes], encoding: str, declared: list[tuple[int, int, int]], limits: WireSection
 ) -> None:
-    """Declared sizes within limits; actual sizes (from image header bytes / raw length) equal to the declared ones."""
+    """Declared sizes within limits; actual sizes (from image header bytes / raw length) equal to the declared ones.
+
+    A refusal names the image: ``WireError.image`` is its index, and the detail starts with ``image i:``.
+    """
     for i, (payload, (height, width, channels)) in enumerate(zip(payloads, declared)):
-        check_size(height, width, limits, f"declared image {i}")
-        if encoding == "raw":
-            if len(payload) != height * width * channels:
-                raise WireError("raw_size_mismatch", f"image {i}: {len(payload)} bytes for shape {(height, width, channels)}")
-        else:
-            actual_h, actual_w, _ = image_dimensions(payload, encoding)
-            if (actual_h, actual_w) != (height, width):
-                raise WireError(
-                    "shape_mismatch", f"image {i}: declared {(height, width)}, {encoding} header says {(actual_h, actual_w)}"
-                )
+        try:
+            check_size(height, width, limits, "declared")
+            if encoding == "raw":
+                if len(payload) != height * width * channels:
+                    raise WireError("raw_size_mismatch", f"{len(payload)} bytes for shape {(height, width, channels)}")
+            else:
+                actual_h, actual_w, _ = image_dimensions(payload, encoding)
+                if (actual_h, actual_w) != (height, width):
+                    raise WireError("shape_mismatch", f"declared {(height, width)}, {encoding} header says {(actual_h, actual_w)}")
+        except WireError as e:
+            raise WireError(e.reason, f"image {i}: {e.detail}", image=i) from None
 
 
 def _parse_shapes(raw: Any, count: int, encoding: str) -> list[tuple[int, int, int]]:

@@ -146,6 +146,8 @@ def _valid(n=2, encoding="jpeg"):
         (lambda: [], LIMITS, "empty_message"),
         (lambda: _valid(5), WireSection(max_parts=4), "too_many_parts"),
         (lambda: _valid(2), WireSection(max_part_bytes=100), "part_too_large"),
+        (lambda: _valid(1), WireSection(max_part_bytes=100), "part_too_large"),  # the one image, part 1
+        (lambda: [_valid(1)[0], b"x" * 101, b"y"], WireSection(max_part_bytes=100), "part_too_large"),
         (lambda: _valid(3), WireSection(max_message_bytes=1000), "message_too_large"),
         (lambda: with_header(_valid(1), pad="x" * 400), WireSection(max_header_bytes=256), "header_too_large"),
         (lambda: [b"{not json", b"x"], LIMITS, "bad_json"),
@@ -179,15 +181,23 @@ def test_every_limit_has_a_reason(make_parts, limits, expected):
     assert reason(make_parts(), limits) == expected
 
 
-def test_corrupt_jpeg_body_fails_only_at_decode():
+def _damaged_after_sos(how: str) -> bytes:
     data = bytearray(jpeg(32, 32))
-    data[-200:-2] = b"\x00" * 198
-    message = decode_message(pack_message("frame", "c", 0, [bytes(data)], shapes=[[32, 32, 3]]), LIMITS)
-    try:
-        image = message.image(0, LIMITS)  # libjpeg may still produce pixels from a damaged body
-        assert image.shape == (32, 32, 3)
-    except WireError as e:
-        assert e.reason == "decode_failed"
+    sos = data.find(b"\xff\xda")
+    length = int.from_bytes(data[sos + 2 : sos + 4], "big")
+    if how == "truncated":
+        return bytes(data[: sos + 2 + length])  # the scan header, then nothing: no entropy-coded data, no EOI
+    data[sos + 5] = 0x77  # the scan names a component the frame does not have: a fatal libjpeg error
+    return bytes(data)
+
+
+@pytest.mark.parametrize("how", ["truncated", "unknown_component"])
+def test_corrupt_jpeg_body_fails_only_at_decode(how):
+    data = _damaged_after_sos(how)
+    message = decode_message(pack_message("frame", "c", 0, [data], shapes=[[32, 32, 3]]), LIMITS)  # the header is fine
+    with pytest.raises(WireError) as info:
+        message.image(0, LIMITS)
+    assert info.value.reason == "decode_failed"
 
 
 def test_peek_seq_names_refused_messages():

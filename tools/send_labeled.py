@@ -7,8 +7,11 @@ The class of an image is the name of the folder that holds it, so a tar with
 
 JPEG and PNG files are sent as they are (their size is read from the header
 bytes); other formats OpenCV reads are re-encoded as PNG. Every batch is acked
-by the agent only once it is on disk; a refused batch is reported with its
-reason, and a batch refused for a full spool or disk is retried after a pause.
+by the agent only once it is on disk, and only if every image in it decodes; a
+refused batch is reported with its reason, and a batch refused for a full spool
+or disk is retried after a pause. When the agent refuses a batch for one image
+(a truncated or corrupt file: `decode_failed`, or a size it does not take), that
+file is named and the rest of the batch is sent again without it.
 """
 
 from __future__ import annotations
@@ -168,6 +171,7 @@ def main() -> int:
         parser.error(f"--endpoint: {e}")
     sent = acked = refused = 0
     unreadable: list[str] = []
+    refused_files: list[str] = []  # refused by the agent for what is in the file
     batches: dict[int, tuple] = {}
     start = time.perf_counter()
 
@@ -175,12 +179,23 @@ def main() -> int:
         nonlocal acked, refused
         for ack in acks:
             batch = batches.pop(ack.seq)
+            image = ack.header.get("image")
             if ack.ok:
                 acked += len(batch[0])
             elif ack.reason in RETRY_REASONS:
                 print(f"batch refused ({ack.reason}): retrying in 1 s", file=sys.stderr)
                 time.sleep(1.0)
                 batches[client.submit_encoded(*batch[:3], encoding=batch[3])] = batch
+            elif type(image) is int and 0 <= image < len(batch[0]):
+                # The agent refused the whole batch for this one image: name its file, send the others again.
+                refused += 1
+                refused_files.append(batch[4][image])
+                print(f"{batch[4][image]} refused: {ack.reason}: {ack.detail}", file=sys.stderr)
+                keep = [i for i in range(len(batch[0])) if i != image]
+                if keep:
+                    payloads, shapes, labels, encoding, names = batch
+                    rest = ([payloads[i] for i in keep], [shapes[i] for i in keep], [labels[i] for i in keep], encoding, [names[i] for i in keep])
+                    batches[client.submit_encoded(*rest[:3], encoding=encoding)] = rest
             else:
                 refused += len(batch[0])
                 print(f"batch of {len(batch[0])} refused: {ack.reason}: {ack.detail}", file=sys.stderr)
@@ -189,7 +204,7 @@ def main() -> int:
         # One message per encoding (a message has a single encoding).
         for encoding in sorted({g[1] for g in group}):
             part = [g for g in group if g[1] == encoding]
-            batch = ([g[0] for g in part], [g[2] for g in part], [g[3] for g in part], encoding)
+            batch = ([g[0] for g in part], [g[2] for g in part], [g[3] for g in part], encoding, [g[4] for g in part])
             batches[client.submit_encoded(*batch[:3], encoding=encoding)] = batch
             settle(client.poll_acks())
 
@@ -200,7 +215,7 @@ def main() -> int:
             if converted is None:
                 unreadable.append(name)
                 continue
-            group.append((*converted, label))
+            group.append((*converted, label, name))
             sent += 1
             if len(group) == args.batch:
                 flush_group(group)
@@ -229,6 +244,10 @@ def main() -> int:
         client.close()
     elapsed = time.perf_counter() - start
     print(f"{acked} images acked, {refused} refused, {len(unreadable)} unreadable, {elapsed:.1f} s ({acked / max(elapsed, 1e-9):.0f} images/s)")
+    if refused_files:
+        more = len(refused_files) - NAMED_UNREADABLE
+        print(f"the agent refused {len(refused_files)} {'file' if len(refused_files) == 1 else 'files'}: "
+              f"{', '.join(refused_files[:NAMED_UNREADABLE])}" + (f" and {more} more" if more > 0 else ""), file=sys.stderr)
     if unreadable:
         more = len(unreadable) - NAMED_UNREADABLE
         files = "file" if len(unreadable) == 1 else "files"
