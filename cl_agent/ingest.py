@@ -36,8 +36,9 @@ from cl_agent.errors import CLAgentError, bind_failure
 from cl_agent.experience import CUT_EXPLICIT, CUT_FULL, ExperiencePolicy, ExperienceStore, UntrainedBytes
 from cl_agent.intake import AGENT_SENDER, Counters, EndRequest, LabeledIntake
 from cl_agent.labels import LabelMap
-from cl_agent.reservoir import Frame, Reservoir
+from cl_agent.reservoir import SAVED_FILE as RESERVOIR_FILE, Frame, Reservoir, save_reservoir
 from cl_agent.retention import TrainedRetention
+from cl_agent.senders import FrameSenders
 from cl_agent.spool import Spool
 from cl_agent.wire import Message, WireError, decode_message, peek_seq, reply
 
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 FRAME_DRAIN = 512  # frames handled per wake-up before the labeled socket gets a turn
 POLL_MS = 50
 SPOOL_RECOUNT_S = 1.0  # how often cut, untrained experiences are checked for the trainer's mark (training frees their bytes)
-MAX_TRACKED_SENDERS = 10_000  # frame senders whose last seq is remembered (to count drops)
 
 COUNTER_NAMES = (
     "labeled_messages",  # labeled-socket messages received
@@ -60,6 +60,7 @@ COUNTER_NAMES = (
     "frames_kept",  # frames that entered the reservoir
     "frames_rejected",  # frames refused by validation
     "frames_dropped",  # frames lost before reaching the agent (sequence gaps per sender)
+    "frames_sender_clashes",  # frame sender ids whose seqs kept going back: two streams share the id (senders.py; at most once a minute per id)
     "control_messages",  # control-socket messages
     "control_accepted",  # end_experience messages acked (an experience cut), on the labeled or control socket
     "experiences_cut",  # experiences cut by this process
@@ -126,6 +127,7 @@ class IngestService:
         except (OSError, UnicodeDecodeError, ValueError) as e:  # written atomically: damaged by hand or disk
             raise CLAgentError(f"cannot read the class names {self.workdir / 'labels.json'}: {e}") from None
         self.reservoir = Reservoir(reservoir.capacity, reservoir.per_source, seed, reservoir.max_sources)
+        self.reservoir.restore(self.workdir / RESERVOIR_FILE)  # the frames held at the last clean stop
         self.policy = ExperiencePolicy(experience)
         self.on_experience = on_experience
         self.endpoints: dict[str, str] = {}
@@ -140,7 +142,7 @@ class IngestService:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None  # a failure to start
         self._failure: BaseException | None = None  # a failure of the running loop
-        self._frame_seq: dict[str, int] = {}
+        self._frame_senders = FrameSenders()  # last seq per frame sender: drops, and ids two streams share
         self._auth = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -159,6 +161,8 @@ class IngestService:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+            if not self._thread.is_alive():  # the loop no longer adds frames: keep them for the next start
+                save_reservoir(self.reservoir, self.workdir / RESERVOIR_FILE)
             self._thread = None
 
     def __enter__(self) -> "IngestService":
@@ -238,6 +242,27 @@ class IngestService:
             f"order); to start over instead, move the working directory away"
         )
 
+    def _refuse_shrunk_labels(self) -> None:
+        """Stored samples with class ids past the names the map holds: labels.json was replaced by an older
+        copy (a backup from before those classes arrived). The map is saved before any sample using a new
+        class is stored, so this never happens otherwise. Checked where new ids appear: the untrained
+        experiences and the open one (the trainer checks the trained ones against the published names)."""
+        where = {}
+        for index in self.untrained.sizes:
+            for class_id in self.store.meta(index).get("classes") or ():
+                where.setdefault(class_id, f"experience {index}")
+        for class_id in self.spool.segment_classes:
+            where.setdefault(class_id, f"the open experience {self.spool.segment}")
+        beyond = sorted(i for i in where if i >= len(self.labels))
+        if beyond:
+            raise CLAgentError(
+                f"{self.workdir / 'labels.json'} holds {len(self.labels)} class names, but {where[beyond[-1]]} holds "
+                f"samples of class id {beyond[-1]}: it is an older copy than the stored samples, and starting would "
+                "give new class names the ids of classes already stored. Restore the newest labels.json from a backup; "
+                "or move it away and rebuild it with `cl-agent labels restore` (classes newer than the published "
+                "version are then named by their ids)"
+            )
+
     def _setup(self) -> None:
         cfg = self.config
         cut = self.store.indices()  # listed once for the whole start
@@ -256,6 +281,8 @@ class IngestService:
         )
         if len(self.labels) == 0:
             self._refuse_lost_labels(cut)
+        else:
+            self._refuse_shrunk_labels()
         self.intake = LabeledIntake(self.spool, self.labels, self.wire, self._counters, self.untrained.refresh)
         self.context = zmq.Context()
         if cfg.curve.enabled:
@@ -386,7 +413,9 @@ class IngestService:
 
     def _handle_frames(self) -> None:
         router = self.config.frame_socket == "router"
-        counts = dict.fromkeys(("frames_received", "frames_rejected", "frames_accepted", "frames_kept", "frames_dropped"), 0)
+        counts = dict.fromkeys(
+            ("frames_received", "frames_rejected", "frames_accepted", "frames_kept", "frames_dropped", "frames_sender_clashes"), 0
+        )
         try:
             for _ in range(FRAME_DRAIN):
                 try:
@@ -415,12 +444,9 @@ class IngestService:
 
     def _keep_frames(self, message: Message, counts: dict) -> None:
         if "v" in message.header:
-            if len(self._frame_seq) > MAX_TRACKED_SENDERS:
-                self._frame_seq.clear()  # bounded memory; at worst one gap per sender goes uncounted
-            last = self._frame_seq.get(message.sender)
-            if last is not None and message.seq > last + 1:
-                counts["frames_dropped"] += message.seq - last - 1
-            self._frame_seq[message.sender] = message.seq
+            dropped, clash = self._frame_senders.observe(message.sender, message.seq)
+            counts["frames_dropped"] += dropped
+            counts["frames_sender_clashes"] += clash
         for payload, shape in zip(message.payloads, message.shapes):
             counts["frames_kept"] += self.reservoir.add(Frame(payload, message.encoding, shape, message.color, message.sender))
         counts["frames_accepted"] += len(message.payloads)

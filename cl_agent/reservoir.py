@@ -6,15 +6,33 @@ its own reservoir and the capacity is split evenly among the sources seen so
 far, so a chatty camera cannot crowd out a quiet one.
 
 INVARIANT: the number of frames held never exceeds ``capacity``.
+
+``save``/``restore`` carry the frames and the sampling bookkeeping across a
+restart: one ``.npz`` file (no pickle) with the payloads concatenated and a
+JSON index of the pools and frames.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import os
 import random
+import zipfile
+from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
+
+from cl_agent.storage import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
 OVERFLOW_SOURCE = "\x00other"  # the shared pool of senders past max_sources
+SAVED_FORMAT = 1  # version of the saved-reservoir index
+SAVED_FILE = "reservoir.npz"  # in the working directory: the frames held at the last clean stop
 
 
 class Frame(NamedTuple):
@@ -108,3 +126,100 @@ class Reservoir:
 
     def sources(self) -> dict[str, int]:
         return {name: len(p.items) for name, p in list(self._pools.items())}
+
+    # ------------------------------------------------------------------ across restarts
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write every frame held, with the pools' capacities and counts, to ``path`` atomically.
+
+        Call it only while nothing adds frames (after the ingest loop stopped). Raises OSError."""
+        pools, payloads, offset = [], [], 0
+        for key, pool in list(self._pools.items()):
+            frames = []
+            for frame in pool.items:
+                size = len(frame.payload)
+                frames.append([offset, size, frame.encoding, list(frame.shape), frame.color, frame.source])
+                payloads.append(frame.payload)
+                offset += size
+            pools.append({"key": key, "capacity": pool.capacity, "seen": pool.seen, "frames": frames})
+        index = {
+            "format": SAVED_FORMAT, "capacity": self.capacity, "per_source": self.per_source,
+            "max_sources": self.max_sources, "seen": self.seen, "pools": pools,
+        }
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            index=np.frombuffer(json.dumps(index).encode("utf-8"), dtype=np.uint8),
+            payloads=np.frombuffer(b"".join(payloads), dtype=np.uint8),
+        )
+        return atomic_write_bytes(path, buffer.getvalue())
+
+    def restore(self, path: str | os.PathLike) -> int:
+        """Take the frames saved at ``path`` (see ``save``) into this empty reservoir; returns how many it holds.
+
+        No file: 0. A damaged file is logged and ignored (the reservoir stays empty), never raised.
+        Saved with the same capacity and per-source settings, the pools come back exactly (sampling
+        goes on as if there had been no restart); otherwise the frames are offered again one by one."""
+        path = Path(path)
+        if not path.exists():
+            return 0
+        try:
+            index, payloads = _read_saved(path)
+            frames_by_pool = [
+                (pool, [Frame(payloads[o:o + n].tobytes(), enc, tuple(shape), color, source)
+                        for o, n, enc, shape, color, source in pool["frames"]])
+                for pool in index["pools"]
+            ]
+            same = (index["capacity"], index["per_source"], index["max_sources"]) == (self.capacity, self.per_source, self.max_sources)
+            if same:
+                self._pools = {}
+                for pool, frames in frames_by_pool:
+                    restored = self._pools[str(pool["key"])] = _Pool(int(pool["capacity"]))
+                    restored.items, restored.seen = frames, int(pool["seen"])
+                if len(self) > self.capacity or any(len(p.items) > p.capacity for p in self._pools.values()):
+                    raise ValueError("more frames than the saved capacities allow")
+                self.seen = int(index["seen"])
+            else:
+                log.info("reservoir settings changed since %s was saved: its frames are offered again", path)
+                for _, frames in frames_by_pool:
+                    for frame in frames:
+                        self.add(frame)
+        except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as e:
+            log.warning("ignoring the saved frame reservoir %s (unreadable: %s: %s); starting with no unlabeled frames",
+                        path, type(e).__name__, e)
+            self._pools, self.seen = {}, 0
+        self._recount()
+        if len(self):
+            log.info("restored %d unlabeled frames saved in %s at the last stop", len(self), path)
+        return len(self)
+
+
+def _read_saved(path: Path) -> tuple[dict, np.ndarray]:
+    """The JSON index and the payload bytes of a saved reservoir; ValueError if it is not one."""
+    with np.load(path, allow_pickle=False) as data:
+        index = json.loads(data["index"].tobytes().decode("utf-8"))
+        payloads = data["payloads"]
+    if not isinstance(index, dict) or index.get("format") != SAVED_FORMAT:
+        raise ValueError(f"not a saved reservoir of format {SAVED_FORMAT}")
+    if payloads.dtype != np.uint8 or payloads.ndim != 1:
+        raise ValueError(f"payloads: expected a 1-d uint8 array, got {payloads.dtype} {payloads.shape}")
+    for pool in index["pools"]:
+        for offset, size, encoding, shape, color, source in pool["frames"]:
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, size, *shape)):
+                raise ValueError(f"frame offset {offset!r}, size {size!r}, shape {shape!r}: expected integers")
+            if not (0 <= offset and 0 <= size and offset + size <= len(payloads)):
+                raise ValueError(f"frame bytes {offset}..{offset + size} outside the {len(payloads)} saved")
+            if len(shape) != 3 or min(shape) < 1 or not all(isinstance(v, str) for v in (encoding, color, source)):
+                raise ValueError(f"frame shape {shape!r}, encoding {encoding!r}, color {color!r}: not a frame's")
+    return index, payloads
+
+
+def save_reservoir(reservoir: Reservoir, path: str | os.PathLike) -> bool:
+    """``reservoir.save(path)``, logged: a failure to write loses only these frames, so it never raises."""
+    try:
+        reservoir.save(path)
+    except OSError as e:
+        log.warning("cannot save the %d reservoir frames to %s (%s); the next start has none", len(reservoir), path, e)
+        return False
+    log.info("saved %d reservoir frames to %s for the next start", len(reservoir), path)
+    return True

@@ -21,10 +21,8 @@ def test_a_mismatched_camera_socket_is_refused_with_both_types_named(tmp_path, c
     with make_service(tmp_path, ingest={"frame_socket": agent}) as service:
         frames = FrameClient(service.endpoints["frames"], "cam", socket_type=camera)
         try:
-            start = time.monotonic()
-            with pytest.raises(PeerRefused) as refused:
-                frames.wait_connected(2.0)
-            assert time.monotonic() - start < 2.0
+            with pytest.raises(PeerRefused) as refused:  # raised, not a False after the wait: the refusal is seen
+                frames.wait_connected(30.0)
             message = str(refused.value)
             assert f"refused a {camera.upper()} connection" in message and f"it expects {theirs}" in message
             assert service.endpoints["frames"] in message
@@ -99,7 +97,7 @@ def test_stream_camera_stops_with_the_fix_when_the_agent_expects_push(tmp_path):
         )
         assert service.counters()["frames_received"] == 0
     assert result.returncode == 1, result.stderr
-    assert "refused a PUB connection" in result.stderr and "it expects PUSH" in result.stderr
+    assert "refused a PUB connection" in result.stderr and "frame socket is not a SUB" in result.stderr
     assert "--socket push" in result.stderr and "ingest.frame_socket: sub" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -188,7 +188,7 @@ def test_experiences_cut_by_count_time_and_explicit_end_and_numbering_survives_r
     assert [m["cut_reason"] for m in metas] == ["count", "time", "explicit", "explicit"]
     assert [m["labeled_samples"] for m in metas] == [8, 3, 1, 1]
     assert metas[0]["unlabeled_samples"] >= 1 and metas[0]["classes"] == [0, 1]
-    assert metas[3]["unlabeled_samples"] == 0  # the reservoir lives in memory: empty after a restart
+    assert metas[3]["unlabeled_samples"] >= 1  # the reservoir is saved at a clean stop and restored at the start
 
 
 def test_router_replies_reach_req_senders(tmp_path):

@@ -134,3 +134,30 @@ def test_labels_restore_without_versions_says_to_use_a_backup(tmp_path):
     (tmp_path / "models").mkdir()
     result = _restore("--workdir", str(tmp_path), "--repo", str(tmp_path / "models"))
     assert result.exit_code == 2 and "backup" in result.output
+
+
+def test_an_older_labels_json_than_the_stored_samples_refuses_the_start(tmp_path):
+    _ingest_one_experience(tmp_path, labels=("circle", "square"))  # experience 0, untrained
+    older = (tmp_path / "labels.json").read_text()
+    with make_service(tmp_path) as service:
+        client = LabeledClient(service.endpoints["labeled"], "robot")
+        assert client.send(images(1), ["star"], encoding="png").ok  # class 2, in the open experience 1
+        client.close()
+    (tmp_path / "labels.json").write_text(older)
+    with pytest.raises(CLAgentError, match=r"holds 2 class names, but the open experience 1 holds samples of class id 2"):
+        make_service(tmp_path).start()
+    assert (tmp_path / "labels.json").read_text() == older  # nothing written over it
+
+    (tmp_path / "labels.json").write_text(json.dumps({"names": ["circle"]}))
+    with pytest.raises(CLAgentError, match=r"holds 1 class names, but the open experience 1 holds samples of class id 2"):
+        make_service(tmp_path).start()
+    (tmp_path / "labels.json").write_text(json.dumps({"names": ["circle", "square", "star"]}))
+    with make_service(tmp_path) as service:  # the right copy back: starts
+        assert service.labels.ids_for(["star"]) == [2]
+
+
+def test_an_older_labels_json_is_found_in_a_cut_untrained_experience(tmp_path):
+    _ingest_one_experience(tmp_path, labels=("circle", "square"))
+    (tmp_path / "labels.json").write_text(json.dumps({"names": ["circle"]}))
+    with pytest.raises(CLAgentError, match=r"holds 1 class names, but experience 0 holds samples of class id 1"):
+        make_service(tmp_path).start()
