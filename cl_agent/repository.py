@@ -10,6 +10,7 @@ Layout (Triton's onnxruntime backend can serve it as is)::
     <root>/<model>/<version>/model.optimized.onnx.data  its weights, when it keeps them apart
     <root>/<model>/.last_version         highest version ever published (survives retention)
     <root>/<model>/.publish.lock         serialises publishers (flock)
+    <root>/<model>/.publish-hold.json    only while an operator holds publishing (``models hold``)
 
 INVARIANT: a folder named by an integer is complete. A version is written into
 a hidden temp folder, every file and the folder are fsynced, and only then is it
@@ -51,6 +52,7 @@ MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.pbtxt"
 COUNTER_FILE = ".last_version"
 LOCK_FILE = ".publish.lock"
+HOLD_FILE = ".publish-hold.json"  # hidden and not a number: version scans, the fetch service and Triton pass it by
 REQUIRED_MANIFEST_KEYS = ("class_names", "image_size")
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one path component that stays inside the repository root
 
@@ -206,6 +208,51 @@ class OptimizedModel:
         return path.with_name(path.name + ".data")
 
 
+@dataclass(frozen=True)
+class PublishingHold:
+    """An operator's hold on publishing a model (``cl-agent models hold``), read from its marker file.
+
+    A marker that cannot be read (damaged, or made by hand) still holds: ``problem`` says why
+    its fields are missing. Only ``cl-agent models release`` (or removing the file) lifts it.
+    """
+
+    path: Path
+    held_by: str | None = None  # user@host that made it
+    held_at: str | None = None  # UTC, ISO 8601
+    reason: str | None = None
+    problem: str | None = None  # why the marker could not be read (it holds all the same)
+
+    def describe(self) -> str:
+        """``since <when> by <who>: <reason>``, with what is known."""
+        parts = [f"since {self.held_at}" if self.held_at else "", f"by {self.held_by}" if self.held_by else ""]
+        text = " ".join(p for p in parts if p) or "(no details)"
+        if self.reason:
+            text += f": {self.reason}"
+        if self.problem:
+            text += f" [{self.problem}]"
+        return text
+
+
+class PublishingHeld(CLAgentError):
+    """A publish that honours holds found one in place (see ``ModelRepository.publish``)."""
+
+    def __init__(self, hold: PublishingHold):
+        super().__init__(f"publishing held by {hold.path} ({hold.describe()})")
+        self.hold = hold
+
+
+def _operator() -> str:
+    """user@host of this process, for a hold's ``held_by``."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (a bare container)
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
 class ModelRepository:
     """Versions of one model under ``root/model_name``; safe against crashes and concurrent publishers."""
 
@@ -289,7 +336,58 @@ class ModelRepository:
             raise CLAgentError(f"{self.model_dir / COUNTER_FILE} is not an integer: {e}") from None
         return max([counter, *self._numbered_dirs()])
 
+    @property
+    def hold_path(self) -> Path:
+        return self.model_dir / HOLD_FILE
+
+    def publishing_hold(self) -> PublishingHold | None:
+        """The hold on publishing this model, or None: one stat when there is none (checked at every publish)."""
+        path = self.hold_path
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:  # present but unreadable: a hold all the same
+            return PublishingHold(path, problem=f"unreadable: {e}")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            return PublishingHold(path, problem=f"not valid JSON: {e}")
+        if not isinstance(data, dict):
+            return PublishingHold(path, problem=f"not a JSON object: {text[:80]!r}")
+        fields = {k: data.get(k) if isinstance(data.get(k), str) else None for k in ("held_by", "held_at", "reason")}
+        return PublishingHold(path, **fields)
+
     # ----------------------------------------------------------------- writing
+
+    def hold(self, reason: str | None = None) -> PublishingHold:
+        """Hold publishing (written atomically under the publish lock); replaces a hold already there.
+
+        A publish that honours holds and takes the lock after this returns publishes nothing."""
+        if not self.model_dir.is_dir():
+            others = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")) if self.root.is_dir() else []
+            raise CLAgentError(
+                f"no model {self.model_name!r} in {self.root} to hold (models there: {', '.join(others) or 'none'})"
+            )
+        hold = PublishingHold(
+            self.hold_path, held_by=_operator(), held_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), reason=reason or None
+        )
+        body = {"model": self.model_name, "held_by": hold.held_by, "held_at": hold.held_at, "reason": hold.reason}
+        with self._lock():
+            atomic_write_text(self.hold_path, json.dumps(body, indent=2) + "\n", FILE_MODE)
+        log.info("publishing of %s held (%s)", self.model_name, hold.describe())
+        return hold
+
+    def release(self) -> PublishingHold | None:
+        """Lift the hold on publishing; returns the hold removed (None if there was none)."""
+        with self._lock():
+            hold = self.publishing_hold()
+            if hold is None:
+                return None
+            self.hold_path.unlink()
+            fsync_dir(self.model_dir)
+        log.info("publishing of %s released (was held %s)", self.model_name, hold.describe())
+        return hold
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -301,8 +399,15 @@ class ModelRepository:
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
-    def publish(self, onnx_path: str | os.PathLike, manifest: dict, optimized: OptimizedModel | None = None, after: int = 0) -> int:
+    def publish(
+        self, onnx_path: str | os.PathLike, manifest: dict, optimized: OptimizedModel | None = None, after: int = 0,
+        honour_hold: bool = False,
+    ) -> int:
         """Publish a copy of ``onnx_path`` as a new version; returns the version number.
+
+        ``honour_hold``: raise ``PublishingHeld`` (publishing nothing) while the model is held.
+        Checked under the publish lock, so nothing published this way lands after a hold is
+        in place (the agent's updates pass it; a rollback from the command line does not).
 
         The number is one past the highest ever published here, and past ``after``: a publisher
         that remembers its own last version (the agent's records) never reuses a number, also
@@ -335,6 +440,9 @@ class ModelRepository:
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise CLAgentError(f"manifest class_names must be a non-empty list of strings, got {names!r:.200}")
         with self._lock():
+            hold = self.publishing_hold() if honour_hold else None
+            if hold is not None:
+                raise PublishingHeld(hold)
             version = max(self.last_version_ever(), after) + 1
             temp = self.model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
             temp.mkdir()
@@ -453,9 +561,14 @@ class ModelRepository:
         except OSError as e:
             log.warning("%s: could not remove old versions (%s); keeping them until the next publish", self.model_dir, e)
 
-    def rollback(self, to: int) -> int:
-        """Republish version ``to`` as a new, higher version (so every server moves to it)."""
+    def rollback(self, to: int, hold_reason: str | None = None) -> int:
+        """Republish version ``to`` as a new, higher version (so every server moves to it).
+
+        With ``hold_reason``, publishing is held first (``hold``), so no update of the agent can
+        be published after the rollback; the hold stays if the republish then fails."""
         manifest = self.verify(to)
+        if hold_reason is not None:
+            self.hold(hold_reason)
         carried = {k: v for k, v in manifest.items() if k not in ("version", "sha256", "created_at", "parent_version")}
         carried["rollback_of"] = to
         return self.publish(self.model_path(to), carried, self._verified_optimized(to, manifest))
@@ -513,11 +626,12 @@ def parse_announcement(frames: list[bytes]) -> dict:
 # --------------------------------------------------------------------------- command line
 
 
-def check_repo_option(repo: str | os.PathLike) -> None:
-    """CLAgentError naming ``--repo`` unless it is a folder that can be read: the ``models`` commands
-    say so rather than report a mistyped path as a repository without versions."""
+def check_repo_option(repo: str | os.PathLike, option: str = "--repo") -> None:
+    """CLAgentError naming ``option`` (``--repo``, or ``repository.root`` when it came from a config) unless
+    ``repo`` is a folder that can be read: the ``models`` commands say so rather than report a mistyped
+    path as a repository without versions."""
     path = Path(repo)
-    where = f"--repo = {str(path)!r}"
+    where = f"{option} = {str(path)!r}"
     if not path.exists():
         raise CLAgentError(f"{where}: folder not found")
     if not path.is_dir():
@@ -526,15 +640,30 @@ def check_repo_option(repo: str | os.PathLike) -> None:
         raise CLAgentError(f"{where}: the folder is not readable")
 
 
-def print_versions(repo: str | os.PathLike, model: str) -> int:
-    """``cl-agent models list``: one line per version; exit code 0, or 1 if there is none."""
+def release_hint(repo: str | os.PathLike, model: str) -> str:
+    """The command that lifts a hold on ``model`` in ``repo``."""
+    return f"`cl-agent models release --repo {repo} --model {model}`"
+
+
+def print_hold(repo: str | os.PathLike, model: str, hold: PublishingHold) -> None:
     import typer
 
-    check_repo_option(repo)
+    typer.echo(f"publishing held {hold.describe()} ({hold.path}); {release_hint(repo, model)} to resume")
+
+
+def print_versions(repo: str | os.PathLike, model: str, option: str = "--repo") -> int:
+    """``cl-agent models list``: one line per version, then the hold on publishing if there is one;
+    exit code 0, or 1 if there is no version."""
+    import typer
+
+    check_repo_option(repo, option)
     repository = ModelRepository(repo, model)
     versions = repository.versions()
+    hold = repository.publishing_hold()
     if not versions:
         typer.echo(f"no versions of {model!r} in {repo}")
+        if hold is not None:
+            print_hold(repo, model, hold)
         return 1
     typer.echo(f"{'version':>7}  {'created (UTC)':<23}  {'exp':>4}  {'classes':>7}  {'parent':>6}  sha256        note")
     for version in versions:
@@ -555,14 +684,39 @@ def print_versions(repo: str | os.PathLike, model: str) -> int:
             f"{len(m.get('class_names', [])):>7}  {str(m.get('parent_version') or '-'):>6}  "
             f"{str(m.get('sha256', ''))[:12]}  {note}"
         )
+    if hold is not None:
+        print_hold(repo, model, hold)
     return 0
 
 
-def print_manifest(repo: str | os.PathLike, model: str, version: int | None) -> int:
+def hold_publishing(repo: str | os.PathLike, model: str, reason: str | None, option: str = "--repo") -> int:
+    """``cl-agent models hold``: stop the agent publishing ``model`` (it goes on training); exit code 0."""
+    import typer
+
+    check_repo_option(repo, option)
+    hold = ModelRepository(repo, model).hold(reason)
+    typer.echo(f"publishing of {model!r} held ({hold.path}); the agent keeps training; {release_hint(repo, model)} to resume")
+    return 0
+
+
+def release_publishing(repo: str | os.PathLike, model: str, option: str = "--repo") -> int:
+    """``cl-agent models release``: lift the hold; the agent's next update publishes. Exit code 0, or 1 if there was none."""
+    import typer
+
+    check_repo_option(repo, option)
+    hold = ModelRepository(repo, model).release()
+    if hold is None:
+        typer.echo(f"publishing of {model!r} in {repo} was not held")
+        return 1
+    typer.echo(f"publishing of {model!r} released (was held {hold.describe()}); the agent's next update publishes")
+    return 0
+
+
+def print_manifest(repo: str | os.PathLike, model: str, version: int | None, option: str = "--repo") -> int:
     """``cl-agent models show``: the manifest of ``version`` (default: the newest) as JSON; exit code 0."""
     import typer
 
-    check_repo_option(repo)
+    check_repo_option(repo, option)
     _, manifest = ModelRepository(repo, model).chosen_manifest(version)
     typer.echo(json.dumps(manifest, indent=2, sort_keys=True))
     return 0
@@ -597,11 +751,11 @@ def check_files(repository: ModelRepository, version: int) -> tuple[list[str], l
     return problems, notes
 
 
-def verify_versions(repo: str | os.PathLike, model: str) -> int:
+def verify_versions(repo: str | os.PathLike, model: str, option: str = "--repo") -> int:
     """``cl-agent models verify``: check every version's files against its manifest; exit code 0 if all match, else 1."""
     import typer
 
-    check_repo_option(repo)
+    check_repo_option(repo, option)
     repository = ModelRepository(repo, model)
     versions = repository._numbered_dirs()  # incomplete ones too: a published version that lost a file shows here
     if not versions:
@@ -626,11 +780,17 @@ def verify_versions(repo: str | os.PathLike, model: str) -> int:
     return 1 if bad else 0
 
 
-def rollback(repo: str | os.PathLike, model: str, to: int, announce_endpoint: str | None = None) -> int:
-    """``cl-agent models rollback``: republish ``to`` as a new version, optionally announce it; exit code 0."""
+def rollback(
+    repo: str | os.PathLike, model: str, to: int, announce_endpoint: str | None = None,
+    hold: bool = False, reason: str | None = None, option: str = "--repo",
+) -> int:
+    """``cl-agent models rollback``: republish ``to`` as a new version, optionally announce it; exit code 0.
+
+    ``hold``: hold publishing first (``reason``, default "rolled back to version <to>"), so the
+    agent's next update does not replace the rolled-back model."""
     import typer
 
-    check_repo_option(repo)
+    check_repo_option(repo, option)
     if announce_endpoint is not None:  # checked before anything is published: a typo must not leave a rollback unannounced
         from cl_agent.config import endpoint_problem
 
@@ -640,8 +800,15 @@ def rollback(repo: str | os.PathLike, model: str, to: int, announce_endpoint: st
     # Retention is the publisher's business (its config); a rollback from the command line deletes nothing.
     existing = ModelRepository(repo, model).versions()
     repository = ModelRepository(repo, model, keep_last=max(1, len(existing) + 1))
-    version = repository.rollback(to)
+    version = repository.rollback(to, hold_reason=(reason or f"rolled back to version {to}") if hold else None)
     typer.echo(f"rolled {model!r} back to version {to}: published as version {version}")
+    held = repository.publishing_hold()
+    if held is not None:
+        typer.echo(f"publishing stays held {held.describe()}: the agent trains on but publishes nothing; "
+                   f"{release_hint(repo, model)} to resume")
+    else:
+        typer.echo(f"note: an agent publishing {model!r} replaces version {version} at its next update; "
+                   "`cl-agent models hold` (or rollback --hold) keeps it served")
     if announce_endpoint is not None:
         try:
             announcer = Announcer(announce_endpoint)

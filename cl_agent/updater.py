@@ -36,8 +36,10 @@ from cl_agent.config import AgentConfig
 from cl_agent.device import resolve_device
 from cl_agent.experience import ExperienceStore
 from cl_agent.export import ExportError
-from cl_agent.labels import LabelMap
-from cl_agent.repository import OPTIMIZED_FILE, Announcer, ModelRepository, OptimizedModel
+from cl_agent.labels import LabelMap, names_from_manifest
+from cl_agent.repository import (
+    OPTIMIZED_FILE, Announcer, ModelRepository, OptimizedModel, PublishingHeld, PublishingHold, release_hint,
+)
 from cl_agent.session import runtime_environment
 from cl_agent.status import append_experience_record, now_iso, recorded_since, records_backwards
 from cl_agent.storage import atomic_write_text
@@ -117,6 +119,15 @@ def loss_terms(values: dict) -> dict[str, float]:
 
 
 @dataclass
+class Publication:
+    """What became of publishing one update's model: a version, an error, or an operator's hold."""
+
+    version: int | None = None
+    error: str | None = None  # the export was refused or a file could not be written
+    hold: PublishingHold | None = None  # publishing is held (``cl-agent models hold``): nothing exported
+
+
+@dataclass
 class UpdateResult:
     experiences: list[int]
     version: int | None
@@ -140,7 +151,10 @@ class Updater:
         self.checkpoint_dir = self.workdir / CHECKPOINT_DIR
         self.last_trained = -1
         self.agent_id = agent_id(self.workdir)
-        self._check_repository_owner()
+        latest = self._newest_manifest()
+        if latest is not None:
+            self._check_repository_owner(*latest)
+            self._check_labels_cover_published(*latest)
         trained_through, self.last_version = newest_trained(self.workdir)
         self.announcer = self._open_announcer()
         self.recovered: UpdateResult | None = None  # an update that a crash cut short and _restore completed
@@ -162,16 +176,21 @@ class Updater:
             self.announcer.close()
             self.announcer = None
 
-    def _check_repository_owner(self) -> None:
-        """Refuse a model name whose newest version another agent published: each would replace the other's
-        versions on every server (with a model of other classes, sizes or training, say)."""
+    def _newest_manifest(self) -> tuple[int, dict] | None:
+        """The newest version and its manifest, for the start checks; None when there is none or it is damaged
+        (the servers skip a damaged version, and so do the checks)."""
         latest = self.repository.latest_version()
         if latest is None:
-            return
+            return None
         try:
-            owner = self.repository.load_manifest(latest).get("agent_id")
+            return latest, self.repository.load_manifest(latest)
         except CLAgentError:
-            return  # a damaged version: the servers skip it, and so does this check
+            return None
+
+    def _check_repository_owner(self, latest: int, manifest: dict) -> None:
+        """Refuse a model name whose newest version another agent published: each would replace the other's
+        versions on every server (with a model of other classes, sizes or training, say)."""
+        owner = manifest.get("agent_id")
         if owner is not None and owner != self.agent_id:
             raise CLAgentError(
                 f"model {self.cfg.agent.model_name!r} in {self.cfg.repository.root} was published by another agent "
@@ -179,6 +198,34 @@ class Updater:
                 f"{self.workdir / AGENT_ID_FILE}). Two agents publishing one model would replace each other's versions "
                 "on every server: give this agent its own agent.model_name or repository.root; or, if this working "
                 f"directory takes over from that agent on purpose, copy that agent's {AGENT_ID_FILE} file here"
+            )
+
+    def _check_labels_cover_published(self, latest: int, manifest: dict) -> None:
+        """Refuse a labels.json holding fewer class names than the newest version was published with (an older
+        copy put back): new class names would take the ids, and outputs, of classes the model already learned."""
+        if manifest.get("agent_id") not in (None, self.agent_id):
+            return
+        published = names_from_manifest(manifest.get("class_names") or [])
+        path = self.workdir / "labels.json"
+        try:
+            held = LabelMap(path, 0).names
+        except (OSError, UnicodeDecodeError, ValueError):
+            return  # the ingest process refuses a damaged map, naming the file
+        if not held:
+            return  # lost with samples stored: the ingest process refuses it; else a new start (one taking over, say)
+        if len(held) < len(published):
+            raise CLAgentError(
+                f"{path} holds {len(held)} class names, but version {latest} was published with {len(published)} "
+                f"(its class {len(held)} is {published[len(held)]!r}): it is an older copy, and starting would give "
+                "new class names the ids of classes the model already learned. Restore the newest labels.json from a "
+                "backup; or move it away and rebuild it with `cl-agent labels restore`"
+            )
+        renamed = [i for i, name in enumerate(published) if held[i] != name]
+        if renamed:
+            i = renamed[0]
+            log.warning(
+                "%s names class %d %r, version %d %r (%d classes named differently): the served names follow %s "
+                "from the next version on", path, i, held[i], latest, published[i], len(renamed), path.name,
             )
 
     # ------------------------------------------------------------------ state
@@ -244,8 +291,7 @@ class Updater:
         published = self._published_through()
         if published is None or published < self.last_trained:
             log.info("checkpoint of experience %d was never published: exporting it now", self.last_trained)
-            exported, _ = self._try_publish(self.last_trained, metrics={"recovered": True})
-            version = exported or version  # as in run_once: a failure keeps the served version and goes on learning
+            version = self._try_publish(self.last_trained, metrics={"recovered": True}).version or version  # as in run_once: a failure keeps the served version and goes on learning
         recovered = [i for i in self.store.pending() if i <= self.last_trained]
         if recovered and not set(recovered) <= recorded_since(self.workdir, min(recovered)):
             # trained and checkpointed before a crash, but never recorded: record it (its online accuracy is lost)
@@ -315,13 +361,16 @@ class Updater:
         self._checkpoint(chosen[-1])
 
         started = time.monotonic()
-        version, refused = self._try_publish(chosen[-1], metrics=_jsonable(metrics), real_images=labeled)
+        published = self._try_publish(chosen[-1], metrics=_jsonable(metrics), real_images=labeled)
+        version = published.version
         export_seconds = time.monotonic() - started
         # the record goes before the marks: a crash between them leaves a recorded, unmarked experience,
         # which _restore marks without recording it again
         record = self._record(chosen, len(pending), before, metrics, (labels, unlabeled), update_seconds, export_seconds, version)
-        if refused is not None:
-            record["publish_error"] = refused
+        if published.error is not None:
+            record["publish_error"] = published.error
+        if published.hold is not None:
+            record["held"] = True  # trained and checkpointed; "version" is null
         append_experience_record(self.workdir, record)
         for index in chosen:
             self.store.mark_trained(index)
@@ -381,22 +430,37 @@ class Updater:
         for _, old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
 
-    def _try_publish(self, experience: int, metrics: dict, real_images: np.ndarray | None = None) -> tuple[int | None, str | None]:
-        """Export and publish the trained student: (version, None), or (None, why) when that failed.
+    def _try_publish(self, experience: int, metrics: dict, real_images: np.ndarray | None = None) -> Publication:
+        """Export and publish the trained student, unless an operator holds publishing.
 
         A failure leaves the update standing (it is checkpointed) and the served version in place;
         the next update exports again. Two kinds: the export was refused (exporter, checker, parity
         check), or a file could not be written (e.g. a full disk or a read-only repository; the
         repository removes its partial version, so readers never see one).
+
+        A hold (``cl-agent models hold``, ``rollback --hold``) is looked up here at every update (a
+        stat), so a hold or a release takes effect without a restart; nothing is exported while
+        it lasts. The repository checks it again under its publish lock, so a hold made while
+        this export runs still stops it.
         """
-        try:
-            return self._publish(experience, metrics, real_images), None
-        except ExportError as e:
-            why = str(e)
-        except OSError as e:
-            why = f"could not write the export or the version: {e}"
+        hold = self.repository.publishing_hold()
+        if hold is None:
+            try:
+                return Publication(version=self._publish(experience, metrics, real_images))
+            except PublishingHeld as e:
+                hold = e.hold
+            except ExportError as e:
+                why = str(e)
+            except OSError as e:
+                why = f"could not write the export or the version: {e}"
+        if hold is not None:
+            log.warning(
+                "experience %d trained and checkpointed, not published: publishing held by %s (%s); %s to resume",
+                experience, hold.path, hold.describe(), release_hint(self.repository.root, self.repository.model_name),
+            )
+            return Publication(hold=hold)
         log.error("experience %d trained but not published (the served version stays): %s", experience, why)
-        return None, why
+        return Publication(error=why)
 
     def _publish(self, experience: int, metrics: dict, real_images: np.ndarray | None = None) -> int:
         from cl_agent.export import export_onnx
@@ -427,7 +491,7 @@ class Updater:
             optimized = None
             if optimized_path is not None and optimized_path.is_file():
                 optimized = OptimizedModel(optimized_path, runtime_environment())
-            version = self.repository.publish(onnx_path, manifest, optimized, after=self.last_version or 0)
+            version = self.repository.publish(onnx_path, manifest, optimized, after=self.last_version or 0, honour_hold=True)
         self.last_version = version
         if self.announcer is not None:
             sha = self.repository.load_manifest(version)["sha256"]

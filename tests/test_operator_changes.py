@@ -76,3 +76,20 @@ def test_version_numbers_do_not_come_back_after_the_repository_folder_is_deleted
     finally:
         updater.close()
     assert result.version == 4 and ModelRepository(cfg.repository.root, "student").versions() == [3, 4]
+
+
+def test_an_older_labels_json_with_fewer_names_than_published_stops_the_start(tmp_path, caplog):
+    import json
+
+    cfg = _trained(tmp_path, [[0, 1]])
+    workdir = tmp_path / "agent"
+    published = json.loads((workdir / "labels.json").read_text())["names"]
+    assert len(published) == 2 and ModelRepository(cfg.repository.root, "student").load_manifest(1)["class_names"][:2] == published
+    (workdir / "labels.json").write_text(json.dumps({"names": published[:1]}))  # a backup from before class 1 arrived
+    with pytest.raises(CLAgentError, match=rf"holds 1 class names, but version 1 was published with 2 \(its class 1 is "
+                                           rf"'{published[1]}'\).*cl-agent labels restore"):
+        Updater(cfg)
+    (workdir / "labels.json").write_text(json.dumps({"names": [published[0], "hound"]}))  # renamed by hand: allowed, logged
+    with caplog.at_level("WARNING", logger="cl_agent.updater"):
+        Updater(cfg).close()
+    assert f"names class 1 'hound', version 1 '{published[1]}'" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -395,3 +396,27 @@ def test_report_png_is_readable_by_other_users(tmp_path):
     finally:
         os.umask(old)
     assert oct((tmp_path / "report.png").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_publish_after_a_remembered_version_steps_past_it(tmp_path):
+    # The agent passes its own last version: a fresh (deleted or replaced) repository must not reuse numbers.
+    repo = ModelRepository(tmp_path / "models", "student")
+    assert repo.publish(fake_model(tmp_path, b"one"), {"class_names": CLASSES, "image_size": 16}, after=7) == 8
+    assert repo.versions() == [8] and repo.load_manifest(8)["version"] == 8
+    # `after` below the repository's own counter does not pull the number back.
+    assert repo.publish(fake_model(tmp_path, b"two"), {"class_names": CLASSES, "image_size": 16}, after=3) == 9
+
+
+def test_publish_removes_temp_folders_older_than_an_hour_and_keeps_fresh_ones(tmp_path):
+    repo = ModelRepository(tmp_path, "student")
+    publish(repo, tmp_path, b"first")
+    model_dir = tmp_path / "student"
+    old, fresh = model_dir / ".tmp-5-0ld00000", model_dir / ".tmp-6-fre5h000"
+    for folder in (old, fresh):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"half")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    publish(repo, tmp_path, b"second")
+    assert not old.exists()  # a crashed publisher's leftover
+    assert (fresh / "model.onnx").read_bytes() == b"half"  # may be another publisher at work right now

@@ -41,7 +41,7 @@ def _status_after_a_published_then_an_unpublished_record(tmp_path, capsys, **unp
 
 def test_status_shows_the_last_published_version_and_says_the_last_experience_was_skipped(tmp_path, capsys):
     out = _status_after_a_published_then_an_unpublished_record(tmp_path, capsys, skipped="0 usable labeled images, an update needs 2")
-    assert "last version:" in out and out.split("last version:")[1].split("\n")[0].strip() == "1"
+    assert "last trained version:" in out and out.split("last trained version:")[1].split("\n")[0].strip() == "1"
     assert "experience 1: 0 usable labeled images" in out
 
 
@@ -49,7 +49,7 @@ def test_status_says_the_last_export_was_refused_and_keeps_the_last_published_ve
     out = _status_after_a_published_then_an_unpublished_record(
         tmp_path, capsys, publish_error="parity check failed: top-1 differs from torch on 3 of 8 images"
     )
-    assert out.split("last version:")[1].split("\n")[0].strip() == "1"
+    assert out.split("last trained version:")[1].split("\n")[0].strip() == "1"
     refused = out.split("not published:")[1].split("\n")[0]
     assert "experience 1: parity check failed" in refused and "served version stays" in refused
 

@@ -209,3 +209,35 @@ def test_a_restart_whose_export_fails_again_goes_on_learning(backlog, monkeypatc
         assert again.run_once().version == 1
     finally:
         again.close()
+
+
+def test_a_stop_during_training_leaves_nothing_and_the_restart_trains_the_experience(backlog):
+    # docs/deployment.md: a stop during training abandons the update at the next step; nothing of it is
+    # checkpointed or published, and its experiences stay pending, trained again after the restart.
+    from cl_agent.updater import UpdateInterrupted
+
+    cfg = backlog("shorten")
+    repo = ModelRepository(cfg.repository.root, cfg.agent.model_name)
+    updater = Updater(cfg)
+    steps = []
+    try:
+        with pytest.raises(UpdateInterrupted):
+            updater.run_once(should_stop=lambda: True, progress=steps.append)
+        assert steps == []  # interrupted at its first step, before reporting it
+        assert updater._checkpoints() == []
+        assert updater.pending() == [0, 1, 2]
+    finally:
+        updater.close()
+    assert repo.versions() == [] and repo.last_version_ever() == 0
+    assert ExperienceStore(cfg.agent.workdir).pending() == [0, 1, 2]
+    assert read_experience_records(cfg.agent.workdir) == []
+
+    again = Updater(cfg)  # the restart
+    try:
+        assert again.last_trained == -1 and again.pending() == [0, 1, 2]
+        result = again.run_once()
+        assert result.experiences == [0] and result.version == 1
+        assert [index for index, _ in again._checkpoints()] == [0]
+    finally:
+        again.close()
+    assert ExperienceStore(cfg.agent.workdir).pending() == [1, 2]
