@@ -12,13 +12,20 @@ Messages follow the wire protocol (docs/protocol.md): a JSON header part with
 
 | request (header fields)                      | reply                                                   |
 | -------------------------------------------- | ------------------------------------------------------- |
-| ``list_versions`` (``model``)                | ``versions``: ``model``, ``versions`` (ascending)        |
+| ``list_versions`` (``model``)                | ``versions``: ``model``, ``versions`` (ascending), ``announce_endpoint`` |
 | ``get_manifest`` (``model``, ``version``)    | ``manifest``: ``version``, ``manifest`` (the JSON object) |
 | ``get_model`` (``model``, ``version``, ``offset``, ``length``) | ``model_chunk``: ``version``, ``offset``, ``size`` (whole file), ``sha256`` (manifest's); part 1 = bytes |
 | anything wrong                               | ``error``: ``reason``, ``detail``                       |
 
+``announce_endpoint`` (optional, added later: a follower ignores what it lacks) is the
+agent's ``repository.announce_endpoint`` as configured ("" when it does not announce), so a
+follower subscribes to the agent's port rather than its own config's default.
+
 Error reasons: the wire layer's codes, ``bad_kind``, ``unknown_model``,
 ``bad_request``, ``no_version`` (not there, or removed by retention), ``bad_offset``.
+``FetchClient`` adds ``timeout``, ``stopped``, ``bad_reply`` and ``wrong_endpoint`` (another
+of the project's endpoints answered, e.g. the agent's labeled port; the message names it and
+``repository.fetch_endpoint``).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import zmq
 
 from cl_agent.config import CurveSection, WireSection
 from cl_agent.errors import CLAgentError, bind_failure
+from cl_agent.peer import FETCH, wrong_endpoint
 from cl_agent.repository import ModelRepository
 from cl_agent.wire import PROTOCOL_VERSION, WireError, decode_message, pack_message, reply
 
@@ -72,10 +80,12 @@ class ModelFetchService:
         curve: CurveSection | None = None,
         wire: WireSection | None = None,
         chunk_bytes: int = CHUNK_BYTES,
+        announce_endpoint: str | None = None,
     ):
         if chunk_bytes < 1:
             raise CLAgentError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self.repository = repository
+        self.announce_endpoint = announce_endpoint  # repository.announce_endpoint, told to followers; None: not told
         self.requested_endpoint = endpoint
         self.curve = curve or CurveSection()
         self.wire = wire or WireSection()
@@ -170,7 +180,8 @@ class ModelFetchService:
         if model != self.repository.model_name:
             return self._error(seq, "unknown_model", f"this agent serves {self.repository.model_name!r}, not {model!r:.100}")
         if message.kind == "list_versions":
-            return reply("versions", SENDER, seq, model=model, versions=self.repository.versions())
+            told = {} if self.announce_endpoint is None else {"announce_endpoint": self.announce_endpoint}
+            return reply("versions", SENDER, seq, model=model, versions=self.repository.versions(), **told)
         if message.kind not in ("get_manifest", "get_model"):
             return self._error(seq, "bad_kind", f"expected list_versions, get_manifest or get_model, got {message.kind!r}")
         version = header.get("version")
@@ -234,6 +245,9 @@ class FetchClient:
         self._seq = itertools.count(1)
         self._stop = stop  # set: a waiting request gives up at once (reason "stopped")
         self.sender = f"follower-{os.getpid()}-{id(self):x}"
+        # From the last versions reply: the agent's announce endpoint as it configured it ("" = it does not
+        # announce); None while no reply named one (an agent from before the field, or none asked yet).
+        self.agent_announce_endpoint: str | None = None
 
     def _connect(self) -> zmq.Socket:
         socket = self._context.socket(zmq.REQ)
@@ -279,6 +293,9 @@ class FetchClient:
             raise FetchError("bad_reply", f"reply header is not JSON: {e}") from None
         if not isinstance(header, dict) or header.get("v") != PROTOCOL_VERSION:
             raise FetchError("bad_reply", f"reply is not a protocol {PROTOCOL_VERSION} header: {str(header)[:200]}")
+        wrong = wrong_endpoint(self.endpoint, header, FETCH)
+        if wrong:  # e.g. the agent's labeled port: a nack, not a version list
+            raise FetchError("wrong_endpoint", wrong)
         if header.get("kind") == "error":
             raise FetchError(str(header.get("reason", "error")), str(header.get("detail", "")))
         if header.get("kind") != expected or header.get("seq") != seq:
@@ -301,6 +318,8 @@ class FetchClient:
         versions = header.get("versions")
         if not isinstance(versions, list) or not all(_is_int(v) and v >= 1 for v in versions):
             raise FetchError("bad_reply", f"versions must be a list of ints >= 1, got {str(versions)[:200]}")
+        announce = header.get("announce_endpoint")
+        self.agent_announce_endpoint = announce[:300] if isinstance(announce, str) else None
         return sorted(versions)
 
     def manifest(self, version: int) -> dict:

@@ -13,7 +13,16 @@ version under the same number (``ModelRepository.install``, atomic). The local
 never installed, and retried after ``retry_s`` (doubling up to ``poll_s``).
 An agent that does not answer at all (down, or a wrong address) is warned about
 once it has been silent for ``silent_warn_s``, then at most every
-``silent_repeat_s`` while it stays silent, not once per attempt.
+``silent_repeat_s`` while it stays silent, not once per attempt; a failure that
+repeats word for word (an endpoint that answers, but is not the agent's fetch
+endpoint) is logged once, then at most every ``silent_repeat_s``.
+
+Announcements: the follower logs the announce endpoint it subscribes to at
+start. When that endpoint was not given explicitly (``learn_announce``) and the
+agent's ``versions`` reply names its own ``announce_endpoint``, the follower
+moves its subscription to that port on the fetch endpoint's host. A version
+found by polling that no announcement named, although the subscription had been
+up for a while, is warned about once: announcements are not reaching this server.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ log = logging.getLogger(__name__)
 
 PARTIAL_PREFIX = ".fetch-"
 NO_ANSWER = ("timeout", "stopped")  # FetchError reasons that mean the agent sent nothing back
+SUBSCRIBED_S = 1.0  # a version published this long after the subscription came up must have been announced
+ANNOUNCE_GRACE_S = 2.0  # how long after polling found such a version its announcement may still come
 
 
 def download(
@@ -134,13 +145,17 @@ class RepositoryFollower:
         context: zmq.Context | None = None,
         silent_warn_s: float = 10.0,
         silent_repeat_s: float = 60.0,
+        learn_announce: bool = True,
+        announce_source: str = "given",
     ):
         if poll_s <= 0 or retry_s <= 0:
             raise CLAgentError(f"poll_s and retry_s must be > 0, got {poll_s}, {retry_s}")
         if silent_warn_s <= 0 or silent_repeat_s <= 0:
             raise CLAgentError(f"silent_warn_s and silent_repeat_s must be > 0, got {silent_warn_s}, {silent_repeat_s}")
         self.repository = local_repository
-        self.announce_endpoint = announce_endpoint or None
+        self.announce_endpoint = announce_endpoint or None  # the one subscribed to (changes when learned)
+        self.announce_source = announce_source  # where announce_endpoint came from, for the log
+        self.learn_announce = learn_announce  # take the announce endpoint the agent reports
         self.poll_s = poll_s
         self.retry_s = retry_s
         self.max_model_bytes = max_model_bytes
@@ -169,6 +184,15 @@ class RepositoryFollower:
         self._answer_lock = threading.Lock()
         self._last_answer = time.monotonic()  # the start counts as an answer: silence is measured from here
         self._silence_warned_at: float | None = None  # when the current silence was last warned about
+        self._last_failure: str | None = None  # the last failed sync's error, while failures go on
+        self._failure_logged_at = 0.0  # when it was last logged
+        self._failure_repeats = 0  # times it came again since then, unlogged
+        self._announced = 0  # the highest version an announcement named
+        self._subscribed_at: float | None = None  # when the SUB socket connected to announce_endpoint
+        self._listed: tuple[float, list[int]] | None = None  # the last version list and when it was asked for
+        self._unannounced: tuple[int, float] | None = None  # a version polling found unannounced, and when
+        self._unannounced_warned = False
+        self._agent_announce_noted = False  # the agent's reply about its announce endpoint was looked at
 
     @property
     def version(self) -> int | None:
@@ -177,6 +201,11 @@ class RepositoryFollower:
 
     def start(self) -> "RepositoryFollower":
         self._stop.clear()
+        if self.announce_endpoint:
+            log.info("following %s: announcements from %s (%s), polling every %.1f s",
+                     self.client.endpoint, self.announce_endpoint, self.announce_source, self.poll_s)
+        else:
+            log.info("following %s: no announce endpoint, polling every %.1f s", self.client.endpoint, self.poll_s)
         with self._answer_lock:
             self._last_answer, self._silence_warned_at = time.monotonic(), None
         self._thread = threading.Thread(target=self._loop, name="repository-follower", daemon=True)
@@ -205,11 +234,20 @@ class RepositoryFollower:
     def sync_once(self) -> int | None:
         """Install the agent's newest version if it is newer than every local one; returns it, or None."""
         self.counters["syncs"] += 1
+        asked_at = time.monotonic()
         versions = self.client.list_versions()
         self._answered()
+        self._note_agent_announce()
+        previous, self._listed = self._listed, (asked_at, versions)
         if not versions:
             return None
         newest, local = versions[-1], self.repository.last_version_ever()
+        if (
+            previous is not None and self._subscribed_at is not None and previous[0] >= self._subscribed_at + SUBSCRIBED_S
+            and newest not in previous[1] and newest > self._announced and self._unannounced is None
+        ):
+            # Published after the previous listing, which came well after the subscription: it should have been announced.
+            self._unannounced = (newest, time.monotonic())
         if newest <= local:
             if newest < local and self._warned_behind != newest:
                 self._warned_behind = newest
@@ -238,17 +276,74 @@ class RepositoryFollower:
             self.on_install(newest)
         return newest
 
-    def _loop(self) -> None:
-        sub = None
-        if self.announce_endpoint:
+    def _note_agent_announce(self) -> None:
+        """Look once at the announce endpoint the agent reported; move the subscription there if it is not given."""
+        if self._agent_announce_noted:
+            return
+        self._agent_announce_noted = True
+        reported = self.client.agent_announce_endpoint
+        if reported is None:
+            log.info("the agent at %s does not report its announce endpoint; announcements are expected from %s",
+                     self.client.endpoint, self.announce_endpoint or "nowhere (polling only)")
+            return
+        if not reported:
+            log.info("the agent at %s does not announce versions; polling every %.1f s", self.client.endpoint, self.poll_s)
+            return
+        seen_from_here = derived_announce_endpoint(self.client.endpoint, reported)
+        if seen_from_here is None:  # not tcp://HOST:PORT on both sides: no way to tell its address from here
+            log.info("the agent announces on %s; announcements are expected from %s",
+                     reported, self.announce_endpoint or "nowhere (polling only)")
+            return
+        if seen_from_here == self.announce_endpoint:
+            return
+        if self.learn_announce:
+            log.info("the agent announces on %s: subscribing to %s instead of %s",
+                     reported, seen_from_here, self.announce_endpoint or "nothing")
+            self.announce_endpoint = seen_from_here
+        else:
+            log.warning("the agent reports its announce endpoint as %s (from here %s), but this server listens on %s "
+                        "(serve.follow_announce_endpoint): new versions may only arrive by polling",
+                        reported, seen_from_here, self.announce_endpoint)
+
+    def _subscribe(self, sub: zmq.Socket | None, current: str | None) -> tuple[zmq.Socket | None, str | None]:
+        """The SUB socket connected to ``announce_endpoint`` (moved from ``current`` when it changed), and its endpoint."""
+        if self.announce_endpoint == current:
+            return sub, current
+        if sub is None:
             sub = self._context.socket(zmq.SUB)
             sub.linger = 0
             sub.setsockopt(zmq.SUBSCRIBE, self.repository.model_name.encode())
-            sub.connect(self.announce_endpoint)
+        elif current:
+            sub.disconnect(current)
+        sub.connect(self.announce_endpoint)
+        self._subscribed_at = time.monotonic()
+        return sub, self.announce_endpoint
+
+    def _check_unannounced(self, now: float) -> None:
+        """Warn once when a version polling found was not announced within ``ANNOUNCE_GRACE_S``."""
+        if self._unannounced is None or self._unannounced_warned:
+            return
+        version, found_at = self._unannounced
+        if self._announced >= version:
+            self._unannounced = None
+        elif now - found_at >= ANNOUNCE_GRACE_S:
+            self._unannounced_warned = True
+            log.warning(
+                "version %d reached this server by polling, and no announcement of it arrived from %s: announcements "
+                "are not reaching this server (is that the agent's repository.announce_endpoint, bound to an address "
+                "this machine can reach? set serve.follow_announce_endpoint or --follow-announce); new versions "
+                "arrive up to %.1f s late", version, self.announce_endpoint, self.poll_s,
+            )
+
+    def _loop(self) -> None:
+        sub, subscribed = self._subscribe(None, None) if self.announce_endpoint else (None, None)
         next_sync = time.monotonic()  # at start: catch up to whatever was published while offline
         delay = self.retry_s
         try:
             while not self._stop.is_set():
+                if self.announce_endpoint != subscribed:  # learned from the agent's version list
+                    sub, subscribed = self._subscribe(sub, subscribed)
+                self._check_unannounced(time.monotonic())
                 if sub is not None and sub.poll(50):
                     try:
                         body = parse_announcement(sub.recv_multipart())
@@ -256,6 +351,7 @@ class RepositoryFollower:
                         log.warning("ignoring a malformed announcement: %s", e)
                         continue
                     self.counters["announcements"] += 1
+                    self._announced = max(self._announced, body["version"])
                     if body["version"] > self.repository.last_version_ever():
                         next_sync = time.monotonic()
                 elif self._wake.wait(0 if sub is not None else 0.05):
@@ -276,16 +372,32 @@ class RepositoryFollower:
                     else:
                         if isinstance(e, FetchError):
                             self._answered()  # an error reply, or a bad one: the agent is there
-                        log.warning("fetch from %s failed, retrying in %.1f s: %s", self.client.endpoint, delay, e)
+                        self.report_failure(e, delay, time.monotonic())
                     next_sync = time.monotonic() + delay
                     delay = min(self.poll_s, delay * 2)
                     continue
+                if self._last_failure is not None:
+                    log.info("fetch from %s works again", self.client.endpoint)
+                    self._last_failure, self._failure_repeats = None, 0
                 delay = self.retry_s
                 next_sync = time.monotonic() + self.poll_s
         finally:
             if sub is not None:
                 sub.close(0)
             self.client.close()
+
+    def report_failure(self, error: Exception, delay: float, now: float) -> bool:
+        """Log a failed sync: a new error at once, the same error again at most every ``silent_repeat_s``; True if logged."""
+        text = str(error)
+        if text == self._last_failure and now - self._failure_logged_at < self.silent_repeat_s:
+            self._failure_repeats += 1
+            log.debug("fetch from %s failed again, retrying in %.1f s: %s", self.client.endpoint, delay, text)
+            return False
+        repeats = f" (the same error {self._failure_repeats} more times since it was last logged)" if (
+            text == self._last_failure and self._failure_repeats) else ""
+        log.warning("fetch from %s failed, retrying in %.1f s: %s%s", self.client.endpoint, delay, text, repeats)
+        self._last_failure, self._failure_logged_at, self._failure_repeats = text, now, 0
+        return True
 
     # ----------------------------------------------------------------- silence
 
@@ -347,9 +459,15 @@ def follower_from_config(
     """
     if not serve.follow_fetch_endpoint:
         return None
-    announce = serve.follow_announce_endpoint or derived_announce_endpoint(serve.follow_fetch_endpoint, announce_endpoint)
+    if serve.follow_announce_endpoint:
+        announce, source = serve.follow_announce_endpoint, "serve.follow_announce_endpoint"
+    else:
+        announce = derived_announce_endpoint(serve.follow_fetch_endpoint, announce_endpoint)
+        source = ("the --follow host with this config's repository.announce_endpoint port, "
+                  "until the agent reports its own")
     if not announce:
-        log.warning("no announce endpoint for %s: polling every %.1f s only", serve.follow_fetch_endpoint, serve.follow_poll_s)
+        log.warning("no announce endpoint for %s: polling every %.1f s only, until the agent reports its own",
+                    serve.follow_fetch_endpoint, serve.follow_poll_s)
     return RepositoryFollower(
         serve.follow_fetch_endpoint,
         announce,
@@ -358,4 +476,6 @@ def follower_from_config(
         curve_secret_key=serve.follow_curve_secret_key or None,
         curve_server_key=serve.follow_curve_server_key or None,
         on_install=on_install,
+        learn_announce=not serve.follow_announce_endpoint,
+        announce_source=source,
     )

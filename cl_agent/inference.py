@@ -4,7 +4,9 @@ A REQ socket sends one ``infer`` request and waits up to ``timeout_s`` for the
 reply. On a timeout the socket is closed and reopened (a REQ socket that lost
 its reply cannot be reused) and the request is sent again, up to ``retries``
 times; then ``InferenceError`` with reason ``timeout``. An ``error`` reply from
-the server is raised at once (resending the same request would fail again).
+the server is raised at once (resending the same request would fail again); so is a
+reply from another of the project's endpoints (reason ``wrong_endpoint``, naming it and
+``serve.endpoint``, see ``cl_agent/peer.py``).
 One client per thread: ZeroMQ sockets are not thread-safe.
 
 ``spin_us``: wait for the reply spinning (zero-timeout polls) for a window of this
@@ -38,6 +40,7 @@ import zmq
 from cl_agent.client import connect, message_limit
 from cl_agent.config import WireSection
 from cl_agent.errors import CLAgentError
+from cl_agent.peer import INFERENCE, wrong_endpoint
 from cl_agent.wire import WireError, check_outgoing_size, decode_reply, encode_message, pack_message
 
 
@@ -201,6 +204,9 @@ class InferenceClient:
         except WireError as e:
             raise InferenceError(e.reason, f"malformed reply: {e.detail}") from None
         kind = header["kind"]
+        wrong = wrong_endpoint(self.endpoint, header, INFERENCE)
+        if wrong:  # e.g. the agent's labeled port: a nack, not a prediction
+            raise InferenceError("wrong_endpoint", wrong)
         if kind == "error":
             raise InferenceError(str(header.get("reason", "error")), str(header.get("detail", "")))
         if kind != expected_kind or header["seq"] != seq:
@@ -272,8 +278,8 @@ def print_predictions(
     """``cl-agent predict``: classify image files through a running server, one line per image, one request each.
 
     An unreadable image is reported on stderr and the others still go; exit code 0, or 1 if any
-    image could not be read or was refused. A server that does not answer ends the command
-    (``InferenceError``) rather than timing out once per image.
+    image could not be read or was refused. A server that does not answer, or an endpoint that
+    is not a server's, ends the command (``InferenceError``) rather than failing once per image.
     """
     import json
 
@@ -290,7 +296,7 @@ def print_predictions(
         try:
             result = client.predict(image[None, :, :, ::-1], top_k=top_k)  # OpenCV reads BGR; the wire is RGB
         except InferenceError as e:
-            if e.reason == "timeout":
+            if e.reason in ("timeout", "wrong_endpoint"):  # the same for every image: one error ends the command
                 raise
             typer.echo(f"{path}: refused ({e.reason}): {e.detail}", err=True)
             failed += 1

@@ -87,6 +87,10 @@ class Server:
         self.counters["largest_batch"] = 0  # most images any one session run was given (never above max_batch)
         self.counters.update({"busy_s": 0.0, "inference_s": 0.0})
         self._recent: deque[tuple[float, float]] = deque(maxlen=2048)  # (handling, inference) seconds per batch
+        # Repository checks (watcher thread): how many began, and the number of the last one that finished;
+        # a check numbered above checks_started read at some moment began after that moment.
+        self.checks_started = 0
+        self.checks_done = 0
 
     @property
     def version(self) -> int | None:
@@ -162,6 +166,14 @@ class Server:
 
     def _check_for_new_version(self) -> None:
         """Load the newest version above the current one that has not failed before; swap it in."""
+        self.checks_started += 1
+        number = self.checks_started
+        try:
+            self._swap_to_newest()
+        finally:
+            self.checks_done = number
+
+    def _swap_to_newest(self) -> None:
         current = self.version or 0
         try:
             versions = self.repository.versions()

@@ -266,12 +266,13 @@ def test_curve_follower_needs_an_authorized_key(tmp_path, source, models):
 
 
 def test_a_follower_of_an_unreachable_agent_stops_at_once(tmp_path):
-    follower = RepositoryFollower(f"tcp://127.0.0.1:{free_port()}", None, ModelRepository(tmp_path, "student"), timeout_s=5.0)
+    follower = RepositoryFollower(f"tcp://127.0.0.1:{free_port()}", None, ModelRepository(tmp_path, "student"), timeout_s=30.0)
     follower.start()
-    time.sleep(0.3)  # inside its first request, waiting for a reply that will not come
+    assert wait_until(lambda: follower.counters["syncs"] == 1)
+    time.sleep(0.1)  # inside its first request, waiting for a reply that will not come
     started = time.monotonic()
     follower.stop()
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 10  # not after its 30 s request timeout (nor stop's 15 s join limit)
     assert follower.counters["syncs"] == 1 and follower.counters["fetch_errors"] == 0
 
 

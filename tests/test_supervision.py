@@ -1,57 +1,101 @@
 """The agent restarts a dead server or trainer after a growing pause, without stalling its own loop."""
 
-import multiprocessing as mp
 import time
 
+import pytest
+
+import cl_agent.agent as agent_module
 from cl_agent.agent import Agent
 from cl_agent.config import load_config
 from cl_agent.metrics import AgentMetrics
 
 
-def _dead_process():
-    process = mp.get_context("fork").Process(target=int)
-    process.start()
-    process.join()
-    return process
+class FakeClock:
+    """Stands in for the agent module's ``time``: monotonic() is set by the test; sleeping is a failure."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        raise AssertionError(f"the agent loop slept {seconds} s: restart pauses must be scheduled, not slept")
+
+    def __getattr__(self, name):
+        return getattr(time, name)
 
 
-def test_a_server_that_keeps_dying_is_restarted_with_a_growing_pause_and_the_loop_never_blocks(tmp_path):
-    agent = Agent(load_config(None, {"agent.workdir": str(tmp_path)}))
+class DeadProcess:
+    """A child process that has exited (a trainer that crashed, a server whose port is taken)."""
+
+    exitcode = 1
+
+    def is_alive(self) -> bool:
+        return False
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(agent_module, "time", fake)
+    return fake
+
+
+def _run_dying_child(agent, name: str, clock: FakeClock, state: dict, metrics, seconds: float) -> list[float]:
+    """Let ``name`` die at once after every start for ``seconds`` of fake time; the times of its restarts."""
     starts = []
 
-    def start_server():  # a server whose port is taken: it exits as soon as it starts
-        starts.append(time.monotonic())
-        agent.server = _dead_process()
+    def start():
+        starts.append(clock.now)
+        setattr(agent, name, DeadProcess())
 
-    agent._start_server = start_server
-    agent.server = _dead_process()
-    begin = time.monotonic()
-    longest_call = 0.0
-    while time.monotonic() - begin < 3.5:
-        t0 = time.monotonic()
-        agent._supervise({}, None, None)
-        longest_call = max(longest_call, time.monotonic() - t0)
-        time.sleep(0.02)
-    # pauses of 1 s then 2 s: restarts near t = 1 and t = 3, not one per loop turn
-    assert len(starts) == 2, [round(s - begin, 2) for s in starts]
-    assert 0.9 <= starts[0] - begin <= 1.5
-    assert longest_call < 0.5
+    setattr(agent, f"_start_{name}", start)
+    setattr(agent, name, DeadProcess())
+    begin = clock.now
+    while clock.now - begin <= seconds:
+        for _ in range(3):  # several loop turns at the same instant start it at most once
+            agent._supervise(state, metrics, None)
+        clock.now += 0.25
+    return [t - begin for t in starts]
 
 
-def test_a_dead_trainer_is_restarted_after_its_pause_without_sleeping_in_the_loop(tmp_path):
+def _gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip([0.0, *times], times)]
+
+
+def test_a_trainer_that_keeps_dying_is_restarted_after_2_4_8_16_then_30_s(tmp_path, clock):
     agent = Agent(load_config(None, {"agent.workdir": str(tmp_path)}))
-    starts = []
-    agent._start_trainer = lambda: starts.append(time.monotonic())
-    agent.trainer = _dead_process()
     metrics = AgentMetrics()
-    t0 = time.monotonic()
-    agent._supervise({}, metrics, None)
-    assert time.monotonic() - t0 < 0.5  # the pause (2 s) is scheduled, not slept
+    begin = clock.now
+    starts = _run_dying_child(agent, "trainer", clock, {}, metrics, 150.0)
+    assert _gaps(starts) == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0], starts
+    assert agent.trainer_restarts == 9  # the ninth restart is scheduled, 30 s after the eighth start
+    assert metrics.value("trainer_failures_total") == 9  # counted once per death, when its restart is scheduled
+    assert agent._restart_at["trainer"] == begin + starts[-1] + 30.0  # the cap holds: no 256 s pause
+
+
+def test_a_server_that_keeps_dying_is_restarted_after_1_2_4_8_16_then_30_s(tmp_path, clock):
+    agent = Agent(load_config(None, {"agent.workdir": str(tmp_path)}))
+    state = {}
+    starts = _run_dying_child(agent, "server", clock, state, AgentMetrics(), 120.0)
+    assert _gaps(starts) == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0], starts
+    assert state["server_restarts"] == agent.server_restarts == 8
+    assert state["server_failure"] == "exited with code 1 (see server.log)"
+
+
+def test_a_restart_pause_is_not_slept_and_nothing_starts_before_it_ends(tmp_path, clock):
+    agent = Agent(load_config(None, {"agent.workdir": str(tmp_path)}))
+    starts = []
+    agent._start_trainer = lambda: starts.append(clock.now)
+    agent.trainer = DeadProcess()
+    agent._supervise({}, AgentMetrics(), None)  # FakeClock.sleep fails the test if the pause were slept
+    clock.now += 1.75
+    agent._supervise({}, AgentMetrics(), None)
     assert starts == []
-    agent.stop_requested.wait(2.1)
-    agent._supervise({}, metrics, None)
-    assert len(starts) == 1
-    assert metrics.value("trainer_failures_total") == 1  # counted once, when its restart was scheduled
+    clock.now += 0.25
+    agent._supervise({}, AgentMetrics(), None)
+    assert starts == [clock.now]
 
 
 def _wait_dead(process, timeout_s=60.0):
