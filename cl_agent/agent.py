@@ -24,7 +24,15 @@ import threading
 import time
 from pathlib import Path
 
-from cl_agent.config import AgentConfig, connect_endpoint, save_resolved
+from cl_agent.config import (
+    AgentConfig,
+    AgentSection,
+    ExperienceSection,
+    ModelSection,
+    TrainSection,
+    connect_endpoint,
+    save_resolved,
+)
 from cl_agent.errors import BusyError, CLAgentError
 
 log = logging.getLogger("cl_agent.agent")
@@ -32,6 +40,36 @@ log = logging.getLogger("cl_agent.agent")
 LOCK_FILE = "agent.lock"
 RESOLVED_CONFIG = "config.yaml"
 SERVER_UP_S = 10.0  # a restarted hosted server alive this long counts as running when nothing asks it
+PUBLISHED_POLL_S = 1.0  # the repository's newest version is read again this often (rollbacks, other publishers)
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def slow_training_warning(
+    agent: AgentSection, train: TrainSection, experience: ExperienceSection, model: ModelSection, cuda_available: bool
+) -> str | None:
+    """A warning when the updates will train on the CPU with no time limit, naming the planned work; else None.
+
+    The default schedule (train.epochs_base epochs at the first experience) is sized for a GPU:
+    on a small CPU one update can take an hour, and a stop abandons the update under way."""
+    from cl_agent.method import epochs_for, steps_per_epoch
+
+    on_cpu = agent.device == "cpu" or (agent.device == "auto" and not cuda_available)
+    if not on_cpu or train.time_budget_s > 0:
+        return None
+    epochs = epochs_for(train, 0)
+    per_epoch = steps_per_epoch(experience.labeled_samples, train.labeled_batch)
+    device = "agent.device = 'cpu'" if agent.device == "cpu" else "agent.device = 'auto' and no CUDA on this machine"
+    return (
+        f"updates train on the CPU ({device}) with no time limit (train.time_budget_s = 0): the first update "
+        f"plans up to {epochs * per_epoch} steps ({epochs} epochs x {per_epoch} batches of train.labeled_batch "
+        f"{train.labeled_batch} from experience.labeled_samples {experience.labeled_samples}; fewer for an "
+        f"experience cut early) of "
+        f"{model.backbone} at {model.image_size} px, which can take an hour or more on a small CPU, and a "
+        "stop abandons the update under way. Set train.time_budget_s (seconds per update, e.g. 600) "
+        "or lower train.epochs_base and train.epochs_min"
+    )
 
 
 # --------------------------------------------------------------------------- child processes
@@ -76,6 +114,11 @@ def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to
     from cl_agent.updater import TrainerSetupError, update_loop
 
     _child_logging(cfg, "trainer.log", to_stderr)
+    import torch
+
+    warning = slow_training_warning(cfg.agent, cfg.train, cfg.experience, cfg.model, torch.cuda.is_available())
+    if warning is not None:  # logged by the parent: its log reaches the terminal even under the live view
+        results.put({"warning": warning})
     flag = threading.Event()
 
     def watch() -> None:  # mirror the stop pipe and the parent's liveness into a thread event
@@ -162,12 +205,16 @@ class Agent:
         self.trainer_stop = None  # write end of the running trainer's stop pipe
         self.results: mp.Queue | None = None  # the running trainer's results (both new for each trainer process)
         self.trainer_restarts = 0
+        self._warned: set[str] = set()  # the trainer's warnings logged already (each once, not per restart)
         self.exit_code = 0  # set when the agent stops itself on a failure
         self.server_restarts = 0
         self._server_started = 0.0  # monotonic time the running server process was started
         self._server_answered = 0.0  # monotonic time the served-version watch last got an answer
         self._restart_at: dict[str, float] = {}  # child name -> monotonic time of its scheduled restart
         self._lock_file = None
+        from cl_agent.status import UpdateProgress
+
+        self.progress = UpdateProgress(cfg.train.time_budget_s)  # the update under way, from the trainer's messages
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -218,6 +265,24 @@ class Agent:
 
         return ModelRepository(self.cfg.repository.root, self.cfg.agent.model_name).latest_version()
 
+    def _refresh_published(self, state: dict, metrics, view) -> None:
+        """``published_version`` (and its older name ``model_version``): the repository's newest version.
+
+        Read from the repository, not from the trainer's results: a rollback (which publishes an
+        older model as a new version) or another publisher changes it too."""
+        try:
+            version = self._latest_version()
+        except OSError as e:  # an unreadable repository folder: keep the last known value
+            log.warning("cannot read the model repository %s: %s", self.cfg.repository.root, e)
+            return
+        if version == state.get("published_version") and "published_version" in state:
+            return
+        state["published_version"] = state["model_version"] = version
+        if version is not None:
+            metrics.set_published_version(version)
+        if view is not None:
+            view.update({"published_version": version})
+
     def _start_trainer(self) -> None:
         # A new pipe and queue for each trainer: one that was killed may have died holding the old
         # queue's lock or inside a read of the old pipe.
@@ -251,7 +316,11 @@ class Agent:
         if not cfg.repository.fetch_endpoint:
             return
         repository = ModelRepository(cfg.repository.root, cfg.agent.model_name, cfg.repository.keep_last)
-        service = ModelFetchService(repository, cfg.repository.fetch_endpoint, curve=cfg.ingest.curve, wire=cfg.ingest.wire)
+        service = ModelFetchService(
+            repository, cfg.repository.fetch_endpoint, curve=cfg.ingest.curve, wire=cfg.ingest.wire,
+            # told to followers as configured ("": not announcing); a free port picked at bind is not known here
+            announce_endpoint=None if cfg.repository.announce_endpoint.endswith((":0", ":*")) else cfg.repository.announce_endpoint,
+        )
         try:
             self.fetch_service = service.start()
         except CLAgentError as e:  # servers on this machine read the folder; only remote followers lose out
@@ -271,11 +340,13 @@ class Agent:
         metrics_server = serve_from_config(metrics, cfg.metrics)
         state = initial_state(metrics_port=metrics_server.port if metrics_server else None, metrics_host=cfg.metrics.host)
         state["heartbeat_s"] = cfg.metrics.state_interval_s
-        state["model_version"] = self._latest_version()
-        if state["model_version"] is not None:  # published before this start: not "none published yet"
-            metrics.set_published_version(state["model_version"])
+        state["update"] = None
+        self._refresh_published(state, metrics, None)  # published before this start: not "none published yet"
         last = next(records_backwards(self.workdir), None)
         state["last_experience"] = last.get("experience") if last else None
+        state["last_trained_version"] = next(
+            (r["version"] for r in records_backwards(self.workdir) if isinstance(r.get("version"), int)), None
+        )
         ingest = IngestService(
             cfg.ingest, cfg.spool, cfg.reservoir, cfg.experience, self.workdir, seed=cfg.agent.seed
         ).start()
@@ -291,15 +362,15 @@ class Agent:
         if starting and cfg.agent.host_server:
             self._start_server()
         view = self.view
-        if view is not None and state["model_version"] is not None:
-            view.update({"published_version": state["model_version"]})
+        if view is not None and state["published_version"] is not None:
+            view.update({"published_version": state["published_version"]})
         if starting and cfg.agent.host_server:
             self.served_watch = threading.Thread(
                 target=self._watch_served_version, args=(state, metrics, view), name="served-version", daemon=True
             )
             self.served_watch.start()
 
-        last_state = 0.0
+        last_state = last_published = 0.0
         code = 0
         try:
             while not self.stop_requested.is_set():
@@ -327,10 +398,14 @@ class Agent:
                     reservoir_size=counters["reservoir_frames"],
                     backlog=pending,
                 )
-                state.update(counters=counters, pending_experiences=pending)
-                if view is not None:
-                    view.update({"ingest": _rate_counters(counters), "backlog": pending})
+                update = self.progress.snapshot()
+                state.update(counters=counters, pending_experiences=pending, update=update)
                 now = time.monotonic()
+                if now - last_published >= PUBLISHED_POLL_S:
+                    self._refresh_published(state, metrics, view)
+                    last_published = now
+                if view is not None:
+                    view.update({"ingest": _rate_counters(counters), "backlog": pending, **(update or {})})
                 if now - last_state >= cfg.metrics.state_interval_s:
                     write_state(self.workdir, state)
                     last_state = now
@@ -349,9 +424,15 @@ class Agent:
                 log.warning("cannot read the trainer's last results (%s: %s); its records on disk stay", type(e).__name__, e)
                 return
             if "progress" in item:
+                info = item["progress"]
+                self.progress.report(info)
                 if view is not None:
-                    info = item["progress"]
-                    view.update({"phase": "training", **{k: info[k] for k in ("experience", "step", "steps", "losses") if k in info}})
+                    view.update({"losses": info.get("losses") or {}, **(self.progress.snapshot() or {})})
+                continue
+            if "warning" in item:
+                if item["warning"] not in self._warned:
+                    self._warned.add(item["warning"])
+                    log.warning("%s", item["warning"])
                 continue
             if "error" in item and item.get("fatal"):
                 state["stop_error"] = f"trainer cannot start: {item['error']}"
@@ -363,32 +444,36 @@ class Agent:
                 log.error("trainer reported: %s", item["error"])
                 continue
             state["last_experience"] = item["experience"]
+            self.progress.finish()
             if item.get("skipped"):  # nothing trained or published: the served model and the metrics stay
-                log.warning("experience %d not trained (%s); model version stays %s",
-                            item["experience"], item["skipped"], state.get("model_version"))
+                log.warning("experience %d not trained (%s); published version stays %s",
+                            item["experience"], item["skipped"], state.get("published_version"))
+                if view is not None:
+                    view.update({"phase": "idle"})
                 continue
             if item.get("publish_error"):  # trained, but not published (export refused, or a write failed): the served version stays
                 metrics.inc_publish_failures()
-            else:
-                state["model_version"] = item["version"]
+            elif item["version"] is not None:  # None: publishing held (``cl-agent models hold``)
+                state["last_trained_version"] = item["version"]
+                self._refresh_published(state, metrics, view)  # now, not at the next poll
             metrics.inc_experiences_trained(len(item.get("merged", [item["experience"]])))
             if not item.get("recovered"):  # a recovered update's times were lost with the crash
                 metrics.observe_update(item["update_seconds"], item["losses"])
                 metrics.observe_export(item["export_seconds"])
             if item["online_accuracy"] is not None:
                 metrics.set_online_accuracy(item["online_accuracy"])
-            if item["version"] is not None:
-                metrics.set_published_version(item["version"])
+            export_seconds = item.get("export_seconds") or 0.0
             log.info(
-                "experience %d trained (%d labeled, %d unlabeled) in %.1f s, online accuracy %s, published version %s",
-                item["experience"], item["labeled"], item["unlabeled"], item["update_seconds"],
+                "experience %d trained (%d labeled, %d unlabeled) in %.1f s (training %.1f s, export and publish %.1f s), "
+                "online accuracy %s, published version %s",
+                item["experience"], item["labeled"], item["unlabeled"], item["update_seconds"] + export_seconds,
+                item["update_seconds"], export_seconds,
                 "n/a" if item["online_accuracy"] is None else f"{item['online_accuracy']:.3f}",
-                item["version"] if not item.get("publish_error") else f"none (not published; {state.get('model_version')} stays)",
+                item["version"] if item["version"] is not None and not item.get("publish_error")
+                else f"none (not published; {state.get('published_version')} stays)",
             )
-            if view is not None:
-                view.update(
-                    {"phase": "waiting", "published_version": state.get("model_version"), "online_accuracy": item["online_accuracy"]}
-                )
+            if view is not None:  # after the published version was read: "idle (version N)" names the new one
+                view.update({"phase": "idle", "online_accuracy": item["online_accuracy"]})
 
     def _supervise(self, state: dict, metrics, view) -> None:
         """Restart a crashed trainer or server, each after a growing pause (its work is durable, so it
@@ -402,6 +487,9 @@ class Agent:
             if self.stop_requested.is_set():  # it could not start at all: no restart
                 return
             self.trainer_restarts += 1
+            self.progress.finish()  # its update is abandoned; the restarted trainer begins it again
+            if view is not None:
+                view.update({"phase": "idle"})
             metrics.inc_trainer_failures()
             pause = min(30.0, 2.0**self.trainer_restarts)
             log.error("trainer exited with code %s; restarting in %.0f s", self.trainer.exitcode, pause)
@@ -468,6 +556,7 @@ class Agent:
                 child.join(5)
         self._drain_results(state, metrics, view)  # an update that finished within the grace period
         state["status"] = "stopped"
+        state["update"] = None  # an update still under way was abandoned: the next start trains it again
         from cl_agent.status import write_state
 
         write_state(self.workdir, state)

@@ -46,7 +46,7 @@ app = command_group(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-models_app = command_group("Inspect and roll back versions in a model repository.")
+models_app = command_group("Inspect, roll back and hold the versions in a model repository.")
 bench_app = command_group("Benchmarks: the CIR learning benchmark and result comparison.")
 keys_app = command_group("CURVE key management for authenticated endpoints.")
 labels_app = command_group("The class-name map of an agent's working directory (labels.json).")
@@ -67,8 +67,10 @@ SetOpt = Annotated[
     typer.Option("--set", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=0.001 (repeatable); applied over --config or the defaults."),
 ]
 
-RepoOpt = Annotated[Path, typer.Option(help="Model repository root.")]
-ModelOpt = Annotated[str, typer.Option(help="Model name.")]
+RepoOpt = Annotated[
+    Optional[Path], typer.Option(help="Model repository root (default: repository.root of --config; runs/models without one).")
+]
+ModelOpt = Annotated[Optional[str], typer.Option(help="Model name (default: agent.model_name of --config; student without one).")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -131,7 +133,7 @@ def serve(
     ] = None,
     follow_announce: Annotated[
         Optional[str],
-        typer.Option(help="The agent's announce endpoint when following (default: the --follow host, announce port)."),
+        typer.Option(help="The agent's announce endpoint when following (default: the --follow host with the announce port the agent reports; until it answers, repository.announce_endpoint's port)."),
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -149,7 +151,7 @@ def serve(
 def predict(
     images: Annotated[
         Optional[list[Path]],
-        typer.Argument(help="Image files (JPEG, PNG, BMP, WebP), or folders: every image in them and their subfolders, sorted by path.", show_default=False),
+        typer.Argument(help="Image files (JPEG, PNG, BMP, WebP), or folders: every image in them and their subfolders, sorted by path.", show_default=False, metavar="IMAGE"),
     ] = None,
     endpoint: Annotated[
         Optional[str],
@@ -186,11 +188,34 @@ def predict(
     raise typer.Exit(code)
 
 
+WorkdirOpt = Annotated[
+    Optional[Path],
+    typer.Option(help="The agent's working directory (default: agent.workdir of --config; runs/agent without one)."),
+]
+
+
+def agent_workdir(workdir: Optional[Path], config: Optional[Path], overrides: Optional[list[str]]) -> Path:
+    """``--workdir`` if given, else the config's agent.workdir; a missing folder fails with a hint naming both options."""
+    if workdir is None:
+        workdir = Path(resolve_config(config, overrides).agent.workdir)
+        where = f"agent.workdir of {config}" if config is not None else ("agent.workdir" if overrides else "the default")
+    else:
+        where = "--workdir"
+    if not workdir.exists():
+        hint = {
+            "the default": "pass --workdir DIR (the agent's agent.workdir) or --config FILE (the agent's config)",
+            "--workdir": "is that the agent's agent.workdir? --config FILE reads it from the agent's config",
+        }.get(where, "has the agent run with this config on this machine? else pass --workdir DIR")
+        fail(f"no agent working directory at {workdir} ({where}; folder not found): {hint}")
+    return workdir
+
+
 @app.command()
-def status(workdir: Annotated[Path, typer.Option(help="The agent's working directory.")] = Path("runs/agent")) -> None:
+def status(workdir: WorkdirOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the state of an agent: running or not, last experience, last version, counts."""
     from cl_agent.status import print_status
 
+    workdir = agent_workdir(workdir, config, set_)
     try:
         code = print_status(workdir)
     except CLAgentError as e:
@@ -200,19 +225,28 @@ def status(workdir: Annotated[Path, typer.Option(help="The agent's working direc
 
 @labels_app.command("restore")
 def labels_restore(
-    workdir: Annotated[Path, typer.Option(help="The agent's working directory (labels.json is written there).")] = Path("runs/agent"),
-    repo: RepoOpt = Path("runs/models"),
-    model: ModelOpt = "student",
+    workdir: Annotated[
+        Optional[Path],
+        typer.Option(help="The agent's working directory, where labels.json is written (default: agent.workdir of --config; runs/agent without one)."),
+    ] = None,
+    repo: RepoOpt = None,
+    model: ModelOpt = None,
     version: Annotated[Optional[int], typer.Option(help="Version whose class_names to use (default: the newest).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Rebuild a lost labels.json from a published version's manifest (its class_names, in output order)."""
     from cl_agent.labels import highest_stored_class_id, restore_labels
     from cl_agent.repository import ModelRepository, check_repo_option
 
+    cfg = resolve_config(config, set_)
+    workdir_option = "--workdir" if workdir is not None or (config is None and not set_) else "agent.workdir"
+    workdir = workdir if workdir is not None else Path(cfg.agent.workdir)
+    repo, model, option = repository_target(cfg, repo, model, config is None and not set_)
     try:
         if not workdir.is_dir():
-            raise CLAgentError(f"--workdir {workdir} is not a folder")
-        check_repo_option(repo)
+            raise CLAgentError(f"{workdir_option} {workdir} is not a folder")
+        check_repo_option(repo, option)
         version, manifest = ModelRepository(repo, model).chosen_manifest(version, ": restore labels.json from a backup instead")
         notes = restore_labels(workdir, manifest["class_names"], highest_stored_class_id(workdir), f"version {version}")
     except CLAgentError as e:
@@ -222,12 +256,15 @@ def labels_restore(
 
 @app.command()
 def report(
-    workdir: Annotated[Path, typer.Option(help="The agent's working directory.")] = Path("runs/agent"),
+    workdir: WorkdirOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: WORKDIR/report.png).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Plot online accuracy and loss terms over experiences to a PNG."""
     from cl_agent.status import write_report
 
+    workdir = agent_workdir(workdir, config, set_)
     try:
         code = write_report(workdir, out)
     except CLAgentError as e:
@@ -258,7 +295,8 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 def machine_warnings(cfg: AgentConfig) -> list[str]:
-    """What in ``cfg`` this machine cannot run: CUDA for the trainer, providers for the server."""
+    """What in ``cfg`` this machine cannot run (CUDA for the trainer, providers for the server),
+    or will run very slowly (updates on the CPU with no time budget)."""
     import onnxruntime
     import torch
 
@@ -269,60 +307,106 @@ def machine_warnings(cfg: AgentConfig) -> list[str]:
     if missing:
         warnings.append(f"serve.providers: {', '.join(missing)} not installed on this machine "
                         f"(have {', '.join(onnxruntime.get_available_providers())})")
-    return warnings
+    from cl_agent.agent import slow_training_warning
+
+    slow = slow_training_warning(cfg.agent, cfg.train, cfg.experience, cfg.model, torch.cuda.is_available())
+    return warnings + ([slow] if slow else [])
 
 
 # --------------------------------------------------------------------------- models
 
 
+def repository_target(cfg: AgentConfig, repo: Optional[Path], model: Optional[str], no_config: bool) -> tuple[Path, str, str]:
+    """(repository root, model name, the option the root came from, for messages) of a ``models`` or ``labels``
+    command: --repo and --model win over the config (--config, --set), which fills in what they leave out."""
+    option = "--repo" if repo is not None or no_config else "repository.root"
+    return (repo if repo is not None else Path(cfg.repository.root)), (model or cfg.agent.model_name), option
+
+
+def models_target(config: Optional[Path], set_: Optional[list[str]], repo: Optional[Path], model: Optional[str]) -> tuple[Path, str, str]:
+    return repository_target(resolve_config(config, set_), repo, model, config is None and not set_)
+
+
 @models_app.command("list")
-def models_list(
-    repo: RepoOpt = Path("runs/models"),
-    model: ModelOpt = "student",
-) -> None:
-    """List the published versions of a model."""
+def models_list(repo: RepoOpt = None, model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """List the published versions of a model, and the hold on publishing if there is one."""
     from cl_agent.repository import print_versions
 
-    raise typer.Exit(print_versions(repo, model))
+    repo, model, option = models_target(config, set_, repo, model)
+    raise typer.Exit(print_versions(repo, model, option))
 
 
 @models_app.command("show")
 def models_show(
     version: Annotated[Optional[int], typer.Option(help="Version to show (default: the newest).")] = None,
-    repo: RepoOpt = Path("runs/models"),
-    model: ModelOpt = "student",
+    repo: RepoOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Print a version's manifest as JSON: classes, input, experience, metrics, parent, sha256."""
     from cl_agent.repository import print_manifest
 
-    raise typer.Exit(print_manifest(repo, model, version))
+    repo, model, option = models_target(config, set_, repo, model)
+    raise typer.Exit(print_manifest(repo, model, version, option))
 
 
 @models_app.command("verify")
-def models_verify(
-    repo: RepoOpt = Path("runs/models"),
-    model: ModelOpt = "student",
-) -> None:
+def models_verify(repo: RepoOpt = None, model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Check every version's files against the sha256 in its manifest; exit 1 if any differs or is missing."""
     from cl_agent.repository import verify_versions
 
-    raise typer.Exit(verify_versions(repo, model))
+    repo, model, option = models_target(config, set_, repo, model)
+    raise typer.Exit(verify_versions(repo, model, option))
 
 
 @models_app.command("rollback")
 def models_rollback(
     to: Annotated[int, typer.Option("--to", help="Version to bring back.")],
-    repo: RepoOpt = Path("runs/models"),
-    model: ModelOpt = "student",
+    repo: RepoOpt = None,
+    model: ModelOpt = None,
     announce: Annotated[
         Optional[str],
         typer.Option(help="PUB endpoint to announce the new version on (e.g. tcp://127.0.0.1:5557); while the agent holds it, servers find the version by polling."),
     ] = None,
+    hold: Annotated[
+        bool, typer.Option("--hold", help="Also hold publishing (written before the republish), so the agent's next update does not replace it.")
+    ] = False,
+    reason: Annotated[Optional[str], typer.Option(help="With --hold: why (shown by models list and in the agent's log).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Republish an old version as a new, higher version, so every server moves to it."""
     from cl_agent.repository import rollback
 
-    raise typer.Exit(rollback(repo, model, to, announce_endpoint=announce))
+    if reason is not None and not hold:
+        fail("--reason goes with --hold (or `cl-agent models hold --reason`)")
+    repo, model, option = models_target(config, set_, repo, model)
+    raise typer.Exit(rollback(repo, model, to, announce_endpoint=announce, hold=hold, reason=reason, option=option))
+
+
+@models_app.command("hold")
+def models_hold(
+    repo: RepoOpt = None,
+    model: ModelOpt = None,
+    reason: Annotated[Optional[str], typer.Option(help="Why (shown by models list and in the agent's log).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Hold publishing: the agent goes on ingesting, training and checkpointing, but publishes no version until release."""
+    from cl_agent.repository import hold_publishing
+
+    repo, model, option = models_target(config, set_, repo, model)
+    raise typer.Exit(hold_publishing(repo, model, reason, option))
+
+
+@models_app.command("release")
+def models_release(repo: RepoOpt = None, model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Lift a hold on publishing: the agent's next update publishes (with all it trained meanwhile); exit 1 if none was held."""
+    from cl_agent.repository import release_publishing
+
+    repo, model, option = models_target(config, set_, repo, model)
+    raise typer.Exit(release_publishing(repo, model, option))
 
 
 # --------------------------------------------------------------------------- bench
@@ -379,7 +463,7 @@ def bench_cir(
 
 @bench_app.command("compare")
 def bench_compare(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders (or results JSON files).")],
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or results JSON files).", metavar="RUN")],
     out: Annotated[Optional[Path], typer.Option(help="PNG to write.")] = Path("runs/bench-compare.png"),
 ) -> None:
     """Plot accuracy over experiences (one line per run) and print a markdown table."""
@@ -398,7 +482,7 @@ def bench_compare(
 
 @keys_app.command("make")
 def keys_make(
-    directory: Annotated[Path, typer.Argument(help="Folder to write the key pair into.")],
+    directory: Annotated[Path, typer.Argument(help="Folder to write the key pair into.", metavar="DIRECTORY")],
     name: Annotated[str, typer.Option(help="Base name of the key files.")] = "agent",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing key pair of that name.")] = False,
 ) -> None:

@@ -2,14 +2,17 @@
 
 On a TTY a block of lines is redrawn in place with ANSI escape codes::
 
-    experience 3  training  step 120/400  [######--------------]  30%
+    experience 3  training  step 120/400  [######--------------]  30%  elapsed 2m10s  eta 5m03s
     loss    ce 0.5120  mlkd 0.1010  ssl 0.2200
     ingest  labeled 12.0/s  frame 30.1/s  backlog 1
     model   published v3  served v2  online accuracy 0.620
 
-Elsewhere (a log file, a pipe, systemd) the same text becomes one line every
-``interval_s`` seconds. Log records written through ``log_stream()`` appear above
-the block instead of being overwritten by it.
+After the last step the head says ``exporting and publishing`` (checkpoint, ONNX
+export, parity check, publish) and, once the update is done, ``idle (version N)``.
+Elsewhere (a log file, a pipe, systemd) the same text becomes one line, printed when
+it changed (at most every ``interval_s`` seconds) and repeated unchanged only every
+``UNCHANGED_REPEAT`` intervals, as a sign of life. Log records written through
+``log_stream()`` appear above the block instead of being overwritten by it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from collections.abc import Callable, Mapping
 from typing import TextIO
 
 from cl_agent.config import MetricsSection
+from cl_agent.status import EXPORTING, TRAINING, duration_text
 
 CURSOR_UP_LINES = "\x1b[{}F"  # to the start of the line n lines up
 CLEAR_TO_END = "\x1b[J"  # erase from the cursor to the end of the screen
 CLEAR_LINE = "\x1b[2K"
 BAR_WIDTH = 20
 MIN_RATE_WINDOW_S = 1.0  # ingest rates are computed over at least this long
+UNCHANGED_REPEAT = 6  # non-TTY: an unchanged line is printed again only after this many intervals
+IDLE = "idle"
 
 
 def is_tty(stream: TextIO) -> bool:
@@ -48,7 +54,9 @@ def _flatten(values: Mapping, prefix: str = "") -> dict[str, float]:
 class LiveView:
     """Progress of the agent on ``stream``. ``update(fields)`` merges fields; ``close()`` prints the last state.
 
-    Fields it shows (all optional): ``phase`` (str), ``experience``, ``step``, ``steps`` (ints),
+    Fields it shows (all optional): ``phase`` ("training", "exporting and publishing", "idle"),
+    ``experience``, ``step``, ``steps`` (ints), ``elapsed_s``, ``eta_s``, ``phase_elapsed_s``
+    (seconds, see ``cl_agent.status.UpdateProgress``),
     ``losses`` ({term: float}), ``ingest`` (cumulative counts {name: number}, nested allowed;
     shown as rates), ``rates`` ({name: per-second float}, shown as given), ``backlog``,
     ``published_version``, ``served_version`` (ints), ``online_accuracy`` (float).
@@ -74,6 +82,7 @@ class LiveView:
         self._rate_base: tuple[float, dict[str, float]] | None = None
         self._drawn_lines = 0  # TTY: height of the block on screen now
         self._last_output = -float("inf")
+        self._last_line: str | None = None  # non-TTY: the line printed last
         self._dirty = False
         self._closed = False
         self._lock = threading.RLock()
@@ -123,19 +132,7 @@ class LiveView:
     def lines(self) -> list[str]:
         """The view as text lines (no escape codes)."""
         f = self.fields
-        if "experience" in f:
-            head = f"experience {f['experience']}"
-        else:
-            head = "waiting for the first experience"
-        if f.get("phase"):
-            head += f"  {f['phase']}"
-        step, steps = f.get("step"), f.get("steps")
-        if step is not None and steps:
-            done = min(max(step / steps, 0.0), 1.0)
-            filled = round(done * BAR_WIDTH)
-            head += f"  step {step}/{steps}  [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done:4.0%}"
-        elif step is not None:
-            head += f"  step {step}"
+        head = self._head()
 
         losses = f.get("losses") or {}
         loss = "loss    " + ("  ".join(f"{k} {v:.4f}" for k, v in losses.items()) if losses else "-")
@@ -156,6 +153,35 @@ class LiveView:
             model += f"  online accuracy {f['online_accuracy']:.3f}"
         return [head, loss, ingest, model]
 
+    def _head(self) -> str:
+        f = self.fields
+        phase, published = f.get("phase"), f.get("published_version")
+        if phase == IDLE or (phase is None and published is not None):
+            # between updates: nothing moves, so no bar (a full one looked like a stalled update)
+            return "idle (" + ("no version published yet" if published is None else f"version {published}") + ")"
+        if f.get("experience") is None:
+            return "waiting for the first experience"
+        head = f"experience {f['experience']}"
+        if phase:
+            head += f"  {phase}"
+        step, steps = f.get("step"), f.get("steps")
+        if phase == EXPORTING:
+            if step is not None:
+                head += f"  after {step}/{steps} steps"
+            if f.get("phase_elapsed_s") is not None:
+                head += f"  for {duration_text(f['phase_elapsed_s'])}"
+            return head
+        if step is not None and steps:
+            done = min(max(step / steps, 0.0), 1.0)
+            filled = round(done * BAR_WIDTH)
+            head += f"  step {step}/{steps}  [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done:4.0%}"
+        elif step is not None:
+            head += f"  step {step}"
+        if phase == TRAINING and f.get("elapsed_s") is not None:
+            head += f"  elapsed {duration_text(f['elapsed_s'])}"
+            head += "  eta " + ("-" if f.get("eta_s") is None else duration_text(f["eta_s"]))
+        return head
+
     def line(self) -> str:
         """The view as one line, as printed when the stream is not a TTY."""
         return " | ".join(" ".join(text.split()) for text in self.lines())
@@ -166,8 +192,12 @@ class LiveView:
         if self.tty:
             self._draw()
         else:
-            self.stream.write(self.line() + "\n")
+            text = self.line()
+            if text == self._last_line and now - self._last_output < UNCHANGED_REPEAT * self.interval_s:
+                return  # nothing new to say yet (a changed line may follow at the next update)
+            self.stream.write(text + "\n")
             self.stream.flush()
+            self._last_line = text
         self._last_output = now
         self._dirty = False
 

@@ -19,7 +19,8 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from cl_agent.errors import CLAgentError
@@ -46,6 +47,11 @@ STATE_KEYS = (
     "metrics_port",  # int | null: port of the /metrics endpoint
 )
 STATUS_VALUES = ("running", "stopped")
+# Keys a running agent adds (an older state.json may lack them; readers fall back as noted):
+#   "published_version"     int | null: newest version in the model repository, read again when it changes
+#                           (a rollback or another publisher included); "model_version" holds the same value
+#   "last_trained_version"  int | null: version the agent's last update published (from experiences.jsonl at start)
+#   "update"                {...} | null: the update under way (see UpdateProgress.snapshot), null when idle
 # Keys a state.json holds only when the agent hosts the server (agent.host_server):
 #   "server_restarts"  int: times the hosted server exited and was restarted since the agent started
 #   "server_failure"   str | null: why it last exited, while it is down or restarting; null once it runs again
@@ -95,6 +101,91 @@ def _age_text(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def duration_text(seconds: float) -> str:
+    """A short duration for people: 45s, 3m05s, 1h02m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+# --------------------------------------------------------------------------- the update under way
+
+TRAINING = "training"
+EXPORTING = "exporting and publishing"  # after the last step: checkpoint, ONNX export, parity check, publish
+BURST_S = 0.05  # progress messages read within this of the first one arrived together: they carry no timing
+
+
+class UpdateProgress:
+    """The update under way, as the agent sees it from the trainer's progress messages.
+
+    The trainer reports each finished step (experience, step, steps); it does not report the
+    checkpoint, export and publish that follow, so the phase is inferred: once the last
+    planned step is done (or ``time_budget_s`` is spent, which ends training early) the
+    update is exporting and publishing until its result arrives (``finish``).
+    The ETA extrapolates the time per step measured from the first reported step on (the
+    first step carries one-off costs), capped by what is left of the time budget.
+    """
+
+    def __init__(self, time_budget_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.time_budget_s = time_budget_s  # 0 = none
+        self.clock = clock
+        self.finish()
+
+    def finish(self) -> None:
+        """The update ended (result, skip, or the trainer died): nothing is under way."""
+        self.experience: int | None = None
+        self.step = self.steps = 0
+        self._first: tuple[float, int] | None = None  # (time, step) of the first progress message
+        self._last_time = 0.0  # time of the newest progress message
+
+    def report(self, info: Mapping) -> None:
+        """One progress message of the trainer: {"experience", "step", "steps", ...}."""
+        now = self.clock()
+        experience, step, steps = info.get("experience"), info.get("step"), info.get("steps")
+        if not isinstance(step, int) or not isinstance(steps, int):
+            return
+        if experience != self.experience or self._first is None or step < self.step:  # a new update
+            self.finish()
+            self.experience, self._first = experience, (now, step)
+        elif now - self._first[0] < BURST_S:  # read in the same batch as the first: a later baseline, same time
+            self._first = (self._first[0], step)
+        self.step, self.steps, self._last_time = step, steps, now
+
+    def snapshot(self) -> dict | None:
+        """{"experience", "phase", "step", "steps", "elapsed_s", "eta_s", "phase_elapsed_s"}, or None when idle.
+
+        ``elapsed_s``: since the first step was reported; ``eta_s``: seconds of training left
+        (null until steps were reported at two different times, 0 once training is over); ``phase_elapsed_s``: time in
+        the current phase."""
+        if self._first is None:
+            return None
+        now = self.clock()
+        first_time, first_step = self._first
+        elapsed = now - first_time
+        budget_spent = bool(self.time_budget_s) and elapsed >= self.time_budget_s
+        phase = EXPORTING if self.step >= self.steps or budget_spent else TRAINING
+        eta = None
+        if phase == EXPORTING:
+            eta = 0.0
+        elif self.step > first_step and self._last_time > first_time:
+            per_step = (self._last_time - first_time) / (self.step - first_step)
+            eta = max(0.0, per_step * (self.steps - self.step) - (now - self._last_time))
+            if self.time_budget_s:
+                eta = min(eta, self.time_budget_s - elapsed)
+        return {
+            "experience": self.experience,
+            "phase": phase,
+            "step": self.step,
+            "steps": self.steps,
+            "elapsed_s": round(elapsed, 1),
+            "eta_s": None if eta is None else round(eta, 1),
+            "phase_elapsed_s": round(now - self._last_time if phase == EXPORTING else elapsed, 1),
+        }
 
 
 # --------------------------------------------------------------------------- state.json
@@ -418,6 +509,32 @@ def _hosted_server_row(state: Mapping) -> list[tuple[str, str]]:
     return [("hosted server", f"restarting ({restarts} restart{'s' if restarts != 1 else ''}; last: {failure})")]
 
 
+def _update_rows(state: Mapping) -> list[tuple[str, str]]:
+    """The update under way (state.json ``update``), while the agent runs; none when idle."""
+    update = state.get("update")
+    if not isinstance(update, Mapping) or state.get("status") != "running":
+        return []
+    step, steps = update.get("step"), update.get("steps")
+    text = f"experience {update.get('experience')}: {update.get('phase')}"
+    if update.get("phase") == EXPORTING:
+        text += f" after {step}/{steps} steps"
+        if _is_number(update.get("phase_elapsed_s")):
+            text += f" (for {duration_text(update['phase_elapsed_s'])})"
+        return [("update", text)]
+    if _is_number(step) and _is_number(steps) and steps > 0:
+        text += f", step {step}/{steps} ({step / steps:.0%})"
+    if _is_number(update.get("elapsed_s")):
+        text += f", {duration_text(update['elapsed_s'])} elapsed"
+    eta = update.get("eta_s")
+    text += f", about {duration_text(eta)} left" if _is_number(eta) else ", time left not known yet"
+    return [("update", text)]
+
+
+def _published_version(state: Mapping):
+    """The repository's newest version; an agent older than ``published_version`` wrote ``model_version``."""
+    return state.get("published_version", state.get("model_version"))
+
+
 def print_status(workdir: Path) -> int:
     """Print an agent's state from its working directory; exit code 0. CLAgentError if there is no agent there."""
     workdir = _check_workdir(workdir)
@@ -447,7 +564,8 @@ def print_status(workdir: Path) -> int:
             ("updated", str(state.get("updated_at"))),
             ("last experience", _or_none(state.get("last_experience"))),
             ("pending", f"{state.get('pending_experiences', 0)} experience(s) waiting to be trained"),
-            ("model version", _or_none(state.get("model_version"))),
+            *_update_rows(state),
+            ("published version", _or_none(_published_version(state))),
             ("served version", _or_none(state.get("served_version"))),
             *_hosted_server_row(state),
             ("metrics", _or_none(state.get("metrics_port"), f"http://{metrics_host}:{{}}/metrics")),
@@ -464,11 +582,14 @@ def print_status(workdir: Path) -> int:
                 f"cumulative {_or_none(total['accuracy'], '{:.3f}')} ({total['correct']}/{total['total']})",
             ),
             ("last losses", _losses_text(last.get("losses") or {})),
-            # a skipped experience publishes nothing: the last version is that of the last update that did
-            ("last version", _or_none(next((r["version"] for r in reversed(records) if r.get("version") is not None), None))),
+            # a skipped experience publishes nothing: this is the version of the last update that published one
+            ("last trained version", _or_none(next((r["version"] for r in reversed(records) if r.get("version") is not None), None))),
         ]
         if last.get("skipped"):
             rows.append(("last skipped", f"experience {last.get('experience')}: {last['skipped']} (no update, no version)"))
+        if last.get("held"):
+            rows.append(("publishing held", f"experience {last.get('experience')} trained and checkpointed, not published "
+                                            "(`cl-agent models release` resumes publishing)"))
         if last.get("publish_error"):
             rows.append(("not published", f"experience {last.get('experience')}: {last['publish_error']} (trained; the served version stays)"))
     else:

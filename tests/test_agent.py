@@ -229,3 +229,52 @@ def test_a_restarted_agent_shows_the_version_published_before_it_started(tmp_pat
             signal.signal(signum, handler)
     assert "model   published v1  served unknown" in view.lines()
     assert "none published yet" not in view.stream.getvalue()
+
+
+class _StoppedIngest:
+    def stop(self) -> None:
+        pass
+
+
+def _child(target, *args):
+    import multiprocessing as mp
+
+    process = mp.get_context("fork").Process(target=target, args=args, daemon=True)
+    process.start()
+    return process
+
+
+def _ignores_the_stop(_stop_pipe) -> None:  # a trainer still exporting: it looks at the stop pipe only between steps
+    time.sleep(60)
+
+
+def _stops_when_told(stop_pipe) -> None:
+    stop_pipe.poll(60)
+
+
+@pytest.mark.parametrize("stubborn", [True, False])
+def test_a_trainer_still_busy_past_the_grace_period_is_killed_at_stop(tmp_path, stubborn):
+    import multiprocessing as mp
+    import signal
+
+    from cl_agent.agent import Agent
+    from cl_agent.config import load_config
+    from cl_agent.metrics import AgentMetrics
+    from cl_agent.status import initial_state
+
+    agent = Agent(load_config(None, {"agent.workdir": str(tmp_path), "agent.grace_period_s": 1.0}))
+    child_end, agent.trainer_stop = mp.Pipe(duplex=False)
+    agent.trainer = _child(_ignores_the_stop if stubborn else _stops_when_told, child_end)
+    state = initial_state()
+    started = time.monotonic()
+    agent._shutdown(_StoppedIngest(), state, None, AgentMetrics(), None)
+    waited = time.monotonic() - started
+    assert not agent.trainer.is_alive() and state["status"] == "stopped"
+    assert read_state(tmp_path)["status"] == "stopped"
+    if stubborn:
+        assert agent.trainer.exitcode == -signal.SIGKILL  # killed, not left running
+        assert waited >= 1.0  # only after the grace period
+        # its update is redone by the next start, from the last complete checkpoint
+        # (see test_agent_learns_publishes_serves_and_survives_kill9)
+    else:
+        assert agent.trainer.exitcode == 0  # stopped within the grace period: not killed

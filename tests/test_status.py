@@ -145,9 +145,11 @@ def test_status_of_a_running_agent(workdir):
     assert result.exit_code == 0, result.output
     out = result.output
     assert f"running (pid {os.getpid()}" in out
-    assert "last experience: 2" in out
+    assert "last experience: 2" in " ".join(out.split())  # the labels are padded to one width
     assert "pending:" in out and "1 experience(s) waiting" in out
-    assert "model version:   3" in out and "served version:  2" in out
+    rows = dict(line.split(":", 1) for line in out.splitlines() if ":" in line and not line.startswith(" "))
+    assert rows["published version"].strip() == "3" and rows["served version"].strip() == "2"
+    assert rows["last trained version"].strip() == "3"  # the newest record's version
     assert "cumulative 0.400 (60/150)" in out  # (10 + 20 + 30) / 150
     assert "last 0.600 (30/50)" in out
     assert "accepted.labeled = 150" in out and "rejected.bad_json = 2" in out
@@ -233,7 +235,7 @@ def test_status_and_report_skip_a_hand_damaged_record(workdir, damage):
         assert result.exception is None
         assert "skipping" in result.output and "line 4" in result.output and repr(field) in result.output
     assert (workdir / "report.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert "last experience: 2" in invoke("status", "--workdir", workdir).output
+    assert "last experience: 2" in " ".join(invoke("status", "--workdir", workdir).output.split())
     assert "cumulative 0.525 (105/200)" in invoke("status", "--workdir", workdir).output  # 10+20+30+45 of 4 records
 
 
@@ -259,3 +261,13 @@ def test_status_on_the_folder_of_an_ingestion_only_process_says_so(tmp_path):
     save_resolved(load_config(None, {"agent.workdir": str(tmp_path)}), tmp_path / "ingest-config.yaml")  # as cl-agent ingest does
     result = invoke("status", "--workdir", tmp_path)
     assert result.exit_code == 2 and "ingestion-only process (cl-agent ingest)" in result.output
+
+
+def test_status_says_when_the_last_update_was_held_from_publishing(workdir):
+    append_experience_record(workdir, record(3, 40, version=None, held=True))
+    result = invoke("status", "--workdir", workdir)
+    assert result.exit_code == 0, result.output
+    rows = dict(line.split(":", 1) for line in result.output.splitlines() if ":" in line and not line.startswith(" "))
+    assert "experience 3 trained and checkpointed, not published" in rows["publishing held"]
+    assert "cl-agent models release" in rows["publishing held"]
+    assert rows["last trained version"].strip() == "3"  # the held update published nothing
