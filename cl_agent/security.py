@@ -10,6 +10,7 @@ handshake, so an unauthorized client delivers nothing.
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from cl_agent.config import CurveSection
+from cl_agent.config import CurveSection, endpoint_problem
 from cl_agent.errors import CLAgentError
 
 
@@ -79,6 +80,24 @@ def client_keys_problem(secret_key: str | Path | None, server_key: str | Path | 
             except CLAgentError as e:
                 return f"{option}: {e}"
     return None
+
+
+def add_client_key_options(parser: argparse.ArgumentParser) -> None:
+    """``--curve-secret`` and ``--curve-server`` for a command-line tool that connects to the agent."""
+    parser.add_argument("--curve-secret", type=Path, default=None,
+                        help="this client's CURVE secret key file (default: none, no CURVE)")
+    parser.add_argument("--curve-server", type=Path, default=None,
+                        help="the agent's CURVE public key file (default: none, no CURVE)")
+
+
+def check_client_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """End the tool with a usage error naming the option when ``--endpoint`` or the CURVE key files cannot be used."""
+    problem = endpoint_problem(args.endpoint)
+    if problem:
+        parser.error(f"--endpoint {args.endpoint!r}: {problem}")
+    keys_problem = client_keys_problem(args.curve_secret, args.curve_server)
+    if keys_problem:
+        parser.error(keys_problem)
 
 
 def start_authenticator(context: zmq.Context, curve: CurveSection) -> ThreadAuthenticator:

@@ -30,9 +30,8 @@ import numpy as np
 import zmq
 
 from cl_agent.client import AgentUnavailable, LabeledClient, tries
-from cl_agent.config import endpoint_problem
 from cl_agent.errors import CLAgentError
-from cl_agent.security import client_keys_problem
+from cl_agent.security import add_client_key_options, check_client_options
 from cl_agent.wire import WireError, image_dimensions
 
 AS_IS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
@@ -138,18 +137,10 @@ def main() -> int:
                         help="times to send again without a reply before giving up (default: %(default)s)")
     parser.add_argument("--end-experience", action="store_true",
                         help="ask the agent to cut an experience at the end (default: off)")
-    parser.add_argument("--curve-secret", type=Path, default=None,
-                        help="this client's CURVE secret key file (default: none, no CURVE)")
-    parser.add_argument("--curve-server", type=Path, default=None,
-                        help="the agent's CURVE public key file (default: none, no CURVE)")
+    add_client_key_options(parser)
     args = parser.parse_args()
 
-    problem = endpoint_problem(args.endpoint)
-    if problem:
-        parser.error(f"--endpoint {args.endpoint!r}: {problem}")
-    keys_problem = client_keys_problem(args.curve_secret, args.curve_server)
-    if keys_problem:
-        parser.error(keys_problem)
+    check_client_options(parser, args)
     try:
         items = list_images(args.root)
     except CLAgentError as e:

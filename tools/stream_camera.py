@@ -51,10 +51,9 @@ import numpy as np
 import zmq
 
 from cl_agent.client import FrameClient, NotConnected, PeerRefused, connect, refused_message
-from cl_agent.config import endpoint_problem
 from cl_agent.errors import CLAgentError
 from cl_agent.peer import FRAME, answering_role
-from cl_agent.security import client_keys_problem
+from cl_agent.security import add_client_key_options, check_client_options
 from cl_agent.wire import pack_message
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
@@ -207,17 +206,9 @@ def main() -> int:
     parser.add_argument("--linger", type=_number(float, 0), default=1.0,
                         help="seconds queued frames still get to go out at the end (default: %(default)s)")
     parser.add_argument("--sender", default=None, help="sender id (default: camera-<random suffix>)")
-    parser.add_argument("--curve-secret", type=Path, default=None,
-                        help="this client's CURVE secret key file (default: none, no CURVE)")
-    parser.add_argument("--curve-server", type=Path, default=None,
-                        help="the agent's CURVE public key file (default: none, no CURVE)")
+    add_client_key_options(parser)
     args = parser.parse_args()
-    problem = endpoint_problem(args.endpoint)
-    if problem:
-        parser.error(f"--endpoint {args.endpoint!r}: {problem}")
-    keys_problem = client_keys_problem(args.curve_secret, args.curve_server)
-    if keys_problem:
-        parser.error(keys_problem)
+    check_client_options(parser, args)
 
     try:
         capture = open_source(args.source)
