@@ -7,7 +7,7 @@ newest version (after being offline it installs only the newest, not every
 version in between). For a version newer than any local one it fetches the
 manifest and the model bytes from the agent's ``ModelFetchService``
 (``cl_agent/fetch.py``) in chunks, appending to a partial file that a later
-attempt resumes, checks the sha256 against the manifest, and installs the
+attempt resumes (``cl_agent/transfer.py``), checks the sha256 against the manifest, and installs the
 version under the same number (``ModelRepository.install``, atomic). The local
 ``Server`` then hot-swaps it as usual. A corrupt or failed transfer is counted,
 never installed, and retried after ``retry_s`` (doubling up to ``poll_s``).
@@ -15,7 +15,7 @@ An agent that does not answer at all (down, or a wrong address) is warned about
 once it has been silent for ``silent_warn_s``, then at most every
 ``silent_repeat_s`` while it stays silent, not once per attempt; a failure that
 repeats word for word (an endpoint that answers, but is not the agent's fetch
-endpoint) is logged once, then at most every ``silent_repeat_s``.
+endpoint) is logged once, then at most every ``silent_repeat_s`` (``cl_agent/silence.py``).
 
 Announcements: the follower logs the announce endpoint it subscribes to at
 start. When that endpoint was not given explicitly (``learn_announce``) and the
@@ -27,13 +27,11 @@ up for a while, is warned about once: announcements are not reaching this server
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import zmq
@@ -42,77 +40,14 @@ from cl_agent.config import ServeSection
 from cl_agent.errors import CLAgentError
 from cl_agent.fetch import CHUNK_BYTES, FetchClient, FetchError
 from cl_agent.repository import ModelRepository, parse_announcement
+from cl_agent.silence import SilenceWatch
+from cl_agent.transfer import download
 
 log = logging.getLogger(__name__)
 
-PARTIAL_PREFIX = ".fetch-"
 NO_ANSWER = ("timeout", "stopped")  # FetchError reasons that mean the agent sent nothing back
 SUBSCRIBED_S = 1.0  # a version published this long after the subscription came up must have been announced
 ANNOUNCE_GRACE_S = 2.0  # how long after polling found such a version its announcement may still come
-
-
-def download(
-    client: FetchClient,
-    version: int,
-    manifest: dict,
-    folder: Path,
-    max_bytes: int,
-    counters: dict | None = None,
-    stop: threading.Event | None = None,
-    on_answer: Callable[[], None] | None = None,
-) -> Path:
-    """Fetch ``version``'s model into ``folder`` (resuming a partial file), verified; returns the file's path.
-
-    The partial file is named by the version and the expected sha256, so only the
-    same bytes ever resume it. Raises ``FetchError`` (reason ``corrupt`` after a
-    sha256 mismatch, which also deletes the partial file so the retry starts over;
-    ``stopped`` when ``stop`` is set, keeping the partial file for the next start).
-    ``on_answer`` is called after each chunk the agent sends.
-    """
-    expected = manifest["sha256"]
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f"{PARTIAL_PREFIX}*"):  # partial downloads of other versions will never resume
-        if stale.name != f"{PARTIAL_PREFIX}{version}-{expected[:16]}.part":
-            stale.unlink(missing_ok=True)
-    path = folder / f"{PARTIAL_PREFIX}{version}-{expected[:16]}.part"
-    digest = hashlib.sha256()
-    offset = 0
-    if path.exists():  # resume: hash what is already there
-        with open(path, "rb") as f:
-            while block := f.read(CHUNK_BYTES):
-                digest.update(block)
-                offset += len(block)
-    size = None
-    with open(path, "ab") as out:
-        while size is None or offset < size:
-            if stop is not None and stop.is_set():
-                raise FetchError("stopped", f"stopped at byte {offset} of version {version}")
-            header, data = client.chunk(version, offset)
-            if on_answer is not None:
-                on_answer()
-            if header.get("sha256") != expected:
-                raise FetchError("changed", f"version {version} on the agent has sha256 {str(header.get('sha256'))[:12]}..., not {expected[:12]}...")
-            if size is not None and header["size"] != size:
-                raise FetchError("changed", f"version {version} changed size during the transfer ({size} -> {header['size']})")
-            size = header["size"]
-            if size > max_bytes:
-                raise FetchError("too_large", f"version {version} has {size} bytes, limit {max_bytes}")
-            if offset > size:
-                break  # the partial file is longer than the model: the hash check below refuses it
-            if not data and offset < size:
-                raise FetchError("truncated", f"empty chunk at offset {offset} of {size}")
-            out.write(data)
-            digest.update(data)
-            offset += len(data)
-            if counters is not None:
-                counters["bytes"] = counters.get("bytes", 0) + len(data)
-        out.flush()
-        os.fsync(out.fileno())
-    actual = digest.hexdigest()
-    if actual != expected or offset != size:
-        path.unlink(missing_ok=True)
-        raise FetchError("corrupt", f"version {version}: got {offset} bytes with sha256 {actual[:12]}..., the manifest says {expected[:12]}...")
-    return path
 
 
 class RepositoryFollower:
@@ -178,15 +113,8 @@ class RepositoryFollower:
         self._thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._warned_behind: int | None = None
-        self.silent_warn_s = silent_warn_s
         self._curve = bool(curve_secret_key)
-        self.silent_repeat_s = silent_repeat_s
-        self._answer_lock = threading.Lock()
-        self._last_answer = time.monotonic()  # the start counts as an answer: silence is measured from here
-        self._silence_warned_at: float | None = None  # when the current silence was last warned about
-        self._last_failure: str | None = None  # the last failed sync's error, while failures go on
-        self._failure_logged_at = 0.0  # when it was last logged
-        self._failure_repeats = 0  # times it came again since then, unlogged
+        self.silence = SilenceWatch(log, fetch_endpoint, warn_s=silent_warn_s, repeat_s=silent_repeat_s)
         self._announced = 0  # the highest version an announcement named
         self._subscribed_at: float | None = None  # when the SUB socket connected to announce_endpoint
         self._listed: tuple[float, list[int]] | None = None  # the last version list and when it was asked for
@@ -206,8 +134,7 @@ class RepositoryFollower:
                      self.client.endpoint, self.announce_endpoint, self.announce_source, self.poll_s)
         else:
             log.info("following %s: no announce endpoint, polling every %.1f s", self.client.endpoint, self.poll_s)
-        with self._answer_lock:
-            self._last_answer, self._silence_warned_at = time.monotonic(), None
+        self.silence.restart()
         self._thread = threading.Thread(target=self._loop, name="repository-follower", daemon=True)
         self._watcher = threading.Thread(target=self._watch_silence, name="repository-follower-silence", daemon=True)
         self._thread.start()
@@ -376,9 +303,7 @@ class RepositoryFollower:
                     next_sync = time.monotonic() + delay
                     delay = min(self.poll_s, delay * 2)
                     continue
-                if self._last_failure is not None:
-                    log.info("fetch from %s works again", self.client.endpoint)
-                    self._last_failure, self._failure_repeats = None, 0
+                self.silence.succeeded()
                 delay = self.retry_s
                 next_sync = time.monotonic() + self.poll_s
         finally:
@@ -388,51 +313,30 @@ class RepositoryFollower:
 
     def report_failure(self, error: Exception, delay: float, now: float) -> bool:
         """Log a failed sync: a new error at once, the same error again at most every ``silent_repeat_s``; True if logged."""
-        text = str(error)
-        if text == self._last_failure and now - self._failure_logged_at < self.silent_repeat_s:
-            self._failure_repeats += 1
-            log.debug("fetch from %s failed again, retrying in %.1f s: %s", self.client.endpoint, delay, text)
-            return False
-        repeats = f" (the same error {self._failure_repeats} more times since it was last logged)" if (
-            text == self._last_failure and self._failure_repeats) else ""
-        log.warning("fetch from %s failed, retrying in %.1f s: %s%s", self.client.endpoint, delay, text, repeats)
-        self._last_failure, self._failure_logged_at, self._failure_repeats = text, now, 0
-        return True
-
-    # ----------------------------------------------------------------- silence
+        return self.silence.report_failure(error, delay, now)
 
     def _answered(self) -> None:
         """The agent sent something back: the silence, if any, is over."""
-        with self._answer_lock:
-            now = time.monotonic()
-            silent_s, warned = now - self._last_answer, self._silence_warned_at is not None
-            self._last_answer, self._silence_warned_at = now, None
-        if warned:
-            log.info("the agent's fetch endpoint %s answers again (after %.0f s without an answer)", self.client.endpoint, silent_s)
+        self.silence.answered()
 
     def check_silence(self, now: float) -> bool:
         """Warn if the agent has not answered for ``silent_warn_s`` and the last warning is ``silent_repeat_s`` old; True if it warned."""
-        with self._answer_lock:
-            silent_s = now - self._last_answer
-            if silent_s < self.silent_warn_s:
-                return False
-            if self._silence_warned_at is not None and now - self._silence_warned_at < self.silent_repeat_s:
-                return False
-            self._silence_warned_at = now
+        return self.silence.check(now, self._silence_warning)
+
+    def _silence_warning(self, silent_s: float) -> str:
         try:
             local = self.version
         except OSError:  # the folder is being replaced or unreadable: the warning is still worth giving
             local = "unknown"
         curve = ", and does it accept this server's CURVE key" if self._curve else ""
-        log.warning(
-            "the agent's fetch endpoint %s has not answered for %.0f s (is the agent running, is this its "
-            "repository.fetch_endpoint%s?); still trying; the local repository has %s",
-            self.client.endpoint, silent_s, curve, "no version yet" if local is None else f"version {local}",
+        return (
+            f"the agent's fetch endpoint {self.client.endpoint} has not answered for {silent_s:.0f} s (is the agent running, "
+            f"is this its repository.fetch_endpoint{curve}?); still trying; the local repository has "
+            + ("no version yet" if local is None else f"version {local}")
         )
-        return True
 
     def _watch_silence(self) -> None:
-        while not self._stop.wait(min(1.0, self.silent_warn_s / 4)):
+        while not self._stop.wait(min(1.0, self.silence.warn_s / 4)):
             self.check_silence(time.monotonic())
 
 

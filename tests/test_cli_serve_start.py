@@ -101,7 +101,7 @@ def test_check_silence_repeats_only_after_the_repeat_interval(tmp_path, caplog):
     follower = RepositoryFollower(
         f"tcp://127.0.0.1:{free_port()}", None, ModelRepository(tmp_path, "student"), silent_warn_s=10, silent_repeat_s=60
     )
-    start = follower._last_answer
+    start = follower.silence.last_answer
     assert not follower.check_silence(start + 9)
     assert follower.check_silence(start + 10)
     assert not follower.check_silence(start + 69)

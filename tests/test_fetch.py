@@ -18,11 +18,12 @@ from ingest_support import wait_until
 from cl_agent.config import CurveSection, ServeSection
 from cl_agent.errors import CLAgentError
 from cl_agent.fetch import FetchClient, FetchError, ModelFetchService
-from cl_agent.follower import RepositoryFollower, derived_announce_endpoint, download
+from cl_agent.follower import RepositoryFollower, derived_announce_endpoint
 from cl_agent.inference import InferenceClient, InferenceError
 from cl_agent.repository import Announcer, ModelRepository, sha256_file
 from cl_agent.security import make_keypair
 from cl_agent.server import Server
+from cl_agent.transfer import download
 
 CLASSES = ["cat", "dog", "cup"]
 SIZE = 8
