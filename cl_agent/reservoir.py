@@ -14,18 +14,19 @@ JSON index of the pools and frames.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import random
+import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from cl_agent.storage import atomic_write_bytes
+from cl_agent.storage import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +133,23 @@ class Reservoir:
     def save(self, path: str | os.PathLike) -> Path:
         """Write every frame held, with the pools' capacities and counts, to ``path`` atomically.
 
+        The payloads are streamed into the archive one frame at a time (never joined in memory),
+        so saving takes a small constant of extra memory, not a copy of the reservoir.
         Call it only while nothing adds frames (after the ingest loop stopped). Raises OSError."""
-        pools, payloads, offset = [], [], 0
+        pools, held, offset = [], [], 0
         for key, pool in list(self._pools.items()):
             frames = []
             for frame in pool.items:
                 size = len(frame.payload)
                 frames.append([offset, size, frame.encoding, list(frame.shape), frame.color, frame.source])
-                payloads.append(frame.payload)
+                held.append(frame.payload)
                 offset += size
             pools.append({"key": key, "capacity": pool.capacity, "seen": pool.seen, "frames": frames})
         index = {
             "format": SAVED_FORMAT, "capacity": self.capacity, "per_source": self.per_source,
             "max_sources": self.max_sources, "seen": self.seen, "pools": pools,
         }
-        buffer = io.BytesIO()
-        np.savez(
-            buffer,
-            index=np.frombuffer(json.dumps(index).encode("utf-8"), dtype=np.uint8),
-            payloads=np.frombuffer(b"".join(payloads), dtype=np.uint8),
-        )
-        return atomic_write_bytes(path, buffer.getvalue())
+        return _write_saved(Path(path), json.dumps(index).encode("utf-8"), held, offset)
 
     def restore(self, path: str | os.PathLike) -> int:
         """Take the frames saved at ``path`` (see ``save``) into this empty reservoir; returns how many it holds.
@@ -164,12 +161,7 @@ class Reservoir:
         if not path.exists():
             return 0
         try:
-            index, payloads = _read_saved(path)
-            frames_by_pool = [
-                (pool, [Frame(payloads[o:o + n].tobytes(), enc, tuple(shape), color, source)
-                        for o, n, enc, shape, color, source in pool["frames"]])
-                for pool in index["pools"]
-            ]
+            index, frames_by_pool = _read_saved(path)
             same = (index["capacity"], index["per_source"], index["max_sources"]) == (self.capacity, self.per_source, self.max_sources)
             if same:
                 self._pools = {}
@@ -184,7 +176,7 @@ class Reservoir:
                 for _, frames in frames_by_pool:
                     for frame in frames:
                         self.add(frame)
-        except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as e:
+        except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile, zlib.error) as e:
             log.warning("ignoring the saved frame reservoir %s (unreadable: %s: %s); starting with no unlabeled frames",
                         path, type(e).__name__, e)
             self._pools, self.seen = {}, 0
@@ -194,24 +186,81 @@ class Reservoir:
         return len(self)
 
 
-def _read_saved(path: Path) -> tuple[dict, np.ndarray]:
-    """The JSON index and the payload bytes of a saved reservoir; ValueError if it is not one."""
-    with np.load(path, allow_pickle=False) as data:
-        index = json.loads(data["index"].tobytes().decode("utf-8"))
-        payloads = data["payloads"]
-    if not isinstance(index, dict) or index.get("format") != SAVED_FORMAT:
-        raise ValueError(f"not a saved reservoir of format {SAVED_FORMAT}")
-    if payloads.dtype != np.uint8 or payloads.ndim != 1:
-        raise ValueError(f"payloads: expected a 1-d uint8 array, got {payloads.dtype} {payloads.shape}")
-    for pool in index["pools"]:
-        for offset, size, encoding, shape, color, source in pool["frames"]:
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, size, *shape)):
-                raise ValueError(f"frame offset {offset!r}, size {size!r}, shape {shape!r}: expected integers")
-            if not (0 <= offset and 0 <= size and offset + size <= len(payloads)):
-                raise ValueError(f"frame bytes {offset}..{offset + size} outside the {len(payloads)} saved")
-            if len(shape) != 3 or min(shape) < 1 or not all(isinstance(v, str) for v in (encoding, color, source)):
-                raise ValueError(f"frame shape {shape!r}, encoding {encoding!r}, color {color!r}: not a frame's")
-    return index, payloads
+def _write_saved(path: Path, index: bytes, payloads: list[bytes], total: int) -> Path:
+    """An uncompressed ``.npz`` (what ``np.savez`` writes: ``index`` and ``payloads``, two 1-d uint8
+    arrays) with the payloads written into the archive one by one; atomically, via a temporary
+    file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for name, parts, size in (("index", [index], len(index)), ("payloads", payloads, total)):
+                    with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                        np.lib.format.write_array_header_2_0(
+                            entry, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
+                        for part in parts:
+                            entry.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def _npy_length(entry) -> int:
+    """The length of the 1-d uint8 array whose ``.npy`` header ``entry`` starts with; ValueError otherwise."""
+    version = np.lib.format.read_magic(entry)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        raise ValueError(f"unsupported .npy version {version}")
+    shape, _, dtype = read_header(entry)
+    if dtype != np.uint8 or len(shape) != 1:
+        raise ValueError(f"payloads: expected a 1-d uint8 array, got {dtype} {shape}")
+    return int(shape[0])
+
+
+def _read_saved(path: Path) -> tuple[dict, list[tuple[dict, list[Frame]]]]:
+    """The JSON index and each saved pool with its frames; ValueError if ``path`` is not a saved reservoir.
+
+    Nothing is unpickled. The payloads are read frame by frame from the archive (never as one
+    array), so restoring takes little more memory than the frames it restores."""
+    with zipfile.ZipFile(path) as archive:
+        with archive.open("index.npy") as entry:
+            index = json.loads(np.lib.format.read_array(entry, allow_pickle=False).tobytes().decode("utf-8"))
+        if not isinstance(index, dict) or index.get("format") != SAVED_FORMAT:
+            raise ValueError(f"not a saved reservoir of format {SAVED_FORMAT}")
+        with archive.open("payloads.npy") as entry:
+            total = _npy_length(entry)
+            start = entry.tell()
+            frames_by_pool = []
+            for pool in index["pools"]:
+                frames = []
+                for offset, size, encoding, shape, color, source in pool["frames"]:
+                    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, size, *shape)):
+                        raise ValueError(f"frame offset {offset!r}, size {size!r}, shape {shape!r}: expected integers")
+                    if not (0 <= offset and 0 <= size and offset + size <= total):
+                        raise ValueError(f"frame bytes {offset}..{offset + size} outside the {total} saved")
+                    if len(shape) != 3 or min(shape) < 1 or not all(isinstance(v, str) for v in (encoding, color, source)):
+                        raise ValueError(f"frame shape {shape!r}, encoding {encoding!r}, color {color!r}: not a frame's")
+                    if start + offset < entry.tell():  # saved in order, each byte once: one pass over the file
+                        raise ValueError(f"frame bytes {offset}..{offset + size} overlap or precede a frame read before")
+                    if entry.tell() != start + offset:
+                        entry.seek(start + offset)  # forward: the archive reads the bytes in between
+                    payload = entry.read(size)
+                    if len(payload) != size:
+                        raise ValueError(f"frame bytes {offset}..{offset + size}: the file ends after {len(payload)}")
+                    frames.append(Frame(payload, encoding, tuple(shape), color, source))
+                frames_by_pool.append((pool, frames))
+            while entry.read(1 << 20):  # to the end: the archive checks the CRC of all the bytes
+                pass
+    return index, frames_by_pool
 
 
 def save_reservoir(reservoir: Reservoir, path: str | os.PathLike) -> bool:
