@@ -1,3 +1,3 @@
-from cl_agent.cli import main
+from cl_agent.entry import main
 
 main()

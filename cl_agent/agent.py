@@ -579,8 +579,10 @@ def _rate_counters(counters: dict) -> dict:
     }
 
 
-def run_agent(cfg: AgentConfig) -> int:
-    stop_requested = threading.Event()
+def run_agent(cfg: AgentConfig, stop_requested: threading.Event | None = None) -> int:
+    """``stop_requested``: the event the caller's signal handlers set since before this call (``cl-agent
+    run`` installs them before its own imports): a stop asked for then is carried out, not lost."""
+    stop_requested = stop_requested if stop_requested is not None else threading.Event()
     install_stop_handlers(stop_requested)  # before the slow imports and start-up: SIGTERM then stops cleanly (exit 0)
     from cl_agent.console import LiveView
     from cl_agent.distributed import check_agent_nproc

@@ -92,10 +92,13 @@ def resolve_config(config: Optional[Path], overrides: Optional[list[str]], optio
 @app.command()
 def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the agent: ingest streams, update the student per experience, export and publish models."""
+    from cl_agent.entry import RUN_STOP, request_stop_on_signals
+
+    request_stop_on_signals(RUN_STOP)  # again: `cl-agent run` installed them before its imports (cl_agent/entry.py)
     from cl_agent.agent import run_agent
 
     cfg = resolve_config(config, set_)
-    raise typer.Exit(run_agent(cfg))
+    raise typer.Exit(run_agent(cfg, RUN_STOP))
 
 
 @app.command()

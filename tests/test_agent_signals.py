@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 
 def _overrides(tmp_path) -> list[str]:
     values = {
@@ -102,3 +104,85 @@ def test_a_crash_looping_hosted_server_shows_in_state_and_status_until_it_runs_a
         holder.close()
         if agent.alive():
             agent.terminate(10)
+
+
+# Sends the process SIGTERM from inside, at the moment it first imports the module named by its
+# first argument, then runs `cl-agent` with the rest: a stop at a chosen point of the start-up.
+SIGTERM_ON_IMPORT = """
+import os, signal, sys
+
+class SigtermOnImport:
+    def __init__(self, name):
+        self.name = name
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.name:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, SigtermOnImport(sys.argv.pop(1)))
+sys.argv[0] = "cl-agent"
+from cl_agent.entry import main
+main()
+"""
+
+
+def _saved_frames(tmp_path):
+    from cl_agent.reservoir import SAVED_FILE, Frame, Reservoir
+
+    reservoir = Reservoir(5000)  # the default reservoir settings: the pools come back as they were
+    for i in range(5):
+        reservoir.add(Frame(bytes([i]) * 10, "raw", (1, 2, 5), "gray", "cam"))
+    reservoir.save(tmp_path / "agent" / SAVED_FILE)
+    return sorted(f.payload for f in reservoir.sample(100))
+
+
+def _assert_stopped_cleanly(process, tmp_path, frames) -> None:
+    from cl_agent.reservoir import SAVED_FILE, Reservoir
+
+    try:
+        code = process.wait(timeout=60)
+        stderr = process.stderr.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code == 0, f"exit {code}: {stderr[-2000:]}"
+    state = json.loads((tmp_path / "agent" / "state.json").read_text())
+    assert state["status"] == "stopped"
+    again = Reservoir(5000)
+    assert again.restore(tmp_path / "agent" / SAVED_FILE) == len(frames)  # the frames saved before are kept
+    assert sorted(f.payload for f in again.sample(100)) == frames
+
+
+# typer: while cl_agent.cli itself is imported; cl_agent.config: after typer, still at import;
+# cl_agent.agent: in the run command, before the configuration is read; cl_agent.ingest: in run_agent.
+@pytest.mark.parametrize("module", ["typer", "cl_agent.config", "cl_agent.agent", "cl_agent.ingest"])
+def test_sigterm_at_any_point_of_the_start_up_imports_stops_cleanly_with_exit_0(tmp_path, module):
+    frames = _saved_frames(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", SIGTERM_ON_IMPORT, module, "run", *_overrides(tmp_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _assert_stopped_cleanly(process, tmp_path, frames)
+
+
+def _catches_sigterm(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask from /proc (Linux)")
+def test_sigterm_as_soon_as_the_command_can_take_it_stops_cleanly_with_exit_0(tmp_path):
+    """The signal goes the moment the process catches SIGTERM at all (before that, Python itself is starting)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(3):
+        root = tmp_path / str(attempt)
+        frames = _saved_frames(root)
+        process = subprocess.Popen([sys.executable, "-m", "cl_agent", "run", *_overrides(root)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        while not _catches_sigterm(process.pid):
+            assert process.poll() is None, process.stderr.read().decode()
+        process.send_signal(signal.SIGTERM)
+        _assert_stopped_cleanly(process, root, frames)
