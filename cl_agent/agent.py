@@ -384,13 +384,7 @@ class Agent:
                 self._supervise(state, metrics, view)
                 counters = ingest.counters()
                 pending = len(ingest.store.pending())
-                metrics.sync_totals(
-                    accepted={"labeled": counters["labeled_acked"], "frame": counters["frames_accepted"], "end_experience": counters["control_accepted"]},
-                    rejected=counters["rejected"],
-                    dropped=counters["frames_dropped"],
-                    experiences_cut=counters["experiences_cut"],
-                    experiences_pruned=counters["experiences_pruned"],
-                )
+                metrics.sync_ingest(counters)
                 metrics.set_counts(
                     spool_samples=counters.get("open_experience_samples"),
                     spool_bytes=counters.get("spool_bytes"),

@@ -45,8 +45,9 @@ CUT_FULL = "spool_full"  # the open experience alone filled the spool: only trai
 UNLABELED_FILE = "unlabeled.log"
 PRUNED_MARKER = "pruned"
 KEYS_SUMMARY = "keys.json"
-# The size limits a stored image is decoded under (decode_sample's default); the labeled intake checks
-# images against them too, so that an acked image is one the trainer decodes.
+# The size limits a stored image is decoded under when the caller has no config (decode_sample's and
+# Experience.decode's default). The trainer passes the configured ingest.wire, the limits the labeled
+# intake checks images against, so that an acked image is one the trainer decodes.
 STORED_IMAGE_LIMITS = WireSection()
 NAMED_DROPS = 5  # dropped labeled images named in the warning; the rest are counted
 
@@ -120,9 +121,11 @@ class Experience:
     unlabeled: list[Sample]
     meta: dict = field(default_factory=dict)
 
-    def decode(self, image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decode(self, image_size: int, limits: WireSection | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(labeled uint8 (N, S, S, 3), labels int64 (N,), unlabeled uint8 (M, S, S, 3)).
 
+        ``limits``: the size limits images are decoded under; pass the configured ``ingest.wire``
+        (the ones ingest accepted them under). None: the default ``STORED_IMAGE_LIMITS``.
         Unreadable images (acked at ingest, undecodable now) are skipped; one warning
         per experience gives how many of each kind were dropped.
         """
@@ -132,7 +135,7 @@ class Experience:
         named: list[str] = []  # which labeled images: sender, seq and index in the message
         for sample, label in zip(self.labeled, self.labels):
             try:
-                labeled.append(decode_sample(sample, image_size))
+                labeled.append(decode_sample(sample, image_size, limits))
                 labels.append(label)
             except WireError as e:
                 dropped_labeled += 1
@@ -142,7 +145,7 @@ class Experience:
         unlabeled = []
         for sample in self.unlabeled:
             try:
-                unlabeled.append(decode_sample(sample, image_size))
+                unlabeled.append(decode_sample(sample, image_size, limits))
             except WireError as e:
                 dropped_unlabeled += 1
                 reasons.add(e.reason)

@@ -7,8 +7,9 @@ drained and sends back what this returns. The whole group shares one commit
     validate -> duplicate? -> decode every image -> class ids -> spool.append ... spool.commit -> ack | nack
 
 INVARIANT: an ack is produced only for a record whose commit returned.
-INVARIANT: an acked image decodes, within the trainer's size limits: a message with one that does not is
-refused whole (``decode_failed`` or ``image_too_large``, the nack naming the image) before any class is added.
+INVARIANT: an acked image decodes, within the size limits the trainer decodes it under (``ingest.wire``, the
+same as here): a message with one that does not is refused whole (``decode_failed`` or ``image_too_large``,
+the nack naming the image) before any class is added.
 The stored bytes are the ones received; the decoded pixels are discarded.
 """
 
@@ -21,9 +22,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from cl_agent.codec import check_decodes, check_size
+from cl_agent.codec import check_decodes
 from cl_agent.config import WireSection
-from cl_agent.experience import STORED_IMAGE_LIMITS
 from cl_agent.labels import LabelError, LabelMap
 from cl_agent.spool import DISK_FULL_ERRNOS, Record, RecordTooLarge, Spool, SpoolFull
 from cl_agent.wire import Message, WireError, decode_message, peek_seq, reply
@@ -72,15 +72,14 @@ Answer = Callable[[OSError | None], list[bytes]]  # the reply, once the commit's
 
 
 def check_trainable(message: Message) -> None:
-    """Every image of a validated message decodes in full, within the limits the trainer decodes under.
+    """Every image of a validated message decodes in full.
 
-    ``decode_message`` read the sizes from the header bytes only; a truncated or corrupt body passes
-    it. WireError names the first image refused (``image`` is its index).
+    ``decode_message`` checked the sizes, read from the header bytes, against ``ingest.wire`` (the limits
+    the trainer decodes stored images under too); a truncated or corrupt body passes it. WireError names
+    the first image refused (``image`` is its index).
     """
-    for i, (payload, (height, width, _)) in enumerate(zip(message.payloads, message.shapes)):
+    for i, payload in enumerate(message.payloads):
         try:
-            # Only stricter than decode_message's check when ingest.wire allows more than the defaults.
-            check_size(height, width, STORED_IMAGE_LIMITS, "(the trainer decodes under the default wire limits)")
             check_decodes(payload, message.encoding)
         except WireError as e:
             raise WireError(e.reason, f"image {i}: {e.detail}", image=i) from None

@@ -34,6 +34,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ingest_accepted_total": ("counter", ("kind",), "Ingest messages accepted, by message kind"),
     "ingest_rejected_total": ("counter", ("reason",), "Ingest messages rejected, by reason code"),
     "frames_dropped_total": ("counter", (), "Unlabeled frames lost before reaching the agent: gaps in each camera's seq (its client's send queue was full, or the network lost them); frames the reservoir leaves out are not drops"),
+    "frames_sender_clashes_total": ("counter", (), "Frame sender ids found shared by two camera streams (their seqs kept going back: 3 times within 10 s); each is warned about and counted at most once a minute per id, and its seq gaps are not counted as drops meanwhile"),
     "spool_samples": ("gauge", (), "Labeled samples in the open experience (since the last cut)"),
     "spool_bytes": ("gauge", (), "Bytes in the durable labeled spool"),
     "trained_data_bytes": ("gauge", (), "Bytes of trained experiences' data kept on disk (bounded by spool.keep_trained_bytes)"),
@@ -143,6 +144,7 @@ class AgentMetrics:
         accepted: Mapping[str, int] | None = None,
         rejected: Mapping[str, int] | None = None,
         dropped: int | None = None,
+        sender_clashes: int | None = None,
         experiences_cut: int | None = None,
         experiences_trained: int | None = None,
         publish_failures: int | None = None,
@@ -160,6 +162,7 @@ class AgentMetrics:
             updates.append(("ingest_rejected_total", {"reason": reason}, total))
         for name, total in (
             ("frames_dropped_total", dropped),
+            ("frames_sender_clashes_total", sender_clashes),
             ("experiences_cut_total", experiences_cut),
             ("experiences_trained_total", experiences_trained),
             ("publish_failures_total", publish_failures),
@@ -178,6 +181,17 @@ class AgentMetrics:
                 if delta:
                     metric = self._metrics[name]
                     (metric.labels(**labels) if labels else metric).inc(delta)
+
+    def sync_ingest(self, counters: Mapping) -> None:
+        """Feed ``IngestService.counters()``: its cumulative totals grow the matching counters (``sync_totals``)."""
+        self.sync_totals(
+            accepted={"labeled": counters["labeled_acked"], "frame": counters["frames_accepted"], "end_experience": counters["control_accepted"]},
+            rejected=counters["rejected"],
+            dropped=counters["frames_dropped"],
+            sender_clashes=counters["frames_sender_clashes"],
+            experiences_cut=counters["experiences_cut"],
+            experiences_pruned=counters["experiences_pruned"],
+        )
 
     def set_counts(
         self,

@@ -420,7 +420,7 @@ class Updater:
 
     def _load(self, indices: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         size = self.cfg.model.image_size
-        parts = [self.store.load(i).decode(size) for i in indices]
+        parts = [self.store.load(i).decode(size, self.cfg.ingest.wire) for i in indices]  # the limits intake checked
         return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
 
     def _checkpoint(self, experience: int) -> None:

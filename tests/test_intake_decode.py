@@ -73,16 +73,6 @@ def test_a_corrupt_png_is_refused_and_a_good_one_stored_byte_for_byte(tmp_path):
     assert record.payloads == [png]  # kept as received, not re-encoded
 
 
-def test_an_image_larger_than_the_trainer_decodes_is_refused_even_if_ingest_allows_it(tmp_path):
-    wire = WireSection(max_image_side=8192, max_image_pixels=64_000_000)
-    intake, spool, _, _ = _intake(tmp_path, wire)
-    wide = np.zeros((8, 4100, 3), np.uint8)  # within ingest.wire, above the default max_image_side 4096
-    [answer] = _answers(intake.process([encode_message("labeled", "cam", 1, [images(1)[0], wide], labels=["a", "b"])]))
-    assert (answer["reason"], answer["image"]) == ("image_too_large", 1)
-    assert "8x4100" in answer["detail"] and "trainer" in answer["detail"]
-    assert spool.samples == 0
-
-
 def test_a_retry_of_a_stored_message_is_acked_without_decoding_again(tmp_path, monkeypatch):
     intake, _, _, _ = _intake(tmp_path)
     body = encode_message("labeled", "cam", 1, images(2), labels=["a", "b"])
