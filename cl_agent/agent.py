@@ -417,11 +417,14 @@ class Agent:
             except Exception as e:  # noqa: BLE001 - a trainer killed mid-put can leave a truncated message
                 log.warning("cannot read the trainer's last results (%s: %s); its records on disk stay", type(e).__name__, e)
                 return
-            if "progress" in item:
+            if "progress" in item:  # a training step, or the start of a later phase
                 info = item["progress"]
                 self.progress.report(info)
                 if view is not None:
-                    view.update({"losses": info.get("losses") or {}, **(self.progress.snapshot() or {})})
+                    fields = dict(self.progress.snapshot() or {})
+                    if "losses" in info:  # a phase message has none: the last step's stay shown
+                        fields["losses"] = info["losses"] or {}
+                    view.update(fields)
                 continue
             if "warning" in item:
                 if item["warning"] not in self._warned:

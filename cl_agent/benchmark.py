@@ -25,6 +25,7 @@ import numpy as np
 from cl_agent.bench_profile import BenchProfile
 from cl_agent.config import TrainSection, to_dict
 from cl_agent.scenario import ImageFolder, ScenarioTable, build_stream, val_set
+from cl_agent.status import duration_text
 from cl_agent.storage import atomic_write_text
 
 JOINT = "joint"
@@ -110,15 +111,10 @@ def _loss_terms(metrics: dict) -> dict:
     return {k.removeprefix("loss_"): float(v) for k, v in metrics.items() if k.startswith("loss") and isinstance(v, float)}
 
 
-def _format_eta(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def _progress_line(label: str, t: int, total: int, accuracy: float | None, metrics: dict, seconds: float, eta: float) -> str:
     terms = " ".join(f"{k}={v:.3g}" for k, v in _loss_terms(metrics).items())
     acc = f"acc={accuracy:.4f}" if accuracy is not None else "acc=  -   "
-    return f"[{label}] t={t + 1:>3}/{total} {acc} steps={metrics.get('steps', '?')} {terms} {seconds:.1f}s ETA {_format_eta(eta)}"
+    return f"[{label}] t={t + 1:>3}/{total} {acc} steps={metrics.get('steps', '?')} {terms} {seconds:.1f}s ETA {duration_text(eta)}"
 
 
 def run_benchmark(run: BenchRun, echo: Callable[[str], None] = print) -> dict:

@@ -7,8 +7,9 @@ On a TTY a block of lines is redrawn in place with ANSI escape codes::
     ingest  labeled 12.0/s  frame 30.1/s  backlog 1
     model   published v3  served v2  online accuracy 0.620
 
-After the last step the head says ``exporting and publishing`` (checkpoint, ONNX
-export, parity check, publish) and, once the update is done, ``idle (version N)``.
+After training the head names the phase the trainer reports (``saving checkpoint``,
+``exporting``, ``checking parity``, ``publishing``) with the steps done and how long
+the phase has lasted and, once the update is done, ``idle (version N)``.
 Elsewhere (a log file, a pipe, systemd) the same text becomes one line, printed when
 it changed (at most every ``interval_s`` seconds) and repeated unchanged only every
 ``UNCHANGED_REPEAT`` intervals, as a sign of life. Log records written through
@@ -25,7 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import TextIO
 
 from cl_agent.config import MetricsSection
-from cl_agent.status import EXPORTING, TRAINING, duration_text
+from cl_agent.status import TRAINING, duration_text
 
 CURSOR_UP_LINES = "\x1b[{}F"  # to the start of the line n lines up
 CLEAR_TO_END = "\x1b[J"  # erase from the cursor to the end of the screen
@@ -54,7 +55,7 @@ def _flatten(values: Mapping, prefix: str = "") -> dict[str, float]:
 class LiveView:
     """Progress of the agent on ``stream``. ``update(fields)`` merges fields; ``close()`` prints the last state.
 
-    Fields it shows (all optional): ``phase`` ("training", "exporting and publishing", "idle"),
+    Fields it shows (all optional): ``phase`` (one of ``cl_agent.status.PHASES``, or "idle"),
     ``experience``, ``step``, ``steps`` (ints), ``elapsed_s``, ``eta_s``, ``phase_elapsed_s``
     (seconds, see ``cl_agent.status.UpdateProgress``),
     ``losses`` ({term: float}), ``ingest`` (cumulative counts {name: number}, nested allowed;
@@ -165,7 +166,7 @@ class LiveView:
         if phase:
             head += f"  {phase}"
         step, steps = f.get("step"), f.get("steps")
-        if phase == EXPORTING:
+        if phase and phase != TRAINING:  # after training: checkpoint, export, parity check, publish
             if step is not None:
                 head += f"  after {step}/{steps} steps"
             if f.get("phase_elapsed_s") is not None:

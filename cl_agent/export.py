@@ -18,7 +18,7 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -156,6 +156,7 @@ def export_onnx(
     export: ExportSection,
     real_images: np.ndarray | None = None,
     optimized_path: str | os.PathLike | None = None,
+    on_parity_check: Callable[[], None] | None = None,
 ) -> dict:
     """Export ``modules`` (each: normalised float NCHW -> logits) as one ONNX graph at ``path``.
 
@@ -166,6 +167,8 @@ def export_onnx(
     Outputs ``logits`` (mean over modules) and ``probs`` (softmax of it).
     ``optimized_path``: also write onnxruntime's optimised graph of it for this machine there
     (see ``repository.OptimizedModel``).
+    ``on_parity_check``: called once the file is written and passed ``onnx.checker``, as the
+    parity check begins (progress reporting).
     Returns the parity stats; raises ExportError (and leaves no file) on failure.
     """
     import onnx
@@ -196,6 +199,8 @@ def export_onnx(
                 verbose=False,
             )
         onnx.checker.check_model(str(path), full_check=True)
+        if on_parity_check is not None:
+            on_parity_check()
         # Fresh random images on every export; the seed is returned so a failure can be replayed.
         seed = int.from_bytes(os.urandom(4), "little")
         stats = check_parity(

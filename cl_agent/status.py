@@ -115,18 +115,25 @@ def duration_text(seconds: float) -> str:
 
 # --------------------------------------------------------------------------- the update under way
 
-TRAINING = "training"
-EXPORTING = "exporting and publishing"  # after the last step: checkpoint, ONNX export, parity check, publish
+# The phases of an update, in order, as the trainer process reports them (progress messages with "phase").
+TRAINING = "training"  # steps; a message of this phase reports one finished step
+CHECKPOINTING = "saving checkpoint"  # after the last step (or the one that spent train.time_budget_s)
+EXPORTING = "exporting"  # ONNX export and onnx.checker
+CHECKING_PARITY = "checking parity"  # onnxruntime against torch on sample images
+PUBLISHING = "publishing"  # the new version written into the model repository
+PHASES = (TRAINING, CHECKPOINTING, EXPORTING, CHECKING_PARITY, PUBLISHING)
 BURST_S = 0.05  # progress messages read within this of the first one arrived together: they carry no timing
 
 
 class UpdateProgress:
-    """The update under way, as the agent sees it from the trainer's progress messages.
+    """The update under way, as the agent sees it from the trainer process's progress messages.
 
-    The trainer reports each finished step (experience, step, steps); it does not report the
-    checkpoint, export and publish that follow, so the phase is inferred: once the last
-    planned step is done (or ``time_budget_s`` is spent, which ends training early) the
-    update is exporting and publishing until its result arrives (``finish``).
+    Each message names its ``phase`` (one of ``PHASES``; a message without one is a training
+    step, as before phases were reported) and the steps done so far: during ``training`` one
+    message per finished step, then one when each later phase begins. The phase shown is the
+    one last reported, so an update whose time budget ended training early shows its
+    checkpoint, export, parity check and publish as they happen, after the steps it did.
+    The update lasts until its result arrives (``finish``).
     The ETA extrapolates the time per step measured from the first reported step on (the
     first step carries one-off costs), capped by what is left of the time budget.
     """
@@ -140,51 +147,59 @@ class UpdateProgress:
         """The update ended (result, skip, or the trainer died): nothing is under way."""
         self.experience: int | None = None
         self.step = self.steps = 0
+        self.phase = TRAINING
         self._first: tuple[float, int] | None = None  # (time, step) of the first progress message
-        self._last_time = 0.0  # time of the newest progress message
+        self._last_time = 0.0  # time of the newest training step message
+        self._phase_since = 0.0  # time the current phase was first reported
 
     def report(self, info: Mapping) -> None:
-        """One progress message of the trainer: {"experience", "step", "steps", ...}."""
+        """One progress message of the trainer process: {"experience", "phase", "step", "steps", ...}.
+
+        A message without integer ``step`` and ``steps`` or with a ``phase`` that is not a string is ignored.
+        """
         now = self.clock()
         experience, step, steps = info.get("experience"), info.get("step"), info.get("steps")
-        if not isinstance(step, int) or not isinstance(steps, int):
+        phase = info.get("phase", TRAINING)
+        if not isinstance(step, int) or not isinstance(steps, int) or not isinstance(phase, str):
             return
         if experience != self.experience or self._first is None or step < self.step:  # a new update
             self.finish()
-            self.experience, self._first = experience, (now, step)
-        elif now - self._first[0] < BURST_S:  # read in the same batch as the first: a later baseline, same time
+            self.experience, self._first, self._phase_since = experience, (now, step), now
+        elif phase == TRAINING and now - self._first[0] < BURST_S:  # read in the same batch as the first: a later baseline, same time
             self._first = (self._first[0], step)
-        self.step, self.steps, self._last_time = step, steps, now
+        if phase != self.phase:
+            self.phase, self._phase_since = phase, now
+        self.step, self.steps = step, steps
+        if phase == TRAINING:
+            self._last_time = now
 
     def snapshot(self) -> dict | None:
         """{"experience", "phase", "step", "steps", "elapsed_s", "eta_s", "phase_elapsed_s"}, or None when idle.
 
         ``elapsed_s``: since the first step was reported; ``eta_s``: seconds of training left
-        (null until steps were reported at two different times, 0 once training is over); ``phase_elapsed_s``: time in
-        the current phase."""
+        (null until steps were reported at two different times, 0 once training is over);
+        ``phase_elapsed_s``: since the current phase was first reported."""
         if self._first is None:
             return None
         now = self.clock()
         first_time, first_step = self._first
         elapsed = now - first_time
-        budget_spent = bool(self.time_budget_s) and elapsed >= self.time_budget_s
-        phase = EXPORTING if self.step >= self.steps or budget_spent else TRAINING
         eta = None
-        if phase == EXPORTING:
+        if self.phase != TRAINING:
             eta = 0.0
         elif self.step > first_step and self._last_time > first_time:
             per_step = (self._last_time - first_time) / (self.step - first_step)
             eta = max(0.0, per_step * (self.steps - self.step) - (now - self._last_time))
-            if self.time_budget_s:
-                eta = min(eta, self.time_budget_s - elapsed)
+            if self.time_budget_s:  # the step that spends the budget is the last
+                eta = max(0.0, min(eta, self.time_budget_s - elapsed))
         return {
             "experience": self.experience,
-            "phase": phase,
+            "phase": self.phase,
             "step": self.step,
             "steps": self.steps,
             "elapsed_s": round(elapsed, 1),
             "eta_s": None if eta is None else round(eta, 1),
-            "phase_elapsed_s": round(now - self._last_time if phase == EXPORTING else elapsed, 1),
+            "phase_elapsed_s": round(now - self._phase_since, 1),
         }
 
 
@@ -514,9 +529,9 @@ def _update_rows(state: Mapping) -> list[tuple[str, str]]:
     update = state.get("update")
     if not isinstance(update, Mapping) or state.get("status") != "running":
         return []
-    step, steps = update.get("step"), update.get("steps")
-    text = f"experience {update.get('experience')}: {update.get('phase')}"
-    if update.get("phase") == EXPORTING:
+    step, steps, phase = update.get("step"), update.get("steps"), update.get("phase")
+    text = f"experience {update.get('experience')}: {phase}"
+    if phase is not None and phase != TRAINING:  # after training (any phase name, an older agent's too)
         text += f" after {step}/{steps} steps"
         if _is_number(update.get("phase_elapsed_s")):
             text += f" (for {duration_text(update['phase_elapsed_s'])})"

@@ -41,7 +41,17 @@ from cl_agent.repository import (
     OPTIMIZED_FILE, Announcer, ModelRepository, OptimizedModel, PublishingHeld, PublishingHold, release_hint,
 )
 from cl_agent.session import runtime_environment
-from cl_agent.status import append_experience_record, now_iso, recorded_since, records_backwards
+from cl_agent.status import (
+    CHECKING_PARITY,
+    CHECKPOINTING,
+    EXPORTING,
+    PUBLISHING,
+    TRAINING,
+    append_experience_record,
+    now_iso,
+    recorded_since,
+    records_backwards,
+)
 from cl_agent.storage import atomic_write_text
 
 log = logging.getLogger("cl_agent.updater")
@@ -314,7 +324,12 @@ class Updater:
     # ------------------------------------------------------------------ one update
 
     def run_once(self, should_stop: callable = lambda: False, progress: callable | None = None) -> UpdateResult | None:
-        """Train on what is pending (one update); None if nothing is pending."""
+        """Train on what is pending (one update); None if nothing is pending.
+
+        ``progress`` gets {"experience", "phase", "step", "steps"} messages (``cl_agent.status.PHASES``):
+        one per finished training step (with its "losses"), then one as each later phase begins
+        (checkpoint, export, parity check, publish), with the steps training did.
+        """
         pending = self.pending()
         if not pending:
             return None
@@ -339,7 +354,8 @@ class Updater:
             if should_stop():
                 raise UpdateInterrupted()
             if progress is not None:
-                progress({"experience": chosen[-1], "step": info.get("step"), "steps": info.get("steps"), "losses": loss_terms(info)})
+                progress({"experience": chosen[-1], "phase": TRAINING, "step": info.get("step"), "steps": info.get("steps"),
+                          "losses": loss_terms(info)})
 
         from cl_agent.trainer import TrainingDivergedError
 
@@ -358,10 +374,16 @@ class Updater:
             self._reset_trainer()
             return self._skip(chosen, len(pending), f"training diverged: {e}")
         update_seconds = time.monotonic() - started
+
+        def on_phase(phase: str) -> None:  # the steps training did: fewer than planned when the time budget ended it
+            if progress is not None:
+                progress({"experience": chosen[-1], "phase": phase, "step": metrics.get("steps"), "steps": metrics.get("planned_steps")})
+
+        on_phase(CHECKPOINTING)
         self._checkpoint(chosen[-1])
 
         started = time.monotonic()
-        published = self._try_publish(chosen[-1], metrics=_jsonable(metrics), real_images=labeled)
+        published = self._try_publish(chosen[-1], metrics=_jsonable(metrics), real_images=labeled, on_phase=on_phase)
         version = published.version
         export_seconds = time.monotonic() - started
         # the record goes before the marks: a crash between them leaves a recorded, unmarked experience,
@@ -430,8 +452,12 @@ class Updater:
         for _, old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
 
-    def _try_publish(self, experience: int, metrics: dict, real_images: np.ndarray | None = None) -> Publication:
+    def _try_publish(
+        self, experience: int, metrics: dict, real_images: np.ndarray | None = None, on_phase: callable | None = None
+    ) -> Publication:
         """Export and publish the trained student, unless an operator holds publishing.
+
+        ``on_phase(name)`` is called as the export, the parity check and the publish begin.
 
         A failure leaves the update standing (it is checkpointed) and the served version in place;
         the next update exports again. Two kinds: the export was refused (exporter, checker, parity
@@ -446,7 +472,7 @@ class Updater:
         hold = self.repository.publishing_hold()
         if hold is None:
             try:
-                return Publication(version=self._publish(experience, metrics, real_images))
+                return Publication(version=self._publish(experience, metrics, real_images, on_phase or (lambda phase: None)))
             except PublishingHeld as e:
                 hold = e.hold
             except ExportError as e:
@@ -462,10 +488,11 @@ class Updater:
         log.error("experience %d trained but not published (the served version stays): %s", experience, why)
         return Publication(error=why)
 
-    def _publish(self, experience: int, metrics: dict, real_images: np.ndarray | None = None) -> int:
+    def _publish(self, experience: int, metrics: dict, real_images: np.ndarray | None, on_phase: callable) -> int:
         from cl_agent.export import export_onnx
 
         model = self.cfg.model
+        on_phase(EXPORTING)
         with tempfile.TemporaryDirectory(prefix=EXPORT_TEMP_PREFIX, dir=self.workdir) as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             optimized_path = Path(tmp) / OPTIMIZED_FILE if self.cfg.export.save_optimized else None
@@ -478,6 +505,7 @@ class Updater:
                 export=self.cfg.export,
                 real_images=real_images[: self.cfg.export.parity_samples] if real_images is not None else None,
                 optimized_path=optimized_path,
+                on_parity_check=lambda: on_phase(CHECKING_PARITY),
             )
             manifest = {
                 "class_names": self.class_names(),
@@ -491,6 +519,7 @@ class Updater:
             optimized = None
             if optimized_path is not None and optimized_path.is_file():
                 optimized = OptimizedModel(optimized_path, runtime_environment())
+            on_phase(PUBLISHING)
             version = self.repository.publish(onnx_path, manifest, optimized, after=self.last_version or 0, honour_hold=True)
         self.last_version = version
         if self.announcer is not None:

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cl_agent.bench_profile import load_profile
-from cl_agent.benchmark import BenchRun, forgetting, run_benchmark, streamed_steps
+from cl_agent.benchmark import BenchRun, _progress_line, forgetting, run_benchmark, streamed_steps
 from cl_agent.cli import app
 from cl_agent.config import ConfigError
 from cl_agent.scenario import ImageFolder, parse_scenario
@@ -163,3 +163,9 @@ def test_curve_subset_before_the_last_experience(smoke_run):
     assert len(results["accuracy_per_experience"]) == 3
     assert results["final_accuracy"] == results["accuracy_per_experience"][-1]
     assert len(results["per_class_final"]) == 4 and all(a in (0.0, 0.5, 1.0) for a in results["per_class_final"])
+
+
+@pytest.mark.parametrize(("eta", "text"), [(45.0, "ETA 45s"), (185.0, "ETA 3m05s"), (3720.0, "ETA 1h02m")])
+def test_progress_line_writes_the_eta_as_status_and_the_live_view_do(eta, text):
+    line = _progress_line("naive", 2, 10, 0.5, {"steps": 4, "loss": 1.25}, 3.0, eta)
+    assert line == f"[naive] t=  3/10 acc=0.5000 steps=4 loss=1.25 3.0s {text}"

@@ -6,7 +6,7 @@ from cl_agent.agent import Agent
 from cl_agent.config import load_config
 from cl_agent.metrics import AgentMetrics
 from cl_agent.repository import ModelRepository
-from cl_agent.status import EXPORTING, TRAINING, append_experience_record, initial_state, print_status, write_state
+from cl_agent.status import CHECKING_PARITY, EXPORTING, TRAINING, append_experience_record, initial_state, print_status, write_state
 
 
 def record(experience, version):
@@ -32,10 +32,15 @@ def test_status_during_training_shows_the_step_count_elapsed_and_time_left(tmp_p
     assert rows["update"] == "experience 1: training, step 119/160 (74%), 3m10s elapsed, about 1m05s left"
 
 
-def test_status_after_the_last_step_says_exporting_and_when_idle_shows_no_update(tmp_path, capsys):
+def test_status_after_training_shows_the_reported_phase_and_when_idle_shows_no_update(tmp_path, capsys):
     update = {"experience": 1, "phase": EXPORTING, "step": 160, "steps": 160, "elapsed_s": 300.0, "eta_s": 0.0,
               "phase_elapsed_s": 12.0}
     write_state(tmp_path, initial_state() | {"update": update})
+    assert status_rows(tmp_path, capsys)["update"] == "experience 1: exporting after 160/160 steps (for 12s)"
+    write_state(tmp_path, initial_state() | {"update": update | {"phase": CHECKING_PARITY, "step": 37, "phase_elapsed_s": 2.0}})
+    assert status_rows(tmp_path, capsys)["update"] == "experience 1: checking parity after 37/160 steps (for 2s)"
+    # the phase an agent wrote before phases were reported
+    write_state(tmp_path, initial_state() | {"update": update | {"phase": "exporting and publishing"}})
     assert status_rows(tmp_path, capsys)["update"] == "experience 1: exporting and publishing after 160/160 steps (for 12s)"
     write_state(tmp_path, initial_state() | {"update": None})
     assert "update" not in status_rows(tmp_path, capsys)

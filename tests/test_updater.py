@@ -241,3 +241,26 @@ def test_a_stop_during_training_leaves_nothing_and_the_restart_trains_the_experi
     finally:
         again.close()
     assert ExperienceStore(cfg.agent.workdir).pending() == [1, 2]
+
+
+def test_an_update_reports_each_phase_with_the_steps_training_did(tmp_path):
+    # A time budget that every step spends ends training after its first step: the later phases are
+    # reported as they begin, with 1 of the planned steps, not inferred from the last planned step.
+    from cl_agent.status import CHECKING_PARITY, CHECKPOINTING, EXPORTING, PUBLISHING, TRAINING
+
+    cfg, _ = tiny_agent_config(tmp_path, **{"train.time_budget_s": 1e-9})
+    ingest_experiences(cfg, [[0, 1], [1, 2], [2, 3]])  # merged into one update of experience 2
+    updater = Updater(cfg)
+    messages = []
+    try:
+        result = updater.run_once(progress=messages.append)
+    finally:
+        updater.close()
+    assert result.version == 1 and result.record["stopped_by_budget"]
+    planned = messages[0]["steps"]
+    assert planned > 1
+    assert [(m["phase"], m["step"], m["steps"]) for m in messages] == [
+        (TRAINING, 1, planned), (CHECKPOINTING, 1, planned), (EXPORTING, 1, planned),
+        (CHECKING_PARITY, 1, planned), (PUBLISHING, 1, planned),
+    ]
+    assert "losses" in messages[0] and all(m["experience"] == 2 for m in messages)
