@@ -393,6 +393,9 @@ def models_hold(
     repo: RepoOpt = None,
     model: ModelOpt = None,
     reason: Annotated[Optional[str], typer.Option(help="Why (shown by models list and in the agent's log).")] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Replace a hold already there (without it, that hold is kept and reported).")
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -400,7 +403,7 @@ def models_hold(
     from cl_agent.repository import hold_publishing
 
     repo, model, option = models_target(config, set_, repo, model)
-    raise typer.Exit(hold_publishing(repo, model, reason, option))
+    raise typer.Exit(hold_publishing(repo, model, reason, option, replace=replace))
 
 
 @models_app.command("release")

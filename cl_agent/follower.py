@@ -23,6 +23,8 @@ agent's ``versions`` reply names its own ``announce_endpoint``, the follower
 moves its subscription to that port on the fetch endpoint's host. A version
 found by polling that no announcement named, although the subscription had been
 up for a while, is warned about once: announcements are not reaching this server.
+A version whose manifest says ``"announced": false`` (a rollback that could not
+bind the announce endpoint) is not: polling is how it was meant to arrive.
 """
 
 from __future__ import annotations
@@ -185,6 +187,9 @@ class RepositoryFollower:
             return None
         manifest = self.client.manifest(newest)
         self._answered()
+        if self._unannounced is not None and self._unannounced[0] == newest and manifest.get("announced") is False:
+            # Published without an announcement (a rollback while the agent held the endpoint): polling is how it comes.
+            self._unannounced = None
         try:
             path = download(
                 self.client, newest, manifest, self.repository.model_dir, self.max_model_bytes, self.counters, self._stop, self._answered

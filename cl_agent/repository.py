@@ -92,6 +92,18 @@ def check_model_name(model_name: object) -> str:
     return model_name
 
 
+def models_in(root: str | os.PathLike) -> list[str]:
+    """The models in the repository ``root``, sorted: folders with a version, or with the counter a publish leaves.
+
+    A folder that holds neither (say, one a mistyped command made) is not a model."""
+    root = Path(root)
+    try:
+        folders = [p for p in root.iterdir() if MODEL_NAME_PATTERN.fullmatch(p.name) and p.is_dir()]
+    except OSError:
+        return []
+    return sorted(p.name for p in folders if ModelRepository(root, p.name).has_published())
+
+
 def triton_config(model_name: str, image_size: int, num_classes: int, max_batch: int = 64) -> str:
     """config.pbtxt for Triton's onnxruntime backend (batch dimension implicit)."""
     return (
@@ -283,6 +295,22 @@ class ModelRepository:
         folder = self.version_dir(version)
         return (folder / MODEL_FILE).is_file() and (folder / MANIFEST_FILE).is_file()
 
+    def has_published(self) -> bool:
+        """Whether this model is in the repository: a version folder, or the counter a publish leaves."""
+        try:
+            return bool(self._numbered_dirs()) or (self.model_dir / COUNTER_FILE).is_file()
+        except OSError:  # a folder that cannot be listed: a model all the same
+            return True
+
+    def models_there(self) -> str:
+        """``models there: a, b`` (``models there: none``): the models of this root, for a message that this one is not there."""
+        return f"models there: {', '.join(models_in(self.root)) or 'none'}"
+
+    def _absent_note(self) -> str:
+        """`` (models there: a, b)`` when this model has no version and the root holds other models, else ''."""
+        others = [m for m in models_in(self.root) if m != self.model_name]
+        return f" (models there: {', '.join(others)})" if others and not self.versions() else ""
+
     def latest_version(self) -> int | None:
         found = self.versions()
         return found[-1] if found else None
@@ -300,7 +328,7 @@ class ModelRepository:
         if version is None:
             version = self.latest_version()
             if version is None:
-                raise CLAgentError(f"no versions of {self.model_name!r} in {self.root}{none_hint}")
+                raise CLAgentError(f"no versions of {self.model_name!r} in {self.root}{self._absent_note()}{none_hint}")
         return version, self.load_manifest(version)
 
     def load_manifest(self, version: int) -> dict:
@@ -308,7 +336,7 @@ class ModelRepository:
         try:
             manifest = json.loads(path.read_text())
         except FileNotFoundError:
-            known = ", ".join(map(str, self.versions())) or "none"
+            known = ", ".join(map(str, self.versions())) or f"none; {self.models_there()}"
             raise CLAgentError(
                 f"model {self.model_name!r} has no version {version} in {self.root} (versions: {known})"
             ) from None
@@ -360,26 +388,34 @@ class ModelRepository:
 
     # ----------------------------------------------------------------- writing
 
-    def hold(self, reason: str | None = None) -> PublishingHold:
-        """Hold publishing (written atomically under the publish lock); replaces a hold already there.
+    def hold(self, reason: str | None = None, replace: bool = False) -> tuple[PublishingHold, PublishingHold | None]:
+        """Hold publishing (written atomically under the publish lock): (the hold in force, the one already there or None).
 
-        A publish that honours holds and takes the lock after this returns publishes nothing."""
-        if not self.model_dir.is_dir():
-            others = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")) if self.root.is_dir() else []
-            raise CLAgentError(
-                f"no model {self.model_name!r} in {self.root} to hold (models there: {', '.join(others) or 'none'})"
-            )
-        hold = PublishingHold(
-            self.hold_path, held_by=_operator(), held_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), reason=reason or None
-        )
-        body = {"model": self.model_name, "held_by": hold.held_by, "held_at": hold.held_at, "reason": hold.reason}
+        A hold already there is kept (its operator, time and reason stand) unless ``replace``.
+        Refused for a model that has never published here (a mistyped name would hold nothing);
+        nothing is written then. A publish that honours holds and takes the lock after this
+        returns publishes nothing."""
+        if not self.has_published():
+            raise CLAgentError(f"no model {self.model_name!r} in {self.root} to hold ({self.models_there()})")
         with self._lock():
+            existing = self.publishing_hold()
+            if existing is not None and not replace:
+                return existing, existing
+            hold = PublishingHold(
+                self.hold_path, held_by=_operator(), held_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), reason=reason or None
+            )
+            body = {"model": self.model_name, "held_by": hold.held_by, "held_at": hold.held_at, "reason": hold.reason}
             atomic_write_text(self.hold_path, json.dumps(body, indent=2) + "\n", FILE_MODE)
-        log.info("publishing of %s held (%s)", self.model_name, hold.describe())
-        return hold
+        if existing is not None:
+            log.info("publishing of %s held (%s), replacing the hold %s", self.model_name, hold.describe(), existing.describe())
+        else:
+            log.info("publishing of %s held (%s)", self.model_name, hold.describe())
+        return hold, existing
 
     def release(self) -> PublishingHold | None:
-        """Lift the hold on publishing; returns the hold removed (None if there was none)."""
+        """Lift the hold on publishing; returns the hold removed (None if there was none, and then nothing is written)."""
+        if self.publishing_hold() is None:  # no marker: no lock taken, so no folder or lock file is made
+            return None
         with self._lock():
             hold = self.publishing_hold()
             if hold is None:
@@ -561,16 +597,20 @@ class ModelRepository:
         except OSError as e:
             log.warning("%s: could not remove old versions (%s); keeping them until the next publish", self.model_dir, e)
 
-    def rollback(self, to: int, hold_reason: str | None = None) -> int:
+    def rollback(self, to: int, hold_reason: str | None = None, announced: bool | None = None) -> int:
         """Republish version ``to`` as a new, higher version (so every server moves to it).
 
-        With ``hold_reason``, publishing is held first (``hold``), so no update of the agent can
-        be published after the rollback; the hold stays if the republish then fails."""
+        With ``hold_reason``, publishing is held first (``hold``; a hold already there is kept), so
+        no update of the agent can be published after the rollback; the hold stays if the republish
+        then fails. ``announced``: whether the new version will be announced, recorded in its
+        manifest (``False`` tells followers that finding it by polling is expected); None records nothing."""
         manifest = self.verify(to)
         if hold_reason is not None:
             self.hold(hold_reason)
-        carried = {k: v for k, v in manifest.items() if k not in ("version", "sha256", "created_at", "parent_version")}
+        carried = {k: v for k, v in manifest.items() if k not in ("version", "sha256", "created_at", "parent_version", "announced")}
         carried["rollback_of"] = to
+        if announced is not None:
+            carried["announced"] = bool(announced)
         return self.publish(self.model_path(to), carried, self._verified_optimized(to, manifest))
 
     def _verified_optimized(self, version: int, manifest: dict) -> OptimizedModel | None:
@@ -661,7 +701,7 @@ def print_versions(repo: str | os.PathLike, model: str, option: str = "--repo") 
     versions = repository.versions()
     hold = repository.publishing_hold()
     if not versions:
-        typer.echo(f"no versions of {model!r} in {repo}")
+        typer.echo(f"no versions of {model!r} in {repo}{repository._absent_note()}")
         if hold is not None:
             print_hold(repo, model, hold)
         return 1
@@ -689,12 +729,21 @@ def print_versions(repo: str | os.PathLike, model: str, option: str = "--repo") 
     return 0
 
 
-def hold_publishing(repo: str | os.PathLike, model: str, reason: str | None, option: str = "--repo") -> int:
-    """``cl-agent models hold``: stop the agent publishing ``model`` (it goes on training); exit code 0."""
+def hold_publishing(repo: str | os.PathLike, model: str, reason: str | None, option: str = "--repo", replace: bool = False) -> int:
+    """``cl-agent models hold``: stop the agent publishing ``model`` (it goes on training); exit code 0.
+
+    A hold already there is kept and reported (who, since when, why), unless ``replace``: then
+    the new one replaces it and the replaced one is printed."""
     import typer
 
     check_repo_option(repo, option)
-    hold = ModelRepository(repo, model).hold(reason)
+    hold, before = ModelRepository(repo, model).hold(reason, replace=replace)
+    if before is not None and not replace:
+        typer.echo(f"publishing of {model!r} was already held {before.describe()} ({before.path}); that hold is kept "
+                   f"(--replace replaces it); {release_hint(repo, model)} to resume")
+        return 0
+    if before is not None:
+        typer.echo(f"replaced the hold on {model!r} that was held {before.describe()}")
     typer.echo(f"publishing of {model!r} held ({hold.path}); the agent keeps training; {release_hint(repo, model)} to resume")
     return 0
 
@@ -704,9 +753,11 @@ def release_publishing(repo: str | os.PathLike, model: str, option: str = "--rep
     import typer
 
     check_repo_option(repo, option)
-    hold = ModelRepository(repo, model).release()
+    repository = ModelRepository(repo, model)
+    hold = repository.release()
     if hold is None:
-        typer.echo(f"publishing of {model!r} in {repo} was not held")
+        absent = "" if repository.has_published() else f" (no model {model!r} there; {repository.models_there()})"
+        typer.echo(f"publishing of {model!r} in {repo} was not held{absent}")
         return 1
     typer.echo(f"publishing of {model!r} released (was held {hold.describe()}); the agent's next update publishes")
     return 0
@@ -759,7 +810,7 @@ def verify_versions(repo: str | os.PathLike, model: str, option: str = "--repo")
     repository = ModelRepository(repo, model)
     versions = repository._numbered_dirs()  # incomplete ones too: a published version that lost a file shows here
     if not versions:
-        raise CLAgentError(f"no versions of {model!r} in {repo}")
+        raise CLAgentError(f"no versions of {model!r} in {repo}{repository._absent_note()}")
     bad = 0
     for version in versions:
         folder = repository.version_dir(version)
@@ -800,23 +851,35 @@ def rollback(
     # Retention is the publisher's business (its config); a rollback from the command line deletes nothing.
     existing = ModelRepository(repo, model).versions()
     repository = ModelRepository(repo, model, keep_last=max(1, len(existing) + 1))
-    version = repository.rollback(to, hold_reason=(reason or f"rolled back to version {to}") if hold else None)
-    typer.echo(f"rolled {model!r} back to version {to}: published as version {version}")
-    held = repository.publishing_hold()
-    if held is not None:
-        typer.echo(f"publishing stays held {held.describe()}: the agent trains on but publishes nothing; "
-                   f"{release_hint(repo, model)} to resume")
-    else:
-        typer.echo(f"note: an agent publishing {model!r} replaces version {version} at its next update; "
-                   "`cl-agent models hold` (or rollback --hold) keeps it served")
+    held_before = repository.publishing_hold() if hold else None
+    # The endpoint is bound before the republish, so the manifest can say whether the version is announced:
+    # a follower that finds an unannounced one by polling then knows that is expected.
+    announcer, unbound = None, None
     if announce_endpoint is not None:
         try:
             announcer = Announcer(announce_endpoint)
         except CLAgentError as e:  # e.g. the running agent holds the endpoint: servers still find it by polling
-            typer.echo(f"warning: not announced ({e}); servers pick version {version} up at their next poll", err=True)
-            return 0
-        # Give subscribers a moment to (re)connect to the new PUB socket; pollers catch up anyway.
-        time.sleep(0.5)
-        announcer.announce(model, version, repository.load_manifest(version)["sha256"])
-        announcer.close()
+            unbound = e
+    try:
+        version = repository.rollback(
+            to, hold_reason=(reason or f"rolled back to version {to}") if hold else None, announced=announcer is not None
+        )
+        typer.echo(f"rolled {model!r} back to version {to}: published as version {version}")
+        held = repository.publishing_hold()
+        if held is not None:
+            kept = " (it was held before the rollback; that hold is kept)" if held_before is not None else ""
+            typer.echo(f"publishing stays held {held.describe()}{kept}: the agent trains on but publishes nothing; "
+                       f"{release_hint(repo, model)} to resume")
+        else:
+            typer.echo(f"note: an agent publishing {model!r} replaces version {version} at its next update; "
+                       "`cl-agent models hold` (or rollback --hold) keeps it served")
+        if unbound is not None:
+            typer.echo(f"warning: not announced ({unbound}); servers pick version {version} up at their next poll", err=True)
+        if announcer is not None:
+            # Give subscribers a moment to (re)connect to the new PUB socket; pollers catch up anyway.
+            time.sleep(0.5)
+            announcer.announce(model, version, repository.load_manifest(version)["sha256"])
+    finally:
+        if announcer is not None:
+            announcer.close()
     return 0

@@ -132,3 +132,80 @@ def test_models_and_labels_commands_take_the_repository_from_the_config_and_opti
     assert code == 2 and err.strip() == f"error: repository.root = {str(tmp_path / 'nosuch')!r}: folder not found"
     code, out, err = cl_agent(monkeypatch, capsys, "models", "list", "--config", str(config), "--repo", str(tmp_path / "typo"))
     assert code == 2 and err.strip() == f"error: --repo = {str(tmp_path / 'typo')!r}: folder not found"
+
+
+# --------------------------------------------------------------------------- a mistyped --model, a second hold
+
+
+@pytest.mark.parametrize(
+    "subcommand", [["rollback", "--to", "1"], ["rollback", "--to", "1", "--hold"], ["show"], ["verify"], ["list"], ["release"], ["hold"]],
+    ids=lambda words: "-".join(w.strip("-") for w in words if not w.isdigit()),
+)
+def test_a_mistyped_model_makes_nothing_and_is_named_beside_the_models_there(tmp_path, monkeypatch, capsys, subcommand):
+    root = tmp_path / "models"
+    publish(ModelRepository(root, "student"), tmp_path, b"a")
+    code, out, err = cl_agent(monkeypatch, capsys, "models", *subcommand, "--repo", str(root), "--model", "studnet")
+    assert sorted(p.name for p in root.iterdir()) == ["student"]  # no folder, lock or hold file for 'studnet'
+    assert code != 0 and "models there: student" in out + err, (out, err)
+
+
+def test_a_folder_that_holds_no_versions_is_not_a_model_to_hold(tmp_path, monkeypatch, capsys):
+    """What a mistyped command used to leave (a folder with a lock file) must not make a hold on nothing succeed."""
+    root = tmp_path / "models"
+    publish(ModelRepository(root, "student"), tmp_path, b"a")
+    (root / "studnet").mkdir()
+    (root / "studnet" / ".publish.lock").touch()
+    code, out, err = cl_agent(monkeypatch, capsys, "models", "hold", "--repo", str(root), "--model", "studnet")
+    assert code == 2 and out == "" and "no model 'studnet'" in err and "(models there: student)" in err
+    assert ModelRepository(root, "studnet").publishing_hold() is None
+    code, out, _ = cl_agent(monkeypatch, capsys, "models", "list", "--repo", str(root), "--model", "studnet")
+    assert code == 1 and out.strip() == f"no versions of 'studnet' in {root} (models there: student)"
+
+
+def test_a_second_hold_keeps_the_first_and_reports_it_unless_replace(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "models"
+    repository = ModelRepository(root, "student")
+    publish(repository, tmp_path, b"a")
+    code, _, _ = cl_agent(monkeypatch, capsys, "models", "hold", "--repo", str(root), "--reason", "arm drops cups")
+    first = repository.publishing_hold()
+    assert code == 0 and first.reason == "arm drops cups"
+    code, out, _ = cl_agent(monkeypatch, capsys, "models", "hold", "--repo", str(root), "--reason", "again")
+    assert code == 0 and repository.publishing_hold() == first  # who, when and why of the first hold stand
+    assert f"was already held since {first.held_at} by {first.held_by}: arm drops cups" in out and "--replace" in out
+    code, out, _ = cl_agent(monkeypatch, capsys, "models", "hold", "--repo", str(root), "--reason", "again", "--replace")
+    assert code == 0 and repository.publishing_hold().reason == "again"
+    assert f"replaced the hold on 'student' that was held since {first.held_at} by {first.held_by}: arm drops cups" in out
+
+
+def test_rollback_hold_keeps_a_hold_already_there(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "models"
+    repository = ModelRepository(root, "student")
+    publish(repository, tmp_path, b"a")
+    publish(repository, tmp_path, b"b")
+    repository.hold("arm drops cups")
+    first = repository.publishing_hold()
+    code, out, _ = cl_agent(monkeypatch, capsys, "models", "rollback", "--to", "1", "--hold", "--repo", str(root), "--reason", "x")
+    assert code == 0 and repository.versions() == [1, 2, 3] and repository.publishing_hold() == first
+    assert "publishing stays held since" in out and "arm drops cups (it was held before the rollback; that hold is kept)" in out
+
+
+def test_the_manifest_of_a_rollback_says_whether_it_was_announced(tmp_path, monkeypatch, capsys):
+    from ingest_support import free_port
+
+    from cl_agent.repository import Announcer
+
+    root = tmp_path / "models"
+    repository = ModelRepository(root, "student")
+    publish(repository, tmp_path, b"a")
+    taken = Announcer(f"tcp://127.0.0.1:{free_port()}")  # the running agent's announce socket
+    try:
+        code, out, err = cl_agent(monkeypatch, capsys, "models", "rollback", "--to", "1", "--repo", str(root), "--announce", taken.endpoint)
+    finally:
+        taken.close()
+    assert code == 0 and "published as version 2" in out and "warning: not announced" in err
+    assert repository.load_manifest(2)["announced"] is False
+    code, _, err = cl_agent(monkeypatch, capsys, "models", "rollback", "--to", "2", "--repo", str(root),
+                            "--announce", f"tcp://127.0.0.1:{free_port()}")
+    assert code == 0 and err == "" and repository.load_manifest(3)["announced"] is True  # not carried over from version 2
+    code, _, _ = cl_agent(monkeypatch, capsys, "models", "rollback", "--to", "1", "--repo", str(root))
+    assert code == 0 and repository.load_manifest(4)["announced"] is False  # nothing announces it

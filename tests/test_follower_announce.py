@@ -79,3 +79,34 @@ def test_versions_found_only_by_polling_are_warned_about_once(tmp_path, source, 
                 assert wait_until(lambda: "not reaching this server" in caplog.text, 5)
     warnings = [r.getMessage() for r in caplog.records if "not reaching this server" in r.getMessage()]
     assert len(warnings) == 1 and "version 2 reached this server by polling" in warnings[0] and silent in warnings[0]
+
+
+def test_a_version_whose_manifest_says_it_was_not_announced_is_not_warned_about(tmp_path, source, models, capsys, caplog):  # noqa: F811
+    """A rollback while the agent holds the announce endpoint reaches followers by polling, as documented: no warning.
+    A version published after it that should have been announced still is warned about."""
+    import time
+
+    from cl_agent.repository import rollback
+
+    publish(source, models[0])
+    agent_announcer = Announcer(f"tcp://127.0.0.1:{free_port()}")  # the running agent holds the endpoint; it announces nothing here
+    edge = ModelRepository(tmp_path / "edge", "student")
+    with ModelFetchService(source, "tcp://127.0.0.1:*") as service:
+        follower = RepositoryFollower(service.endpoint, agent_announcer.endpoint, edge, poll_s=0.2, timeout_s=2.0)
+        try:
+            follower._subscribed_at = time.monotonic() - 60  # subscribed long before (the loop is not run: syncs by hand)
+            assert follower.sync_once() == 1
+            assert rollback(source.root, "student", 1, announce_endpoint=agent_announcer.endpoint) == 0
+            assert "warning: not announced" in capsys.readouterr().err
+            with caplog.at_level(logging.WARNING, logger="cl_agent.follower"):
+                assert follower.sync_once() == 2
+                follower._check_unannounced(time.monotonic() + 60)  # long past the grace for its announcement
+                assert "not reaching this server" not in caplog.text
+                version = publish(source, models[1])  # the agent's publish: announced, but nothing arrived
+                assert follower.sync_once() == version
+                follower._check_unannounced(time.monotonic() + 60)
+        finally:
+            follower.client.close()
+            agent_announcer.close()
+    warnings = [r.getMessage() for r in caplog.records if "not reaching this server" in r.getMessage()]
+    assert len(warnings) == 1 and f"version {version} reached this server by polling" in warnings[0]

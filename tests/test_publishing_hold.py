@@ -83,7 +83,8 @@ def test_a_restart_while_held_exports_nothing_and_the_hold_holds(agent):
 def test_a_publish_that_honours_holds_is_refused_under_the_lock_and_others_are_not(tmp_path):
     repository = ModelRepository(tmp_path / "models", "student")
     publish(repository, tmp_path, b"a")
-    hold = repository.hold("checking")
+    hold, before = repository.hold("checking")
+    assert before is None
     assert json.loads(repository.hold_path.read_text())["reason"] == "checking" and hold.held_by and hold.held_at
     with pytest.raises(PublishingHeld, match="publishing held by .*checking"):
         repository.publish(fake_model(tmp_path, b"b"), {"class_names": ["a"], "image_size": 16}, honour_hold=True)
