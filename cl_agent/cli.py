@@ -213,11 +213,70 @@ def agent_workdir(workdir: Optional[Path], config: Optional[Path], overrides: Op
     return workdir
 
 
+def _counter_lines(counters: dict, prefix: str = "") -> list[str]:
+    """``name = value`` per counter, nested ones (``rejected``) as ``rejected.reason``, in the agent's order."""
+    lines = []
+    for name, value in counters.items():
+        if isinstance(value, dict):
+            lines += _counter_lines(value, f"{prefix}{name}.") or [f"{prefix}{name} = none"]
+        else:
+            lines.append(f"{prefix}{name} = {value}")
+    return lines
+
+
+def control_status(endpoint: str, timeout: float, as_json: bool, curve: tuple) -> None:
+    """Print the ingestion counters of the agent (cl-agent ingest or run) whose control endpoint is ``endpoint``."""
+    import json
+
+    from cl_agent.client import control_status as ask
+    from cl_agent.config import endpoint_problem
+    from cl_agent.security import client_keys_problem
+
+    problem = endpoint_problem(endpoint)
+    if problem:
+        fail(f"--control {endpoint!r}: {problem}")
+    problem = client_keys_problem(*curve)
+    if problem:
+        fail(problem)
+    try:
+        counters = ask(endpoint, timeout_s=timeout, curve_secret_key=curve[0], curve_server_key=curve[1])
+    except CLAgentError as e:
+        fail(str(e), code=1)
+    if as_json:
+        typer.echo(json.dumps(counters, indent=2))
+    else:
+        typer.echo("\n".join([f"control: {endpoint}", "counters:", *(f"  {line}" for line in _counter_lines(counters))]))
+
+
 @app.command()
-def status(workdir: WorkdirOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Print the state of an agent: running or not, last experience, last version, counts."""
+def status(
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    control: Annotated[
+        Optional[str],
+        typer.Option(metavar="ENDPOINT", help="Ask a running agent (cl-agent ingest, or run) for its ingestion counters "
+                     "on its control endpoint, its ingest.control_endpoint (e.g. tcp://127.0.0.1:5559), instead of "
+                     "reading a working directory."),
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="With --control: print the counters as JSON.")] = False,
+    timeout: Annotated[float, typer.Option(min=0.001, help="With --control: seconds to wait for the answer.")] = 5.0,
+    curve_secret: Annotated[Optional[Path], typer.Option(help="With --control: this client's CURVE secret key file, "
+                            "for an agent with ingest.curve.enabled (default: none, no CURVE).")] = None,
+    curve_server: Annotated[Optional[Path], typer.Option(help="With --control: the agent's CURVE public key file "
+                            "(default: none, no CURVE).")] = None,
+) -> None:
+    """Print the state of an agent: running or not, last experience, last version, counts (--control: a running agent's ingestion counters)."""
     from cl_agent.status import print_status
 
+    if control is not None:
+        if workdir is not None:
+            fail("--control asks a running agent; --workdir reads a working directory: give one of them")
+        control_status(control, timeout, json_, (curve_secret, curve_server))
+        raise typer.Exit(0)
+    given = [name for name, value in (("--json", json_), ("--curve-secret", curve_secret), ("--curve-server", curve_server)) if value]
+    if given:
+        fail(f"{', '.join(given)} only go with --control ENDPOINT")
     workdir = agent_workdir(workdir, config, set_)
     try:
         code = print_status(workdir)

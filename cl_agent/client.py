@@ -32,13 +32,24 @@ import zmq
 from cl_agent.errors import CLAgentError
 from cl_agent.codec import encode_image
 from cl_agent.config import WireSection
-from cl_agent.wire import WireError, check_outgoing_size, pack_message
+from cl_agent.peer import CONTROL, wrong_endpoint
+from cl_agent.wire import WireError, check_outgoing_size, decode_reply, pack_message
 
 log = logging.getLogger(__name__)
 
 
 class AgentUnavailable(CLAgentError):
     """No reply from the agent after the configured retries."""
+
+
+class AgentRefused(AgentUnavailable):
+    """The agent refused this client's connection in the handshake: CURVE on one side only, or a client key it
+    does not authorize. Sending again cannot help, so it is raised at once, not after the retries.
+    ``refusal`` is why, without what became of the messages."""
+
+    def __init__(self, message: str, refusal: str | None = None):
+        super().__init__(message)
+        self.refusal = refusal or message
 
 
 @dataclass
@@ -106,6 +117,115 @@ def _check_size(parts: list[bytes], limit: int, what: str) -> None:
         raise CLAgentError(f"not sent: {e.detail}; send fewer or smaller images") from None
 
 
+_AUTH_REJECTED = ("rejected this client's CURVE key (is its public key in the agent's "
+                  "ingest.curve.authorized_clients_dir, and is --curve-server the agent's public key?)")
+
+
+def auth_rejected_message(endpoint: str) -> str:
+    """The error for a CURVE client key the agent does not authorize."""
+    return f"the agent at {endpoint} {_AUTH_REJECTED}"
+
+
+class HandshakeWatch:
+    """Follows a request socket's handshakes through its monitor: ``refusal`` says why the agent refused them
+    (CURVE on one side only, an unauthorized key), ``unclear`` counts those that failed without detail (under
+    CURVE: most likely a --curve-server key that is not the agent's)."""
+
+    EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+    def __init__(self, sock: zmq.Socket, endpoint: str, curve: bool):
+        self.endpoint = endpoint
+        self.curve = curve
+        self.refusal: str | None = None
+        self.unclear = 0
+        self.monitor = sock.get_monitor_socket(self.EVENTS)
+        self._socket = sock
+
+    def read(self) -> str | None:
+        """Read the monitor without blocking; the refusal, if one came."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.refusal is None and not self.monitor.closed and self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            message = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            event, value = message["event"], message["value"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                self.refusal = mechanism_message(self.endpoint, self.curve)
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:  # 400: the ZAP handler denied the key
+                self.refusal = auth_rejected_message(self.endpoint)
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self.unclear += 1
+        return self.refusal
+
+    def hint(self) -> str:
+        """What the handshakes showed, for a timeout message ("" when nothing is known)."""
+        if self.refusal is None and self.unclear and self.curve:
+            return (f"; {self.unclear} CURVE handshakes failed without detail: is --curve-server the agent's "
+                    "public key (the .key file next to its ingest.curve.server_secret_key)?")
+        return ""
+
+    def close(self) -> None:
+        if not self.monitor.closed:
+            if not self._socket.closed:
+                self._socket.disable_monitor()
+            self.monitor.close(linger=0)
+
+
+def control_status(
+    endpoint: str,
+    *,
+    timeout_s: float = 5.0,
+    curve_secret_key: str | Path | None = None,
+    curve_server_key: str | Path | None = None,
+    context: zmq.Context | None = None,
+) -> dict:
+    """Ask the agent's control endpoint (``cl-agent ingest`` or ``run``) for its ingestion counters with a
+    ``status`` message; returns the reply's ``counters``.
+
+    AgentRefused when the agent refuses the connection (CURVE), AgentUnavailable when nothing answers within
+    ``timeout_s``, CLAgentError naming the endpoint's role when another of the project's endpoints answers."""
+    sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
+    sock.linger = 0
+    watch = HandshakeWatch(sock, endpoint, bool(curve_secret_key or curve_server_key))
+    try:
+        connect(sock, endpoint, (curve_secret_key, curve_server_key))
+        seq = time.time_ns() // 1000
+        sock.send_multipart([b"", *pack_message("status", default_sender("status"), seq)], zmq.NOBLOCK)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(watch.monitor, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            ready = dict(poller.poll(max(remaining, 0) * 1000)) if remaining > 0 else {}
+            if watch.read() is not None:
+                raise AgentRefused(watch.refusal, watch.refusal)
+            if sock in ready:
+                parts = sock.recv_multipart()
+                break
+            if remaining <= 0:
+                raise AgentUnavailable(
+                    f"nothing answered at {endpoint} within {timeout_s:g} s: is the agent (cl-agent ingest or run) "
+                    f"running, and is this its {CONTROL.key} (default port {CONTROL.port}), not the frame endpoint?"
+                    + watch.hint()
+                )
+    except zmq.Again:
+        raise AgentUnavailable(f"cannot send to {endpoint}: no connection takes the message") from None
+    finally:
+        watch.close()
+        sock.close(linger=0)
+    try:
+        header = decode_reply(parts[1:] if parts and parts[0] == b"" else parts, WireSection())
+    except WireError as e:
+        raise CLAgentError(f"{endpoint} answered with a malformed reply ({e.detail}): is it the agent's {CONTROL.key}?") from None
+    wrong = wrong_endpoint(endpoint, header, CONTROL)
+    if wrong:
+        raise CLAgentError(wrong)
+    counters = header.get("counters")
+    if header.get("kind") != "status" or not isinstance(counters, dict):
+        raise CLAgentError(f"{endpoint} answered {header.get('kind')!r} without counters: is it the agent's {CONTROL.key}?")
+    return counters
+
+
 class LabeledClient:
     def __init__(
         self,
@@ -137,6 +257,8 @@ class LabeledClient:
         self.reconnects = 0
         self.resent = 0
         self._socket: zmq.Socket | None = None
+        self._handshakes: HandshakeWatch | None = None
+        self._refused = False  # the last wait ended in a refusal: the next one starts on a new connection
         self._connect()
 
     # ---------------------------------------------------------------- socket
@@ -144,9 +266,15 @@ class LabeledClient:
     def _connect(self) -> None:
         sock = self._context.socket(zmq.DEALER)
         sock.linger = 0
-        self._socket = connect(sock, self.endpoint, self._curve)
+        self._handshakes = HandshakeWatch(sock, self.endpoint, bool(self._curve[0] or self._curve[1]))
+        try:
+            self._socket = connect(sock, self.endpoint, self._curve)
+        except BaseException:
+            self._handshakes.close()
+            raise
 
     def _reconnect(self) -> None:
+        self._handshakes.close()
         self._socket.close(linger=0)
         self.reconnects += 1
         self._connect()
@@ -167,6 +295,7 @@ class LabeledClient:
 
     def close(self) -> None:
         if self._socket is not None:
+            self._handshakes.close()
             self._socket.close(linger=0)
             self._socket = None
 
@@ -249,12 +378,31 @@ class LabeledClient:
         return len(self._pending)
 
     def _pump(self) -> None:
-        """Wait for replies; on a timeout reconnect and resend (Lazy Pirate); raise after ``retries`` silent timeouts."""
+        """Wait for replies; on a timeout reconnect and resend (Lazy Pirate); raise after ``retries`` silent timeouts,
+        or at once with AgentRefused when the agent refuses the handshake (CURVE on one side only, an unauthorized
+        key): no resend can get through then."""
+        if self._refused:
+            self._refused = False
+            self._reconnect()
         failures = 0
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._handshakes.monitor, zmq.POLLIN)
         while True:
             oldest = next(iter(self._pending.values()))[1]
             wait_s = max(0.0, oldest + self.timeout_s - time.monotonic())
-            if self._socket.poll(wait_s * 1000):
+            ready = dict(poller.poll(wait_s * 1000))
+            if self._handshakes.read() is not None:
+                self._refused = True
+                count = len(self._pending)
+                raise AgentRefused(
+                    f"{self._handshakes.refusal}; {count} {'message' if count == 1 else 'messages'} not delivered "
+                    "(still pending, sent again on the next call)",
+                    self._handshakes.refusal,
+                )
+            if self._handshakes.monitor in ready and self._socket not in ready:
+                continue  # a handshake event that settles nothing: keep waiting
+            if self._socket in ready:
                 got = 0
                 while True:
                     try:
@@ -270,9 +418,12 @@ class LabeledClient:
                 raise AgentUnavailable(
                     f"no reply from {self.endpoint} after {self.retries} retries ({tries(self.retries + 1)} of "
                     f"{self.timeout_s:g} s each; {len(self._pending)} {'message' if len(self._pending) == 1 else 'messages'} "
-                    "still pending, resent on the next call)"
+                    "still pending, resent on the next call)" + self._handshakes.hint()
                 )
             self._reconnect()
+            poller = zmq.Poller()
+            poller.register(self._socket, zmq.POLLIN)
+            poller.register(self._handshakes.monitor, zmq.POLLIN)
 
     def _on_reply(self, parts: list[bytes]) -> int:
         body = parts[1:] if parts and parts[0] == b"" else parts
@@ -524,8 +675,7 @@ class FrameClient:
         """Why no connection is up after ``waited_s`` seconds, from what the monitor saw."""
         where = f"no connection to {self.endpoint} within {waited_s:g} s: "
         if self._auth_rejected:
-            return where + ("the agent rejected this client's CURVE key (is its public key in the agent's "
-                            "ingest.curve.authorized_clients_dir, and is --curve-server the agent's public key?)")
+            return where + "the agent " + _AUTH_REJECTED
         if self._unclear_failures:
             return where + f"{self._unclear_failures} handshakes failed without detail. " + _unclear_causes(self.socket_type, self._curve)
         if self._handshaken:  # pub only: the handshake is done, the subscription never came

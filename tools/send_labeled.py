@@ -29,7 +29,8 @@ import numpy as np
 
 import zmq
 
-from cl_agent.client import AgentUnavailable, LabeledClient, tries
+from cl_agent.client import AgentRefused, AgentUnavailable, LabeledClient, tries
+from cl_agent.config import WireSection
 from cl_agent.errors import CLAgentError
 from cl_agent.security import add_client_key_options, check_client_options
 from cl_agent.wire import WireError, image_dimensions
@@ -38,6 +39,7 @@ AS_IS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
 READABLE = {".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 RETRY_REASONS = {"spool_full", "disk_full"}
 NAMED_UNREADABLE = 5  # unreadable files named in the summary; the rest are counted
+MAX_BATCH = WireSection().max_parts - 1  # images per message under the default ingest.wire.max_parts (one part is the header)
 
 
 def list_images(root: Path) -> list[tuple[str, str]]:
@@ -122,7 +124,12 @@ def main() -> int:
     parser.add_argument("root", type=Path, help="folder <root>/<class>/<image>, or a tar of that layout")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555",
                         help="the agent's labeled endpoint, its ingest.labeled_endpoint (default: %(default)s)")
-    parser.add_argument("--batch", type=_number(int, at_least=1), default=32, help="images per message (default: %(default)s)")
+    parser.add_argument("--batch", type=_number(int, at_least=1), default=32,
+                        help=f"images per message, at most --max-batch: {MAX_BATCH} under the default limit "
+                        f"(ingest.wire.max_parts: {MAX_BATCH + 1} parts, one of them the header) (default: %(default)s)")
+    parser.add_argument("--max-batch", type=_number(int, at_least=1), default=MAX_BATCH,
+                        help="the most images per message the agent takes: its ingest.wire.max_parts - 1, for an "
+                        "agent with a raised limit (default: %(default)s)")
     parser.add_argument("--limit", type=_number(int, at_least=0), default=0,
                         help="send at most this many images, 0 for all (default: %(default)s)")
     parser.add_argument("--classes", default="", help="comma-separated class names to send (default: every class)")
@@ -141,6 +148,9 @@ def main() -> int:
     args = parser.parse_args()
 
     check_client_options(parser, args)
+    if args.batch > args.max_batch:
+        default = " (the default limit; pass --max-batch for an agent with a raised ingest.wire.max_parts)" if args.max_batch == MAX_BATCH else " (--max-batch)"
+        parser.error(f"--batch {args.batch}: the agent takes at most {args.max_batch} images per message{default}")
     try:
         items = list_images(args.root)
     except CLAgentError as e:
@@ -218,6 +228,10 @@ def main() -> int:
         if args.end_experience:
             ack = client.end_experience()
             print(f"end of experience: {'experience ' + str(ack.experience) if ack.ok else ack.reason}")
+    except AgentRefused as e:  # the handshake was refused (CURVE): no reply could ever come
+        stored = f"{acked} images were acked before it" if acked else "nothing is known to be stored"
+        print(f"error: {e.refusal}; {stored}", file=sys.stderr)
+        return 1
     except AgentUnavailable:
         waited = f"{tries(args.retries + 1)} of {args.timeout:g} s each"
         if acked:
