@@ -72,6 +72,30 @@ def slow_training_warning(
     )
 
 
+SLOW_UPDATE_S = 1800.0  # an update projected to train this long with no time budget is warned about
+
+
+def long_update_warning(snapshot: dict | None, train: TrainSection, slow_s: float = SLOW_UPDATE_S) -> str | None:
+    """A warning when the update under way, with no time limit, will train for ``slow_s`` or more at the pace
+    of its steps so far (``UpdateProgress.snapshot``); else None (or while its pace is not known yet).
+
+    Judged on the experience actually trained, its planned steps and the measured time per step, not on the
+    config's largest experience: an update cut early, or a fast machine, is not warned about."""
+    if snapshot is None or train.time_budget_s > 0 or snapshot.get("phase") != "training":
+        return None
+    eta, step, steps, elapsed = (snapshot.get(k) for k in ("eta_s", "step", "steps", "elapsed_s"))
+    if eta is None or not step or not steps or elapsed + eta < slow_s:
+        return None
+    from cl_agent.status import duration_text
+
+    return (
+        f"the update of experience {snapshot.get('experience')} plans {steps} steps and, at the pace of its first "
+        f"{step}, trains for about {duration_text(elapsed + eta)} with no time limit (train.time_budget_s = 0); "
+        "a stop abandons the update under way. Set train.time_budget_s (seconds per update, e.g. 600) "
+        "or lower train.epochs_base and train.epochs_min"
+    )
+
+
 # --------------------------------------------------------------------------- child processes
 
 
@@ -114,11 +138,6 @@ def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to
     from cl_agent.updater import TrainerSetupError, update_loop
 
     _child_logging(cfg, "trainer.log", to_stderr)
-    import torch
-
-    warning = slow_training_warning(cfg.agent, cfg.train, cfg.experience, cfg.model, torch.cuda.is_available())
-    if warning is not None:  # logged by the parent: its log reaches the terminal even under the live view
-        results.put({"warning": warning})
     flag = threading.Event()
 
     def watch() -> None:  # mirror the stop pipe and the parent's liveness into a thread event
@@ -206,6 +225,7 @@ class Agent:
         self.results: mp.Queue | None = None  # the running trainer's results (both new for each trainer process)
         self.trainer_restarts = 0
         self._warned: set[str] = set()  # the trainer's warnings logged already (each once, not per restart)
+        self._long_update_warned = False  # long_update_warning logged already (once per run)
         self.exit_code = 0  # set when the agent stops itself on a failure
         self.server_restarts = 0
         self._server_started = 0.0  # monotonic time the running server process was started
@@ -260,16 +280,30 @@ class Agent:
         finally:
             client.close()
 
-    def _latest_version(self) -> int | None:
+    def _repository(self):
         from cl_agent.repository import ModelRepository
 
-        return ModelRepository(self.cfg.repository.root, self.cfg.agent.model_name).latest_version()
+        return ModelRepository(self.cfg.repository.root, self.cfg.agent.model_name)
+
+    def _latest_version(self) -> int | None:
+        return self._repository().latest_version()
+
+    def _refresh_hold(self, state: dict) -> None:
+        """``publishing_hold``: the hold on publishing (``cl-agent models hold``) as its file says, or null."""
+        from cl_agent.status import hold_fields
+
+        try:
+            hold = self._repository().publishing_hold()
+        except OSError:  # _refresh_published warns about an unreadable repository
+            return
+        state["publishing_hold"] = hold_fields(hold)
 
     def _refresh_published(self, state: dict, metrics, view) -> None:
         """``published_version`` (and its older name ``model_version``): the repository's newest version.
 
         Read from the repository, not from the trainer's results: a rollback (which publishes an
         older model as a new version) or another publisher changes it too."""
+        self._refresh_hold(state)
         try:
             version = self._latest_version()
         except OSError as e:  # an unreadable repository folder: keep the last known value
@@ -341,6 +375,8 @@ class Agent:
         state = initial_state(metrics_port=metrics_server.port if metrics_server else None, metrics_host=cfg.metrics.host)
         state["heartbeat_s"] = cfg.metrics.state_interval_s
         state["update"] = None
+        # where `cl-agent status` reads the hold on publishing (the file, not this copy, when it can reach it)
+        state["model_repository"] = {"root": str(Path(cfg.repository.root).resolve()), "model": cfg.agent.model_name}
         self._refresh_published(state, metrics, None)  # published before this start: not "none published yet"
         last = next(records_backwards(self.workdir), None)
         state["last_experience"] = last.get("experience") if last else None
@@ -420,6 +456,11 @@ class Agent:
             if "progress" in item:  # a training step, or the start of a later phase
                 info = item["progress"]
                 self.progress.report(info)
+                if not self._long_update_warned:
+                    warning = long_update_warning(self.progress.snapshot(), self.cfg.train)
+                    if warning is not None:  # once: every update of this schedule is as long
+                        self._long_update_warned = True
+                        log.warning("%s", warning)
                 if view is not None:
                     fields = dict(self.progress.snapshot() or {})
                     if "losses" in info:  # a phase message has none: the last step's stay shown
@@ -441,6 +482,12 @@ class Agent:
                 log.error("trainer reported: %s", item["error"])
                 continue
             state["last_experience"] = item["experience"]
+            if item.get("republished"):  # a checkpoint trained earlier (held, or its export failed), published now
+                state["last_trained_version"] = item["version"]
+                self._refresh_published(state, metrics, view)
+                log.info("experience %d (trained earlier) published as version %d (%s)",
+                         item["experience"], item["version"], item["republished"])
+                continue
             self.progress.finish()
             if item.get("skipped"):  # nothing trained or published: the served model and the metrics stay
                 log.warning("experience %d not trained (%s); published version stays %s",
@@ -552,6 +599,12 @@ class Agent:
                 child.kill()
                 child.join(5)
         self._drain_results(state, metrics, view)  # an update that finished within the grace period
+        try:  # the trainer marks an experience trained before it sends the result: count again after it
+            from cl_agent.experience import ExperienceStore
+
+            state["pending_experiences"] = len(ExperienceStore(self.workdir).pending())
+        except (OSError, CLAgentError) as e:
+            log.warning("cannot count the experiences waiting to be trained: %s", e)
         state["status"] = "stopped"
         state["update"] = None  # an update still under way was abandoned: the next start trains it again
         from cl_agent.status import write_state

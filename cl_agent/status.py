@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from cl_agent.errors import CLAgentError
+from cl_agent.repository import ModelRepository, PublishingHold, release_hint
 from cl_agent.storage import atomic_write_bytes, atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ STATUS_VALUES = ("running", "stopped")
 #                           (a rollback or another publisher included); "model_version" holds the same value
 #   "last_trained_version"  int | null: version the agent's last update published (from experiences.jsonl at start)
 #   "update"                {...} | null: the update under way (see UpdateProgress.snapshot), null when idle
+#   "model_repository"      {"root": absolute repository.root, "model": agent.model_name}: where status finds the hold file
+#   "publishing_hold"       {...} | null: the hold on publishing as the agent last read it (see hold_fields), null when none
 # Keys a state.json holds only when the agent hosts the server (agent.host_server):
 #   "server_restarts"  int: times the hosted server exited and was restarted since the agent started
 #   "server_failure"   str | null: why it last exited, while it is down or restarting; null once it runs again
@@ -73,6 +76,8 @@ EXPERIENCE_KEYS = (
     "version",  # int | null: model version published after this update (null if it was not published: see publish_error)
     "stopped_by_budget",  # bool: the time budget cut the update short
 )
+# A record with "republished" (str: "restart" | "hold released") trains nothing ("merged" is empty): the checkpoint of
+# "experience", trained and recorded earlier ("held", or "publish_error"), was published later as "version".
 
 # A heartbeat older than max(STALE_FACTOR * heartbeat_s, MIN_STALE_S) is reported as stale.
 DEFAULT_HEARTBEAT_S = 5.0
@@ -545,9 +550,53 @@ def _update_rows(state: Mapping) -> list[tuple[str, str]]:
     return [("update", text)]
 
 
+def hold_fields(hold: PublishingHold | None) -> dict | None:
+    """A hold on publishing as state.json keeps it (``publishing_hold``), or None."""
+    if hold is None:
+        return None
+    return {"path": str(hold.path), "held_by": hold.held_by, "held_at": hold.held_at, "reason": hold.reason,
+            "problem": hold.problem}
+
+
+def _publishing_hold(state: Mapping) -> tuple[PublishingHold | None, str]:
+    """(the hold on publishing the agent's model, or None; the command that lifts it).
+
+    Read from the hold file itself where the repository is reachable from here (a release after the
+    agent's last heartbeat shows at once), else as the agent last read it (a copy of its folder)."""
+    where = state.get("model_repository")
+    root, model = (where.get("root"), where.get("model")) if isinstance(where, Mapping) else (None, None)
+    hint = release_hint(root, model) if isinstance(root, str) and isinstance(model, str) else "`cl-agent models release`"
+    if hint != "`cl-agent models release`":
+        try:
+            repository = ModelRepository(root, model)
+            if repository.model_dir.is_dir():
+                return repository.publishing_hold(), hint
+        except (CLAgentError, OSError):  # a name edited by hand, an unreadable folder: as the agent saw it
+            pass
+    fields = state.get("publishing_hold")
+    if not isinstance(fields, Mapping):
+        return None, hint
+    text = {k: fields.get(k) if isinstance(fields.get(k), str) else None for k in ("held_by", "held_at", "reason", "problem")}
+    return PublishingHold(Path(str(fields.get("path") or "")), **text), hint
+
+
 def _published_version(state: Mapping):
     """The repository's newest version; an agent older than ``published_version`` wrote ``model_version``."""
     return state.get("published_version", state.get("model_version"))
+
+
+def _control_status_hint(ingest_config: Path) -> str:
+    """How to ask the ``cl-agent ingest`` whose resolved config is ``ingest_config`` for its counters."""
+    from cl_agent.config import ConfigError, connect_endpoint, load_config
+
+    try:
+        ingest = load_config(ingest_config).ingest
+    except (ConfigError, CLAgentError, OSError):
+        return "ask it for its counters with `cl-agent status --control ENDPOINT` (its ingest.control_endpoint)"
+    if not ingest.control_endpoint:
+        return f"its ingest.control_endpoint is empty ({ingest_config}), so it answers no status queries"
+    keys = " --curve-secret KEY --curve-server AGENT.key" if ingest.curve.enabled else ""
+    return f"ask it for its counters with `cl-agent status --control {connect_endpoint(ingest.control_endpoint)}{keys}`"
 
 
 def print_status(workdir: Path) -> int:
@@ -560,7 +609,7 @@ def print_status(workdir: Path) -> int:
         if (workdir / "ingest-config.yaml").exists():  # written by `cl-agent ingest`, which keeps no state.json
             raise CLAgentError(
                 f"{workdir} is the folder of an ingestion-only process (cl-agent ingest), which writes no {STATE_FILE}: "
-                "ask it for its counters with a `status` message on its ingest.control_endpoint"
+                + _control_status_hint(workdir / "ingest-config.yaml")
             )
         raise CLAgentError(
             f"no agent state in {workdir}: neither {STATE_FILE} nor {EXPERIENCES_FILE} found "
@@ -585,12 +634,16 @@ def print_status(workdir: Path) -> int:
             *_hosted_server_row(state),
             ("metrics", _or_none(state.get("metrics_port"), f"http://{metrics_host}:{{}}/metrics")),
         ]
-    if records:
-        last = records[-1]
-        total = online_summary(records)
+    trained = [r for r in records if not r.get("republished")]  # a publication record trains nothing
+    hold, release = _publishing_hold(state or {})
+    unpublished = None  # the last trained experience, while its checkpoint waits for a hold to be lifted
+    if trained:
+        last = trained[-1]
+        published_later = records[-1] is not last  # its checkpoint was published after it (a restart, a release)
+        total = online_summary(trained)
         acc = last.get("online_accuracy")
         rows += [
-            ("trained records", f"{len(records)} (last: experience {last.get('experience')} at {last.get('time')})"),
+            ("trained records", f"{len(trained)} (last: experience {last.get('experience')} at {last.get('time')})"),
             (
                 "online accuracy",
                 f"last {_or_none(acc, '{:.3f}')} ({last.get('online_correct', 0)}/{last.get('online_total', 0)}), "
@@ -602,13 +655,20 @@ def print_status(workdir: Path) -> int:
         ]
         if last.get("skipped"):
             rows.append(("last skipped", f"experience {last.get('experience')}: {last['skipped']} (no update, no version)"))
-        if last.get("held"):
-            rows.append(("publishing held", f"experience {last.get('experience')} trained and checkpointed, not published "
-                                            "(`cl-agent models release` resumes publishing)"))
-        if last.get("publish_error"):
+        if last.get("held") and not published_later:
+            unpublished = last.get("experience")
+            if hold is None:
+                rows.append(("not published", f"experience {unpublished}: trained while publishing was held; released "
+                                              "since (the agent publishes it at once while it runs, else at its start)"))
+        if last.get("publish_error") and not published_later:
             rows.append(("not published", f"experience {last.get('experience')}: {last['publish_error']} (trained; the served version stays)"))
     else:
         rows.append(("trained records", "none yet"))
+    if hold is not None:  # as the hold file says: `cl-agent models release` lifts it at once
+        text = f"{hold.describe()} ({hold.path})"
+        if unpublished is not None:
+            text += f"; experience {unpublished} trained and checkpointed, not published"
+        rows.append(("publishing held", f"{text}; {release} resumes publishing"))
 
     width = max(len(name) for name, _ in rows)
     lines = [f"{name + ':':<{width + 1}} {value}" for name, value in rows]
@@ -665,6 +725,7 @@ def write_report(workdir: Path, out: Path | None = None) -> int:
     workdir = _check_workdir(workdir)
     records, skipped = usable_experience_records(workdir)
     _warn(skipped)
+    records = [r for r in records if not r.get("republished")]  # a publication record trains nothing
     if not records:
         if skipped:
             raise CLAgentError(

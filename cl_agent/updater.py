@@ -168,6 +168,8 @@ class Updater:
         trained_through, self.last_version = newest_trained(self.workdir)
         self.announcer = self._open_announcer()
         self.recovered: UpdateResult | None = None  # an update that a crash cut short and _restore completed
+        self.republished: UpdateResult | None = None  # a recorded checkpoint that _restore published at start
+        self.held: int | None = None  # the newest checkpoint's experience while a hold kept it from being published
         self._restore(trained_through)
 
     def _open_announcer(self) -> Announcer | None:
@@ -299,11 +301,17 @@ class Updater:
         log.info("restored checkpoint %s (experiences up to %d trained)", path.name, self.last_trained)
         version = self.repository.latest_version()
         published = self._published_through()
+        republished = None
         if published is None or published < self.last_trained:
             log.info("checkpoint of experience %d was never published: exporting it now", self.last_trained)
-            version = self._try_publish(self.last_trained, metrics={"recovered": True}).version or version  # as in run_once: a failure keeps the served version and goes on learning
+            republished = self._publish_checkpoint(metrics={"recovered": True})
+            version = republished.version or version  # as in run_once: a failure keeps the served version and goes on learning
         recovered = [i for i in self.store.pending() if i <= self.last_trained]
-        if recovered and not set(recovered) <= recorded_since(self.workdir, min(recovered)):
+        unrecorded = bool(recovered) and not set(recovered) <= recorded_since(self.workdir, min(recovered))
+        if republished is not None and republished.version is not None and not unrecorded:
+            # trained and recorded before (held, or its export failed): say that it is published now
+            self.republished = self._record_publication(republished.version, 0.0, "restart")
+        if unrecorded:
             # trained and checkpointed before a crash, but never recorded: record it (its online accuracy is lost)
             record = self._record(recovered, len(recovered), {}, None, None, 0.0, 0.0, version)
             metas = [self.store.meta(i) for i in recovered]  # the counts, without reading the images
@@ -312,6 +320,37 @@ class Updater:
             self.recovered = UpdateResult(recovered, version, record)
         for index in recovered:
             self.store.mark_trained(index)
+
+    def _publish_checkpoint(self, metrics: dict) -> Publication:
+        """Export and publish the newest checkpoint (the trainer holds it), outside an update; keeps ``held``."""
+        published = self._try_publish(self.last_trained, metrics=metrics)
+        self.held = self.last_trained if published.hold is not None else None
+        return published
+
+    def _record_publication(self, version: int, export_seconds: float, when: str) -> UpdateResult:
+        """Append the record of a checkpoint trained and recorded earlier (held, or its export failed) and
+        published now, outside an update: it trains nothing (``merged`` empty), it carries the version."""
+        record = self._record([self.last_trained], 0, {}, None, None, 0.0, export_seconds, version)
+        record.update(merged=[], recovered=False, republished=when)
+        record.pop("backlog")
+        append_experience_record(self.workdir, record)
+        log.info("checkpoint of experience %d published as version %d (%s)", self.last_trained, version, record["republished"])
+        return UpdateResult([], version, record)
+
+    def publish_released(self) -> UpdateResult | None:
+        """Publish the newest checkpoint once the hold that kept it unpublished is lifted (``cl-agent models
+        release``), without waiting for the next update; None while it is held, or when nothing waits.
+
+        One stat while a held checkpoint waits, nothing otherwise: the update loop calls it when idle.
+        A failed export is logged and not tried again here: the next update (or a restart) exports again."""
+        if self.held is None or self.held != self.last_trained or self.repository.publishing_hold() is not None:
+            return None
+        log.info("publishing released: exporting the checkpoint of experience %d now", self.last_trained)
+        started = time.monotonic()
+        published = self._publish_checkpoint(metrics={"released": True})
+        if published.version is None:
+            return None
+        return self._record_publication(published.version, time.monotonic() - started, "hold released")
 
     def class_names(self) -> list[str]:
         names = LabelMap(self.workdir / "labels.json", self.cfg.spool.max_classes).names
@@ -393,6 +432,7 @@ class Updater:
             record["publish_error"] = published.error
         if published.hold is not None:
             record["held"] = True  # trained and checkpointed; "version" is null
+        self.held = chosen[-1] if published.hold is not None else None  # publish_released() publishes it on release
         append_experience_record(self.workdir, record)
         for index in chosen:
             self.store.mark_trained(index)
@@ -553,8 +593,9 @@ def update_loop(
         raise TrainerSetupError(str(e)) from None
     log.info("trainer ready: %s, %s at %d px, method %s, on %s",
              cfg.model.backbone, f"{cfg.model.num_classes} classes", cfg.model.image_size, cfg.train.method, updater.device)
-    if updater.recovered is not None and on_result is not None:
-        on_result(updater.recovered)
+    for done in (updater.recovered, updater.republished):
+        if done is not None and on_result is not None:
+            on_result(done)
     try:
         while not stop.is_set():
             try:
@@ -562,6 +603,8 @@ def update_loop(
             except UpdateInterrupted:
                 log.info("update interrupted by shutdown; it will be redone on restart")
                 return
+            if result is None:
+                result = updater.publish_released()  # a hold lifted while idle: publish now, not at the next update
             if result is None:
                 stop.wait(poll_s)
             elif on_result is not None:

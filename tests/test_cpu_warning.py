@@ -51,3 +51,41 @@ def test_the_agent_logs_the_trainers_warning_once_across_restarts(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="cl_agent.agent"):
         agent._drain_results(initial_state(), AgentMetrics(), None)
     assert caplog.text.count("592 steps") == 1
+
+
+def drain_progress(agent, messages, clock_times):
+    """Feed the agent trainer progress messages, each read at its clock time."""
+    from cl_agent.status import UpdateProgress
+
+    now = iter(clock_times)
+    current = {"t": 0.0}
+    agent.progress = UpdateProgress(0.0, clock=lambda: current["t"])
+    agent.results = queue.Queue()
+    for message, t in zip(messages, now):
+        current["t"] = t
+        agent.results.put({"progress": message})
+        agent._drain_results(initial_state(), AgentMetrics(), None)
+
+
+def steps(experience, planned, count):
+    return [{"experience": experience, "phase": "training", "step": s, "steps": planned, "losses": {}} for s in range(1, count + 1)]
+
+
+def test_a_short_update_like_the_demos_is_not_warned_about_and_a_long_one_is_once(tmp_path, caplog):
+    # the demo: 10 epochs x 6 batches of its ~180 labeled images at 5 s a step on a slow CPU: 5 minutes
+    agent = Agent(load_config(None, {"agent.workdir": str(tmp_path), "agent.device": "cpu"}))
+    with caplog.at_level(logging.WARNING, logger="cl_agent.agent"):
+        drain_progress(agent, steps(0, 60, 3), [0.0, 5.0, 10.0])
+    assert "time limit" not in caplog.text
+    # the default schedule's first update: 592 steps at 6 s a step, about an hour
+    with caplog.at_level(logging.WARNING, logger="cl_agent.agent"):
+        drain_progress(agent, steps(1, 592, 3), [0.0, 6.0, 12.0])
+        drain_progress(agent, steps(2, 592, 3), [0.0, 6.0, 12.0])
+    assert caplog.text.count("no time limit") == 1
+    assert "the update of experience 1 plans 592 steps" in caplog.text and "about 59m" in caplog.text
+    assert "train.time_budget_s" in caplog.text
+    budgeted = Agent(load_config(None, {"agent.workdir": str(tmp_path), "train.time_budget_s": 600}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cl_agent.agent"):
+        drain_progress(budgeted, steps(1, 592, 3), [0.0, 6.0, 12.0])
+    assert "no time limit" not in caplog.text

@@ -263,11 +263,17 @@ def test_status_on_the_folder_of_an_ingestion_only_process_says_so(tmp_path):
     assert result.exit_code == 2 and "ingestion-only process (cl-agent ingest)" in result.output
 
 
-def test_status_says_when_the_last_update_was_held_from_publishing(workdir):
+def test_status_says_when_the_last_update_was_held_from_publishing(workdir, tmp_path_factory):
+    from cl_agent.repository import ModelRepository
+
+    repository = ModelRepository(tmp_path_factory.mktemp("models"), "student")
+    repository.model_dir.mkdir(parents=True)
+    repository.hold_path.write_text('{"held_by": "ops@robot", "held_at": "2026-11-25T04:40:00+00:00", "reason": "drops cups"}')
+    write_state(workdir, read_state(workdir) | {"model_repository": {"root": str(repository.root), "model": "student"}})
     append_experience_record(workdir, record(3, 40, version=None, held=True))
     result = invoke("status", "--workdir", workdir)
     assert result.exit_code == 0, result.output
     rows = dict(line.split(":", 1) for line in result.output.splitlines() if ":" in line and not line.startswith(" "))
     assert "experience 3 trained and checkpointed, not published" in rows["publishing held"]
-    assert "cl-agent models release" in rows["publishing held"]
+    assert "drops cups" in rows["publishing held"] and f"--repo {repository.root} --model student" in rows["publishing held"]
     assert rows["last trained version"].strip() == "3"  # the held update published nothing
