@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cl_agent.storage import fsync_dir
+from cl_agent.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -190,28 +189,16 @@ def _write_saved(path: Path, index: bytes, payloads: list[bytes], total: int) ->
     """An uncompressed ``.npz`` (what ``np.savez`` writes: ``index`` and ``payloads``, two 1-d uint8
     arrays) with the payloads written into the archive one by one; atomically, via a temporary
     file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-                for name, parts, size in (("index", [index], len(index)), ("payloads", payloads, total)):
-                    with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
-                        np.lib.format.write_array_header_2_0(
-                            entry, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
-                        for part in parts:
-                            entry.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
-    return path
+
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, parts, size in (("index", [index], len(index)), ("payloads", payloads, total)):
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array_header_2_0(entry, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
+                    for part in parts:
+                        entry.write(part)
+
+    return atomic_write(path, write)
 
 
 def _npy_length(entry) -> int:

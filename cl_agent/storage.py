@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -20,11 +21,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
-    """Write ``data`` to ``path`` atomically and durably; returns the path.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], mode: int | None = None) -> Path:
+    """Have ``write(file)`` write ``path``'s new content, atomically and durably; returns the path.
 
     ``mode``: the file's permission bits, set before the rename (so no reader sees another
-    mode); None keeps the private 0600 of a temporary file."""
+    mode); None keeps the private 0600 of a temporary file. Whatever ``write`` raises leaves
+    the old file in place and no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,7 +34,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
         with os.fdopen(fd, "wb") as f:
             if mode is not None:
                 os.fchmod(f.fileno(), mode)
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,6 +46,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
         raise
     fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically and durably (``atomic_write``); returns the path."""
+    return atomic_write(path, lambda f: f.write(data), mode)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> Path:
