@@ -1,6 +1,5 @@
 """Stream building: equal splits, seeded draws, no reuse while unused images remain, val set, dir and tar folders."""
 
-import json
 import tarfile
 from collections import Counter
 from pathlib import Path

@@ -39,8 +39,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -57,7 +55,7 @@ from cl_agent.errors import CLAgentError
 from cl_agent.experience import ExperienceStore
 from cl_agent.inference import InferenceClient
 from cl_agent.repository import ModelRepository
-from cl_agent.launcher import AgentProcess, child_pids, is_running, peak_rss_mb  # noqa: F401  (fuzz_wire uses them too)
+from cl_agent.launcher import AgentProcess
 from cl_agent.spool import read_records
 from cl_agent.status import read_experience_records
 from cl_agent.synthetic import CLASS_NAMES, make_batch

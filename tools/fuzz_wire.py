@@ -52,7 +52,6 @@ from cl_agent.errors import CLAgentError  # noqa: E402
 from cl_agent.inference import InferenceClient, InferenceError  # noqa: E402
 from cl_agent.status import read_state  # noqa: E402
 from cl_agent.synthetic import CLASS_NAMES, make_batch  # noqa: E402
-from cl_agent.wire import pack_message  # noqa: E402
 
 ENDPOINTS = ("labeled", "frames", "control", "serve")
 RSS_LIMIT_MB = 2048.0
