@@ -229,13 +229,9 @@ def control_status(endpoint: str, timeout: float, as_json: bool, curve: tuple) -
     import json
 
     from cl_agent.client import control_status as ask
-    from cl_agent.config import endpoint_problem
-    from cl_agent.security import client_keys_problem
+    from cl_agent.security import client_options_problem
 
-    problem = endpoint_problem(endpoint)
-    if problem:
-        fail(f"--control {endpoint!r}: {problem}")
-    problem = client_keys_problem(*curve)
+    problem = client_options_problem(endpoint, *curve, option="--control")
     if problem:
         fail(problem)
     try:

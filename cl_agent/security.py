@@ -90,14 +90,20 @@ def add_client_key_options(parser: argparse.ArgumentParser) -> None:
                         help="the agent's CURVE public key file (default: none, no CURVE)")
 
 
+def client_options_problem(endpoint: str, secret_key: str | Path | None, server_key: str | Path | None,
+                           option: str = "--endpoint") -> str | None:
+    """Why a client's endpoint ``option`` or its CURVE key files cannot be used, naming the option; None if they can."""
+    problem = endpoint_problem(endpoint)
+    if problem:
+        return f"{option} {endpoint!r}: {problem}"
+    return client_keys_problem(secret_key, server_key)
+
+
 def check_client_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """End the tool with a usage error naming the option when ``--endpoint`` or the CURVE key files cannot be used."""
-    problem = endpoint_problem(args.endpoint)
+    problem = client_options_problem(args.endpoint, args.curve_secret, args.curve_server)
     if problem:
-        parser.error(f"--endpoint {args.endpoint!r}: {problem}")
-    keys_problem = client_keys_problem(args.curve_secret, args.curve_server)
-    if keys_problem:
-        parser.error(keys_problem)
+        parser.error(problem)
 
 
 def start_authenticator(context: zmq.Context, curve: CurveSection) -> ThreadAuthenticator:
