@@ -64,3 +64,11 @@ def wait_served(client, version: int, timeout_s: float = 120) -> None:
     while served_version(client) != version:
         assert time.monotonic() < deadline, f"server never moved to version {version}"
         time.sleep(0.2)
+
+
+def shut_down(agent: AgentProcess, *clients) -> None:
+    """A test's clean-up: close its clients, then kill -9 the agent if it is still running."""
+    for client in clients:
+        client.close()
+    if agent.alive():
+        agent.kill9()

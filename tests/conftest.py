@@ -27,3 +27,17 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared (datasets and scenarios) is not beside this checkout")
     return SHARED
+
+
+@pytest.fixture
+def curve_keys(tmp_path):
+    """CURVE keys under ``tmp_path``: (the server's CurveSection authorizing the client "robot", the server's
+    public key, robot's secret key, the secret key of "rogue", a client the server does not know)."""
+    from cl_agent.config import CurveSection
+    from cl_agent.security import make_keypair
+
+    server_public, server_secret = make_keypair(tmp_path / "server", "agent")
+    _, allowed_secret = make_keypair(tmp_path / "clients", "robot")
+    _, rogue_secret = make_keypair(tmp_path / "rogue", "rogue")
+    curve = CurveSection(enabled=True, server_secret_key=str(server_secret), authorized_clients_dir=str(tmp_path / "clients"))
+    return curve, server_public, allowed_secret, rogue_secret

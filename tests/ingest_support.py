@@ -71,6 +71,26 @@ def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.01) -> 
     return predicate()
 
 
+def send_accepted_frame(service, client, accepted: int) -> None:
+    """Send one frame, then wait until ``service`` has accepted ``accepted`` frames in all."""
+    client.send(images(1, 16)[0])
+    assert wait_until(lambda: service.counters()["frames_accepted"] >= accepted, 5.0)
+
+
+def send_two_streams_under_one_id(service, first, second) -> int:
+    """Frames from two clients of one sender id: ``first`` 10 frames ahead, then the two alternating, one frame
+    at a time, 8 times; each frame accepted before the next. Returns the frames accepted."""
+    accepted = 0
+    for _ in range(10):
+        accepted += 1
+        send_accepted_frame(service, first, accepted)
+    for _ in range(8):
+        for client in (first, second):
+            accepted += 1
+            send_accepted_frame(service, client, accepted)
+    return accepted
+
+
 def write_video(path, frames: int, width: int = 64, height: int = 48):
     """An MJPG video of ``frames`` test images at width x height; skips the test where OpenCV cannot write one."""
     import cv2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from agent_harness import AgentProcess, send_experience, tiny_agent_config, wait_for_version, wait_served
+from agent_harness import AgentProcess, send_experience, shut_down, tiny_agent_config, wait_for_version, wait_served
 from cl_agent.cli import app
 from cl_agent.client import FrameClient, LabeledClient
 from cl_agent.experience import ExperienceStore
@@ -54,10 +54,7 @@ def test_agent_learns_publishes_serves_and_survives_kill9(tmp_path):
         assert "running" in result.output.lower()
         assert agent.terminate(cfg.agent.grace_period_s + 10) == 0
     finally:
-        labeled.close()
-        frames.close()
-        if agent.alive():
-            agent.kill9()
+        shut_down(agent, labeled, frames)
 
     # every acked labeled sample is in exactly one experience, each experience trained once
     store = ExperienceStore(cfg.agent.workdir)
@@ -123,7 +120,7 @@ def test_a_killed_trainer_is_replaced_reports_through_its_own_channel_and_the_ag
         time.sleep(0.5)  # idle: its watch thread is waiting for the stop signal
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while (second := _trainer_pid(agent, cfg.agent.workdir)) in (None, first):
+        while _trainer_pid(agent, cfg.agent.workdir) in (None, first):
             assert time.monotonic() < deadline, "the trainer was not restarted"
             time.sleep(0.2)
 
@@ -137,9 +134,7 @@ def test_a_killed_trainer_is_replaced_reports_through_its_own_channel_and_the_ag
         assert agent.terminate(cfg.agent.grace_period_s + 10) == 0
         assert time.monotonic() - started < cfg.agent.grace_period_s
     finally:
-        labeled.close()
-        if agent.alive():
-            agent.kill9()
+        shut_down(agent, labeled)
     state = read_state(cfg.agent.workdir)
     assert state["status"] == "stopped" and state["model_version"] == 2 and state["last_experience"] == 1
 

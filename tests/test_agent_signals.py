@@ -1,5 +1,6 @@
 """A real ``cl-agent run`` process stopped by SIGTERM during its start-up exits 0, as documented."""
 
+import contextlib
 import json
 import os
 import signal
@@ -30,12 +31,23 @@ def _overrides(tmp_path) -> list[str]:
     return args
 
 
+@contextlib.contextmanager
+def _killed_if_left_running(process: subprocess.Popen):
+    """Kill (and reap) ``process`` if it still runs when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_sigterm_during_start_up_stops_cleanly_with_exit_0(tmp_path):
     log = tmp_path / "agent" / "agent.log"  # created once run_agent has started (after the imports)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "cl_agent", "run", *_overrides(tmp_path)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
+    with _killed_if_left_running(process):
         deadline = time.monotonic() + 30
         while not log.exists():
             assert process.poll() is None, process.stderr.read().decode()
@@ -44,10 +56,6 @@ def test_sigterm_during_start_up_stops_cleanly_with_exit_0(tmp_path):
         process.send_signal(signal.SIGTERM)  # the trainer is not started yet
         code = process.wait(timeout=60)
         stderr = process.stderr.read().decode()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert code == 0, stderr[-2000:]
     state = json.loads((tmp_path / "agent" / "state.json").read_text())
     assert state["status"] == "stopped"
@@ -141,13 +149,9 @@ def _saved_frames(tmp_path):
 def _assert_stopped_cleanly(process, tmp_path, frames) -> None:
     from cl_agent.reservoir import SAVED_FILE, Reservoir
 
-    try:
+    with _killed_if_left_running(process):
         code = process.wait(timeout=60)
         stderr = process.stderr.read().decode()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert code == 0, f"exit {code}: {stderr[-2000:]}"
     state = json.loads((tmp_path / "agent" / "state.json").read_text())
     assert state["status"] == "stopped"

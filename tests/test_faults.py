@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent_harness import shut_down
 from cl_agent.client import LabeledClient
 from cl_agent.codec import encode_image
 from cl_agent.experience import ExperienceStore
@@ -81,10 +82,7 @@ def test_full_spool_gives_negative_acks_and_the_agent_keeps_serving(tmp_path):
         assert agent.alive()
         assert agent.terminate(cfg.agent.grace_period_s + 10) == 0
     finally:
-        client.close()
-        inference.close()
-        if agent.alive():
-            agent.kill9()
+        shut_down(agent, client, inference)
     acked = {a.seq for a in answers if a.ok}
     records = read_records(Path(cfg.agent.workdir) / "spool" / "labeled-000001.log")
     assert {r.seq for _, r in records} == acked  # every ack is stored, nothing refused is
@@ -100,6 +98,16 @@ def test_deeply_nested_json_header_is_refused_and_ingest_carries_on(tmp_path):
         assert request(service.endpoints["labeled"], good)["kind"] == "ack"
 
 
+def _send_a_cut_image_then_four_good_ones(client, rng, monkeypatch) -> None:
+    """Experience 0: one PNG whose data is cut, stored as an older version would; then 4 good images, left open."""
+    payload, shape = encode_image(make_batch([0], rng, 16)[0], "png")
+    monkeypatch.setattr("cl_agent.intake.check_decodes", lambda payload, encoding: None)  # as stored by an older version
+    assert client.send_encoded([payload[:60]], [shape], ["circle"], encoding="png").ok  # IHDR intact, data cut
+    assert client.end_experience().experience == 0
+    ids = [0, 1, 2, 3]
+    assert client.send(list(make_batch(ids, rng, 16)), [CLASS_NAMES[c] for c in ids]).ok
+
+
 def test_an_experience_that_cannot_be_trained_is_skipped_not_retried_forever(tmp_path, monkeypatch):
     """One undecodable image, or labels past model.num_classes, must not stop the trainer for good."""
     cfg, _ = chaos.agent_config(tmp_path)
@@ -108,12 +116,7 @@ def test_an_experience_that_cannot_be_trained_is_skipped_not_retried_forever(tmp
     spool = dataclasses.replace(cfg.spool, max_classes=len(CLASS_NAMES) + 10)
     with IngestService(cfg.ingest, spool, cfg.reservoir, cfg.experience, cfg.agent.workdir) as service:
         client = LabeledClient(service.endpoints["labeled"], "robot", window=1)
-        payload, shape = encode_image(make_batch([0], rng, 16)[0], "png")
-        monkeypatch.setattr("cl_agent.intake.check_decodes", lambda payload, encoding: None)  # as stored by an older version
-        assert client.send_encoded([payload[:60]], [shape], ["circle"], encoding="png").ok  # IHDR intact, data cut
-        assert client.end_experience().experience == 0
-        ids = [0, 1, 2, 3]
-        assert client.send(list(make_batch(ids, rng, 16)), [CLASS_NAMES[c] for c in ids]).ok
+        _send_a_cut_image_then_four_good_ones(client, rng, monkeypatch)
         assert client.send(list(make_batch([0, 1], rng, 16)), [len(CLASS_NAMES) + 3] * 2).ok  # past num_classes
         assert client.end_experience().experience == 1
         client.close()
@@ -132,12 +135,7 @@ def test_a_single_bad_experience_is_recorded_as_skipped(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     with IngestService(cfg.ingest, cfg.spool, cfg.reservoir, cfg.experience, cfg.agent.workdir) as service:
         client = LabeledClient(service.endpoints["labeled"], "robot", window=1)
-        payload, shape = encode_image(make_batch([0], rng, 16)[0], "png")
-        monkeypatch.setattr("cl_agent.intake.check_decodes", lambda payload, encoding: None)  # as stored by an older version
-        assert client.send_encoded([payload[:60]], [shape], ["circle"], encoding="png").ok  # IHDR intact, data cut
-        assert client.end_experience().experience == 0
-        ids = [0, 1, 2, 3]
-        assert client.send(list(make_batch(ids, rng, 16)), [CLASS_NAMES[c] for c in ids]).ok
+        _send_a_cut_image_then_four_good_ones(client, rng, monkeypatch)
         assert client.end_experience().experience == 1
         client.close()
     updater = Updater(cfg, "cpu")

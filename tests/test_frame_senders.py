@@ -4,7 +4,7 @@ import logging
 
 from cl_agent.client import FrameClient
 from cl_agent.senders import CLASH_WINDOW_S, WARN_EVERY_S, FrameSenders
-from ingest_support import images, make_service, wait_until
+from ingest_support import make_service, send_accepted_frame, send_two_streams_under_one_id
 
 
 class Clock:
@@ -59,23 +59,11 @@ def test_the_tracked_senders_are_bounded():
     assert len(senders._senders) <= 3
 
 
-def _send_accepted(service, client, expected):
-    client.send(images(1, 16)[0])
-    assert wait_until(lambda: service.counters()["frames_accepted"] >= expected, 5.0)
-
-
 def test_two_frame_clients_with_one_sender_id_warn_and_count(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="cl_agent.senders"), make_service(tmp_path) as service:
         endpoint = service.endpoints["frames"]
         with FrameClient(endpoint, "cam-1") as first, FrameClient(endpoint, "cam-1") as second:
-            accepted = 0
-            for _ in range(10):  # the first is 10 frames ahead
-                accepted += 1
-                _send_accepted(service, first, accepted)
-            for _ in range(8):  # then they alternate, one frame at a time
-                for client in (first, second):
-                    accepted += 1
-                    _send_accepted(service, client, accepted)
+            send_two_streams_under_one_id(service, first, second)  # the first 10 frames ahead, then alternating
         counters = service.counters()
     assert counters["frames_sender_clashes"] == 1
     assert "frame sender 'cam-1'" in caplog.text and "two streams probably share this sender id" in caplog.text
@@ -90,7 +78,7 @@ def test_one_frame_client_restarting_does_not_warn(tmp_path, caplog):
             with FrameClient(endpoint, "cam-1") as client:
                 for _ in range(5):
                     accepted += 1
-                    _send_accepted(service, client, accepted)
+                    send_accepted_frame(service, client, accepted)
         counters = service.counters()
     assert counters["frames_sender_clashes"] == 0 and counters["frames_dropped"] == 0
     assert "share this sender id" not in caplog.text

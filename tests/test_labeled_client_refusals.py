@@ -13,21 +13,10 @@ from typer.testing import CliRunner
 
 from cl_agent.cli import app
 from cl_agent.client import AgentRefused, LabeledClient, control_status
-from cl_agent.config import CurveSection
 from cl_agent.errors import CLAgentError
-from cl_agent.security import make_keypair
 from ingest_support import free_port, images, make_service
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "send_labeled.py"
-
-
-@pytest.fixture
-def keys(tmp_path):
-    server_public, server_secret = make_keypair(tmp_path / "server", "agent")
-    _, allowed_secret = make_keypair(tmp_path / "clients", "robot")
-    _, rogue_secret = make_keypair(tmp_path / "rogue", "rogue")
-    curve = CurveSection(enabled=True, server_secret_key=str(server_secret), authorized_clients_dir=str(tmp_path / "clients"))
-    return curve, server_public, allowed_secret, rogue_secret
 
 
 def _tree(root: Path) -> Path:
@@ -42,8 +31,8 @@ NO_KEYS = "the agent uses CURVE and this client has no keys"
 REJECTED = "rejected this client's CURVE key"
 
 
-def test_a_labeled_client_refused_by_curve_says_why_at_once(tmp_path, keys):
-    curve, server_public, allowed_secret, rogue_secret = keys
+def test_a_labeled_client_refused_by_curve_says_why_at_once(tmp_path, curve_keys):
+    curve, server_public, allowed_secret, rogue_secret = curve_keys
     with make_service(tmp_path / "agent", ingest={"curve": curve}) as service:
         endpoint = service.endpoints["labeled"]
         # a long timeout: only the handshake's refusal can end the wait before the test's own limit
@@ -60,8 +49,8 @@ def test_a_labeled_client_refused_by_curve_says_why_at_once(tmp_path, keys):
         assert service.counters()["labeled_images_acked"] == 1
 
 
-def test_send_labeled_says_the_agent_uses_curve_or_rejected_the_key(tmp_path, keys):
-    curve, server_public, _, rogue_secret = keys
+def test_send_labeled_says_the_agent_uses_curve_or_rejected_the_key(tmp_path, curve_keys):
+    curve, server_public, _, rogue_secret = curve_keys
     root = _tree(tmp_path / "data")
     with make_service(tmp_path / "agent", ingest={"curve": curve}) as service:
         endpoint = service.endpoints["labeled"]
@@ -123,8 +112,8 @@ def test_status_control_prints_an_ingest_process_counters(tmp_path):
     assert "ingest.control_endpoint" in silent.output
 
 
-def test_status_control_under_curve(tmp_path, keys):
-    curve, server_public, allowed_secret, _ = keys
+def test_status_control_under_curve(tmp_path, curve_keys):
+    curve, server_public, allowed_secret, _ = curve_keys
     with make_service(tmp_path / "agent", ingest={"curve": curve}) as service:
         control = service.endpoints["control"]
         with pytest.raises(AgentRefused, match=NO_KEYS):

@@ -4,7 +4,7 @@ import urllib.request
 
 from cl_agent.client import FrameClient
 from cl_agent.metrics import AgentMetrics
-from ingest_support import images, make_service, wait_until
+from ingest_support import make_service, send_two_streams_under_one_id
 
 
 def _scrape(metrics: AgentMetrics) -> set[str]:
@@ -16,11 +16,6 @@ def _scrape(metrics: AgentMetrics) -> set[str]:
         server.stop()
 
 
-def _send_accepted(service, client, expected):
-    client.send(images(1, 16)[0])
-    assert wait_until(lambda: service.counters()["frames_accepted"] >= expected, 5.0)
-
-
 def test_a_sender_id_clash_raises_frames_sender_clashes_total(tmp_path):
     metrics = AgentMetrics()
     with make_service(tmp_path) as service:
@@ -28,14 +23,7 @@ def test_a_sender_id_clash_raises_frames_sender_clashes_total(tmp_path):
         assert "cl_agent_frames_sender_clashes_total 0.0" in _scrape(metrics)
         endpoint = service.endpoints["frames"]
         with FrameClient(endpoint, "cam-1") as first, FrameClient(endpoint, "cam-1") as second:
-            accepted = 0
-            for _ in range(10):  # the first is 10 frames ahead
-                accepted += 1
-                _send_accepted(service, first, accepted)
-            for _ in range(8):  # then the two streams alternate under one sender id
-                for client in (first, second):
-                    accepted += 1
-                    _send_accepted(service, client, accepted)
+            accepted = send_two_streams_under_one_id(service, first, second)
         counters = service.counters()
     assert counters["frames_sender_clashes"] == 1
     metrics.sync_ingest(counters)

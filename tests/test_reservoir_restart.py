@@ -1,6 +1,7 @@
 """The unlabeled frames survive a clean stop and start: saved to the workdir, restored, damage ignored."""
 
 import io
+import json
 import logging
 
 import numpy as np
@@ -16,6 +17,21 @@ def frame(i, source="cam"):
 
 def held(reservoir):
     return sorted((bytes(f.payload), f.encoding, tuple(f.shape), f.color, f.source) for f in reservoir.sample(10**6))
+
+
+def saved_parts(tmp_path, count, first=0):
+    """Frames ``first`` .. ``first + count - 1`` saved by a Reservoir(10): the file, its index (parsed) and its payload bytes."""
+    reservoir = Reservoir(10)
+    for i in range(first, first + count):
+        reservoir.add(frame(i))
+    path = reservoir.save(tmp_path / SAVED_FILE)
+    with np.load(path) as data:
+        return path, json.loads(bytes(data["index"])), data["payloads"]
+
+
+def write_saved(path, index: dict, payloads: np.ndarray) -> None:
+    """Write a saved reservoir's two arrays as ``np.savez`` does (a hand-made or changed index)."""
+    np.savez(path, index=np.frombuffer(json.dumps(index).encode(), np.uint8), payloads=payloads)
 
 
 def send_frames(endpoint, sender, count, seed):
@@ -63,13 +79,8 @@ def test_a_saved_file_with_pickled_objects_is_refused_not_unpickled(tmp_path, ca
 
 
 def test_out_of_range_frame_offsets_are_refused(tmp_path):
-    reservoir = Reservoir(10)
-    for i in range(3):
-        reservoir.add(frame(i))
-    path = reservoir.save(tmp_path / SAVED_FILE)
-    with np.load(path) as data:
-        index, payloads = bytes(data["index"]), data["payloads"]
-    np.savez(path, index=np.frombuffer(index, np.uint8), payloads=payloads[:5])  # the last frames' bytes are gone
+    path, index, payloads = saved_parts(tmp_path, 3)
+    write_saved(path, index, payloads[:5])  # the last frames' bytes are gone
     assert Reservoir(10).restore(path) == 0
 
 
@@ -85,15 +96,9 @@ def test_restore_with_a_new_capacity_offers_the_frames_again_within_the_new_boun
 
 
 def test_an_index_with_a_frame_that_is_not_one_is_refused(tmp_path):
-    import json
-
-    reservoir = Reservoir(10)
-    reservoir.add(frame(1))
-    path = reservoir.save(tmp_path / SAVED_FILE)
-    with np.load(path) as data:
-        index, payloads = json.loads(bytes(data["index"])), data["payloads"]
+    path, index, payloads = saved_parts(tmp_path, 1, first=1)
     index["pools"][0]["frames"][0][3] = [0, 4, 3]  # a frame with no rows
-    np.savez(path, index=np.frombuffer(json.dumps(index).encode(), np.uint8), payloads=payloads)
+    write_saved(path, index, payloads)
     assert Reservoir(10).restore(path) == 0
 
 
@@ -125,8 +130,6 @@ def test_save_and_restore_round_trip_every_frame_and_the_sampling_bookkeeping_ex
 
 def test_a_reservoir_saved_as_one_joined_array_by_np_savez_is_restored(tmp_path):
     """The layout of files written before the payloads were streamed: the same archive, read the same."""
-    import json
-
     reservoir = varied_reservoir()
     pools, payloads = [], []
     for key, pool in reservoir._pools.items():
@@ -136,8 +139,7 @@ def test_a_reservoir_saved_as_one_joined_array_by_np_savez_is_restored(tmp_path)
             payloads.append(f.payload)
         pools.append({"key": key, "capacity": pool.capacity, "seen": pool.seen, "frames": frames})
     index = {"format": 1, "capacity": 24, "per_source": True, "max_sources": 3, "seen": reservoir.seen, "pools": pools}
-    np.savez(tmp_path / SAVED_FILE, index=np.frombuffer(json.dumps(index).encode(), np.uint8),
-             payloads=np.frombuffer(b"".join(payloads), np.uint8))
+    write_saved(tmp_path / SAVED_FILE, index, np.frombuffer(b"".join(payloads), np.uint8))
     again = Reservoir(24, per_source=True, seed=3, max_sources=3)
     assert again.restore(tmp_path / SAVED_FILE) == len(reservoir)
     assert pools_of(again) == pools_of(reservoir)
@@ -201,14 +203,7 @@ def test_saving_and_restoring_take_no_copy_of_the_payloads_beyond_the_frames_res
 
 def test_an_index_whose_frames_share_bytes_is_refused(tmp_path):
     """Each saved byte belongs to one frame: a hand-made index cannot make a start copy the same bytes many times."""
-    import json
-
-    reservoir = Reservoir(10)
-    for i in range(3):
-        reservoir.add(frame(i))
-    path = reservoir.save(tmp_path / SAVED_FILE)
-    with np.load(path) as data:
-        index, payloads = json.loads(bytes(data["index"])), data["payloads"]
+    path, index, payloads = saved_parts(tmp_path, 3)
     index["pools"][0]["frames"][2][0] = 0  # the third frame's bytes are the first one's
-    np.savez(path, index=np.frombuffer(json.dumps(index).encode(), np.uint8), payloads=payloads)
+    write_saved(path, index, payloads)
     assert Reservoir(10).restore(path) == 0

@@ -13,17 +13,8 @@ from cl_agent.security import load_keys, make_keypair
 from ingest_support import images, make_service, wait_until
 
 
-@pytest.fixture
-def keys(tmp_path):
-    server_public, server_secret = make_keypair(tmp_path / "server", "agent")
-    allowed_public, allowed_secret = make_keypair(tmp_path / "clients", "robot")
-    _, rogue_secret = make_keypair(tmp_path / "rogue", "rogue")
-    curve = CurveSection(enabled=True, server_secret_key=str(server_secret), authorized_clients_dir=str(tmp_path / "clients"))
-    return curve, server_public, allowed_secret, rogue_secret
-
-
-def test_only_authorized_keys_deliver(tmp_path, keys):
-    curve, server_public, allowed_secret, rogue_secret = keys
+def test_only_authorized_keys_deliver(tmp_path, curve_keys):
+    curve, server_public, allowed_secret, rogue_secret = curve_keys
     service = make_service(tmp_path / "agent", ingest={"curve": curve})
     with service:
         endpoint = service.endpoints["labeled"]

@@ -387,6 +387,44 @@ def wait_until_trained(cfg, agent: AgentProcess, timeout_s: float) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------- a run's folder and result
+# (shared with tools/fuzz_wire.py)
+
+
+def run_folder(workdir: Path | None, prefix: str) -> tuple[Path, Path | None]:
+    """The folder a run works in, and that folder again when it is a scratch folder made here (else None)."""
+    if workdir is not None:
+        return Path(workdir), None
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    return scratch, scratch
+
+
+def settle_scratch(result: dict, scratch: Path | None) -> dict:
+    """Remove the scratch folder of a run whose ``result["ok"]``; otherwise keep it and name it in the result."""
+    if scratch is not None and result["ok"]:
+        shutil.rmtree(scratch, ignore_errors=True)
+    elif scratch is not None:
+        result["workdir"] = str(scratch)  # kept for a post-mortem
+    return result
+
+
+def add_run_options(parser: argparse.ArgumentParser, workdir_help: str) -> None:
+    """--seed, --json and --workdir."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--workdir", type=Path, default=None, help=f"{workdir_help} (default: a temp folder, removed if all is well)")
+
+
+def print_result(result: dict, as_json: bool, keys, width: int) -> int:
+    """Print the whole result as JSON, or ``keys`` one a line; the exit code: 0 if the result is ok, else 1."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key in keys:
+            print(f"{key:>{width}}: {result[key]}")
+    return 0 if result["ok"] else 1
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -394,10 +432,7 @@ def run_chaos(trials: int = 20, seed: int = 0, workdir: Path | None = None, max_
               min_delay_s: float = 0.5, train_timeout_s: float = 600.0) -> dict:
     """Run the crash test; returns the result dict (see the module docstring)."""
     started = time.monotonic()
-    scratch = None
-    if workdir is None:
-        scratch = workdir = Path(tempfile.mkdtemp(prefix="cl-agent-chaos-"))
-    workdir = Path(workdir)
+    workdir, scratch = run_folder(workdir, "cl-agent-chaos-")
     if workdir.exists() and any(workdir.iterdir()):
         raise CLAgentError(f"--workdir {workdir} is not empty; the crash test starts from nothing")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -469,30 +504,20 @@ def run_chaos(trials: int = 20, seed: int = 0, workdir: Path | None = None, max_
         "workdir": None if scratch else str(workdir),
     }
     result["ok"] = all(result[k] == 0 for k in MUST_BE_ZERO) and exit_code == 0 and trained_all
-    if scratch is not None and result["ok"]:
-        shutil.rmtree(scratch, ignore_errors=True)
-    elif scratch is not None:
-        result["workdir"] = str(scratch)  # kept for a post-mortem
-    return result
+    return settle_scratch(result, scratch)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20, help="kill -9 + restart cycles (default 20)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("--workdir", type=Path, default=None, help="empty folder to run in (default: a temp folder, removed if all is well)")
+    add_run_options(parser, "empty folder to run in")
     parser.add_argument("--max-delay", type=float, default=15.0, help="longest wait after a start before the kill (s)")
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error(f"--trials must be >= 1, got {args.trials}")
     result = run_chaos(args.trials, args.seed, args.workdir, max_delay_s=args.max_delay)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for key in ("trials", "acked_samples", *MUST_BE_ZERO, "versions_published", "experiences", "wall_seconds"):
-            print(f"{key:>24}: {result[key]}")
-    return 0 if result["ok"] else 1
+    keys = ("trials", "acked_samples", *MUST_BE_ZERO, "versions_published", "experiences", "wall_seconds")
+    return print_result(result, args.json, keys, width=24)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import struct
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -44,7 +42,7 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chaos import agent_config  # noqa: E402  (a sibling tool)
+from chaos import add_run_options, agent_config, print_result, run_folder, settle_scratch  # noqa: E402  (a sibling tool)
 from cl_agent.launcher import AgentProcess, child_pids, peak_rss_mb  # noqa: E402
 
 from cl_agent.client import LabeledClient  # noqa: E402
@@ -318,10 +316,7 @@ def _server_counters(endpoint: str) -> dict:
 
 def run_fuzz(messages: int = 10_000, seed: int = 0, workdir: Path | None = None, rss_limit_mb: float = RSS_LIMIT_MB) -> dict:
     started = time.monotonic()
-    scratch = None
-    if workdir is None:
-        scratch = workdir = Path(tempfile.mkdtemp(prefix="cl-agent-fuzz-"))
-    workdir = Path(workdir)
+    workdir, scratch = run_folder(workdir, "cl-agent-fuzz-")
     workdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     payloads = Payloads(rng)
@@ -432,30 +427,20 @@ def run_fuzz(messages: int = 10_000, seed: int = 0, workdir: Path | None = None,
         alive and result["valid_acked"] and not valid.inference_failures and trainer_crashes == 0
         and server_crashes == 0 and exit_code == 0 and peak < rss_limit_mb
     )
-    if scratch is not None and result["ok"]:
-        shutil.rmtree(scratch, ignore_errors=True)
-    elif scratch is not None:
-        result["workdir"] = str(scratch)  # kept for a post-mortem
-    return result
+    return settle_scratch(result, scratch)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=10_000, help="malformed messages to send (default 10000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("--workdir", type=Path, default=None, help="folder to run in (default: a temp folder, removed if all is well)")
+    add_run_options(parser, "folder to run in")
     parser.add_argument("--rss-limit-mb", type=float, default=RSS_LIMIT_MB, help="peak RSS bound per process (MiB)")
     args = parser.parse_args(argv)
     if args.messages < 1:
         parser.error(f"--messages must be >= 1, got {args.messages}")
     result = run_fuzz(args.messages, args.seed, args.workdir, args.rss_limit_mb)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for key in ("sent", "rejected_total", "agent_alive", "valid_acked", "peak_rss_mb", "exit_code", "wall_seconds"):
-            print(f"{key:>16}: {result[key]}")
-    return 0 if result["ok"] else 1
+    keys = ("sent", "rejected_total", "agent_alive", "valid_acked", "peak_rss_mb", "exit_code", "wall_seconds")
+    return print_result(result, args.json, keys, width=16)
 
 
 if __name__ == "__main__":
