@@ -127,34 +127,118 @@ def auth_rejected_message(endpoint: str) -> str:
 
 
 class HandshakeWatch:
-    """Follows a request socket's handshakes through its monitor: ``refusal`` says why the agent refused them
-    (CURVE on one side only, an unauthorized key), ``unclear`` counts those that failed without detail (under
-    CURVE: most likely a --curve-server key that is not the agent's)."""
+    """Follows a socket's handshakes through its monitor; the one reader of the client sockets' monitors.
+
+    ``refusal`` says why the agent refused them: CURVE on one side only, or (a request socket, no
+    ``socket_type``) a client key it does not authorize. ``unclear`` counts handshakes that failed without
+    detail (under CURVE: most likely a --curve-server key that is not the agent's).
+
+    With ``socket_type`` (a FrameClient's push or pub) it follows each connection as well: ``connected``
+    once the handshake succeeded and, for pub, the agent's subscription arrived on ``sock`` (read here
+    too). A socket type that does not pair with the agent's frame socket is a refusal (the agent hangs up
+    in the handshake and libzmq does not retry), an unauthorized key is not (libzmq keeps retrying it: it
+    is noted for ``FrameClient.not_connected_message``), and a run of handshakes failing without detail is
+    warned about once. Without ``socket_type`` the monitor reports only failed handshakes, so the
+    connection fields stay False."""
 
     EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    CONNECTION_EVENTS = (
+        EVENTS | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED
+    )
 
-    def __init__(self, sock: zmq.Socket, endpoint: str, curve: bool):
+    def __init__(self, sock: zmq.Socket, endpoint: str, curve: bool, socket_type: str | None = None):
         self.endpoint = endpoint
         self.curve = curve
+        self.socket_type = socket_type
         self.refusal: str | None = None
         self.unclear = 0
-        self.monitor = sock.get_monitor_socket(self.EVENTS)
+        self.handshaken = False  # a handshake with the agent has succeeded (and the connection not lost since)
+        self.subscribed = False  # pub: the agent's subscription has arrived on the current connection
+        # The agent can take frames now (as of the last read): handshake done and, for pub, subscribed. An
+        # attribute, kept by _set_connection, not a property: FrameClient reads it at every send.
+        self.connected = False
+        self.tcp_connected = False  # some TCP connection was ever accepted (for the not-connected message)
+        self.auth_rejected = False  # some handshake ever failed CURVE authentication (ditto)
+        self.unclear_failures = 0  # connections in a row whose handshake failed without detail
+        self._handshaking = False  # a TCP connection is up, its handshake not finished
+        self._auth_failed = False  # the current connection's handshake failed CURVE authentication
+        self._unclear = False  # the current connection's handshake failed without detail
+        self._unclear_since: float | None = None  # when the first of the unclear failures in a row came
+        self._unclear_warned = False  # once per watch
+        self._hung_up_at: float | None = None  # when the agent hung up mid-handshake, until libzmq tries again
+        self.monitor = sock.get_monitor_socket(self.EVENTS if socket_type is None else self.CONNECTION_EVENTS)
         self._socket = sock
+
+    def _set_connection(self, handshaken: bool, subscribed: bool) -> None:
+        self.handshaken, self.subscribed = handshaken, subscribed
+        self.connected = handshaken and (self.socket_type != "pub" or subscribed)
 
     def read(self) -> str | None:
         """Read the monitor without blocking; the refusal, if one came."""
         from zmq.utils.monitor import recv_monitor_message
 
+        # EVENTS first: far cheaper per call than a receive that raises zmq.Again
         while self.refusal is None and not self.monitor.closed and self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
             message = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            event, value = message["event"], message["value"]
-            if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-                self.refusal = mechanism_message(self.endpoint, self.curve)
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:  # 400: the ZAP handler denied the key
-                self.refusal = auth_rejected_message(self.endpoint)
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                self.unclear += 1
+            self._on_event(message["event"], message["value"])
+        if self.refusal is None and self.socket_type == "pub" and not self._socket.closed:
+            self._read_subscriptions()
+        if self.refusal is None and self._hung_up_at is not None and time.monotonic() - self._hung_up_at >= RETRY_GRACE_S:
+            self.refusal = refused_message(self.endpoint, self.socket_type)
         return self.refusal
+
+    def _on_event(self, event: int, value: int) -> None:
+        if event in (zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CONNECT_RETRIED):
+            self._hung_up_at = None  # libzmq reconnects: the agent went away (e.g. restarted), it did not refuse
+        elif event == zmq.EVENT_CONNECTED:
+            self._handshaking, self._auth_failed, self._unclear, self._hung_up_at = True, False, False, None
+            self.tcp_connected = True
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._handshaking, self.unclear_failures, self._unclear_since = False, 0, None
+            self._set_connection(True, self.subscribed)
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self._auth_failed = self.auth_rejected = True
+            if self.socket_type is None and value == 400:  # 400: the ZAP handler denied the key
+                self.refusal = auth_rejected_message(self.endpoint)
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            self.refusal = mechanism_message(self.endpoint, self.curve)
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            if self.socket_type is not None and not self._auth_failed:
+                self.refusal = refused_message(self.endpoint, self.socket_type)
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self._unclear = True
+            self.unclear += 1
+        elif event == zmq.EVENT_DISCONNECTED:
+            if self._handshaking and self._unclear:
+                # libzmq retries these: a proxy with no agent behind it, an agent that died mid-handshake,
+                # or a mismatch under CURVE. Not a refusal; a run of them is worth one warning.
+                self.unclear_failures += 1
+                now = time.monotonic()
+                if self._unclear_since is None:
+                    self._unclear_since = now
+                if (not self._unclear_warned and self.unclear_failures >= UNCLEAR_FAILURES
+                        and now - self._unclear_since >= UNCLEAR_WARN_AFTER_S):
+                    self._unclear_warned = True
+                    log.warning(failing_handshakes_message(
+                        self.endpoint, self.socket_type, self.curve, self.unclear_failures, now - self._unclear_since))
+            elif self._handshaking and not self._auth_failed:
+                # The agent hung up before the handshake ended without a word. A socket-type mismatch
+                # does this, and libzmq then never reconnects; an agent that died in that moment does
+                # it too, and libzmq reconnects at once (CONNECT_RETRIED). Wait to see which.
+                self._hung_up_at = time.monotonic()
+            self._handshaking = False
+            self._set_connection(False, False)
+
+    def _read_subscriptions(self) -> None:
+        """pub: read the agent's (un)subscriptions that XPUB hands up (first byte 1: subscribe, 0: unsubscribe)."""
+        while self._socket.get(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                message = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if message[:1] in (b"\x00", b"\x01"):
+                self._set_connection(self.handshaken, message[:1] == b"\x01")
 
     def hint(self) -> str:
         """What the handshakes showed, for a timeout message ("" when nothing is known)."""
@@ -165,7 +249,7 @@ class HandshakeWatch:
 
     def close(self) -> None:
         if not self.monitor.closed:
-            if not self._socket.closed:
+            if not self._socket.closed:  # connect() closes the socket when the endpoint is bad
                 self._socket.disable_monitor()
             self.monitor.close(linger=0)
 
@@ -455,11 +539,6 @@ CHECK_INTERVAL_S = 0.02  # send reads the handshake monitor at most this often (
 UNCLEAR_FAILURES = 3  # handshakes in a row that fail without detail (libzmq retries those) before a warning,
 UNCLEAR_WARN_AFTER_S = 1.0  # ... and for this long: under load a few come before a refusal that settles it
 RETRY_GRACE_S = 0.3  # a hang-up in the handshake not followed by a reconnect attempt within this long is a refusal
-_MONITOR_EVENTS = (
-    zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
 
 
 class PeerRefused(CLAgentError):
@@ -555,18 +634,6 @@ class FrameClient:
         self.sent = 0
         self.dropped = 0
         self.sent_unconnected = 0  # of ``sent``, taken while no connection was up: delivered only if one comes
-        self._handshaken = False  # a handshake with the agent has succeeded (and the connection not lost since)
-        self._subscribed = False  # pub: the agent's subscription has arrived on the current connection
-        self._tcp_connected = False  # some TCP connection was ever accepted (for the not-connected message)
-        self._auth_rejected = False  # some handshake ever failed CURVE authentication (ditto)
-        self._handshaking = False  # a TCP connection is up, its handshake not finished
-        self._auth_failed = False  # the current connection's handshake failed CURVE authentication
-        self._unclear = False  # the current connection's handshake failed without detail
-        self._unclear_failures = 0  # such failures in a row
-        self._unclear_since: float | None = None  # when the first of them came
-        self._unclear_warned = False  # once per client
-        self._refused: str | None = None
-        self._hung_up_at: float | None = None  # when the agent hung up mid-handshake, until libzmq tries again
         self._next_check = 0.0  # monotonic time of send's next look at the monitor
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(kinds[socket_type])
@@ -575,7 +642,7 @@ class FrameClient:
         if socket_type == "pub":
             self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription is passed up, a reconnect's too
             self._socket.setsockopt(zmq.XPUB_NODROP, 1)
-        self._monitor = self._socket.get_monitor_socket(_MONITOR_EVENTS)
+        self._watch = HandshakeWatch(self._socket, endpoint, self._curve, socket_type)
         try:
             connect(self._socket, endpoint, (curve_secret_key, curve_server_key))
         except BaseException:
@@ -585,77 +652,19 @@ class FrameClient:
     @property
     def connected(self) -> bool:
         """The agent can take frames now (as of the last monitor read): handshake done and, for pub, subscribed."""
-        return self._handshaken and (self.socket_type == "push" or self._subscribed)
-
-    def _read_subscriptions(self) -> None:
-        """pub: read the agent's (un)subscriptions that XPUB hands up (first byte 1: subscribe, 0: unsubscribe)."""
-        while self._socket.get(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                message = self._socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if message[:1] in (b"\x00", b"\x01"):
-                self._subscribed = message[:1] == b"\x01"
-
-    def _read_events(self) -> None:
-        """Drain the monitor without blocking and follow each connection's handshake."""
-        from zmq.utils.monitor import recv_monitor_message
-
-        # EVENTS first: far cheaper per frame than a receive that raises zmq.Again
-        while self._refused is None and self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            message = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            event, value = message["event"], message["value"]
-            if event in (zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CONNECT_RETRIED):
-                self._hung_up_at = None  # libzmq reconnects: the agent went away (e.g. restarted), it did not refuse
-            elif event == zmq.EVENT_CONNECTED:
-                self._handshaking, self._auth_failed, self._unclear, self._hung_up_at = True, False, False, None
-                self._tcp_connected = True
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshaking, self._handshaken, self._unclear_failures, self._unclear_since = False, True, 0, None
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._auth_failed = self._auth_rejected = True
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-                self._refused = mechanism_message(self.endpoint, self._curve)
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and not self._auth_failed:
-                self._refused = refused_message(self.endpoint, self.socket_type)
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                self._unclear = True
-            elif event == zmq.EVENT_DISCONNECTED:
-                if self._handshaking and self._unclear:
-                    # libzmq retries these: a proxy with no agent behind it, an agent that died mid-handshake,
-                    # or a mismatch under CURVE. Not a refusal; a run of them is worth one warning.
-                    self._unclear_failures += 1
-                    now = time.monotonic()
-                    if self._unclear_since is None:
-                        self._unclear_since = now
-                    if (not self._unclear_warned and self._unclear_failures >= UNCLEAR_FAILURES
-                            and now - self._unclear_since >= UNCLEAR_WARN_AFTER_S):
-                        self._unclear_warned = True
-                        log.warning(failing_handshakes_message(
-                            self.endpoint, self.socket_type, self._curve, self._unclear_failures, now - self._unclear_since))
-                elif self._handshaking and not self._auth_failed:
-                    # The agent hung up before the handshake ended without a word. A socket-type mismatch
-                    # does this, and libzmq then never reconnects; an agent that died in that moment does
-                    # it too, and libzmq reconnects at once (CONNECT_RETRIED). Wait to see which.
-                    self._hung_up_at = time.monotonic()
-                self._handshaking = self._handshaken = self._subscribed = False
-        if self.socket_type == "pub" and self._refused is None:
-            self._read_subscriptions()
-        if self._refused is None and self._hung_up_at is not None and time.monotonic() - self._hung_up_at >= RETRY_GRACE_S:
-            self._refused = refused_message(self.endpoint, self.socket_type)
+        return self._watch.connected
 
     def check(self) -> None:
         """Raise PeerRefused if the agent refused this socket type (reads the monitor; never blocks)."""
-        self._read_events()
-        if self._refused is not None:
-            raise PeerRefused(self._refused)
+        if self._watch.read() is not None:
+            raise PeerRefused(self._watch.refusal)
 
     def wait_connected(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the connection (see ``connected``): True once it is up, False if not yet;
         PeerRefused if refused."""
         deadline = time.monotonic() + timeout_s
         poller = zmq.Poller()
-        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._watch.monitor, zmq.POLLIN)
         if self.socket_type == "pub":
             poller.register(self._socket, zmq.POLLIN)  # the subscription arrives on the socket itself
         while True:
@@ -674,13 +683,14 @@ class FrameClient:
     def not_connected_message(self, waited_s: float) -> str:
         """Why no connection is up after ``waited_s`` seconds, from what the monitor saw."""
         where = f"no connection to {self.endpoint} within {waited_s:g} s: "
-        if self._auth_rejected:
+        watch = self._watch
+        if watch.auth_rejected:
             return where + "the agent " + _AUTH_REJECTED
-        if self._unclear_failures:
-            return where + f"{self._unclear_failures} handshakes failed without detail. " + _unclear_causes(self.socket_type, self._curve)
-        if self._handshaken:  # pub only: the handshake is done, the subscription never came
+        if watch.unclear_failures:
+            return where + f"{watch.unclear_failures} handshakes failed without detail. " + _unclear_causes(self.socket_type, self._curve)
+        if watch.handshaken:  # pub only: the handshake is done, the subscription never came
             return where + "the handshake succeeded but no subscription arrived (is this the agent's SUB frame socket?)"
-        if self._tcp_connected:
+        if watch.tcp_connected:
             return where + ("something accepted the TCP connection but no ZeroMQ handshake finished "
                             "(is this the agent's ingest.frame_endpoint?)")
         return where + ("nothing accepted a connection there (is the agent running, and is this its "
@@ -691,7 +701,7 @@ class FrameClient:
 
         Raises PeerRefused once the agent has refused this socket type."""
         now = time.monotonic()
-        if self._refused is not None or now >= self._next_check:
+        if self._watch.refusal is not None or now >= self._next_check:
             self._next_check = now + CHECK_INTERVAL_S
             self.check()
         parts = pack_message("frame", self.sender, self.seq, [payload], encoding=encoding, shapes=[shape], **fields)
@@ -703,7 +713,7 @@ class FrameClient:
             self.dropped += 1
             return False
         self.sent += 1
-        if not self.connected:
+        if not self._watch.connected:
             self.sent_unconnected += 1
         return True
 
@@ -714,10 +724,7 @@ class FrameClient:
 
     def close(self, linger_s: float | None = None) -> None:
         """Close the socket; queued frames still go out for ``linger_s`` seconds (default 0.5), then are discarded."""
-        if not self._monitor.closed:
-            if not self._socket.closed:  # connect() closes the socket when the endpoint is bad
-                self._socket.disable_monitor()
-            self._monitor.close(linger=0)
+        self._watch.close()
         self._socket.close(linger=None if linger_s is None else round(linger_s * 1000))
 
     def __enter__(self) -> "FrameClient":
