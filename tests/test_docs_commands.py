@@ -151,8 +151,12 @@ def check_cl_agent(words: list[str]) -> list[str]:
 
 
 def check_python_options(words: list[str], source: Path) -> list[str]:
-    """Every --option in words is a quoted string in source (argparse ``add_argument("--x", ...)``)."""
+    """Every --option in words is a quoted string in source (argparse ``add_argument("--x", ...)``), or in a
+    sibling module it imports (``from chaos import add_run_options``: tools share option sets)."""
     text = source.read_text(encoding="utf-8")
+    for sibling in re.findall(r"^from (\w+) import", text, re.M):
+        if (source.parent / f"{sibling}.py").is_file():
+            text += (source.parent / f"{sibling}.py").read_text(encoding="utf-8")
     problems = []
     for word in words:
         if word.startswith("--") and len(word) > 2:
