@@ -13,7 +13,6 @@ so a restarted agent never races an orphaned trainer.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import multiprocessing as mp
 import os
@@ -34,10 +33,10 @@ from cl_agent.config import (
     save_resolved,
 )
 from cl_agent.errors import BusyError, CLAgentError
+from cl_agent.storage import lock_workdir
 
 log = logging.getLogger("cl_agent.agent")
 
-LOCK_FILE = "agent.lock"
 RESOLVED_CONFIG = "config.yaml"
 SERVER_UP_S = 10.0  # a restarted hosted server alive this long counts as running when nothing asks it
 PUBLISHED_POLL_S = 1.0  # the repository's newest version is read again this often (rollbacks, other publishers)
@@ -66,8 +65,9 @@ def slow_training_warning(
         f"plans up to {epochs * per_epoch} steps ({epochs} epochs x {per_epoch} batches of train.labeled_batch "
         f"{train.labeled_batch} from experience.labeled_samples {experience.labeled_samples}; fewer for an "
         f"experience cut early) of "
-        f"{model.backbone} at {model.image_size} px, which can take an hour or more on a small CPU, and a "
-        "stop abandons the update under way. Set train.time_budget_s (seconds per update, e.g. 600) "
+        f"{model.backbone} at {model.image_size} px; how long that takes grows with the step count and the CPU "
+        "(an hour or more for thousands of steps on a small CPU), nothing limits it, and a stop abandons the "
+        "update under way. Set train.time_budget_s (seconds per update, e.g. 600) "
         "or lower train.epochs_base and train.epochs_min"
     )
 
@@ -94,6 +94,20 @@ def long_update_warning(snapshot: dict | None, train: TrainSection, slow_s: floa
         "a stop abandons the update under way. Set train.time_budget_s (seconds per update, e.g. 600) "
         "or lower train.epochs_base and train.epochs_min"
     )
+
+
+# --------------------------------------------------------------------------- start checks
+
+
+def check_trainer_start(cfg: AgentConfig) -> None:
+    """The trainer's own start checks (the device, ``updater.check_start``), run by the agent before it
+    opens ingestion: a configuration the trainer would refuse stops the agent before it acks anything.
+    Raises CLAgentError naming the problem; the trainer logs their warnings when it starts."""
+    from cl_agent.device import resolve_device
+    from cl_agent.updater import check_start
+
+    resolve_device(cfg.agent.device, "agent.device")
+    check_start(cfg)
 
 
 # --------------------------------------------------------------------------- child processes
@@ -159,8 +173,7 @@ def _trainer_main(cfg: AgentConfig, stop, results: mp.Queue, parent_pid: int, to
     try:
         update_loop(cfg, flag, on_result=on_result, on_progress=on_progress)
     except TrainerSetupError as error:  # a configuration problem: the parent stops instead of restarting
-        log.error("trainer cannot start: %s", error)
-        results.put({"error": str(error), "fatal": True})
+        results.put({"error": str(error), "fatal": True})  # the parent logs it (once, not here too)
         raise SystemExit(2) from None
     except Exception as error:  # noqa: BLE001 - report to the parent, which logs and restarts
         log.exception("trainer failed")
@@ -201,10 +214,19 @@ def _server_main(cfg: AgentConfig, parent_pid: int, to_stderr: bool = True, repo
 # --------------------------------------------------------------------------- the agent
 
 
-def install_stop_handlers(stop_requested: threading.Event) -> None:
-    """SIGINT and SIGTERM set ``stop_requested`` (a clean stop, exit 0) instead of killing the process."""
+def install_stop_handlers(stop_requested: threading.Event, again=None) -> None:
+    """SIGINT and SIGTERM set ``stop_requested`` (a clean stop, exit 0) instead of killing the process.
+
+    ``again``: called on a signal that comes while the stop is under way (a second Ctrl-C), which changes
+    nothing else: the stop goes on as planned."""
+
+    def handle(*_) -> None:
+        if again is not None and stop_requested.is_set():
+            again()
+        stop_requested.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop_requested.set())
+        signal.signal(signum, handle)
 
 
 class Agent:
@@ -232,6 +254,7 @@ class Agent:
         self._server_answered = 0.0  # monotonic time the served-version watch last got an answer
         self._restart_at: dict[str, float] = {}  # child name -> monotonic time of its scheduled restart
         self._lock_file = None
+        self._stop_deadline: float | None = None  # monotonic time the children are killed, once the stop is under way
         from cl_agent.status import UpdateProgress
 
         self.progress = UpdateProgress(cfg.train.time_budget_s)  # the update under way, from the trainer's messages
@@ -239,18 +262,30 @@ class Agent:
     # ------------------------------------------------------------------ lifecycle
 
     def _lock(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.workdir / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.seek(0)
-            holder = self._lock_file.read().strip() or "unknown"
-            raise BusyError(f"another agent (pid {holder}) is running in {self.workdir}") from None
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(f"{os.getpid()}\n")
-        self._lock_file.flush()
+        self._lock_file = lock_workdir(self.workdir)
+
+    def _still_stopping(self) -> None:
+        """A signal during the stop: say what the stop waits for, and for how long at most."""
+        if self.trainer is None:  # still starting up: it stops before it starts the trainer
+            log.warning("still stopping: the start-up ends, then the agent stops without starting the trainer "
+                        "(kill -9 to stop now; nothing acked is lost)")
+            return
+        grace = self.cfg.agent.grace_period_s
+        left = grace if self._stop_deadline is None else max(0.0, self._stop_deadline - time.monotonic())
+        log.warning("still stopping: waiting for the trainer to end the update step, export or publish under way, "
+                    "up to %.0f s left before it is killed (kill -9 to stop now; nothing acked is lost)", left)
+
+    def _refuse_start(self, error: CLAgentError) -> int:
+        """A start check failed (``check_trainer_start``): stop before ingestion opens, exit 2, the reason in state.json."""
+        from cl_agent.status import initial_state, write_state
+
+        state = initial_state(metrics_host=self.cfg.metrics.host)
+        state.update(status="stopped", update=None, stop_error=f"trainer cannot start: {error}")
+        log.error("%s; stopping (restarting it would fail the same way)", state["stop_error"])
+        write_state(self.workdir, state)
+        if self.view is not None:
+            self.view.close()
+        return 2
 
     def _watch_served_version(self, state: dict, metrics, view) -> None:
         """Ask the hosted server which version it serves (a thread: a slow server never stalls ingestion)."""
@@ -367,8 +402,12 @@ class Agent:
 
         cfg = self.cfg
         # First: a stop asked for during the start-up (which takes seconds) is a clean stop, not exit 143.
-        install_stop_handlers(self.stop_requested)
+        install_stop_handlers(self.stop_requested, again=self._still_stopping)
         self._lock()
+        try:  # before any socket is bound: a sample acked now must not wait for a trainer that cannot start
+            check_trainer_start(cfg)
+        except CLAgentError as error:
+            return self._refuse_start(error)
         save_resolved(cfg, self.workdir / RESOLVED_CONFIG)
         metrics = AgentMetrics()
         metrics_server = serve_from_config(metrics, cfg.metrics)
@@ -576,7 +615,7 @@ class Agent:
 
     def _shutdown(self, ingest, state: dict, view, metrics, metrics_server) -> None:
         """Stop taking work, let the trainer abandon its update at the next step, close everything."""
-        deadline = time.monotonic() + self.cfg.agent.grace_period_s
+        deadline = self._stop_deadline = time.monotonic() + self.cfg.agent.grace_period_s
         log.info("stopping: closing ingestion, then the trainer (grace %.0f s)", self.cfg.agent.grace_period_s)
         ingest.stop()
         if self.fetch_service is not None:

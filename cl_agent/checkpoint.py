@@ -25,13 +25,16 @@ def save_state(path: str | Path, state: dict) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_state(path: str | Path) -> dict:
-    """Read a checkpoint written by ``save_state``; tensors stay on the CPU."""
+def load_state(path: str | Path, mmap: bool = False) -> dict:
+    """Read a checkpoint written by ``save_state``; tensors stay on the CPU.
+
+    ``mmap``: map the file instead of reading it (tensors are paged in when touched): cheap when only
+    the plain entries are wanted, such as the model section a start check compares."""
     path = Path(path)
     if not path.is_file():
         raise CLAgentError(f"checkpoint {str(path)!r} not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:  # torch's unpickler raises these on bad files
         raise CLAgentError(f"checkpoint {str(path)!r} could not be read: {e}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:

@@ -523,25 +523,30 @@ class IngestService:
 
 def run_ingest(config: AgentConfig) -> int:
     """Run only the ingestion half until SIGINT/SIGTERM; prints the bound endpoints as one JSON line."""
+    from cl_agent.storage import lock_workdir
     from cl_agent.config import save_resolved
     from cl_agent.logs import setup_logging
 
     # The agent's formats (ISO 8601 UTC times, text or JSON lines), not logging's default asctime.
     setup_logging(config.agent.log_level, config.agent.log_json)
-    workdir = Path(config.agent.workdir)
-    service = IngestService(
-        config.ingest, config.spool, config.reservoir, config.experience, workdir, seed=config.agent.seed
-    )
-    save_resolved(config, workdir / "ingest-config.yaml")
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    service.start()
-    print(json.dumps({"event": "ingest_ready", "endpoints": service.endpoints}), flush=True)
-    while not stop.wait(0.5) and service.failure is None:
-        pass
-    service.stop()
-    print(json.dumps({"event": "ingest_stopped", "counters": service.counters()}), flush=True)
+    workdir = make_workdir(config.agent.workdir)
+    lock = lock_workdir(workdir)  # first: a workdir an agent runs in is refused (exit 75) before anything is written
+    try:
+        service = IngestService(
+            config.ingest, config.spool, config.reservoir, config.experience, workdir, seed=config.agent.seed
+        )
+        save_resolved(config, workdir / "ingest-config.yaml")
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        service.start()
+        print(json.dumps({"event": "ingest_ready", "endpoints": service.endpoints}), flush=True)
+        while not stop.wait(0.5) and service.failure is None:
+            pass
+        service.stop()
+        print(json.dumps({"event": "ingest_stopped", "counters": service.counters()}), flush=True)
+    finally:
+        lock.close()
     if service.failure is not None:
         raise CLAgentError(f"ingestion failed: {type(service.failure).__name__}: {service.failure}")
     return 0

@@ -6,10 +6,13 @@ write that returned survives a power cut (as far as the filesystem honours fsync
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from cl_agent.errors import BusyError
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -55,3 +58,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+WORKDIR_LOCK_FILE = "agent.lock"  # held by a running agent (or `cl-agent ingest`) for its whole life
+
+
+def lock_workdir(workdir: str | Path):
+    """Hold ``workdir``'s lock for as long as the returned file stays open; BusyError (exit 75), naming the
+    holder's pid, when an agent or an ingest process holds it. Take it before writing anything there."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock_file = open(workdir / WORKDIR_LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        raise BusyError(f"another agent (pid {holder}) is running in {workdir}") from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(f"{os.getpid()}\n")
+    lock_file.flush()
+    return lock_file

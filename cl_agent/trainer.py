@@ -477,16 +477,7 @@ class Trainer:
         stored_model = _section(ModelSection, state["model"], path)
         if isinstance(self_or_class, Trainer):
             trainer = self_or_class
-            if stored_model != trainer.model_config:
-                changed = "; ".join(
-                    f"model.{f.name}: {getattr(stored_model, f.name)!r} there, {getattr(trainer.model_config, f.name)!r} in the config"
-                    for f in dataclasses.fields(ModelSection)
-                    if getattr(stored_model, f.name) != getattr(trainer.model_config, f.name)
-                )
-                raise CLAgentError(
-                    f"checkpoint {str(path)!r} was trained with another model ({changed}). Set the config back; "
-                    "or, for a new model, give it a new agent.workdir and agent.model_name (a new model learns from scratch)"
-                )
+            _check_same_model(stored_model, trainer.model_config, path)
         else:
             stored_train = train or dataclasses.replace(
                 _section(TrainSection, state["train"], path), nproc=distributed.current_world().size
@@ -497,6 +488,36 @@ class Trainer:
         return trainer
 
     load_checkpoint = _InstanceOrClassMethod(_load_checkpoint)
+
+
+def check_checkpoint_model(path: str | Path, model: ModelSection) -> None:
+    """Refuse the checkpoint at ``path`` (CLAgentError, naming what differs) unless it was trained with
+    ``model``, the config's model section; reads only the stored section (the file is mapped, not loaded).
+
+    The start check of ``load_checkpoint`` on a trainer, run without building one (the agent runs it
+    before it opens ingestion)."""
+    state = load_state(path, mmap=True)
+    if not isinstance(state.get("model"), dict):
+        raise CLAgentError(f"checkpoint {str(path)!r} holds no model section")
+    try:
+        stored = _section(ModelSection, state["model"], path)
+    except ValueError as e:  # ConfigError: a stored value this version refuses
+        raise CLAgentError(str(e)) from None
+    _check_same_model(stored, model, path)
+
+
+def _check_same_model(stored: ModelSection, configured: ModelSection, path) -> None:
+    if stored == configured:
+        return
+    changed = "; ".join(
+        f"model.{f.name}: {getattr(stored, f.name)!r} there, {getattr(configured, f.name)!r} in the config"
+        for f in dataclasses.fields(ModelSection)
+        if getattr(stored, f.name) != getattr(configured, f.name)
+    )
+    raise CLAgentError(
+        f"checkpoint {str(path)!r} was trained with another model ({changed}). Set the config back; "
+        "or, for a new model, give it a new agent.workdir and agent.model_name (a new model learns from scratch)"
+    )
 
 
 def _section(section: type, data: dict, path) -> object:

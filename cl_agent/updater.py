@@ -100,6 +100,127 @@ class TrainerSetupError(CLAgentError):
     another model): restarting it would fail the same way."""
 
 
+def newest_manifest(repository: ModelRepository) -> tuple[int, dict] | None:
+    """The newest version and its manifest, for the start checks; None when there is none or it is damaged
+    (the servers skip a damaged version, and so do the checks)."""
+    latest = repository.latest_version()
+    if latest is None:
+        return None
+    try:
+        return latest, repository.load_manifest(latest)
+    except CLAgentError:
+        return None
+
+
+def check_repository_owner(cfg: AgentConfig, own_id: str, latest: int, manifest: dict) -> None:
+    """Refuse a model name whose newest version another agent published: each would replace the other's
+    versions on every server (with a model of other classes, sizes or training, say)."""
+    owner = manifest.get("agent_id")
+    if owner is not None and owner != own_id:
+        raise CLAgentError(
+            f"model {cfg.agent.model_name!r} in {cfg.repository.root} was published by another agent "
+            f"(version {latest}: agent id {owner}; this working directory's is {own_id}, in "
+            f"{Path(cfg.agent.workdir) / AGENT_ID_FILE}). Two agents publishing one model would replace each other's versions "
+            "on every server: give this agent its own agent.model_name or repository.root; or, if this working "
+            f"directory takes over from that agent on purpose, copy that agent's {AGENT_ID_FILE} file here"
+        )
+
+
+def check_labels_cover_published(workdir: Path, own_id: str, latest: int, manifest: dict) -> str | None:
+    """Refuse a labels.json holding fewer class names than the newest version was published with (an older
+    copy put back): new class names would take the ids, and outputs, of classes the model already learned.
+    Returns a warning when it names published classes differently (allowed), else None."""
+    if manifest.get("agent_id") not in (None, own_id):
+        return None
+    published = names_from_manifest(manifest.get("class_names") or [])
+    path = workdir / "labels.json"
+    try:
+        held = LabelMap(path, 0).names
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # the ingest process refuses a damaged map, naming the file
+    if not held:
+        return None  # lost with samples stored: the ingest process refuses it; else a new start (one taking over, say)
+    if len(held) < len(published):
+        raise CLAgentError(
+            f"{path} holds {len(held)} class names, but version {latest} was published with {len(published)} "
+            f"(its class {len(held)} is {published[len(held)]!r}): it is an older copy, and starting would give "
+            "new class names the ids of classes the model already learned. Restore the newest labels.json from a "
+            "backup; or move it away and rebuild it with `cl-agent labels restore`"
+        )
+    renamed = [i for i, name in enumerate(published) if held[i] != name]
+    if not renamed:
+        return None
+    i = renamed[0]
+    return (
+        f"{path} names class {i} {held[i]!r}, version {latest} {published[i]!r} ({len(renamed)} classes named "
+        f"differently): the served names follow {path.name} from the next version on"
+    )
+
+
+def checkpoints_in(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """The trainer checkpoints in ``checkpoint_dir`` as (last experience trained into it, path), oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoint_dir.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def check_checkpoints_cover(cfg: AgentConfig, trained_through: int | None, newest: int | None) -> str | None:
+    """Refuse to start from an older model than the records say was trained (a checkpoint deleted by
+    hand): it would be published as the next version, and what it lacks would never be trained again.
+    Returns the warning when ``agent.accept_lost_checkpoints`` lets it go on, else None."""
+    if trained_through is None or (newest is not None and newest >= trained_through):
+        return None
+    workdir = Path(cfg.agent.workdir)
+    have = f"the newest checkpoint is of experience {newest}" if newest is not None else "there is no checkpoint"
+    start = f"the checkpoint of experience {newest}" if newest is not None else "an untrained model"
+    problem = (
+        f"experiences up to {trained_through} were trained ({workdir / 'experiences.jsonl'}), but {have} "
+        f"in {workdir / CHECKPOINT_DIR}: the model that learned them is missing"
+    )
+    if cfg.agent.accept_lost_checkpoints:
+        return f"{problem}; going on from {start} (agent.accept_lost_checkpoints)"
+    raise CLAgentError(
+        f"{problem}. Restore {CHECKPOINT_DIR}/exp-{trained_through:06d}.pt from a backup; or, to go on from "
+        f"{start} anyway (what came after it is not trained again), start once with "
+        "--set agent.accept_lost_checkpoints=true"
+    )
+
+
+def check_start(cfg: AgentConfig) -> list[str]:
+    """The trainer's start checks of the configuration, the working directory and the repository, run
+    without building the trainer: the backbone exists; the model repository is not another agent's;
+    labels.json covers the published classes; the newest checkpoint is there and was trained with this
+    model section. Raises CLAgentError naming the problem; returns the warnings to log.
+
+    The device (``resolve_device``) is checked beside it. The agent runs both before it opens ingestion,
+    so it never acks a sample that the trainer would then refuse to start for; the trainer runs them again
+    as it starts (``Updater``). Writes nothing but this working directory's agent id (made once)."""
+    from cl_agent.student import backbone_problem
+    from cl_agent.trainer import check_checkpoint_model
+
+    problem = backbone_problem(cfg.model.backbone)
+    if problem:
+        raise CLAgentError(problem)
+    workdir = Path(cfg.agent.workdir)
+    warnings = []
+    latest = newest_manifest(ModelRepository(cfg.repository.root, cfg.agent.model_name))
+    if latest is not None:
+        own_id = agent_id(workdir)
+        check_repository_owner(cfg, own_id, *latest)
+        warnings.append(check_labels_cover_published(workdir, own_id, *latest))
+    trained_through, _ = newest_trained(workdir)
+    checkpoints = checkpoints_in(workdir / CHECKPOINT_DIR)
+    warnings.append(check_checkpoints_cover(cfg, trained_through, checkpoints[-1][0] if checkpoints else None))
+    if checkpoints:
+        check_checkpoint_model(checkpoints[-1][1], cfg.model)
+    return [w for w in warnings if w is not None]
+
+
 def online_accuracy(logits: torch.Tensor, labels: np.ndarray, class_names: list[str]) -> dict:
     """Accuracy of predictions made before training, overall and per class name."""
     predicted = logits.argmax(dim=1).numpy()
@@ -152,6 +273,8 @@ class Updater:
 
         self.cfg = cfg
         self.workdir = Path(cfg.agent.workdir)
+        for warning in check_start(cfg):  # before building anything: a refusal names the problem at once
+            log.warning("%s", warning)
         self.device = torch.device(device)
         self.store = ExperienceStore(self.workdir)
         self.repository = ModelRepository(
@@ -161,16 +284,12 @@ class Updater:
         self.checkpoint_dir = self.workdir / CHECKPOINT_DIR
         self.last_trained = -1
         self.agent_id = agent_id(self.workdir)
-        latest = self._newest_manifest()
-        if latest is not None:
-            self._check_repository_owner(*latest)
-            self._check_labels_cover_published(*latest)
-        trained_through, self.last_version = newest_trained(self.workdir)
+        _, self.last_version = newest_trained(self.workdir)
         self.announcer = self._open_announcer()
         self.recovered: UpdateResult | None = None  # an update that a crash cut short and _restore completed
         self.republished: UpdateResult | None = None  # a recorded checkpoint that _restore published at start
         self.held: int | None = None  # the newest checkpoint's experience while a hold kept it from being published
-        self._restore(trained_through)
+        self._restore()
 
     def _open_announcer(self) -> Announcer | None:
         """The PUB socket for version announcements; None when announcing is off (empty endpoint) or the bind fails."""
@@ -188,69 +307,10 @@ class Updater:
             self.announcer.close()
             self.announcer = None
 
-    def _newest_manifest(self) -> tuple[int, dict] | None:
-        """The newest version and its manifest, for the start checks; None when there is none or it is damaged
-        (the servers skip a damaged version, and so do the checks)."""
-        latest = self.repository.latest_version()
-        if latest is None:
-            return None
-        try:
-            return latest, self.repository.load_manifest(latest)
-        except CLAgentError:
-            return None
-
-    def _check_repository_owner(self, latest: int, manifest: dict) -> None:
-        """Refuse a model name whose newest version another agent published: each would replace the other's
-        versions on every server (with a model of other classes, sizes or training, say)."""
-        owner = manifest.get("agent_id")
-        if owner is not None and owner != self.agent_id:
-            raise CLAgentError(
-                f"model {self.cfg.agent.model_name!r} in {self.cfg.repository.root} was published by another agent "
-                f"(version {latest}: agent id {owner}; this working directory's is {self.agent_id}, in "
-                f"{self.workdir / AGENT_ID_FILE}). Two agents publishing one model would replace each other's versions "
-                "on every server: give this agent its own agent.model_name or repository.root; or, if this working "
-                f"directory takes over from that agent on purpose, copy that agent's {AGENT_ID_FILE} file here"
-            )
-
-    def _check_labels_cover_published(self, latest: int, manifest: dict) -> None:
-        """Refuse a labels.json holding fewer class names than the newest version was published with (an older
-        copy put back): new class names would take the ids, and outputs, of classes the model already learned."""
-        if manifest.get("agent_id") not in (None, self.agent_id):
-            return
-        published = names_from_manifest(manifest.get("class_names") or [])
-        path = self.workdir / "labels.json"
-        try:
-            held = LabelMap(path, 0).names
-        except (OSError, UnicodeDecodeError, ValueError):
-            return  # the ingest process refuses a damaged map, naming the file
-        if not held:
-            return  # lost with samples stored: the ingest process refuses it; else a new start (one taking over, say)
-        if len(held) < len(published):
-            raise CLAgentError(
-                f"{path} holds {len(held)} class names, but version {latest} was published with {len(published)} "
-                f"(its class {len(held)} is {published[len(held)]!r}): it is an older copy, and starting would give "
-                "new class names the ids of classes the model already learned. Restore the newest labels.json from a "
-                "backup; or move it away and rebuild it with `cl-agent labels restore`"
-            )
-        renamed = [i for i, name in enumerate(published) if held[i] != name]
-        if renamed:
-            i = renamed[0]
-            log.warning(
-                "%s names class %d %r, version %d %r (%d classes named differently): the served names follow %s "
-                "from the next version on", path, i, held[i], latest, published[i], len(renamed), path.name,
-            )
-
     # ------------------------------------------------------------------ state
 
     def _checkpoints(self) -> list[tuple[int, Path]]:
-        if not self.checkpoint_dir.is_dir():
-            return []
-        found = []
-        for path in self.checkpoint_dir.iterdir():
-            match = CHECKPOINT_RE.match(path.name)
-            if match:
-                found.append((int(match.group(1)), path))
-        return sorted(found)
+        return checkpoints_in(self.checkpoint_dir)
 
     def _published_through(self) -> int | None:
         """The highest experience index a retained version was exported from.
@@ -269,31 +329,11 @@ class Updater:
                 indices.append(index)
         return max(indices, default=None)
 
-    def _check_checkpoints_cover(self, trained_through: int | None, newest: int | None) -> None:
-        """Refuse to start from an older model than the records say was trained (a checkpoint deleted by
-        hand): it would be published as the next version, and what it lacks would never be trained again."""
-        if trained_through is None or (newest is not None and newest >= trained_through):
-            return
-        have = f"the newest checkpoint is of experience {newest}" if newest is not None else "there is no checkpoint"
-        start = f"the checkpoint of experience {newest}" if newest is not None else "an untrained model"
-        problem = (
-            f"experiences up to {trained_through} were trained ({self.workdir / 'experiences.jsonl'}), but {have} "
-            f"in {self.checkpoint_dir}: the model that learned them is missing"
-        )
-        if self.cfg.agent.accept_lost_checkpoints:
-            log.warning("%s; going on from %s (agent.accept_lost_checkpoints)", problem, start)
-            return
-        raise CLAgentError(
-            f"{problem}. Restore {CHECKPOINT_DIR}/exp-{trained_through:06d}.pt from a backup; or, to go on from "
-            f"{start} anyway (what came after it is not trained again), start once with "
-            "--set agent.accept_lost_checkpoints=true"
-        )
-
-    def _restore(self, trained_through: int | None) -> None:
+    def _restore(self) -> None:
+        """Load the newest checkpoint (``check_start`` accepted it), publish it if it never was, mark what it trained."""
         for stale in self.workdir.glob(f"{EXPORT_TEMP_PREFIX}*"):  # left by an export that a crash interrupted
             shutil.rmtree(stale, ignore_errors=True)
         checkpoints = self._checkpoints()
-        self._check_checkpoints_cover(trained_through, checkpoints[-1][0] if checkpoints else None)
         if not checkpoints:
             return
         self.last_trained, path = checkpoints[-1]
