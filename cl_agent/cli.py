@@ -312,6 +312,84 @@ def labels_restore(
     typer.echo(f"wrote {workdir / 'labels.json'}: " + "; ".join(notes))
 
 
+LabelsWorkdirOpt = Annotated[
+    Optional[Path],
+    typer.Option(help="The agent's working directory, holding labels.json (default: agent.workdir of --config; runs/agent without one)."),
+]
+
+
+def _class_rows(workdir: Path) -> list[dict]:
+    from cl_agent.labels import LabelMap, class_usage
+
+    path = workdir / "labels.json"
+    try:
+        names = LabelMap(path, 0).names if path.exists() else []
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CLAgentError(f"cannot read the class names {path}: {e}") from None
+    usage = class_usage(workdir)
+    rows = []
+    for class_id in range(max([len(names) - 1, *usage]) + 1 if names or usage else 0):
+        used = usage.get(class_id, {"experiences": [], "trained": [], "open": False})
+        name = names[class_id] if class_id < len(names) else None  # stored samples past the map: labels.json is older
+        rows.append({"id": class_id, "name": name, **used})
+    return rows
+
+
+@labels_app.command("list")
+def labels_list(
+    workdir: LabelsWorkdirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: one object per class id.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print every class id and name of labels.json, with the experiences that hold its samples and those trained."""
+    import json
+
+    workdir = agent_workdir(workdir, config, set_)
+    try:
+        rows = _class_rows(workdir)
+    except CLAgentError as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps({"workdir": str(workdir), "classes": rows}, indent=1))
+        return
+    if not rows:
+        typer.echo(f"{workdir / 'labels.json'}: no classes yet")
+        return
+    width = max(len(repr(r["name"])) for r in rows)
+    typer.echo(f"{'id':>4}  {'name':<{width}}  experiences (trained)")
+    for r in rows:
+        name = repr(r["name"]) if r["name"] is not None else "(none: labels.json is older than the samples)"
+        held = f"{len(r['experiences'])} ({len(r['trained'])})" + (" + the open one" if r["open"] else "")
+        if not r["experiences"] and not r["open"]:
+            held = "no samples stored"
+        typer.echo(f"{r['id']:>4}  {name:<{width}}  {held}")
+
+
+@labels_app.command("rename")
+def labels_rename(
+    old: Annotated[str, typer.Argument(help="The class name to change.")],
+    new: Annotated[str, typer.Argument(help="Its new name (not a class name already).")],
+    workdir: LabelsWorkdirOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Rename a class in labels.json, keeping its id: samples labeled NEW from then on train the same output.
+    Only while the agent is stopped (exit 75 if one runs in the working directory)."""
+    from cl_agent.labels import rename_label, workdir_lock
+
+    workdir = agent_workdir(workdir, config, set_)
+    try:
+        with workdir_lock(workdir):
+            class_id = rename_label(workdir, old, new)
+    except CLAgentError as e:
+        fail(str(e), exit_code(e))
+    typer.echo(
+        f"renamed class {class_id} {old!r} to {new!r} in {workdir / 'labels.json'}; versions published from now on "
+        "carry the new name (those published before keep the old one)"
+    )
+
+
 @app.command()
 def report(
     workdir: WorkdirOpt = None,
@@ -463,7 +541,7 @@ def models_hold(
 
 @models_app.command("release")
 def models_release(repo: RepoOpt = None, model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Lift a hold on publishing: the agent's next update publishes (with all it trained meanwhile); exit 1 if none was held."""
+    """Lift a hold on publishing: a running agent publishes its held checkpoint (all it trained meanwhile) within about a second; exit 1 if none was held."""
     from cl_agent.repository import release_publishing
 
     repo, model, option = models_target(config, set_, repo, model)

@@ -133,6 +133,7 @@ class SpoolSection:
     max_bytes: int = field(default=2_000_000_000, metadata=_range(ge=1))  # labeled spool size limit; past it senders get a negative ack
     group_commit_ms: float = field(default=0.0, metadata=_range(ge=0))  # extra wait for more messages before one fsync; 0 = one fsync per drained batch
     max_classes: int = field(default=0, metadata=_range(ge=0))  # label map size (0 = model.num_classes); a new class past it is refused
+    classes: list[str] = field(default_factory=list)  # fixed class set, e.g. [pallet, box, person]: ids in this order, any other name refused (bad_label); [] = names added as they arrive
     keep_trained_bytes: int = field(default=10_000_000_000, metadata=_range(ge=-1))  # data of trained experiences kept on disk (labeled segments + drawn frames), the oldest deleted past this; -1 = keep all
 
 
@@ -310,9 +311,33 @@ class AgentConfig:
                 self.spool.max_classes,
                 f"must be <= model.num_classes ({self.model.num_classes}): the label map may not name classes the model has no output for",
             )
+        self._check_classes()
         if self.serve.metrics_port and self.metrics.enabled and self.serve.metrics_port == self.metrics.port:
             raise ConfigValueError(
                 "serve.metrics_port", self.serve.metrics_port, "is metrics.port too: the agent and its serving process need a port each"
+            )
+
+    def _check_classes(self) -> None:
+        from cl_agent.wire import label_problem  # wire imports this module
+
+        classes = self.spool.classes
+        for i, name in enumerate(classes):
+            problem = label_problem(name)
+            if problem:
+                raise ConfigValueError(f"spool.classes[{i}]", name, f"a class name {problem}")
+            for j, other in enumerate(classes[:i]):
+                if other == name:
+                    raise ConfigValueError(f"spool.classes[{i}]", name, f"is spool.classes[{j}] too: each name is one class")
+                if other.casefold() == name.casefold():
+                    raise ConfigValueError(
+                        f"spool.classes[{i}]", name, f"differs from spool.classes[{j}] {other!r} only in letter case: a typo?"
+                    )
+        if len(classes) > self.spool.max_classes:
+            raise ConfigValueError(
+                "spool.classes",
+                classes,
+                f"names {len(classes)} classes, more than spool.max_classes {self.spool.max_classes} "
+                f"(0 means model.num_classes, {self.model.num_classes})",
             )
 
 

@@ -123,7 +123,7 @@ class IngestService:
         self.workdir = make_workdir(workdir)
         self.store = ExperienceStore(self.workdir)
         try:
-            self.labels = LabelMap(self.workdir / "labels.json", spool.max_classes)
+            self.labels = LabelMap(self.workdir / "labels.json", spool.max_classes, spool.classes)
         except (OSError, UnicodeDecodeError, ValueError) as e:  # written atomically: damaged by hand or disk
             raise CLAgentError(f"cannot read the class names {self.workdir / 'labels.json'}: {e}") from None
         self.reservoir = Reservoir(reservoir.capacity, reservoir.per_source, seed, reservoir.max_sources)
@@ -237,8 +237,9 @@ class IngestService:
         raise CLAgentError(
             f"{path} {state}, but {where}: starting would give new class names the ids of classes "
             f"already trained. Restore labels.json from a backup, or rebuild it from the newest "
-            f"published version's manifest: `cl-agent labels restore --workdir {self.workdir} --repo "
-            f"REPOSITORY_ROOT` (`cl-agent models show` prints that manifest, class_names in output "
+            f"published version's manifest: `cl-agent labels restore --config CONFIG` (the agent's config "
+            f"file: it names the working directory and the repository; or `--workdir {self.workdir} --repo "
+            f"REPOSITORY_ROOT`) (`cl-agent models show` prints that manifest, class_names in output "
             f"order); to start over instead, move the working directory away"
         )
 

@@ -10,17 +10,25 @@ The map is written atomically before any sample using a new class is acked.
 Names are compared exactly: "Circle" and "circle" are two classes (they may be
 distinct on purpose), but each takes one of the model's outputs for good, so a
 new name equal to a known one but for letter case is logged as a warning once.
+
+A fixed class set (``spool.classes``) closes the map: its names get ids in their
+order, and any other name is refused (``bad_label``, naming the closest allowed
+name). A labels.json that names a class otherwise is refused at start.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import shlex
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from cl_agent.errors import CLAgentError
-from cl_agent.storage import atomic_write_text
+from cl_agent.errors import BusyError, CLAgentError
+from cl_agent.storage import atomic_write_text, lock_workdir
+from cl_agent.wire import label_problem
 
 log = logging.getLogger("cl_agent.labels")
 
@@ -38,20 +46,60 @@ class LabelError(ValueError):
 
 
 class LabelMap:
-    def __init__(self, path: str | Path, max_classes: int = 1000):
-        """``max_classes`` 0 means no limit (the agent resolves spool.max_classes 0 to model.num_classes)."""
+    def __init__(self, path: str | Path, max_classes: int = 1000, classes: Sequence[str] = ()):
+        """``max_classes`` 0 means no limit (the agent resolves spool.max_classes 0 to model.num_classes).
+
+        ``classes`` (spool.classes), when given, is the fixed class set: the map holds those names, in
+        that order, and refuses any other. A labels.json holding more names than ``max_classes``, or
+        naming a class otherwise than ``classes``, is refused (CLAgentError, naming the fix)."""
         self.path = Path(path)
         self.max_classes = max_classes
+        self.classes = tuple(classes)
         self._names: list[str] = []
         self._ids: dict[str, int] = {}
         self._folded: dict[str, str] = {}  # casefolded name -> the first name with that folding
+        self._unsaved = False  # names of the fixed set not in labels.json yet: written with the first new sample
         if self.path.exists():
             data = json.loads(self.path.read_text())
             names = data.get("names") if isinstance(data, dict) else None
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"{self.path}: expected {{'names': [str, ...]}}")
+            if max_classes and len(names) > max_classes:
+                raise CLAgentError(
+                    f"{self.path} holds {len(names)} class names, more than spool.max_classes {max_classes} "
+                    "(0 means model.num_classes): its ids past the limit would have no model output. Start with "
+                    f"spool.max_classes and model.num_classes of at least {len(names)} (the config this working "
+                    "directory was made with), or start a new working directory; `cl-agent labels list` prints the names"
+                )
             for name in names:
                 self._add(name)
+        if self.classes:
+            self._check_fixed()
+            for name in self.classes[len(self._names):]:
+                self._add(name)
+                self._unsaved = True
+
+    def _check_fixed(self) -> None:
+        """The held names must be the fixed set's first names, in its order."""
+        for class_id, name in enumerate(self._names):
+            if class_id >= len(self.classes):
+                raise CLAgentError(
+                    f"{self.path} holds {len(self._names)} class names, spool.classes only {len(self.classes)}: "
+                    f"class {class_id} {name!r} is not in spool.classes. Add the missing names to the end of "
+                    "spool.classes (`cl-agent labels list` prints the map), or start a new working directory"
+                )
+            if name != self.classes[class_id]:
+                fix = (
+                    f"rename it with `cl-agent labels rename {shlex.quote(name)} {shlex.quote(self.classes[class_id])}` (agent stopped) if "
+                    "it is the same class, or list the names of labels.json first in spool.classes"
+                    if self.classes[class_id] not in self._ids
+                    else "list the names of labels.json first in spool.classes, in its order"
+                )
+                raise CLAgentError(
+                    f"{self.path} names class {class_id} {name!r}, but spool.classes names it "
+                    f"{self.classes[class_id]!r}: spool.classes gives ids in its order. Either {fix} "
+                    "(`cl-agent labels list` prints the map); or start a new working directory"
+                )
 
     @property
     def names(self) -> list[str]:
@@ -79,16 +127,23 @@ class LabelMap:
         for label in labels:
             if isinstance(label, str):
                 class_id = self._ids.get(label, planned.get(label))
+                if class_id is None and self.classes:
+                    raise LabelError("bad_label", self._not_in_fixed(label))
                 if class_id is None:
                     class_id = len(self._names) + len(new_names)
                     if self.max_classes and class_id >= self.max_classes:
                         raise LabelError(
-                            "too_many_classes", f"new class {label!r} would be class {class_id + 1}, {_limit_text(self.max_classes)}"
+                            "too_many_classes",
+                            f"new class {label!r} would get class id {class_id} (ids are 0-based), {_limit_text(self.max_classes)}",
                         )
                     planned[label] = class_id
                     new_names.append(label)
             else:
                 class_id = int(label)
+                if self.classes and not 0 <= class_id < len(self.classes):
+                    raise LabelError(
+                        "bad_class_id", f"class id {class_id} outside [0, {len(self.classes)}): spool.classes names {len(self.classes)} classes"
+                    )
                 if class_id < 0 or (self.max_classes and class_id >= self.max_classes):
                     raise LabelError("bad_class_id", f"class id {class_id} outside [0, {self.max_classes}): {_limit_text(self.max_classes)}")
                 top_id = max(top_id, class_id)
@@ -102,7 +157,18 @@ class LabelMap:
                 self._warn_if_similar(name)
                 self._add(name)
             self.save()
+        elif self._unsaved:
+            self.save()
         return ids
+
+    def _not_in_fixed(self, label: str) -> str:
+        """The nack detail for a name outside the fixed class set: the closest allowed name, else all of them."""
+        close = [n for n in self.classes if n.casefold() == label.casefold()]
+        close = close or difflib.get_close_matches(label, self.classes, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else "allowed: " + ", ".join(repr(n) for n in self.classes[:20])
+        if not close and len(self.classes) > 20:
+            hint += f", ... ({len(self.classes)} in all)"
+        return f"class name {label!r} is not in spool.classes (the fixed class set): {hint}"
 
     def _warn_if_similar(self, name: str) -> None:
         """Called once per new name, before it is added."""
@@ -140,6 +206,7 @@ class LabelMap:
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps({"names": self._names}, indent=0))
+        self._unsaved = False
 
 
 def names_from_manifest(class_names: Sequence[str]) -> list[str]:
@@ -193,3 +260,77 @@ def highest_stored_class_id(workdir: str | Path) -> int:
         for _, record in read_records(open_segment):
             highest = max(highest, *record.labels, -1)
     return highest
+
+
+@contextmanager
+def workdir_lock(workdir: str | Path) -> Iterator[None]:
+    """Hold the working directory's agent lock (the one a running agent holds) for an offline change;
+    BusyError (exit code 75) if an agent runs there now."""
+    try:
+        lock_file = lock_workdir(workdir)
+    except BusyError as e:
+        raise BusyError(f"{e}: stop it first") from None
+    try:
+        yield
+    finally:
+        lock_file.close()
+
+
+def rename_label(workdir: str | Path, old: str, new: str) -> int:
+    """Rename class ``old`` to ``new`` in ``workdir/labels.json``, keeping its id; the id.
+
+    Only while no agent runs there (the caller holds ``workdir_lock``): a running agent keeps the map in
+    memory and would write the old name back. The published versions keep the names they were
+    published with; the next one carries the new name."""
+    path = Path(workdir) / "labels.json"
+    if not path.exists():
+        raise CLAgentError(f"{path} does not exist: no class to rename")
+    try:
+        labels = LabelMap(path, 0)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CLAgentError(f"cannot read the class names {path}: {e}") from None
+    names = labels.names
+    problem = label_problem(new)
+    if problem:
+        raise CLAgentError(f"new name: a class name {problem}")
+    if old not in names:
+        close = difflib.get_close_matches(old, names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise CLAgentError(f"{path} has no class {old!r}{hint}: `cl-agent labels list` prints its names")
+    if new in names:
+        raise CLAgentError(
+            f"{path} already has a class {new!r} (class {names.index(new)}): two ids cannot share a name, "
+            "and the samples stored under each id stay theirs"
+        )
+    class_id = names.index(old)
+    names[class_id] = new
+    labels._replace(names)
+    return class_id
+
+
+def class_usage(workdir: str | Path) -> dict[int, dict]:
+    """Per class id: the cut experiences holding its samples (``experiences``), those trained (``trained``),
+    and whether the open spool segment holds some (``open``). Read from the experiences' meta files and
+    the open segment."""
+    from cl_agent.experience import ExperienceStore
+    from cl_agent.spool import read_records, segment_name
+
+    store = ExperienceStore(workdir)
+    cut = store.indices()
+    usage: dict[int, dict] = {}
+
+    def entry(class_id: int) -> dict:
+        return usage.setdefault(int(class_id), {"experiences": [], "trained": [], "open": False})
+
+    for index in cut:
+        trained = store.is_trained(index)
+        for class_id in store.meta(index).get("classes") or ():
+            entry(class_id)["experiences"].append(index)
+            if trained:
+                entry(class_id)["trained"].append(index)
+    open_segment = Path(workdir) / "spool" / segment_name(cut[-1] + 1 if cut else 0)
+    if open_segment.exists():
+        for _, record in read_records(open_segment):
+            for class_id in record.labels:
+                entry(class_id)["open"] = True
+    return usage

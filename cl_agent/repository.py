@@ -749,7 +749,8 @@ def hold_publishing(repo: str | os.PathLike, model: str, reason: str | None, opt
 
 
 def release_publishing(repo: str | os.PathLike, model: str, option: str = "--repo") -> int:
-    """``cl-agent models release``: lift the hold; the agent's next update publishes. Exit code 0, or 1 if there was none."""
+    """``cl-agent models release``: lift the hold; a running agent publishes the checkpoint the hold kept back within
+    about a second (a stopped one at its next start). Exit code 0, or 1 if there was none."""
     import typer
 
     check_repo_option(repo, option)
@@ -759,7 +760,11 @@ def release_publishing(repo: str | os.PathLike, model: str, option: str = "--rep
         absent = "" if repository.has_published() else f" (no model {model!r} there; {repository.models_there()})"
         typer.echo(f"publishing of {model!r} in {repo} was not held{absent}")
         return 1
-    typer.echo(f"publishing of {model!r} released (was held {hold.describe()}); the agent's next update publishes")
+    typer.echo(
+        f"publishing of {model!r} released (was held {hold.describe()}): a running agent publishes the checkpoint "
+        "the hold kept back within about a second (a stopped one at its next start); if it trained nothing while "
+        "held, its next update publishes"
+    )
     return 0
 
 

@@ -81,6 +81,7 @@ def test_hold_list_and_release_through_the_command_line(tmp_path, monkeypatch, c
     assert repository.publishing_hold().held_by in hold_line
     code, out, _ = cl_agent(monkeypatch, capsys, "models", "release", "--repo", str(root))
     assert code == 0 and "released" in out and repository.publishing_hold() is None
+    assert "publishes the checkpoint the hold kept back within about a second" in out and "next update publishes" in out
     code, out, _ = cl_agent(monkeypatch, capsys, "models", "release", "--repo", str(root))
     assert code == 1 and "was not held" in out
     code, out, _ = cl_agent(monkeypatch, capsys, "models", "list", "--repo", str(root))
