@@ -142,12 +142,14 @@ def serve(
     set_: SetOpt = None,
 ) -> None:
     """Serve the newest model version over ZeroMQ with onnxruntime, hot-swapping new versions."""
+    from cl_agent.entry import SERVE_STOP, request_stop_on_signals
     from cl_agent.logs import setup_logging
     from cl_agent.server import serve_forever
 
     cfg = resolve_config(config, set_, {"serve.follow_fetch_endpoint": follow, "serve.follow_announce_endpoint": follow_announce})
     setup_logging(cfg.agent.log_level, cfg.agent.log_json)
-    raise typer.Exit(serve_forever(cfg, repo=repo, model=model))
+    request_stop_on_signals(SERVE_STOP)  # again: `cl-agent serve` installed them before its imports (cl_agent/entry.py)
+    raise typer.Exit(serve_forever(cfg, repo=repo, model=model, stop_requested=SERVE_STOP))
 
 
 @app.command()

@@ -128,6 +128,16 @@ def decode_image(
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def resize_to_input(image: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 (H, W, 3) image as the model's (size, size, 3) input: the server's resize, and the client's
+    for an image larger than that (both must give the same pixels). Aspect ratio is not kept."""
+    if image.shape[:2] == (size, size):
+        return image
+    import cv2
+
+    return cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=cv2.INTER_AREA)
+
+
 def check_decodes(payload: bytes | memoryview, encoding: str) -> None:
     """Decode a jpeg/png payload to its end, as the trainer will, and discard the pixels.
 

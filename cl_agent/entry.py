@@ -1,9 +1,11 @@
 """The ``cl-agent`` command's entry point: what must happen before the command line interface is imported.
 
-``cl-agent run`` stops cleanly (exit 0) on SIGINT or SIGTERM. Its handlers are installed
-here, before typer, the configuration and the agent are imported (tens of milliseconds),
-so that a stop asked for at any time of the start-up is carried out once the agent is up,
-not a death by the signal (exit 143). Other commands keep Python's default handling.
+``cl-agent run`` and ``cl-agent serve`` stop cleanly (exit 0) on SIGINT or SIGTERM. Their
+handlers are installed here, before typer, the configuration and the agent are imported (tens
+of milliseconds), so that a stop asked for at any time of the start-up is carried out once the
+agent or server is up, not a death by the signal (exit 143). They replace an ignored SIGINT
+too: a shell starts a background job (``cl-agent serve &`` in a script) with SIGINT ignored.
+Other commands keep Python's default handling.
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ import sys
 import threading
 
 RUN_STOP = threading.Event()  # set by SIGINT/SIGTERM during `cl-agent run`
+SERVE_STOP = threading.Event()  # set by SIGINT/SIGTERM during `cl-agent serve`
+STOP_EVENTS = {"run": RUN_STOP, "serve": SERVE_STOP}  # the commands that stop cleanly on a signal
 
 
 def request_stop_on_signals(stop_requested: threading.Event) -> None:
-    """SIGINT and SIGTERM set ``stop_requested`` instead of killing the process."""
+    """SIGINT and SIGTERM set ``stop_requested`` instead of killing the process (or being ignored)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop_requested.set())
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["run"]:
-        request_stop_on_signals(RUN_STOP)
+    stop = STOP_EVENTS.get(sys.argv[1]) if len(sys.argv) > 1 else None
+    if stop is not None:
+        request_stop_on_signals(stop)
     from cl_agent.cli import main as cli_main
 
     cli_main()

@@ -23,6 +23,14 @@ wrong guess costs a wake-up, never a late answer. 0 (the default) always sleeps.
 ``max_message_bytes``: the server's ``wire.max_message_bytes`` (default: the default
 limit). A request above it is refused here with reason ``message_too_large``: the
 server's socket drops a frame that large unread, so sending it would only time out.
+
+Large images (a camera's full frame): a request the server's wire limits would refuse as it
+is (a raw 1080p frame is above the default ``wire.max_part_bytes``) makes the client ask the
+server for its model's input size (a ``status`` request; again only after the served version
+changed). While that size is known for the version answering, every image with more pixels
+than the input is resized to it here, with the server's own resize (``codec.resize_to_input``):
+the same pixels reach the model, and kilobytes travel instead of megabytes. Images at the
+input size or smaller go as they are, with no extra request, and are resized by the server.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import numpy as np
 import zmq
 
 from cl_agent.client import connect, message_limit
+from cl_agent.codec import resize_to_input
 from cl_agent.config import WireSection
 from cl_agent.errors import CLAgentError
 from cl_agent.peer import INFERENCE, wrong_endpoint
@@ -87,6 +96,44 @@ def _is_rgb_batch(images) -> bool:
     return isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3
 
 
+def _pixels(image) -> int:
+    """H * W of a uint8 (H, W, 3) image; 0 for anything else (the encoder refuses it, naming its shape)."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return image.shape[0] * image.shape[1]
+    return 0
+
+
+def _sizes(images) -> list[tuple[int, int]]:
+    """(H, W) of each uint8 RGB image of a batch or list, one entry for a whole (N, H, W, 3) batch."""
+    if isinstance(images, np.ndarray):
+        return [images.shape[1:3]] if _is_rgb_batch(images) else []
+    return [image.shape[:2] for image in images if _pixels(image)]
+
+
+def _too_large_to_send(images, limits: WireSection) -> bool:
+    """Whether a server with these wire limits would refuse ``images`` sent raw: an image above
+    ``max_part_bytes``, ``max_image_side`` or ``max_image_pixels``, or all of them above ``max_message_bytes``."""
+    total = 0
+    for height, width in _sizes(images):
+        pixels = height * width
+        if 3 * pixels > limits.max_part_bytes or max(height, width) > limits.max_image_side or pixels > limits.max_image_pixels:
+            return True
+        total += 3 * pixels
+    if isinstance(images, np.ndarray):
+        total *= len(images)
+    return total > limits.max_message_bytes
+
+
+def _fit_to_input(images, size: int):
+    """``images`` with each one of more than size * size pixels resized to (size, size, 3); the others as they are.
+
+    An (N, H, W, 3) array of such images comes back as an (N, size, size, 3) array.
+    """
+    if isinstance(images, np.ndarray):
+        return np.stack([resize_to_input(image, size) for image in images])
+    return [resize_to_input(image, size) if _pixels(image) > size * size else image for image in images]
+
+
 class InferenceClient:
     def __init__(
         self,
@@ -114,6 +161,12 @@ class InferenceClient:
         self._seq = itertools.count(1)
         self._limits = WireSection(max_message_bytes=message_limit(max_message_bytes))
         self._socket: zmq.Socket | None = None
+        # The served model's input side, from a status reply, and the version it was read for;
+        # the version that answered last (a change means the size may have changed too).
+        self._input_size: int | None = None
+        self._input_size_version: int | None = None
+        self._served_version: int | None = None
+        self._says_input_size = True  # False for a server whose status does not give it: not asked again
 
     def _connect(self) -> zmq.Socket:
         socket = self._context.socket(zmq.REQ)
@@ -130,15 +183,36 @@ class InferenceClient:
         seq = next(self._seq)
         fields = {"reset_recent": True} if reset_recent else {}
         header = self._call(encode_message("status", self.sender, seq, **fields), seq, "status")
-        keys = ("model", "model_version", "model_optimized", "model_providers", "counters", "recent_batches", "handling_ms_p50", "inference_ms_p50")
+        self._served_version = header.get("model_version")
+        size = header.get("image_size")
+        self._says_input_size = "image_size" in header
+        known = isinstance(size, int) and not isinstance(size, bool) and size >= 1  # None: no version loaded
+        self._input_size, self._input_size_version = (size, self._served_version) if known else (None, None)
+        keys = ("model", "model_version", "model_optimized", "model_providers", "image_size", "counters", "recent_batches",
+                "handling_ms_p50", "inference_ms_p50")
         return {k: header.get(k) for k in keys if k in header}
+
+    def _fit_to_model(self, images) -> tuple:
+        """(``images`` with those of more pixels than the model's input resized to it, the size used or None).
+
+        Resized when the size is known for the version that answered last; asked for (``status``) only
+        when ``images`` could not be sent as they are.
+        """
+        size = self._input_size if self._input_size_version == self._served_version else None
+        if size is None and self._says_input_size and _too_large_to_send(images, self._limits):
+            self.status()
+            size = self._input_size
+        if size is None or all(height * width <= size * size for height, width in _sizes(images)):
+            return images, None
+        return _fit_to_input(images, size), size
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray, top_k: int | None = None) -> InferenceResult:
         """Classify uint8 images: an (N, H, W, 3) or (N, H, W, 1) array, or a list of (H, W, 3), (H, W, 1) or (H, W).
 
         Grey images are sent as RGB with the value in every channel, as the server reads a
-        one-channel image. Any size: the server resizes. ``top_k``: an integer >= 1, or None
-        for the server's default.
+        one-channel image. Any size: the model sees them resized to its input, here or by the
+        server, with the same resize (see the module's docstring).
+        ``top_k``: an integer >= 1, or None for the server's default.
         """
         top_k = _check_top_k(top_k)
         if isinstance(images, np.ndarray) and images.ndim == 3:
@@ -151,6 +225,8 @@ class InferenceClient:
             images = np.repeat(images, 3, axis=3)
         elif not isinstance(images, np.ndarray):
             images = [_as_rgb(image) for image in images]
+        originals = images
+        images, resized_to = self._fit_to_model(images)
         seq = next(self._seq)
         fields = {} if top_k is None else {"top_k": top_k}
         if self.encoding == "raw" and _is_rgb_batch(images):
@@ -169,9 +245,17 @@ class InferenceClient:
         header = self._call(request, seq, "prediction", len(images))
         try:
             predictions = [[(str(name), float(p)) for name, p in image] for image in header["predictions"]]
-            return InferenceResult(predictions, int(header["model_version"]), str(header.get("model", "")))
+            self._served_version = int(header["model_version"])
+            result = InferenceResult(predictions, self._served_version, str(header.get("model", "")))
         except (KeyError, TypeError, ValueError) as e:
             raise InferenceError("bad_reply", f"malformed prediction: {e!r:.200}") from None
+        if resized_to is not None and result.model_version != self._input_size_version:
+            # A version swapped in since the size was read answered: if its input differs, the server
+            # resized our resized images; ask again at its size (once per swap).
+            self.status()
+            if self._input_size != resized_to:
+                return self.predict(originals, top_k)
+        return result
 
     def _call(self, request: list[bytes], seq: int, expected_kind: str, images: int = 0) -> dict:
         """Send ``request`` (sequence number ``seq``, ``images`` images), Lazy Pirate style; return the reply's header."""

@@ -705,6 +705,10 @@ def print_versions(repo: str | os.PathLike, model: str, option: str = "--repo") 
         if hold is not None:
             print_hold(repo, model, hold)
         return 1
+    from cl_agent.labels import names_from_manifest
+
+    # classes: those the version has ids for (named, in the label map) / its outputs (model.num_classes; the
+    # outputs no class was given yet carry their index as a placeholder name in the manifest).
     typer.echo(f"{'version':>7}  {'created (UTC)':<23}  {'exp':>4}  {'classes':>7}  {'parent':>6}  sha256        note")
     for version in versions:
         try:
@@ -719,9 +723,11 @@ def print_versions(repo: str | os.PathLike, model: str, option: str = "--repo") 
             continue
         note = f"rollback of {m['rollback_of']}" if m.get("rollback_of") is not None else ""
         exp = m.get("experience_index")
+        names = m["class_names"]
+        classes = f"{len(names_from_manifest(names))}/{len(names)}"
         typer.echo(
             f"{version:>7}  {str(m.get('created_at', ''))[:23]:<23}  {'-' if exp is None else exp:>4}  "
-            f"{len(m.get('class_names', [])):>7}  {str(m.get('parent_version') or '-'):>6}  "
+            f"{classes:>7}  {str(m.get('parent_version') or '-'):>6}  "
             f"{str(m.get('sha256', ''))[:12]}  {note}"
         )
     if hold is not None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from cl_agent.codec import resize_to_input
 from cl_agent.config import AgentConfig, ServeSection, WireSection
 from cl_agent.errors import CLAgentError, bind_failure
 from cl_agent.repository import MANIFEST_FILE, ModelRepository, parse_announcement
@@ -402,6 +403,7 @@ class Server:
             fields = {"model": self.repository.model_name, "model_version": self.version, **self.stats()}
             fields["model_optimized"] = model.optimized if model is not None else None  # opened from its optimised graph
             fields["model_providers"] = model.providers if model is not None else None  # what onnxruntime runs it with
+            fields["image_size"] = model.image_size if model is not None else None  # its input: (size, size, 3)
             if message.header.get("reset_recent") is True:
                 self.reset_recent()
             router.send_multipart(envelope + reply("status", SENDER, message.seq, **fields))
@@ -421,7 +423,7 @@ class Server:
         batch = _raw_batch(message, size)
         if batch is None:
             try:
-                images = [_resize(message.image(i, self.wire), size) for i in range(len(message.payloads))]
+                images = [resize_to_input(message.image(i, self.wire), size) for i in range(len(message.payloads))]
             except WireError as e:
                 return self._refuse(router, envelope, message.seq, e.reason, e.detail)
             batch = images[0][None] if len(images) == 1 else np.stack(images)  # (n, S, S, 3)
@@ -536,14 +538,6 @@ def _raw_batch(message: Message, size: int) -> np.ndarray | None:
     return np.frombuffer(data, np.uint8).reshape(len(payloads), size, size, 3)
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[:2] == (size, size):
-        return image
-    import cv2
-
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-
-
 def _why_no_model(repository: ModelRepository) -> str:
     """Say why nothing can be served yet, naming what is there (a wrong --repo or --model shows here)."""
     root, name = Path(repository.root), repository.model_name
@@ -594,11 +588,16 @@ def check_repository_root(root: str | Path, key: str, following: bool) -> None:
         raise CLAgentError(f"{where}: the folder is not readable")
 
 
-def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str | None = None) -> int:
+def serve_forever(
+    cfg: AgentConfig, repo: str | Path | None = None, model: str | None = None, stop_requested: threading.Event | None = None
+) -> int:
     """``cl-agent serve``: serve until SIGINT/SIGTERM; returns the exit code (0 on a signal).
 
-    Logging is the caller's to set up. A signal the caller ignores (SIG_IGN, e.g. SIGINT in a
-    child process of the agent) stays ignored.
+    Logging is the caller's to set up. ``stop_requested``: an event the caller's signal handlers
+    set (``cl-agent serve``: ``entry.request_stop_on_signals``); serving stops when it is set, and
+    no handler is installed here. Without it, SIGINT and SIGTERM get handlers for the time of
+    serving, except a signal the caller ignores (SIG_IGN, e.g. SIGINT in the agent's hosted server),
+    which stays ignored.
     """
     following = bool(cfg.serve.follow_fetch_endpoint)
     check_repository_root(repo or cfg.repository.root, "--repo" if repo else "repository.root", following)
@@ -609,14 +608,14 @@ def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str |
     announce = None if following else cfg.repository.announce_endpoint
     server = Server(repository, cfg.serve, cfg.ingest.wire, announce_endpoint=announce)
     follower = follower_from_config(cfg.serve, cfg.repository.announce_endpoint, repository, on_install=lambda _: server.check_now())
-    stopping = threading.Event()
+    stopping = stop_requested if stop_requested is not None else threading.Event()
     metrics_server = None
 
     def on_signal(signum, frame) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         stopping.set()
 
-    previous = {
+    previous = {} if stop_requested is not None else {
         s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN
     }
     try:
@@ -632,6 +631,8 @@ def serve_forever(cfg: AgentConfig, repo: str | Path | None = None, model: str |
             log.warning("%s: answering 'no_model' until one is published", _why_no_model(repository))
         while not stopping.wait(1.0):
             pass
+        if stop_requested is not None:
+            log.info("asked to stop (SIGINT or SIGTERM), stopping")
     finally:
         if metrics_server is not None:
             metrics_server.stop()

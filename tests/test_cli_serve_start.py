@@ -1,9 +1,11 @@
-"""`cl-agent serve` refuses a repository folder it can never use, and a follower says when its agent is silent."""
+"""`cl-agent serve` refuses a repository folder it can never use, a follower says when its agent is silent, and a
+serve started with SIGINT ignored (a background job of a shell script) still stops cleanly on SIGINT."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -107,3 +109,30 @@ def test_check_silence_repeats_only_after_the_repeat_interval(tmp_path, caplog):
     assert not follower.check_silence(start + 69)
     assert follower.check_silence(start + 70)
     follower.client.close()
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job (`cl-agent serve &`)
+
+
+@pytest.mark.parametrize(
+    "module, signum",
+    [("cl_agent", signal.SIGINT), ("cl_agent.cli", signal.SIGINT), ("cl_agent", signal.SIGTERM)],
+    ids=["entry-sigint", "cli-module-sigint", "entry-sigterm"],
+)
+def test_serve_started_with_sigint_ignored_stops_cleanly_on_the_signal(tmp_path, module, signum):
+    command = [sys.executable, "-m", module, "serve", "--repo", str(tmp_path), "--set", f"serve.endpoint=tcp://127.0.0.1:{free_port()}"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=_ignore_sigint, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in process.stdout:
+            if "answering 'no_model'" in line:  # up and serving
+                break
+        process.send_signal(signum)
+        rest = process.communicate(timeout=30)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, rest
+    assert "stopping" in rest and "stopped after 0 requests" in rest

@@ -21,14 +21,19 @@ def test_predict_refuses_a_top_k_that_is_not_an_integer_of_at_least_one(top_k):
     client.close()
 
 
-def _one_reply_server(received: list):
-    """A ROUTER on a free loopback port answering one infer request; the decoded images land in ``received``."""
+def _one_reply_server(received: list, image_size: int = 16):
+    """A ROUTER on a free loopback port answering status requests (a model input of ``image_size``) and then
+    one infer request; the decoded images land in ``received``."""
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
 
     def serve():
         identity, empty, *body = sock.recv_multipart()
         message = decode_message(body, WireSection())
+        while message.kind == "status":
+            sock.send_multipart([identity, empty, *reply("status", "server", message.seq, model_version=1, image_size=image_size)])
+            identity, empty, *body = sock.recv_multipart()
+            message = decode_message(body, WireSection())
         received.extend(message.image(i, WireSection()) for i in range(len(message.payloads)))
         predictions = [[["a", 1.0]] for _ in message.payloads]
         sock.send_multipart([identity, empty, *reply("prediction", "server", message.seq, predictions=predictions, model_version=1)])

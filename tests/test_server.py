@@ -207,10 +207,12 @@ def test_a_request_above_the_wire_limit_is_refused_by_the_client_at_once(repo, o
         with InferenceClient(server.endpoint, timeout_s=30, retries=2, max_message_bytes=limit) as client:
             started = time.monotonic()
             with pytest.raises(InferenceError, match="above the receiver's wire limit of 20000 bytes") as refused:
-                client.predict(images(1, size=100))  # 30 000 raw bytes: the server's socket would drop it unread
+                client.predict(images(100))  # 76 800 raw bytes at the model's size: the server's socket would drop them unread
             # refused before sending: sending it would have meant waiting out a 30 s timeout
             assert refused.value.reason == "message_too_large" and time.monotonic() - started < 10
             assert client.predict(images(1)).model_version == 1  # the client still works
+            # One image above the limit but larger than the model's input: resized to it, then sent.
+            assert client.predict(images(1, size=100)).model_version == 1
         with pytest.raises(CLAgentError, match="max_message_bytes must be an integer >= 1"):
             InferenceClient(server.endpoint, max_message_bytes=0)
 
