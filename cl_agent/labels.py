@@ -65,11 +65,13 @@ class LabelMap:
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"{self.path}: expected {{'names': [str, ...]}}")
             if max_classes and len(names) > max_classes:
-                raise CLAgentError(
-                    f"{self.path} holds {len(names)} class names, more than spool.max_classes {max_classes} "
-                    "(0 means model.num_classes): its ids past the limit would have no model output. Start with "
-                    f"spool.max_classes and model.num_classes of at least {len(names)} (the config this working "
-                    "directory was made with), or start a new working directory; `cl-agent labels list` prints the names"
+                # An older working directory (made under a larger spool.max_classes): those names have no
+                # model output. Their samples are refused from now on (ids_for), never acked and then dropped.
+                log.warning(
+                    "%s holds %d class names, more than spool.max_classes %d (0 means model.num_classes): "
+                    "samples labeled %s have no model output and are refused (too_many_classes); to train them, "
+                    "start with spool.max_classes and model.num_classes of at least %d in a new working directory",
+                    self.path, len(names), max_classes, ", ".join(repr(n) for n in names[max_classes:][:10]), len(names),
                 )
             for name in names:
                 self._add(name)
@@ -127,6 +129,12 @@ class LabelMap:
         for label in labels:
             if isinstance(label, str):
                 class_id = self._ids.get(label, planned.get(label))
+                if class_id is not None and self.max_classes and class_id >= self.max_classes:
+                    raise LabelError(
+                        "too_many_classes",
+                        f"class {label!r} has id {class_id} in labels.json, past {_limit_text(self.max_classes)}: "
+                        "the model has no output for it",
+                    )
                 if class_id is None and self.classes:
                     raise LabelError("bad_label", self._not_in_fixed(label))
                 if class_id is None:

@@ -179,15 +179,23 @@ def test_the_fixed_class_set_is_checked_in_the_config():
 # --------------------------------------------------------------------------- limits
 
 
-def test_a_labels_json_with_more_names_than_max_classes_refuses_the_start(tmp_path):
+def test_names_past_max_classes_in_labels_json_are_refused_not_acked(tmp_path, caplog):
+    """An older working directory's labels.json may name more classes than the model has outputs: the start
+    warns, naming them, and their samples are nacked (never acked and then left out by the trainer)."""
     (tmp_path / "labels.json").write_text(json.dumps({"names": ["a", "b", "c"]}))
-    with pytest.raises(CLAgentError) as refused:
-        make_service(tmp_path, spool={"max_classes": 2})
-    message = str(refused.value)
-    assert "holds 3 class names, more than spool.max_classes 2" in message
-    assert "model.num_classes of at least 3" in message and "new working directory" in message
-    with make_service(tmp_path, spool={"max_classes": 3}) as service:
-        assert service.labels.names == ["a", "b", "c"]
+    with caplog.at_level("WARNING", logger="cl_agent.labels"):
+        labels = LabelMap(tmp_path / "labels.json", max_classes=2)
+    assert "holds 3 class names, more than spool.max_classes 2" in caplog.text and "'c'" in caplog.text
+    assert labels.ids_for(["a", "b"]) == [0, 1]
+    with pytest.raises(LabelError) as refused:
+        labels.ids_for(["a", "c"])
+    assert refused.value.reason == "too_many_classes" and "'c' has id 2" in str(refused.value)
+    with make_service(tmp_path, spool={"max_classes": 2}) as service:
+        client = LabeledClient(service.endpoints["labeled"], "robot")
+        ack = client.send(images(1), ["c"], encoding="png")
+        client.close()
+    assert not ack.ok and ack.reason == "too_many_classes"
+    assert _names(tmp_path) == ["a", "b", "c"]
 
 
 def test_a_refused_new_class_names_its_zero_based_id(tmp_path):

@@ -148,9 +148,23 @@ def pipelined(server: Server, requests: int, per_request: int) -> list:
 
 
 def test_pipelined_requests_are_micro_batched(repo, onnx_models):
+    import dataclasses
+
     publish(repo, onnx_models[0])
     with Server(repo, serve_section(max_batch=32, max_wait_ms=5)) as server:
-        replies = pipelined(server, 20, 1)
+        # The first run is held up, so the other 19 requests are waiting when it ends, however busy the machine.
+        slow = _SlowFirstRun(server._model.session, delay_s=0.5)
+        server._model = dataclasses.replace(server._model, session=slow)
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        try:
+            dealer.send_multipart(encode_message("infer", "pipeline", 0, list(images(1)), encoding="raw"))
+            assert slow.started.wait(5)
+            for seq in range(1, 20):
+                dealer.send_multipart(encode_message("infer", "pipeline", seq, list(images(1, seed=seq)), encoding="raw"))
+            replies = [decode_message(dealer.recv_multipart(), server.wire) for _ in range(20)]
+        finally:
+            dealer.close(0)
         assert sorted(r.seq for r in replies) == list(range(20))
         assert all(r.kind == "prediction" for r in replies)
         assert server.counters["batches"] < 20
