@@ -32,7 +32,7 @@ import zmq
 from cl_agent.errors import CLAgentError
 from cl_agent.codec import encode_image
 from cl_agent.config import WireSection
-from cl_agent.peer import CONTROL, wrong_endpoint
+from cl_agent.peer import CONTROL, LABELED, Role, wrong_endpoint
 from cl_agent.wire import WireError, check_outgoing_size, decode_reply, pack_message
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,13 @@ def _check_size(parts: list[bytes], limit: int, what: str) -> None:
         raise CLAgentError(f"not sent: {e.detail}; send fewer or smaller images") from None
 
 
+def _check_label_count(images: int, labels: Sequence) -> None:
+    """One label per image, checked here: the agent would refuse the batch (label_count_mismatch)."""
+    if len(labels) != images:
+        raise CLAgentError(f"not sent: {len(labels)} {'label' if len(labels) == 1 else 'labels'} for {images} "
+                           f"{'image' if images == 1 else 'images'}; give one label per image")
+
+
 _AUTH_REJECTED = ("rejected this client's CURVE key (is its public key in the agent's "
                   "ingest.curve.authorized_clients_dir, and is --curve-server the agent's public key?)")
 
@@ -138,8 +145,9 @@ class HandshakeWatch:
     too). A socket type that does not pair with the agent's frame socket is a refusal (the agent hangs up
     in the handshake and libzmq does not retry), an unauthorized key is not (libzmq keeps retrying it: it
     is noted for ``FrameClient.not_connected_message``), and a run of handshakes failing without detail is
-    warned about once. Without ``socket_type`` the monitor reports only failed handshakes, so the
-    connection fields stay False."""
+    warned about once. Without ``socket_type`` (a DEALER asking ``role``, the agent's labeled or control
+    endpoint) a hang-up in the handshake that libzmq does not retry is a refusal too: the endpoint's socket
+    does not take a DEALER (the agent's frame endpoint, a PULL or SUB, does this)."""
 
     EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     CONNECTION_EVENTS = (
@@ -147,10 +155,12 @@ class HandshakeWatch:
         | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED
     )
 
-    def __init__(self, sock: zmq.Socket, endpoint: str, curve: bool, socket_type: str | None = None):
+    def __init__(self, sock: zmq.Socket, endpoint: str, curve: bool, socket_type: str | None = None,
+                 role: Role = LABELED):
         self.endpoint = endpoint
         self.curve = curve
         self.socket_type = socket_type
+        self.role = role  # request sockets: the endpoint they expect, named when it refuses a DEALER
         self.refusal: str | None = None
         self.unclear = 0
         self.handshaken = False  # a handshake with the agent has succeeded (and the connection not lost since)
@@ -167,7 +177,7 @@ class HandshakeWatch:
         self._unclear_since: float | None = None  # when the first of the unclear failures in a row came
         self._unclear_warned = False  # once per watch
         self._hung_up_at: float | None = None  # when the agent hung up mid-handshake, until libzmq tries again
-        self.monitor = sock.get_monitor_socket(self.EVENTS if socket_type is None else self.CONNECTION_EVENTS)
+        self.monitor = sock.get_monitor_socket(self.CONNECTION_EVENTS)
         self._socket = sock
 
     def _set_connection(self, handshaken: bool, subscribed: bool) -> None:
@@ -176,17 +186,30 @@ class HandshakeWatch:
 
     def read(self) -> str | None:
         """Read the monitor without blocking; the refusal, if one came."""
-        from zmq.utils.monitor import recv_monitor_message
+        from zmq.utils.monitor import parse_monitor_message
 
         # EVENTS first: far cheaper per call than a receive that raises zmq.Again
         while self.refusal is None and not self.monitor.closed and self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            message = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            parts = self.monitor.recv_multipart(zmq.NOBLOCK)
+            if len(parts) != 2 or len(parts[0]) != 6:
+                # The rest of an event whose first part an interrupted read took (a KeyboardInterrupt
+                # between the two receives): drop it, the next event starts afresh.
+                continue
+            message = parse_monitor_message(parts)
             self._on_event(message["event"], message["value"])
         if self.refusal is None and self.socket_type == "pub" and not self._socket.closed:
             self._read_subscriptions()
         if self.refusal is None and self._hung_up_at is not None and time.monotonic() - self._hung_up_at >= RETRY_GRACE_S:
-            self.refusal = refused_message(self.endpoint, self.socket_type)
+            self.refusal = (refused_message(self.endpoint, self.socket_type) if self.socket_type is not None
+                            else dealer_refused_message(self.endpoint, self.role))
         return self.refusal
+
+    def settles_in(self) -> float | None:
+        """Seconds until a hang-up in the handshake, not retried by then, is taken for a refusal (None: none
+        pending): a wait on the monitor alone would not wake up for it, as no event comes."""
+        if self.refusal is not None or self._hung_up_at is None:
+            return None
+        return max(0.0, self._hung_up_at + RETRY_GRACE_S - time.monotonic())
 
     def _on_event(self, event: int, value: int) -> None:
         if event in (zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CONNECT_RETRIED):
@@ -217,7 +240,7 @@ class HandshakeWatch:
                 now = time.monotonic()
                 if self._unclear_since is None:
                     self._unclear_since = now
-                if (not self._unclear_warned and self.unclear_failures >= UNCLEAR_FAILURES
+                if (self.socket_type is not None and not self._unclear_warned and self.unclear_failures >= UNCLEAR_FAILURES
                         and now - self._unclear_since >= UNCLEAR_WARN_AFTER_S):
                     self._unclear_warned = True
                     log.warning(failing_handshakes_message(
@@ -254,6 +277,13 @@ class HandshakeWatch:
             self.monitor.close(linger=0)
 
 
+def dealer_refused_message(endpoint: str, role: Role) -> str:
+    """The error for a request (DEALER) connection hung up on in the handshake: a socket that does not take a
+    DEALER, most likely the agent's frame endpoint (a PULL or SUB)."""
+    return (f"{endpoint} refused a DEALER connection: it is not {role.name} ({role.key}, default port {role.port}), "
+            f"most likely the agent's frame endpoint (a PULL or SUB socket); check that the address is its {role.key}")
+
+
 def control_status(
     endpoint: str,
     *,
@@ -269,7 +299,7 @@ def control_status(
     ``timeout_s``, CLAgentError naming the endpoint's role when another of the project's endpoints answers."""
     sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
     sock.linger = 0
-    watch = HandshakeWatch(sock, endpoint, bool(curve_secret_key or curve_server_key))
+    watch = HandshakeWatch(sock, endpoint, bool(curve_secret_key or curve_server_key), role=CONTROL)
     try:
         connect(sock, endpoint, (curve_secret_key, curve_server_key))
         seq = time.time_ns() // 1000
@@ -280,7 +310,9 @@ def control_status(
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
-            ready = dict(poller.poll(max(remaining, 0) * 1000)) if remaining > 0 else {}
+            settles = watch.settles_in()
+            wait_s = remaining if settles is None else min(remaining, settles + 0.001)
+            ready = dict(poller.poll(wait_s * 1000)) if remaining > 0 else {}
             if watch.read() is not None:
                 raise AgentRefused(watch.refusal, watch.refusal)
             if sock in ready:
@@ -401,6 +433,8 @@ class LabeledClient:
         kind: str = "labeled",
     ) -> int:
         """Send without waiting for the ack (waits only while ``window`` messages are in flight); returns the seq."""
+        if kind == "labeled":
+            _check_label_count(len(payloads), labels)
         while len(self._pending) >= self.window:
             self._pump()
         seq = self.next_seq
@@ -416,6 +450,7 @@ class LabeledClient:
 
     def submit(self, images: Sequence[np.ndarray], labels: Sequence[str | int], *, encoding: str = "jpeg", quality: int = 90) -> int:
         """Encode uint8 (H, W, 3) RGB images and submit them (see ``submit_encoded``)."""
+        _check_label_count(len(images), labels)
         encoded = [encode_image(image, encoding, quality) for image in images]
         return self.submit_encoded([p for p, _ in encoded], [s for _, s in encoded], labels, encoding=encoding)
 
@@ -475,7 +510,8 @@ class LabeledClient:
         while True:
             oldest = next(iter(self._pending.values()))[1]
             wait_s = max(0.0, oldest + self.timeout_s - time.monotonic())
-            ready = dict(poller.poll(wait_s * 1000))
+            settles = self._handshakes.settles_in()  # a hang-up in the handshake: look again when it settles
+            ready = dict(poller.poll((wait_s if settles is None else min(wait_s, settles + 0.001)) * 1000))
             if self._handshakes.read() is not None:
                 self._refused = True
                 count = len(self._pending)
@@ -484,8 +520,8 @@ class LabeledClient:
                     "(still pending, sent again on the next call)",
                     self._handshakes.refusal,
                 )
-            if self._handshakes.monitor in ready and self._socket not in ready:
-                continue  # a handshake event that settles nothing: keep waiting
+            if self._socket not in ready and (self._handshakes.monitor in ready or settles is not None and settles < wait_s):
+                continue  # a handshake event (or a hang-up's grace ending) that settles nothing: keep waiting
             if self._socket in ready:
                 got = 0
                 while True:
@@ -535,6 +571,7 @@ class LabeledClient:
 
 # The frame socket the agent binds for each camera socket type, and the other pairing.
 _FRAME_PAIRS = {"push": ("PUSH", "pull", "PULL"), "pub": ("PUB", "sub", "SUB")}
+WAIT_POLL_MS = 100  # send_encoded(wait=True) looks at the handshake monitor at least this often while it waits
 CHECK_INTERVAL_S = 0.02  # send reads the handshake monitor at most this often (a read costs several us)
 UNCLEAR_FAILURES = 3  # handshakes in a row that fail without detail (libzmq retries those) before a warning,
 UNCLEAR_WARN_AFTER_S = 1.0  # ... and for this long: under load a few come before a refusal that settles it
@@ -696,8 +733,11 @@ class FrameClient:
         return where + ("nothing accepted a connection there (is the agent running, and is this its "
                         "ingest.frame_endpoint, host and port?)")
 
-    def send_encoded(self, payload: bytes, shape: Sequence[int], *, encoding: str = "jpeg", **fields) -> bool:
+    def send_encoded(self, payload: bytes, shape: Sequence[int], *, encoding: str = "jpeg", wait: bool = False,
+                     **fields) -> bool:
         """Send one encoded frame; returns False if it was dropped (the agent's queue or ours is full).
+        With ``wait`` a full queue is waited out instead (for a recording, where every frame counts and none
+        goes stale): the frame is sent once the socket takes it, and True is returned.
 
         Raises PeerRefused once the agent has refused this socket type."""
         now = time.monotonic()
@@ -707,11 +747,16 @@ class FrameClient:
         parts = pack_message("frame", self.sender, self.seq, [payload], encoding=encoding, shapes=[shape], **fields)
         _check_size(parts, self.max_message_bytes, "a frame")
         self.seq += 1  # also for dropped frames: the agent counts the gaps
-        try:
-            self._socket.send_multipart(parts, zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            self.dropped += 1
-            return False
+        while True:
+            try:
+                self._socket.send_multipart(parts, zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:
+                if not wait:
+                    self.dropped += 1
+                    return False
+            self._socket.poll(WAIT_POLL_MS, zmq.POLLOUT)  # room in the queue, or look at the monitor again
+            self.check()
         self.sent += 1
         if not self._watch.connected:
             self.sent_unconnected += 1
@@ -724,8 +769,11 @@ class FrameClient:
 
     def close(self, linger_s: float | None = None) -> None:
         """Close the socket; queued frames still go out for ``linger_s`` seconds (default 0.5), then are discarded."""
-        self._watch.close()
-        self._socket.close(linger=None if linger_s is None else round(linger_s * 1000))
+        watch, sock = getattr(self, "_watch", None), getattr(self, "_socket", None)  # None: __init__ was cut short
+        if watch is not None:
+            watch.close()
+        if sock is not None:
+            sock.close(linger=None if linger_s is None else round(linger_s * 1000))
 
     def __enter__(self) -> "FrameClient":
         return self

@@ -144,10 +144,15 @@ def test_send_labeled_names_unreadable_files_and_a_silent_endpoint(tmp_path):
         assert result.returncode == 0, result.stderr
         assert "15 images acked, 0 refused, 7 unreadable" in result.stdout
         assert "skipped 7 files" in result.stderr and str(broken[0]) in result.stderr and "and 2 more" in result.stderr
-        # the frame port (PULL) takes the connection and never answers
-        silent = _run(tool, root, "--endpoint", service.endpoints["frames"], "--timeout", "0.2", "--retries", "1")
-    assert silent.returncode == 1
-    assert f"no reply came from {service.endpoints['frames']} (2 tries of 0.2 s each)" in silent.stderr
+        # the frame port (PULL) hangs up on a DEALER in the handshake: refused at once, not after the retries
+        frames = _run(tool, root, "--endpoint", service.endpoints["frames"], "--timeout", "30", "--retries", "1")
+        # a port where nothing listens: no reply
+        silent = _run(tool, root, "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.2", "--retries", "1")
+    assert frames.returncode == 1
+    assert f"{service.endpoints['frames']} refused a DEALER connection" in frames.stderr
+    assert "ingest.labeled_endpoint" in frames.stderr and "nothing is known to be stored" in frames.stderr
+    assert "resent" not in frames.stderr and "Traceback" not in frames.stderr
+    assert silent.returncode == 1 and "(2 tries of 0.2 s each)" in silent.stderr
     assert "ingest.labeled_endpoint" in silent.stderr and "resent" not in silent.stderr and "Traceback" not in silent.stderr
 
     once = _run(tool, root, "--endpoint", "localhost:5555")

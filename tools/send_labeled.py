@@ -12,12 +12,27 @@ refused batch is reported with its reason, and a batch refused for a full spool
 or disk is retried after a pause. When the agent refuses a batch for one image
 (a truncated or corrupt file: `decode_failed`, or a size it does not take), that
 file is named and the rest of the batch is sent again without it.
+
+Images are sent in listing order: a folder's files sorted by path (symlinked
+class folders are followed), a tar's members in the order they are stored;
+then --classes, --shuffle (with a seed, the same order every run), --skip and
+--limit apply in that order. Image files at the root of a folder (no class
+folder) are skipped with one warning. --max-side scales larger images down
+(aspect kept) before they are sent; without it the agent refuses images over
+its limit (4,096 px by default).
+
+Ctrl-C (or SIGTERM) stops the tool with exit status 130 and a summary of what
+the agent acked and what it did not; the summary names the --skip N that sends
+only the rest when the tool is run again with the same arguments (images sent
+again are stored again: the agent takes a new run for new data).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import signal
 import sys
 import tarfile
 import time
@@ -39,18 +54,42 @@ AS_IS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
 READABLE = {".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 RETRY_REASONS = {"spool_full", "disk_full"}
 NAMED_UNREADABLE = 5  # unreadable files named in the summary; the rest are counted
+JPEG_QUALITY = 95  # a JPEG scaled down by --max-side is encoded again at this quality
+SETTLED, HANDED = 1, 2  # what became of an image of the listing (0: not sent yet)
+INTERRUPTED = 130  # the exit status after Ctrl-C or SIGTERM (128 + SIGINT, as a shell reports it)
 MAX_BATCH = WireSection().max_parts - 1  # images per message under the default ingest.wire.max_parts (one part is the header)
 
 
-def list_images(root: Path) -> list[tuple[str, str]]:
-    """(member or path, class name) for every image under root (a folder or a tar file); CLAgentError if none."""
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file under root, following symlinked folders; a folder reached twice (a symlink loop, or two links
+    to one folder) is walked once."""
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        for name in files:
+            yield Path(folder) / name
+
+
+def list_images(root: Path, warn=None) -> list[tuple[str, str]]:
+    """(member or path, class name) for every image under root (a folder or a tar file), in listing order: a
+    folder's sorted by path, a tar's in member order; CLAgentError if none. Image files at the root of a folder
+    have no class: ``warn`` (a function of one message) is told about them once."""
     found = []
     if not root.exists():
         raise CLAgentError(f"{root}: not found")
     if root.is_dir():
-        for path in sorted(root.rglob("*")):
-            if path.is_file() and path.suffix.lower() in AS_IS.keys() | READABLE and path.parent != root:
-                found.append((str(path), path.parent.name))
+        loose = []
+        for path in sorted(_walk(root)):
+            if path.suffix.lower() in AS_IS.keys() | READABLE and path.is_file():
+                (loose if path.parent == root else found).append(path)
+        found = [(str(path), path.parent.name) for path in found]
+        if loose and warn is not None:
+            warn(f"skipped {len(loose)} image {'file' if len(loose) == 1 else 'files'} at the top of {root} "
+                 f"(e.g. {loose[0]}): an image's class is the folder that holds it, <root>/<class>/<image>")
     elif tarfile.is_tarfile(root):
         with tarfile.open(root) as tar:
             for member in tar.getmembers():
@@ -103,20 +142,47 @@ def read_bytes(root: Path, items: list[tuple[str, str]]) -> Iterator[tuple[bytes
             yield tar.extractfile(name).read(), PurePosixPath(name).suffix.lower(), label, name
 
 
-def to_payload(data: bytes, suffix: str) -> tuple[bytes, str, list[int]] | None:
-    """(payload, encoding, [H, W, 3]); None if the file is not a readable image."""
+def to_payload(data: bytes, suffix: str, max_side: int = 0) -> tuple[bytes, str, list[int]] | None:
+    """(payload, encoding, [H, W, 3]); None if the file is not a readable image. With ``max_side`` an image
+    whose longer side is above it is scaled down to it (aspect kept) and encoded again (a JPEG as JPEG)."""
     encoding = AS_IS.get(suffix)
     if encoding is not None:
         try:
             height, width, _ = image_dimensions(data, encoding)
-            return data, encoding, [height, width, 3]
+            if not max_side or max(height, width) <= max_side:
+                return data, encoding, [height, width, 3]
         except WireError:
             pass  # wrong extension or odd file: let OpenCV try
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         return None
-    ok, buf = cv2.imencode(".png", image)
-    return buf.tobytes(), "png", [image.shape[0], image.shape[1], 3]
+    if max_side and max(image.shape[:2]) > max_side:
+        scale = max_side / max(image.shape[:2])
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    if encoding == "jpeg":
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    else:
+        ok, buf = cv2.imencode(".png", image)
+        encoding = "png"
+    return buf.tobytes(), encoding, [image.shape[0], image.shape[1], 3]
+
+
+class Stop:
+    """The SIGINT and SIGTERM handler: the first signal while ``armed`` raises KeyboardInterrupt and disarms it;
+    later ones are ignored, so the summary that follows is not cut short."""
+
+    def __init__(self):
+        self.armed = True
+
+    def __call__(self, signum, frame) -> None:
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
 
 
 def main() -> int:
@@ -132,9 +198,17 @@ def main() -> int:
                         "agent with a raised limit (default: %(default)s)")
     parser.add_argument("--limit", type=_number(int, at_least=0), default=0,
                         help="send at most this many images, 0 for all (default: %(default)s)")
+    parser.add_argument("--skip", type=_number(int, at_least=0), default=0,
+                        help="leave out the first N images of the listing (after --classes and --shuffle, before "
+                        "--limit): the summary of an interrupted run names the N that sends only the rest "
+                        "(default: %(default)s)")
+    parser.add_argument("--max-side", type=_number(int, at_least=1), default=None, metavar="PX",
+                        help="scale an image whose longer side is above PX down to PX, aspect kept, before sending "
+                        "(the agent refuses images over its limit, 4096 px by default) (default: off)")
     parser.add_argument("--classes", default="", help="comma-separated class names to send (default: every class)")
     parser.add_argument("--shuffle", type=int, default=None, metavar="SEED",
-                        help="shuffle the images with this seed (default: in file or tar order)")
+                        help="shuffle the images with this seed, the same order every run (default: a folder's "
+                        "files sorted by path, a tar's members in stored order)")
     parser.add_argument("--sender", default=None, help="sender id (default: host name + random suffix)")
     parser.add_argument("--window", type=_number(int, at_least=1), default=8,
                         help="messages in flight at once (default: %(default)s)")
@@ -148,11 +222,21 @@ def main() -> int:
     args = parser.parse_args()
 
     check_client_options(parser, args)
+    stop = Stop()
+    stop.install()
+    try:
+        return _send(parser, args, stop)
+    except KeyboardInterrupt:  # only before the first image was read: _send reports its own interruptions
+        print("interrupted before any image was sent", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _send(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: Stop) -> int:
     if args.batch > args.max_batch:
         default = " (the default limit; pass --max-batch for an agent with a raised ingest.wire.max_parts)" if args.max_batch == MAX_BATCH else " (--max-batch)"
         parser.error(f"--batch {args.batch}: the agent takes at most {args.max_batch} images per message{default}")
     try:
-        items = list_images(args.root)
+        items = list_images(args.root, warn=lambda message: print(f"{parser.prog}: warning: {message}", file=sys.stderr))
     except CLAgentError as e:
         parser.error(str(e))
     except (OSError, tarfile.TarError) as e:
@@ -161,6 +245,9 @@ def main() -> int:
         items = _only_classes(items, args.classes, args.root, parser)
     if args.shuffle is not None:
         random.Random(args.shuffle).shuffle(items)
+    if args.skip >= len(items):
+        parser.error(f"--skip {args.skip}: no images left to send (the listing has {len(items)})")
+    items = items[args.skip:]
     if args.limit:
         items = items[: args.limit]
     try:
@@ -170,19 +257,24 @@ def main() -> int:
         )
     except (CLAgentError, zmq.ZMQError) as e:  # the message names the endpoint
         parser.error(f"--endpoint: {e}")
-    sent = acked = refused = 0
+    sent = acked = refused = acked_batches = 0
+    # per image of items: SETTLED once acked, refused by the agent, or unreadable; HANDED once given to the client
+    settled = bytearray(len(items))
     unreadable: list[str] = []
     refused_files: list[str] = []  # refused by the agent for what is in the file
     batches: dict[int, tuple] = {}
     start = time.perf_counter()
 
     def settle(acks) -> None:
-        nonlocal acked, refused
+        nonlocal acked, refused, acked_batches
         for ack in acks:
             batch = batches.pop(ack.seq)
             image = ack.header.get("image")
             if ack.ok:
                 acked += len(batch[0])
+                acked_batches += 1
+                for position in batch[5]:
+                    settled[position] = SETTLED
             elif ack.reason in RETRY_REASONS:
                 print(f"batch refused ({ack.reason}): retrying in 1 s", file=sys.stderr)
                 time.sleep(1.0)
@@ -191,43 +283,79 @@ def main() -> int:
                 # The agent refused the whole batch for this one image: name its file, send the others again.
                 refused += 1
                 refused_files.append(batch[4][image])
+                settled[batch[5][image]] = SETTLED
                 print(f"{batch[4][image]} refused: {ack.reason}: {ack.detail}", file=sys.stderr)
                 keep = [i for i in range(len(batch[0])) if i != image]
                 if keep:
-                    payloads, shapes, labels, encoding, names = batch
-                    rest = ([payloads[i] for i in keep], [shapes[i] for i in keep], [labels[i] for i in keep], encoding, [names[i] for i in keep])
+                    payloads, shapes, labels, encoding, names, positions = batch
+                    rest = ([payloads[i] for i in keep], [shapes[i] for i in keep], [labels[i] for i in keep], encoding,
+                            [names[i] for i in keep], [positions[i] for i in keep])
                     batches[client.submit_encoded(*rest[:3], encoding=encoding)] = rest
             else:
                 refused += len(batch[0])
+                for position in batch[5]:
+                    settled[position] = SETTLED
                 print(f"batch of {len(batch[0])} refused: {ack.reason}: {ack.detail}", file=sys.stderr)
 
     def flush_group(group) -> None:
         # One message per encoding (a message has a single encoding).
         for encoding in sorted({g[1] for g in group}):
             part = [g for g in group if g[1] == encoding]
-            batch = ([g[0] for g in part], [g[2] for g in part], [g[3] for g in part], encoding, [g[4] for g in part])
+            batch = ([g[0] for g in part], [g[2] for g in part], [g[3] for g in part], encoding, [g[4] for g in part],
+                     [g[5] for g in part])
+            for position in batch[5]:
+                settled[position] = HANDED
             batches[client.submit_encoded(*batch[:3], encoding=encoding)] = batch
             settle(client.poll_acks())
 
+    def resume() -> str:
+        """How to send only what is not settled yet: the --skip (and --limit) of a run that starts after the
+        images settled in an unbroken run from the first ("" when nothing is left)."""
+        done = next((i for i, state in enumerate(settled) if state != SETTLED), None)
+        if done is None:
+            return ""
+        limit = f" --limit {args.limit - done}" if args.limit else ""
+        return (f"the first {done} images of the listing are settled: to send only the rest, run again with the "
+                f"same arguments and --skip {args.skip + done}{limit}")
+
+    group = []
     try:
-        group = []
-        for data, suffix, label, name in read_bytes(args.root, items):
-            converted = to_payload(data, suffix)
-            if converted is None:
-                unreadable.append(name)
-                continue
-            group.append((*converted, label, name))
-            sent += 1
-            if len(group) == args.batch:
+        try:
+            for position, (data, suffix, label, name) in enumerate(read_bytes(args.root, items)):
+                converted = to_payload(data, suffix, args.max_side or 0)
+                if converted is None:
+                    unreadable.append(name)
+                    settled[position] = SETTLED
+                    continue
+                group.append((*converted, label, name, position))
+                sent += 1
+                if len(group) == args.batch:
+                    flush_group(group)
+                    group = []
+            if group:
                 flush_group(group)
-                group = []
-        if group:
-            flush_group(group)
-        while batches:
-            settle(client.flush())
-        if args.end_experience:
-            ack = client.end_experience()
-            print(f"end of experience: {'experience ' + str(ack.experience) if ack.ok else ack.reason}")
+            while batches:
+                settle(client.flush())
+            if args.end_experience:
+                ack = client.end_experience()
+                print(f"end of experience: {'experience ' + str(ack.experience) if ack.ok else ack.reason}")
+        finally:
+            stop.armed = False  # what follows (closing, the summary) is not cut short by a signal
+    except KeyboardInterrupt:
+        for ack in client.poll_acks():  # acks the client took in before the interruption, not yet counted here
+            batch = batches.pop(ack.seq, None)
+            if batch is not None and ack.ok:
+                acked += len(batch[0])
+                acked_batches += 1
+                for position in batch[5]:
+                    settled[position] = SETTLED
+        waiting = settled.count(HANDED)  # handed to the client, not answered: maybe sent, maybe stored
+        unsent = settled.count(0)
+        print(f"interrupted: {acked} images acked in {acked_batches} {'batch' if acked_batches == 1 else 'batches'}, "
+              f"{refused} refused, {len(unreadable)} unreadable; {waiting} sent and not acked (not known to be stored), "
+              f"{unsent} not sent")
+        print(resume() or "every image was settled before the interruption")
+        return INTERRUPTED
     except AgentRefused as e:  # the handshake was refused (CURVE): no reply could ever come
         stored = f"{acked} images were acked before it" if acked else "nothing is known to be stored"
         print(f"error: {e.refusal}; {stored}", file=sys.stderr)
@@ -236,7 +364,7 @@ def main() -> int:
         waited = f"{tries(args.retries + 1)} of {args.timeout:g} s each"
         if acked:
             print(f"error: the agent at {args.endpoint} stopped answering ({waited}) after {acked} images were acked; "
-                  "the others are not known to be stored", file=sys.stderr)
+                  f"the others are not known to be stored. {resume()}".rstrip(". "), file=sys.stderr)
         else:
             print(f"error: no reply came from {args.endpoint} ({waited}); nothing is known to be stored. Is the agent "
                   "running, and is --endpoint its ingest.labeled_endpoint (not the frame or control endpoint)?",

@@ -13,9 +13,12 @@ images (``img_%06d.jpg``: img_000000.jpg, img_000001.jpg, ... from the first
 number found, until a number is missing). --loop restarts a video, a folder or
 a pattern at its end.
 
-Frames are JPEG-encoded here and sent without blocking: a frame the agent
-cannot take right now is dropped (and counted), so a slow agent never stalls
-the camera.
+Frames are JPEG-encoded here. From a live source (a camera index or a stream
+URL) they are sent without blocking: a frame the agent cannot take right now is
+dropped (and counted), so a slow agent never stalls the camera and the next
+frame is fresh. A video file, a folder or a pattern is a recording: the tool
+waits until the agent takes each frame, and none is dropped. --busy drop|wait
+chooses otherwise.
 
 Before the first frame the tool waits (--connect-timeout) until the agent has
 taken the connection, and stops with exit status 1 and an error naming the
@@ -34,7 +37,8 @@ out; the tool says so when the connection was down then.
 Every --progress seconds (10 by default) a line reports the frames sent,
 dropped and queued so far; a live camera that runs for hours is not silent.
 SIGTERM (systemd, docker stop) ends the tool as Ctrl-C does: the summary is
-printed and the exit status is 0.
+printed and the exit status is 0, whenever the signal comes (a signal while the
+tool is already ending does not cut the summary short).
 """
 
 from __future__ import annotations
@@ -151,8 +155,30 @@ def refusal(endpoint: str, socket_type: str, curve: tuple) -> str:
     )
 
 
-def _stop_on_sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt  # systemd and docker stop with SIGTERM: end as Ctrl-C does, with the summary
+class Stop:
+    """The SIGINT and SIGTERM handler: the first signal while ``armed`` raises KeyboardInterrupt (systemd and
+    docker stop with SIGTERM: the tool ends as on Ctrl-C, with the summary) and disarms it; any signal after
+    that, or once the stream has ended (``armed`` cleared), is only noted: the clean-up and the summary that
+    follow must not be cut short by a signal that comes just as the source runs out."""
+
+    def __init__(self):
+        self.armed = True
+        self.signals = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.signals += 1
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+
+def is_live(source: str) -> bool:
+    """A camera index or a stream URL: a source that will not wait for the agent (its frames are fresh or lost)."""
+    return source.isdigit() or "://" in source
 
 
 def _number(kind: type, low, high=None, *, above: bool = False):
@@ -206,80 +232,93 @@ def main() -> int:
     parser.add_argument("--linger", type=_number(float, 0), default=1.0,
                         help="seconds queued frames still get to go out at the end (default: %(default)s)")
     parser.add_argument("--sender", default=None, help="sender id (default: camera-<random suffix>)")
+    parser.add_argument("--busy", choices=["wait", "drop"], default=None,
+                        help="what to do with a frame the agent cannot take right now: drop it (and count it), so "
+                        "that a live camera's next frame is fresh, or wait until the socket takes it, so that no "
+                        "frame of a recording is lost (default: drop for a camera index or a stream URL, wait for "
+                        "a video file, a folder or a pattern)")
     add_client_key_options(parser)
     args = parser.parse_args()
     check_client_options(parser, args)
+    wait_when_busy = (args.busy or ("drop" if is_live(args.source) else "wait")) == "wait"
 
-    try:
-        capture = open_source(args.source)
-    except (CLAgentError, OSError) as e:
-        parser.error(str(e))
-    if capture is None:
-        parser.error(f"OpenCV cannot open the source {args.source!r} (a camera index, a video file, an RTSP/HTTP URL, "
-                     "a folder of images, or a pattern of numbered images like frames/img_%06d.jpg)")
-    try:
-        frames = FrameClient(
-            args.endpoint, args.sender, socket_type=args.socket,
-            curve_secret_key=args.curve_secret, curve_server_key=args.curve_server,
-        )
-    except (CLAgentError, zmq.ZMQError) as e:
-        capture.release()
-        parser.error(f"--endpoint: {e}")  # the message names the endpoint
+    stop = Stop()
+    stop.install()
+    capture = frames = None
     interval = 1.0 / args.fps if args.fps > 0 else 0.0
     count = 0
     start = time.monotonic()
     failed: CLAgentError | str | None = None  # a str: the refusal reworded after probing the endpoint
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        # Nothing is read or counted before the agent has taken the connection: frames queued in a socket
-        # that never connects would be reported sent and then thrown away.
-        frames.require_connected(args.connect_timeout)
-        next_time = start = time.monotonic()
-        next_progress = start + args.progress
-        while not args.max_frames or count < args.max_frames:
-            if args.progress and time.monotonic() >= next_progress:
-                next_progress += args.progress
-                print(f"{frames.sent - frames.sent_unconnected} frames sent, {frames.dropped} dropped, "
-                      f"{frames.sent_unconnected} queued while the connection was down, "
-                      f"{count / (time.monotonic() - start):.1f} frames/s", flush=True)
-            ok, bgr = capture.read()
-            if not ok:
-                if args.loop and not args.source.isdigit():  # a video, a folder or a pattern starts over
-                    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                    ok, bgr = capture.read()
+        try:
+            try:
+                capture = open_source(args.source)
+            except (CLAgentError, OSError) as e:
+                parser.error(str(e))
+            if capture is None:
+                parser.error(f"OpenCV cannot open the source {args.source!r} (a camera index, a video file, an "
+                             "RTSP/HTTP URL, a folder of images, or a pattern of numbered images like frames/img_%06d.jpg)")
+            try:
+                frames = FrameClient(
+                    args.endpoint, args.sender, socket_type=args.socket,
+                    curve_secret_key=args.curve_secret, curve_server_key=args.curve_server,
+                )
+            except (CLAgentError, zmq.ZMQError) as e:
+                capture.release()
+                parser.error(f"--endpoint: {e}")  # the message names the endpoint
+            # Nothing is read or counted before the agent has taken the connection: frames queued in a socket
+            # that never connects would be reported sent and then thrown away.
+            frames.require_connected(args.connect_timeout)
+            next_time = start = time.monotonic()
+            next_progress = start + args.progress
+            while not args.max_frames or count < args.max_frames:
+                if args.progress and time.monotonic() >= next_progress:
+                    next_progress += args.progress
+                    print(f"{frames.sent - frames.sent_unconnected} frames sent, {frames.dropped} dropped, "
+                          f"{frames.sent_unconnected} queued while the connection was down, "
+                          f"{count / (time.monotonic() - start):.1f} frames/s", flush=True)
+                ok, bgr = capture.read()
                 if not ok:
-                    break
-            if args.width or args.height:
-                h, w = bgr.shape[:2]
-                width = args.width or round(w * args.height / h)
-                height = args.height or round(h * args.width / w)
-                bgr = cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA)
-            # OpenCV frames are BGR; the JPEG holds the true colours, so the agent decodes them as RGB.
-            ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, args.quality])
-            if not ok:
-                continue
-            frames.send_encoded(jpeg.tobytes(), [bgr.shape[0], bgr.shape[1], 3])
-            count += 1
-            if interval:
-                next_time += interval
-                delay = next_time - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                else:
-                    next_time = time.monotonic()
+                    if args.loop and not args.source.isdigit():  # a video, a folder or a pattern starts over
+                        capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                        ok, bgr = capture.read()
+                    if not ok:
+                        break
+                if args.width or args.height:
+                    h, w = bgr.shape[:2]
+                    width = args.width or round(w * args.height / h)
+                    height = args.height or round(h * args.width / w)
+                    bgr = cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA)
+                # OpenCV frames are BGR; the JPEG holds the true colours, so the agent decodes them as RGB.
+                ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, args.quality])
+                if not ok:
+                    continue
+                frames.send_encoded(jpeg.tobytes(), [bgr.shape[0], bgr.shape[1], 3], wait=wait_when_busy)
+                count += 1
+                if interval:
+                    next_time += interval
+                    delay = next_time - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    else:
+                        next_time = time.monotonic()
+        finally:
+            stop.armed = False  # the stream has ended: a signal from now on must not cut the clean-up or the summary
     except KeyboardInterrupt:
         pass
     except (NotConnected, PeerRefused) as e:  # nothing listens there, or it does not pair with --socket
         failed = e
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the summary is on its way: a second SIGTERM must not cut it
+    if capture is not None:
         capture.release()
-        try:
-            frames.check()  # the latest connection state, for the summary
-        except PeerRefused as e:
-            failed = failed or e
-        down_at_end = not frames.connected
-        frames.close(args.linger)
+    if frames is None:  # interrupted before the socket was set up
+        print("0 frames sent, 0 dropped, 0.0 frames/s", flush=True)
+        return 0
+    try:
+        frames.check()  # the latest connection state, for the summary
+    except PeerRefused as e:
+        failed = failed or e
+    down_at_end = not frames.connected
+    frames.close(args.linger)
     if isinstance(failed, PeerRefused) and str(failed) == refused_message(args.endpoint, args.socket):
         failed = refusal(args.endpoint, args.socket, (args.curve_secret, args.curve_server))
     elapsed = max(time.monotonic() - start, 1e-9)
