@@ -41,3 +41,22 @@ def curve_keys(tmp_path):
     _, rogue_secret = make_keypair(tmp_path / "rogue", "rogue")
     curve = CurveSection(enabled=True, server_secret_key=str(server_secret), authorized_clients_dir=str(tmp_path / "clients"))
     return curve, server_public, allowed_secret, rogue_secret
+
+
+@pytest.fixture
+def bound_socket():
+    """Real ZeroMQ sockets bound to free loopback ports: ``bound_socket(zmq.PULL)`` -> (endpoint, socket);
+    closed after the test."""
+    import zmq
+
+    sockets = []
+
+    def bind(kind: int):
+        sock = zmq.Context.instance().socket(kind)
+        sock.linger = 0
+        sockets.append(sock)
+        return f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}", sock
+
+    yield bind
+    for sock in sockets:
+        sock.close()

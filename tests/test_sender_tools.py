@@ -33,13 +33,9 @@ def _tree(root: Path, per_class: int = 3, size: int = 16) -> Path:
 
 
 @pytest.fixture
-def router():
+def router(bound_socket):
     """A stand-in for the agent's labeled endpoint that the test answers by hand: (endpoint, socket)."""
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
-    sock.linger = 0
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield f"tcp://127.0.0.1:{port}", sock
-    sock.close()
+    return bound_socket(zmq.ROUTER)
 
 
 def _next_message(sock: zmq.Socket) -> tuple[list[bytes], dict, list[bytes]]:
@@ -101,12 +97,8 @@ def _load_stream_camera():
 
 
 @pytest.fixture
-def pull():
-    sock = zmq.Context.instance().socket(zmq.PULL)
-    sock.linger = 0
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield f"tcp://127.0.0.1:{port}", sock
-    sock.close()
+def pull(bound_socket):
+    return bound_socket(zmq.PULL)
 
 
 @pytest.mark.parametrize("moment", ["setting up", "streaming", "closing"])

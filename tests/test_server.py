@@ -148,15 +148,10 @@ def pipelined(server: Server, requests: int, per_request: int) -> list:
 
 
 def test_pipelined_requests_are_micro_batched(repo, onnx_models):
-    import dataclasses
-
     publish(repo, onnx_models[0])
     with Server(repo, serve_section(max_batch=32, max_wait_ms=5)) as server:
         # The first run is held up, so the other 19 requests are waiting when it ends, however busy the machine.
-        slow = _SlowFirstRun(server._model.session, delay_s=0.5)
-        server._model = dataclasses.replace(server._model, session=slow)
-        dealer = zmq.Context.instance().socket(zmq.DEALER)
-        dealer.connect(server.endpoint)
+        slow, dealer = _hold_first_run(server)
         try:
             dealer.send_multipart(encode_message("infer", "pipeline", 0, list(images(1)), encoding="raw"))
             assert slow.started.wait(5)
@@ -183,17 +178,23 @@ class _SlowFirstRun:
         return self._session.run(*args, **kwargs)
 
 
-def test_requests_read_or_queued_when_the_server_stops_are_answered(repo, onnx_models):
+def _hold_first_run(server: Server, delay_s: float = 0.5):
+    """Make the server's next ``session.run`` take ``delay_s`` longer; (that session, a DEALER connected to it)."""
     import dataclasses
 
+    slow = _SlowFirstRun(server._model.session, delay_s=delay_s)
+    server._model = dataclasses.replace(server._model, session=slow)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(server.endpoint)
+    return slow, dealer
+
+
+def test_requests_read_or_queued_when_the_server_stops_are_answered(repo, onnx_models):
     publish(repo, onnx_models[0])
     # inproc: a sent message is in the server's queue when send returns, so "queued at the stop" needs no sleep
     endpoint = f"inproc://drain-on-stop-{os.getpid()}-{time.monotonic_ns()}"
     server = Server(repo, serve_section(endpoint=endpoint, max_batch=4, max_wait_ms=0)).start()
-    slow = _SlowFirstRun(server._model.session, delay_s=0.5)
-    server._model = dataclasses.replace(server._model, session=slow)
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.connect(server.endpoint)
+    slow, dealer = _hold_first_run(server)
     try:
         dealer.send_multipart(encode_message("infer", "first", 0, list(images(1)), encoding="raw"))
         assert slow.started.wait(5)

@@ -23,13 +23,9 @@ def _run(source, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def pull():
+def pull(bound_socket):
     """A real PULL socket on a free loopback port: (endpoint, socket)."""
-    sock = zmq.Context.instance().socket(zmq.PULL)
-    sock.linger = 0
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield f"tcp://127.0.0.1:{port}", sock
-    sock.close()
+    return bound_socket(zmq.PULL)
 
 
 def _received(sock: zmq.Socket, wait_s: float = 5.0) -> list[np.ndarray]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
 import sys
 import tarfile
 import time
@@ -47,6 +46,7 @@ import zmq
 from cl_agent.client import AgentRefused, AgentUnavailable, LabeledClient, tries
 from cl_agent.config import WireSection
 from cl_agent.errors import CLAgentError
+from cl_agent.interrupt import InterruptOnce
 from cl_agent.security import add_client_key_options, check_client_options
 from cl_agent.wire import WireError, image_dimensions
 
@@ -168,23 +168,6 @@ def to_payload(data: bytes, suffix: str, max_side: int = 0) -> tuple[bytes, str,
     return buf.tobytes(), encoding, [image.shape[0], image.shape[1], 3]
 
 
-class Stop:
-    """The SIGINT and SIGTERM handler: the first signal while ``armed`` raises KeyboardInterrupt and disarms it;
-    later ones are ignored, so the summary that follows is not cut short."""
-
-    def __init__(self):
-        self.armed = True
-
-    def __call__(self, signum, frame) -> None:
-        if self.armed:
-            self.armed = False
-            raise KeyboardInterrupt
-
-    def install(self) -> None:
-        signal.signal(signal.SIGINT, self)
-        signal.signal(signal.SIGTERM, self)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder <root>/<class>/<image>, or a tar of that layout")
@@ -222,7 +205,7 @@ def main() -> int:
     args = parser.parse_args()
 
     check_client_options(parser, args)
-    stop = Stop()
+    stop = InterruptOnce()
     stop.install()
     try:
         return _send(parser, args, stop)
@@ -231,7 +214,7 @@ def main() -> int:
         return INTERRUPTED
 
 
-def _send(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: Stop) -> int:
+def _send(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: InterruptOnce) -> int:
     if args.batch > args.max_batch:
         default = " (the default limit; pass --max-batch for an agent with a raised ingest.wire.max_parts)" if args.max_batch == MAX_BATCH else " (--max-batch)"
         parser.error(f"--batch {args.batch}: the agent takes at most {args.max_batch} images per message{default}")

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ import zmq
 
 from cl_agent.client import FrameClient, NotConnected, PeerRefused, connect, refused_message
 from cl_agent.errors import CLAgentError
+from cl_agent.interrupt import InterruptOnce
 from cl_agent.peer import FRAME, answering_role
 from cl_agent.security import add_client_key_options, check_client_options
 from cl_agent.wire import pack_message
@@ -155,27 +155,6 @@ def refusal(endpoint: str, socket_type: str, curve: tuple) -> str:
     )
 
 
-class Stop:
-    """The SIGINT and SIGTERM handler: the first signal while ``armed`` raises KeyboardInterrupt (systemd and
-    docker stop with SIGTERM: the tool ends as on Ctrl-C, with the summary) and disarms it; any signal after
-    that, or once the stream has ended (``armed`` cleared), is only noted: the clean-up and the summary that
-    follow must not be cut short by a signal that comes just as the source runs out."""
-
-    def __init__(self):
-        self.armed = True
-        self.signals = 0
-
-    def __call__(self, signum, frame) -> None:
-        self.signals += 1
-        if self.armed:
-            self.armed = False
-            raise KeyboardInterrupt
-
-    def install(self) -> None:
-        signal.signal(signal.SIGINT, self)
-        signal.signal(signal.SIGTERM, self)
-
-
 def is_live(source: str) -> bool:
     """A camera index or a stream URL: a source that will not wait for the agent (its frames are fresh or lost)."""
     return source.isdigit() or "://" in source
@@ -242,7 +221,7 @@ def main() -> int:
     check_client_options(parser, args)
     wait_when_busy = (args.busy or ("drop" if is_live(args.source) else "wait")) == "wait"
 
-    stop = Stop()
+    stop = InterruptOnce()
     stop.install()
     capture = frames = None
     interval = 1.0 / args.fps if args.fps > 0 else 0.0
