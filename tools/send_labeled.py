@@ -332,8 +332,10 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: Inter
                 acked_batches += 1
                 for position in batch[5]:
                     settled[position] = SETTLED
-        waiting = settled.count(HANDED)  # handed to the client, not answered: maybe sent, maybe stored
-        unsent = settled.count(0)
+        # Submitted and not answered: sent, maybe stored. A batch handed over but interrupted while the client
+        # waited for room in its window never reached the socket: not sent.
+        waiting = sum(len(batch[0]) for batch in batches.values())
+        unsent = settled.count(0) + settled.count(HANDED) - waiting
         print(f"interrupted: {acked} images acked in {acked_batches} {'batch' if acked_batches == 1 else 'batches'}, "
               f"{refused} refused, {len(unreadable)} unreadable; {waiting} sent and not acked (not known to be stored), "
               f"{unsent} not sent")
