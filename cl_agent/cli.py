@@ -321,13 +321,10 @@ LabelsWorkdirOpt = Annotated[
 
 
 def _class_rows(workdir: Path) -> list[dict]:
-    from cl_agent.labels import LabelMap, class_usage
+    from cl_agent.labels import class_usage, read_label_map
 
     path = workdir / "labels.json"
-    try:
-        names = LabelMap(path, 0).names if path.exists() else []
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CLAgentError(f"cannot read the class names {path}: {e}") from None
+    names = read_label_map(path).names if path.exists() else []
     usage = class_usage(workdir)
     rows = []
     for class_id in range(max([len(names) - 1, *usage]) + 1 if names or usage else 0):

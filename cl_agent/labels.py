@@ -284,6 +284,14 @@ def workdir_lock(workdir: str | Path) -> Iterator[None]:
         lock_file.close()
 
 
+def read_label_map(path: str | Path) -> LabelMap:
+    """``path``'s map, without a class limit, for an offline command; CLAgentError naming the file if damaged."""
+    try:
+        return LabelMap(path, 0)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CLAgentError(f"cannot read the class names {path}: {e}") from None
+
+
 def rename_label(workdir: str | Path, old: str, new: str) -> int:
     """Rename class ``old`` to ``new`` in ``workdir/labels.json``, keeping its id; the id.
 
@@ -293,10 +301,7 @@ def rename_label(workdir: str | Path, old: str, new: str) -> int:
     path = Path(workdir) / "labels.json"
     if not path.exists():
         raise CLAgentError(f"{path} does not exist: no class to rename")
-    try:
-        labels = LabelMap(path, 0)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CLAgentError(f"cannot read the class names {path}: {e}") from None
+    labels = read_label_map(path)
     names = labels.names
     problem = label_problem(new)
     if problem:
