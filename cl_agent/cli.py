@@ -257,30 +257,65 @@ def status(
                      "on its control endpoint, its ingest.control_endpoint (e.g. tcp://127.0.0.1:5559), instead of "
                      "reading a working directory."),
     ] = None,
-    json_: Annotated[bool, typer.Option("--json", help="With --control: print the counters as JSON.")] = False,
-    timeout: Annotated[float, typer.Option(min=0.001, help="With --control: seconds to wait for the answer.")] = 5.0,
-    curve_secret: Annotated[Optional[Path], typer.Option(help="With --control: this client's CURVE secret key file, "
-                            "for an agent with ingest.curve.enabled (default: none, no CURVE).")] = None,
-    curve_server: Annotated[Optional[Path], typer.Option(help="With --control: the agent's CURVE public key file "
+    live: Annotated[bool, typer.Option("--live", help="Ask the running agent for its ingestion counters, as --control "
+                    "does, at the ingest.control_endpoint of --config, or else of the resolved config the agent wrote "
+                    "in its working directory.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="With --control or --live: print the counters as JSON.")] = False,
+    timeout: Annotated[float, typer.Option(min=0.001, help="With --control or --live: seconds to wait for the answer.")] = 5.0,
+    curve_secret: Annotated[Optional[Path], typer.Option(help="With --control or --live: this client's CURVE secret key "
+                            "file, for an agent with ingest.curve.enabled (default: none, no CURVE).")] = None,
+    curve_server: Annotated[Optional[Path], typer.Option(help="With --control or --live: the agent's CURVE public key file "
                             "(default: none, no CURVE).")] = None,
 ) -> None:
-    """Print the state of an agent: running or not, last experience, last version, counts (--control: a running agent's ingestion counters)."""
-    from cl_agent.status import print_status
+    """Print the state of an agent: running or not, last experience, last version, counts (--control or --live: a running agent's ingestion counters)."""
+    from cl_agent.status import is_ingest_only, print_status
 
+    curve = (curve_secret, curve_server)
     if control is not None:
-        if workdir is not None:
-            fail("--control asks a running agent; --workdir reads a working directory: give one of them")
-        control_status(control, timeout, json_, (curve_secret, curve_server))
+        if workdir is not None or live:
+            fail(f"--control asks the agent at ENDPOINT; {'--live' if live else '--workdir'} finds one another way: give one of them")
+        control_status(control, timeout, json_, curve)
         raise typer.Exit(0)
-    given = [name for name, value in (("--json", json_), ("--curve-secret", curve_secret), ("--curve-server", curve_server)) if value]
-    if given:
-        fail(f"{', '.join(given)} only go with --control ENDPOINT")
+    if not live:
+        given = [name for name, value in (("--json", json_), ("--curve-secret", curve_secret), ("--curve-server", curve_server)) if value]
+        if given:
+            fail(f"{', '.join(given)} only go with --control ENDPOINT or --live")
+    if live and workdir is None and (config is not None or set_):
+        live_status(resolve_config(config, set_), f"ingest.control_endpoint of {config or 'the defaults'}", timeout, json_, curve)
+        raise typer.Exit(0)
     workdir = agent_workdir(workdir, config, set_)
+    if live or is_ingest_only(workdir):
+        live_status(workdir, None, timeout, json_, curve)
+        raise typer.Exit(0)
     try:
         code = print_status(workdir)
     except CLAgentError as e:
         fail(str(e))
     raise typer.Exit(code)
+
+
+def live_status(where: AgentConfig | Path, source: str | None, timeout: float, as_json: bool, curve: tuple) -> None:
+    """``status --live``: the control endpoint from a config (``source`` names it) or from a working directory's
+    resolved config, then the same query and output as ``--control``."""
+    from cl_agent.config import connect_endpoint
+    from cl_agent.status import control_of, is_ingest_only
+
+    if isinstance(where, Path):
+        try:
+            endpoint, uses_curve, path = control_of(where)
+        except CLAgentError as e:
+            fail(str(e), code=1)
+        source = f"ingest.control_endpoint in {path}"
+        if is_ingest_only(where) and not as_json:
+            typer.echo(f"{where}: ingestion-only process (cl-agent ingest), asked at its control endpoint")
+    else:
+        if not where.ingest.control_endpoint:
+            fail(f"{source} is empty, so the agent answers no status queries")
+        endpoint, uses_curve = connect_endpoint(where.ingest.control_endpoint), where.ingest.curve.enabled
+    if uses_curve and not all(curve):
+        fail(f"the agent uses CURVE (ingest.curve.enabled, {source}): pass --curve-secret (an authorized client's "
+             "secret key file) and --curve-server (the agent's public key file)")
+    control_status(endpoint, timeout, as_json, curve)
 
 
 @labels_app.command("restore")

@@ -585,18 +585,48 @@ def _published_version(state: Mapping):
     return state.get("published_version", state.get("model_version"))
 
 
-def _control_status_hint(ingest_config: Path) -> str:
-    """How to ask the ``cl-agent ingest`` whose resolved config is ``ingest_config`` for its counters."""
-    from cl_agent.config import ConfigError, connect_endpoint, load_config
+RESOLVED_CONFIGS = ("config.yaml", "ingest-config.yaml")  # written at start by `cl-agent run` and `cl-agent ingest`
 
+
+def is_ingest_only(workdir: Path) -> bool:
+    """Whether ``workdir`` belongs to an ingestion-only process (``cl-agent ingest``), which keeps no state.json."""
+    return (workdir / "ingest-config.yaml").exists() and not (workdir / STATE_FILE).exists() \
+        and not (workdir / EXPERIENCES_FILE).exists()
+
+
+def control_of(workdir: Path) -> tuple[str, bool, Path]:
+    """Where this machine reaches the control endpoint of the agent (or ``cl-agent ingest``) of ``workdir``,
+    whether it uses CURVE, and the resolved config it was read from (the newer one when both exist).
+    CLAgentError when there is no such config, it cannot be read, its endpoint is empty, or the process
+    that held the folder is gone."""
+    from cl_agent.config import ConfigError, connect_endpoint, load_config
+    from cl_agent.storage import WORKDIR_LOCK_FILE
+
+    found = [workdir / name for name in RESOLVED_CONFIGS if (workdir / name).is_file()]
+    if not found:
+        raise CLAgentError(
+            f"no resolved config ({' or '.join(RESOLVED_CONFIGS)}) in {workdir}, so its control endpoint is unknown: "
+            "has an agent run there? pass --config FILE (the agent's config) or --control ENDPOINT"
+        )
+    path = max(found, key=lambda p: p.stat().st_mtime)
     try:
-        ingest = load_config(ingest_config).ingest
-    except (ConfigError, CLAgentError, OSError):
-        return "ask it for its counters with `cl-agent status --control ENDPOINT` (its ingest.control_endpoint)"
+        ingest = load_config(path).ingest
+    except (ConfigError, OSError) as e:
+        raise CLAgentError(f"cannot read the control endpoint from {path}: {e}") from None
     if not ingest.control_endpoint:
-        return f"its ingest.control_endpoint is empty ({ingest_config}), so it answers no status queries"
-    keys = " --curve-secret KEY --curve-server AGENT.key" if ingest.curve.enabled else ""
-    return f"ask it for its counters with `cl-agent status --control {connect_endpoint(ingest.control_endpoint)}{keys}`"
+        raise CLAgentError(f"ingest.control_endpoint is empty in {path}, so that agent answers no status queries")
+    holder = _lock_holder(workdir / WORKDIR_LOCK_FILE)
+    if holder is not None and not pid_alive(holder):
+        raise CLAgentError(f"not running: pid {holder}, the last process that held {workdir}, is gone")
+    return connect_endpoint(ingest.control_endpoint), ingest.curve.enabled, path
+
+
+def _lock_holder(lock_file: Path) -> int | None:
+    """The pid written in a working directory's lock file (read only: the lock itself is never taken here)."""
+    try:
+        return int(lock_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def print_status(workdir: Path) -> int:
@@ -606,10 +636,10 @@ def print_status(workdir: Path) -> int:
     records, skipped = usable_experience_records(workdir)
     _warn(skipped)
     if state is None and not records and not skipped:
-        if (workdir / "ingest-config.yaml").exists():  # written by `cl-agent ingest`, which keeps no state.json
+        if is_ingest_only(workdir):
             raise CLAgentError(
                 f"{workdir} is the folder of an ingestion-only process (cl-agent ingest), which writes no {STATE_FILE}: "
-                + _control_status_hint(workdir / "ingest-config.yaml")
+                f"ask it for its counters with `cl-agent status --live --workdir {workdir}`"
             )
         raise CLAgentError(
             f"no agent state in {workdir}: neither {STATE_FILE} nor {EXPERIENCES_FILE} found "

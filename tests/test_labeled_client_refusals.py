@@ -134,11 +134,61 @@ def test_status_control_refuses_bad_options(tmp_path):
         control_status(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.1)
 
 
-def test_status_of_an_ingest_only_folder_names_the_command(tmp_path):
+def _resolved(workdir: Path, control: str, **curve) -> Path:
+    """The resolved config `cl-agent ingest` writes in its folder, with the given control endpoint."""
     from cl_agent.config import load_config, save_resolved
 
-    cfg = load_config(None, {"agent.workdir": str(tmp_path), "ingest.control_endpoint": "tcp://0.0.0.0:6001"})
-    save_resolved(cfg, tmp_path / "ingest-config.yaml")  # as cl-agent ingest does
-    result = invoke("status", "--workdir", tmp_path)
-    assert result.exit_code == 2
-    assert "cl-agent status --control tcp://127.0.0.1:6001" in " ".join(result.output.split())
+    values = {"agent.workdir": str(workdir), "ingest.control_endpoint": control}
+    values |= {f"ingest.curve.{k}": v if isinstance(v, bool) else str(v) for k, v in curve.items()}
+    return save_resolved(load_config(None, values), workdir / "ingest-config.yaml")
+
+
+def test_status_of_an_ingest_only_folder_asks_the_process(tmp_path):
+    with make_service(tmp_path / "agent") as service:
+        with LabeledClient(service.endpoints["labeled"], "robot") as client:
+            assert client.send(images(2), ["cat", "dog"]).ok
+        control = service.endpoints["control"]
+        _resolved(tmp_path / "agent", control.replace("127.0.0.1", "0.0.0.0"))  # a wildcard bind is asked on loopback
+        plain = invoke("status", "--workdir", tmp_path / "agent")
+        live = invoke("status", "--live", "--workdir", tmp_path / "agent", "--json")
+    assert plain.exit_code == 0, plain.output
+    lines = plain.output.splitlines()
+    assert "ingestion-only process (cl-agent ingest)" in lines[0] and lines[1] == f"control: {control}"
+    assert "  labeled_images_acked = 2" in lines
+    assert live.exit_code == 0, live.output
+    assert json.loads(live.output)["labeled_images_acked"] == 2
+
+
+def test_status_live_reads_the_endpoint_from_the_config(tmp_path):
+    with make_service(tmp_path / "agent") as service:
+        config = tmp_path / "robot.yaml"
+        config.write_text(f"ingest:\n  control_endpoint: {service.endpoints['control']}\n")
+        result = invoke("status", "--live", "--config", config)
+        overridden = invoke("status", "--live", "--set", f"ingest.control_endpoint={service.endpoints['control']}")
+    for answer in (result, overridden):
+        assert answer.exit_code == 0, answer.output
+        assert "  labeled_images_acked = 0" in answer.output.splitlines()
+
+
+def test_status_live_says_why_it_cannot_ask(tmp_path, curve_keys):
+    import os
+    import subprocess
+
+    nothing = invoke("status", "--live", "--workdir", tmp_path)
+    assert nothing.exit_code == 1 and "no resolved config" in nothing.output and "--control ENDPOINT" in nothing.output
+    _resolved(tmp_path, f"tcp://127.0.0.1:{free_port()}")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "agent.lock").write_text(f"{gone.pid}\n")  # the pid the last holder wrote, now gone
+    stopped = invoke("status", "--workdir", tmp_path, "--timeout", "60")  # answered at once, without a query
+    assert stopped.exit_code == 1 and f"not running: pid {gone.pid}" in stopped.output, stopped.output
+    os.remove(tmp_path / "agent.lock")
+    curve, _, _, _ = curve_keys
+    _resolved(tmp_path, "tcp://127.0.0.1:6001", enabled=True, server_secret_key=curve.server_secret_key,
+              authorized_clients_dir=curve.authorized_clients_dir)
+    keyless = invoke("status", "--live", "--workdir", tmp_path)
+    assert keyless.exit_code == 2 and "--curve-secret" in keyless.output and "ingest.curve.enabled" in keyless.output
+    both = invoke("status", "--live", "--control", "tcp://127.0.0.1:6001")
+    assert both.exit_code == 2 and "give one of them" in both.output
+    empty = invoke("status", "--live", "--set", "ingest.control_endpoint=")
+    assert empty.exit_code == 2 and "answers no status queries" in empty.output

@@ -255,14 +255,6 @@ def test_status_and_report_on_a_file_say_it_is_not_a_folder(tmp_path):
         assert "not a folder" in result.output and str(path) in result.output
 
 
-def test_status_on_the_folder_of_an_ingestion_only_process_says_so(tmp_path):
-    from cl_agent.config import load_config, save_resolved
-
-    save_resolved(load_config(None, {"agent.workdir": str(tmp_path)}), tmp_path / "ingest-config.yaml")  # as cl-agent ingest does
-    result = invoke("status", "--workdir", tmp_path)
-    assert result.exit_code == 2 and "ingestion-only process (cl-agent ingest)" in result.output
-
-
 def test_status_says_when_the_last_update_was_held_from_publishing(workdir, tmp_path_factory):
     from cl_agent.repository import ModelRepository
 
