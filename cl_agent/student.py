@@ -82,6 +82,27 @@ def create_student(model: ModelSection) -> Student:
     return Student(backbone, feature_dim, model.num_classes)
 
 
+def student_problem(model: ModelSection) -> str | None:
+    """Why no student can be built for ``model`` (an unknown backbone, or one that cannot run on
+    ``model.image_size`` images), found without training memory: the build and its shape check run on the
+    meta device (shapes only, well under a second even for large backbones). The meta device lacks a few
+    operations, so a failure there is confirmed by a real build before it counts."""
+    problem = backbone_problem(model.backbone)
+    if problem:
+        return problem
+    try:
+        with torch.device("meta"):
+            create_student(model)
+        return None
+    except Exception:  # noqa: BLE001 -- the real build below decides
+        pass
+    try:
+        create_student(model)
+    except CLAgentError as e:
+        return str(e)
+    return None
+
+
 HIDDEN_LOGIT_OFFSET = -1e4  # added to unseen classes at inference (finite, so fp16 runtimes stay finite)
 
 

@@ -193,17 +193,18 @@ def check_checkpoints_cover(cfg: AgentConfig, trained_through: int | None, newes
 
 def check_start(cfg: AgentConfig) -> list[str]:
     """The trainer's start checks of the configuration, the working directory and the repository, run
-    without building the trainer: the backbone exists; the model repository is not another agent's;
+    without building the trainer: the backbone exists and runs on model.image_size images (on the meta
+    device); the model repository is not another agent's;
     labels.json covers the published classes; the newest checkpoint is there and was trained with this
     model section. Raises CLAgentError naming the problem; returns the warnings to log.
 
     The device (``resolve_device``) is checked beside it. The agent runs both before it opens ingestion,
     so it never acks a sample that the trainer would then refuse to start for; the trainer runs them again
     as it starts (``Updater``). Writes nothing but this working directory's agent id (made once)."""
-    from cl_agent.student import backbone_problem
+    from cl_agent.student import student_problem
     from cl_agent.trainer import check_checkpoint_model
 
-    problem = backbone_problem(cfg.model.backbone)
+    problem = student_problem(cfg.model)
     if problem:
         raise CLAgentError(problem)
     workdir = Path(cfg.agent.workdir)

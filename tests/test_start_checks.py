@@ -116,3 +116,12 @@ def test_a_second_signal_during_the_stop_says_what_the_stop_waits_for(tmp_path, 
             signal.signal(signum, handler)
     assert caplog.text.count("still stopping") == 1
     assert "up to 30 s left before it is killed (kill -9 to stop now; nothing acked is lost)" in caplog.text
+
+
+def test_a_backbone_that_cannot_take_the_image_size_is_refused_before_ingestion(tmp_path):
+    cfg, _ = tiny_agent_config(tmp_path)
+    cfg.model.backbone = "vit_tiny_patch16_224"  # needs 224x224 images; the config says 16
+    with pytest.raises(CLAgentError, match=r"'vit_tiny_patch16_224' cannot run on 16x16 images \(model.image_size\)"):
+        check_trainer_start(cfg)
+    cfg.model.backbone = "resnet10t"
+    check_trainer_start(cfg)  # a backbone that runs at 16 px passes

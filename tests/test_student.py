@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cl_agent.errors import CLAgentError
-from cl_agent.student import SeenClassMask, create_student
+from cl_agent.student import SeenClassMask, create_student, student_problem
 from learning_stream import tiny_model
 
 
@@ -36,3 +36,26 @@ def test_seen_class_mask_pushes_unseen_classes_down():
     assert torch.allclose(out[:, seen], raw[:, seen])
     assert (out[:, ~seen] < -1000).all()
     assert torch.equal(SeenClassMask(student, torch.zeros(4, dtype=torch.bool))(x), raw)  # nothing seen: no mask
+
+
+def test_student_problem_checks_on_the_meta_device_and_confirms_a_failure_on_a_real_build(monkeypatch):
+    import timm
+
+    from cl_agent import student
+
+    assert "cannot run on 16x16 images" in student_problem(tiny_model(backbone="vit_tiny_patch16_224"))
+    assert student_problem(tiny_model(backbone="resnet10t")) is None
+    assert "no_such_net" in student_problem(tiny_model(backbone="no_such_net"))
+    builds = []
+    real_create = timm.create_model
+
+    def meta_lacks_an_operation(*args, **kwargs):
+        on_meta = torch.get_default_device().type == "meta"
+        builds.append("meta" if on_meta else "real")
+        if on_meta:
+            raise NotImplementedError("an operation without a meta kernel")
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(student.timm, "create_model", meta_lacks_an_operation)
+    assert student_problem(tiny_model(backbone="resnet10t")) is None  # the real build decides: it runs
+    assert builds == ["meta", "real"]
