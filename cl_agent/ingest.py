@@ -341,6 +341,8 @@ class IngestService:
         if getattr(self, "context", None) is not None:
             self.context.term()
             self.context = None
+        if self.intake is not None:
+            self.intake.close()
         if self.spool is not None:
             self.spool.close()
 

@@ -16,9 +16,11 @@ The stored bytes are the ones received; the decoded pixels are discarded.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -71,18 +73,29 @@ class EndRequest:
 Answer = Callable[[OSError | None], list[bytes]]  # the reply, once the commit's outcome is known
 
 
-def check_trainable(message: Message) -> None:
+PARALLEL_CHECK_BYTES = 256 * 1024  # a message this large is checked on several threads (cv2 drops the GIL)
+
+
+def check_trainable(message: Message, pool: Executor | None = None) -> None:
     """Every image of a validated message decodes in full.
 
     ``decode_message`` checked the sizes, read from the header bytes, against ``ingest.wire`` (the limits
     the trainer decodes stored images under too); a truncated or corrupt body passes it. WireError names
-    the first image refused (``image`` is its index).
+    the first image refused (``image`` is its index). With ``pool``, a message of several images and at
+    least PARALLEL_CHECK_BYTES is checked on its threads: a large batch holds the ingest loop (and the
+    frames behind it) for a fraction of the time; the answer is the same.
     """
-    for i, payload in enumerate(message.payloads):
+    def check(i: int) -> None:
         try:
-            check_decodes(payload, message.encoding)
+            check_decodes(message.payloads[i], message.encoding)
         except WireError as e:
             raise WireError(e.reason, f"image {i}: {e.detail}", image=i) from None
+
+    indices = range(len(message.payloads))
+    parallel = pool is not None and message.encoding != "raw" and len(indices) > 1 \
+        and sum(len(p) for p in message.payloads) >= PARALLEL_CHECK_BYTES
+    for _ in (pool.map(check, indices) if parallel else map(check, indices)):
+        pass  # map yields in order, so the first failure raised is the lowest image index
 
 
 def _disk_reason(error: OSError) -> str:
@@ -104,6 +117,18 @@ class LabeledIntake:
         self.counters = counters
         self.untrained_bytes = untrained_bytes  # recount of cut, untrained spool bytes (a trainer may have freed some)
         self.refused_full = False  # a message was refused spool_full since the service last looked
+        self._pool: ThreadPoolExecutor | None = None  # decode checks of large messages; made on first use
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _check_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="decode-check")
+        return self._pool
 
     def process(self, bodies: Sequence[list[bytes]]) -> list[list[bytes] | EndRequest]:
         """Store a group of labeled messages with one commit; one reply (or EndRequest) per body, in order."""
@@ -146,7 +171,7 @@ class LabeledIntake:
             self.counters.add("labeled_duplicates")
             return self._after_commit(seq, 0, duplicate=True)
         try:
-            check_trainable(message)
+            check_trainable(message, self._check_pool())
         except WireError as e:
             return self._nack(seq, e.reason, e.detail, e.image)
         try:

@@ -143,3 +143,36 @@ def test_check_decodes_fails_exactly_where_the_trainers_full_colour_decode_fails
     except WireError as e:
         refused = e.reason
     assert refused == ("decode_failed" if trainer_fails else None)
+
+
+def test_a_large_message_is_checked_on_worker_threads_and_names_its_first_bad_image(tmp_path, monkeypatch):
+    import threading
+
+    from cl_agent import intake as intake_module
+
+    intake, spool, _, _ = _intake(tmp_path)
+    good = [_jpeg(seed, 192) for seed in range(8)]  # noise: about 60 KB each, past PARALLEL_CHECK_BYTES together
+    assert sum(map(len, good)) >= intake_module.PARALLEL_CHECK_BYTES
+    bad = list(good)
+    bad[6], bad[3] = _truncated(good[6]), _truncated(good[3])
+    threads = []
+
+    def recording(payload, encoding):
+        threads.append(threading.current_thread().name)
+        return check_decodes(payload, encoding)
+
+    monkeypatch.setattr(intake_module, "check_decodes", recording)
+    shapes = [[192, 192, 3]] * 8
+    try:
+        refused, acked = _answers(intake.process([
+            pack_message("labeled", "cam", 1, bad, shapes=shapes, labels=["a"] * 8),
+            pack_message("labeled", "cam", 2, good, shapes=shapes, labels=["a"] * 8),
+        ]))
+        small = _answers(intake.process([pack_message("labeled", "cam", 3, [_jpeg()] * 2, shapes=[[32, 32, 3]] * 2, labels=["a"] * 2)]))
+    finally:
+        intake.close()
+    assert (refused["reason"], refused["image"]) == ("decode_failed", 3)  # the lowest bad index, whatever finished first
+    assert refused["detail"].startswith("image 3:")
+    assert acked["kind"] == "ack" and acked["accepted"] == 8 and small[0]["kind"] == "ack"
+    assert all(name.startswith("decode-check") for name in threads[:-2])  # the large messages, on the pool
+    assert threads[-2:] == [threading.current_thread().name] * 2  # a small one stays on the calling thread
