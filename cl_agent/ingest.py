@@ -544,10 +544,16 @@ def run_ingest(config: AgentConfig) -> int:
             signal.signal(signum, lambda *_: stop.set())
         service.start()
         print(json.dumps({"event": "ingest_ready", "endpoints": service.endpoints}), flush=True)
+        log.info("ingest listening (no training; Ctrl-C stops): %s; working directory %s",
+                 ", ".join(f"{k}={v}" for k, v in service.endpoints.items()), workdir.resolve())
         while not stop.wait(0.5) and service.failure is None:
             pass
         service.stop()
-        print(json.dumps({"event": "ingest_stopped", "counters": service.counters()}), flush=True)
+        counters = service.counters()
+        print(json.dumps({"event": "ingest_stopped", "counters": counters}), flush=True)
+        log.info("ingest stopped: labeled images acked %d (messages refused %d), frames received %d, kept %d, "
+                 "experiences cut %d", counters["labeled_images_acked"], counters["labeled_nacked"],
+                 counters["frames_received"], counters["frames_kept"], counters["experiences_cut"])
     finally:
         lock.close()
     if service.failure is not None:

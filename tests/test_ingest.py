@@ -243,6 +243,9 @@ def test_ingest_command_logs_iso_8601_utc_times(tmp_path):
     cut = [line for line in stderr.splitlines() if "experience 0 cut" in line]
     assert cut, stderr
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO cl_agent\.ingest: ", cut[0]), cut[0]
+    # a person reading the log sees where it listens and what it took, as the stdout JSON says for tools
+    assert f"ingest listening (no training; Ctrl-C stops): labeled={ready['endpoints']['labeled']}" in stderr
+    assert "ingest stopped: labeled images acked 1 (messages refused 0), frames received 0, kept 0, experiences cut 1" in stderr
 
 
 def test_each_cut_saves_the_keys_so_far_and_a_restart_recognises_retries_from_them(tmp_path):
