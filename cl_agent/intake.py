@@ -4,9 +4,14 @@ No sockets here: the ingestion service hands over the message bodies it
 drained and sends back what this returns. The whole group shares one commit
 (one fsync), and every answer is decided only after that commit:
 
-    validate -> duplicate? -> decode every image -> class ids -> spool.append ... spool.commit -> ack | nack
+    validate -> duplicate? -> decode every image -> plan class ids -> spool.append -> save new class names
+    ... spool.commit -> ack | nack
 
 INVARIANT: an ack is produced only for a record whose commit returned.
+INVARIANT: a refused message adds no class name; an acked one's names were saved before its ack. A failed
+write removes only its own record (the others of the group stay and are answered after the commit). A group
+whose commit fails keeps the class names its messages added: a trainer may already have published a
+version naming them, and a map shorter than a published version is refused at start.
 INVARIANT: an acked image decodes, within the size limits the trainer decodes it under (``ingest.wire``, the
 same as here): a message with one that does not is refused whole (``decode_failed`` or ``image_too_large``,
 the nack naming the image) before any class is added.
@@ -175,10 +180,10 @@ class LabeledIntake:
         except WireError as e:
             return self._nack(seq, e.reason, e.detail, e.image)
         try:
-            ids = self.labels.ids_for(message.labels)
+            plan = self.labels.plan(message.labels)
         except LabelError as e:
             return self._nack(seq, e.reason, e.detail)
-        record = Record(message.sender, seq, message.encoding, message.shapes, ids, message.payloads, message.color, time.time())
+        record = Record(message.sender, seq, message.encoding, message.shapes, plan.ids, message.payloads, message.color, time.time())
         try:
             try:
                 self.spool.append(record)
@@ -192,6 +197,12 @@ class LabeledIntake:
             return self._nack(seq, "spool_full", str(e))
         except OSError as e:
             return self._nack(seq, _disk_reason(e), str(e))
+        try:
+            self.labels.apply(plan)  # new class names: saved before the commit, so before any ack using them
+        except OSError as e:
+            self.spool.drop_last()
+            log.error("cannot save the class names to %s, refusing message %s/%d: %s", self.labels.path, message.sender, seq, e)
+            return self._nack(seq, _disk_reason(e), f"cannot save the class names to labels.json: {e}")
         appended.append(len(message.payloads))
         return self._after_commit(seq, len(message.payloads), duplicate=False)
 

@@ -4,8 +4,13 @@ Labels arrive as class names (strings) or integer class ids. A name not seen
 before becomes the next class id, up to ``max_classes``; past it the whole
 message is refused (nothing is added). An integer id is used as is (it must be
 below ``max_classes``); ids beyond the known names get placeholder names
-(their decimal string), so names and ids never point at different classes.
-The map is written atomically before any sample using a new class is acked.
+(their decimal string), so names and ids never point at different classes: an
+id whose placeholder is already the name of another class is refused
+(``bad_class_id``). The intake plans a message's ids first (``plan``, no
+change) and saves its new names (``apply``) only once its record is in the
+spool, before the ack: a refused message adds no class. labels.json is
+written atomically, and the map in memory changes only after that write
+succeeded.
 
 Names are compared exactly: "Circle" and "circle" are two classes (they may be
 distinct on purpose), but each takes one of the model's outputs for good, so a
@@ -23,6 +28,7 @@ import json
 import logging
 import shlex
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -43,6 +49,15 @@ class LabelError(ValueError):
     def __init__(self, reason: str, detail: str):
         self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """A message's class ids, and the whole name list to save first when it adds names (None if it adds none)."""
+
+    ids: list[int]
+    base: int  # how many names the map held when planned
+    names: list[str] | None = None
 
 
 class LabelMap:
@@ -121,7 +136,14 @@ class LabelMap:
         return self.ids_for([label])[0]
 
     def ids_for(self, labels: Sequence[str | int]) -> list[int]:
-        """Class ids for a message's labels; all or nothing: a refused label adds no class."""
+        """Class ids for a message's labels, saving new names; all or nothing: a refused label adds no class."""
+        plan = self.plan(labels)
+        self.apply(plan)
+        return plan.ids
+
+    def plan(self, labels: Sequence[str | int]) -> LabelPlan:
+        """Class ids for a message's labels, without changing the map or the file (``apply`` does);
+        LabelError if one is refused."""
         new_names: list[str] = []
         top_id = len(self._names) - 1
         planned: dict[str, int] = {}
@@ -159,15 +181,33 @@ class LabelMap:
         if top_id >= len(self._names) + len(new_names):
             # Integer ids past the known classes: names interleaved with new string labels
             # would collide, so placeholders are assigned first and string labels re-planned.
-            return self._ids_with_placeholders(labels, top_id)
-        if new_names:
-            for name in new_names:
-                self._warn_if_similar(name)
-                self._add(name)
-            self.save()
-        elif self._unsaved:
-            self.save()
-        return ids
+            return self._plan_with_placeholders(labels, top_id)
+        return LabelPlan(ids, len(self._names), [*self._names, *new_names] if new_names else None)
+
+    def apply(self, plan: LabelPlan) -> None:
+        """Save the names ``plan`` adds: labels.json first, then the map in memory, so an OSError (a full
+        disk) leaves both as they were. Plans are applied in the order they were made, one at a time."""
+        if plan.base != len(self._names):
+            raise RuntimeError(f"label plan made for {plan.base} names applied to a map of {len(self._names)}")
+        if plan.names is None:
+            if self._unsaved:
+                self.save()
+            return
+        trial = LabelMap.__new__(LabelMap)
+        trial.path, trial.max_classes, trial.classes = self.path, self.max_classes, self.classes
+        trial._names, trial._ids, trial._folded = [], {}, {}
+        for name in self._names:
+            trial._add(name)
+        warnings = []
+        for name in plan.names[plan.base:]:
+            similar = trial._folded.get(name.casefold())
+            if similar is not None:
+                warnings.append((name, similar, len(trial._names)))
+            trial._add(name)
+        atomic_write_text(self.path, json.dumps({"names": trial._names}, indent=0))
+        self._names, self._ids, self._folded, self._unsaved = trial._names, trial._ids, trial._folded, False
+        for name, similar, class_id in warnings:
+            self._warn_similar(name, similar, class_id)
 
     def _not_in_fixed(self, label: str) -> str:
         """The nack detail for a name outside the fixed class set: the closest allowed name, else all of them."""
@@ -178,39 +218,43 @@ class LabelMap:
             hint += f", ... ({len(self.classes)} in all)"
         return f"class name {label!r} is not in spool.classes (the fixed class set): {hint}"
 
-    def _warn_if_similar(self, name: str) -> None:
-        """Called once per new name, before it is added."""
-        similar = self._folded.get(name.casefold())
-        if similar is not None:
-            log.warning(
-                "new class %r differs from the known class %r only in letter case; it becomes a separate "
-                "class (class %d) and takes one of the model's outputs for good",
-                name, similar, len(self._names),
-            )
+    @staticmethod
+    def _warn_similar(name: str, similar: str, class_id: int) -> None:
+        """Logged once per new name, when it was saved."""
+        log.warning(
+            "new class %r differs from the known class %r only in letter case; it becomes a separate "
+            "class (class %d) and takes one of the model's outputs for good",
+            name, similar, class_id,
+        )
 
-    def _ids_with_placeholders(self, labels: Sequence[str | int], top_id: int) -> list[int]:
+    def _plan_with_placeholders(self, labels: Sequence[str | int], top_id: int) -> LabelPlan:
         names = list(self._names)
+        for class_id in range(len(names), top_id + 1):
+            clash = self._ids.get(str(class_id))
+            if clash is not None:
+                raise LabelError(
+                    "bad_class_id",
+                    f"class id {top_id} would give ids {len(names)}..{top_id} placeholder names (their ids), but "
+                    f"{str(class_id)!r}, the placeholder of id {class_id}, already names class {clash}: name and id would "
+                    f"point at different classes. Send class names (this map holds {len(names)})",
+                )
         names += [str(i) for i in range(len(names), top_id + 1)]
-        trial = LabelMap.__new__(LabelMap)
-        trial.path, trial.max_classes, trial._names, trial._ids, trial._folded = self.path, self.max_classes, [], {}, {}
-        for name in names:
-            trial._add(name)
-        new = [lab for lab in dict.fromkeys(labels) if isinstance(lab, str) and lab not in trial._ids]
+        known = set(names)
+        new = [lab for lab in dict.fromkeys(labels) if isinstance(lab, str) and lab not in known]
         if self.max_classes and len(names) + len(new) > self.max_classes:
             raise LabelError("too_many_classes", f"{len(names) + len(new)} classes needed, {_limit_text(self.max_classes)}")
-        for name in new:
-            trial._warn_if_similar(name)
-            trial._add(name)
-        self._names, self._ids, self._folded = trial._names, trial._ids, trial._folded
-        self.save()
-        return [self._ids[lab] if isinstance(lab, str) else int(lab) for lab in labels]
+        names += new
+        index: dict[str, int] = {}
+        for class_id, name in enumerate(names):
+            index.setdefault(name, class_id)
+        return LabelPlan([index[lab] if isinstance(lab, str) else int(lab) for lab in labels], len(self._names), names)
 
     def _replace(self, names: Sequence[str]) -> None:
-        """The whole map, as rebuilt by ``restore_labels``; saved."""
-        self._names, self._ids, self._folded = [], {}, {}
+        """The whole map, as rebuilt by ``restore_labels``; saved (the file first, then memory)."""
+        atomic_write_text(self.path, json.dumps({"names": list(names)}, indent=0))
+        self._names, self._ids, self._folded, self._unsaved = [], {}, {}, False
         for name in names:
             self._add(name)
-        self.save()
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps({"names": self._names}, indent=0))

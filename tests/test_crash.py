@@ -157,3 +157,27 @@ def test_full_disk_gives_negative_acks_and_the_agent_keeps_running(tmp_path):
     assert acked and refused
     assert {a.reason for a in refused} == {"disk_full"}
     assert [r.seq for r in _stored(tmp_path / "agent")] == acked
+
+
+def test_full_disk_under_a_window_of_eight_stores_every_acked_message(tmp_path):
+    """Several messages share a commit: a write failing after earlier ones of its group refuses only itself."""
+    config = _config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["spool"] = {"group_commit_ms": 20}
+    config.write_text(yaml.safe_dump(settings))
+    process, endpoints = _start(config, preexec_fn=_limit_file_size(60_000))
+    try:
+        client = LabeledClient(endpoints["labeled"], "robot", timeout_s=3, retries=2, window=8)
+        payload = bytes(range(256)) * 12  # 3 KB of raw pixels: 32x32x3 = 3072 bytes
+        for _ in range(40):
+            client.submit_encoded([payload], [[32, 32, 3]], ["a"], encoding="raw")
+        answers = client.flush()
+        client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    acked = [a.seq for a in answers if a.ok]
+    refused = [a for a in answers if not a.ok]
+    assert len(answers) == 40 and acked and refused
+    assert {a.reason for a in refused} == {"disk_full"}
+    assert sorted(r.seq for r in _stored(tmp_path / "agent")) == acked

@@ -161,3 +161,38 @@ def test_an_older_labels_json_is_found_in_a_cut_untrained_experience(tmp_path):
     (tmp_path / "labels.json").write_text(json.dumps({"names": ["circle"]}))
     with pytest.raises(CLAgentError, match=r"holds 1 class names, but experience 0 holds samples of class id 1"):
         make_service(tmp_path).start()
+
+
+def test_an_id_whose_placeholder_names_another_class_is_refused(tmp_path):
+    labels = LabelMap(tmp_path / "labels.json", max_classes=10)
+    assert labels.ids_for(["a", "b", "3"]) == [0, 1, 2]
+    with pytest.raises(LabelError) as info:
+        labels.ids_for([3])  # its placeholder '3' already names class 2
+    assert info.value.reason == "bad_class_id" and "'3'" in info.value.detail and "class 2" in info.value.detail
+    assert labels.names == ["a", "b", "3"] == LabelMap(tmp_path / "labels.json", 10).names
+    assert labels.ids_for([2, "3", "c"]) == [2, 2, 3]  # ids within the map, and names, still work
+    assert labels.ids_for([5]) == [5] and labels.names == ["a", "b", "3", "c", "4", "5"]
+
+
+def test_a_failed_labels_json_write_leaves_the_map_unchanged(tmp_path, monkeypatch):
+    labels = LabelMap(tmp_path / "labels.json", max_classes=10)
+    assert labels.ids_for(["a"]) == [0]
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("cl_agent.labels.atomic_write_text", no_space)
+    for new in (["b"], [4]):
+        with pytest.raises(OSError):
+            labels.ids_for(new)
+        assert labels.names == ["a"]
+    monkeypatch.undo()
+    assert labels.ids_for(["c"]) == [1] and LabelMap(tmp_path / "labels.json", 10).names == ["a", "c"]
+
+
+def test_a_plan_changes_nothing_until_applied(tmp_path):
+    labels = LabelMap(tmp_path / "labels.json", max_classes=10)
+    plan = labels.plan(["a", 2])
+    assert plan.ids == [3, 2] and labels.names == [] and not (tmp_path / "labels.json").exists()
+    labels.apply(plan)
+    assert labels.names == ["0", "1", "2", "a"] == LabelMap(tmp_path / "labels.json", 10).names
