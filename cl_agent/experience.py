@@ -52,11 +52,21 @@ STORED_IMAGE_LIMITS = WireSection()
 NAMED_DROPS = 5  # dropped labeled images named in the warning; the rest are counted
 
 
+class UnreadableExperience(CLAgentError):
+    """A cut experience whose data cannot be read back: its spool segment or unlabeled draw is missing or
+    unreadable, or the segment does not hold the labeled samples its meta.json counts. The message names the file."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
 class ExperiencePolicy:
     """Decides when the open experience is cut: count, time with a minimum, or an explicit end."""
 
     def __init__(self, config: ExperienceSection):
         self.config = config
+        self._clamped: tuple[float, float] | None = None  # (a first sample time seen later than now, the now it was seen at)
 
     def reason_to_cut(self, samples: int, first_sample_ts: float | None, now: float | None = None) -> str | None:
         if samples >= self.config.labeled_samples:
@@ -65,10 +75,21 @@ class ExperiencePolicy:
         if (
             first_sample_ts is not None
             and samples >= self.config.min_samples
-            and now - first_sample_ts >= self.config.max_wait_s
+            and now - self._wait_start(first_sample_ts, now) >= self.config.max_wait_s
         ):
             return CUT_TIME
         return None
+
+    def _wait_start(self, first_sample_ts: float, now: float) -> float:
+        """When the wait for a time cut began: the first sample's arrival (wall clock), or, when that is
+        later than now (stamped before the clock stepped back), the moment it was first seen so: the wait
+        starts over once instead of lasting until the clock catches up."""
+        clamped = self._clamped
+        start = clamped[1] if clamped is not None and clamped[0] == first_sample_ts else first_sample_ts
+        if start > now:
+            start = now
+            self._clamped = (first_sample_ts, now)
+        return start
 
 
 @dataclass
@@ -181,6 +202,21 @@ def _samples(records: Sequence[Record], *, labeled: bool = True) -> tuple[list[S
     return samples, labels
 
 
+def _is_number(name: str) -> bool:
+    """Whether ``name`` is an experience folder's: ASCII digits (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    return name.isascii() and name.isdigit()
+
+
+def _read_samples(index: int, path: Path, *, labeled: bool = True) -> tuple[list[Sample], list[int]]:
+    """The samples of one file of experience ``index``; ``UnreadableExperience`` naming it if it cannot be read."""
+    try:
+        return _samples([r for _, r in read_records(path)], labeled=labeled)
+    except OSError as e:
+        raise UnreadableExperience(index, f"experience {index}: cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # a record whose checksum holds but whose header does not parse
+        raise UnreadableExperience(index, f"experience {index}: cannot read {path}: {e}") from None
+
+
 class ExperienceStore:
     def __init__(self, workdir: str | Path):
         self.workdir = Path(workdir)
@@ -200,7 +236,7 @@ class ExperienceStore:
         """Every cut experience, in order."""
         if not self.root.is_dir():
             return []
-        return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit() and (p / "meta.json").exists())
+        return sorted(int(p.name) for p in self.root.iterdir() if _is_number(p.name) and (p / "meta.json").exists())
 
     @property
     def last_index(self) -> int:
@@ -250,7 +286,7 @@ class ExperienceStore:
         if mtime == self._root_mtime:
             return
         self._root_mtime = mtime
-        names = {int(n) for n in os.listdir(self.root) if n.isdigit()} if mtime is not None else set()
+        names = {int(n) for n in os.listdir(self.root) if _is_number(n)} if mtime is not None else set()
         for index in names - self._listed:
             if index < self._next_index and (self.experience_dir(index) / "meta.json").exists() and not self.is_trained(index):
                 self._untrained.add(index)
@@ -276,16 +312,24 @@ class ExperienceStore:
         return meta
 
     def load(self, index: int) -> Experience:
+        """Read a cut experience back; raises ``UnreadableExperience`` naming the file when its labeled
+        segment or its unlabeled draw is missing or unreadable, or the segment does not hold the labeled
+        samples its meta.json counts."""
         meta = self.meta(index)
         if self.is_pruned(index):
             raise CLAgentError(
                 f"experience {index} was trained and its data deleted to keep the disk bounded "
                 "(spool.keep_trained_bytes; -1 keeps all)"
             )
-        labeled, labels = _samples([r for _, r in read_records(self.spool_dir / meta["labeled_segment"])])
-        unlabeled, _ = _samples([r for _, r in read_records(self.experience_dir(index) / UNLABELED_FILE)], labeled=False)
+        segment = self.spool_dir / meta["labeled_segment"]
+        labeled, labels = _read_samples(index, segment)
+        unlabeled, _ = _read_samples(index, self.experience_dir(index) / UNLABELED_FILE, labeled=False)
         if len(labeled) != meta["labeled_samples"]:
-            raise ValueError(f"experience {index}: meta says {meta['labeled_samples']} labeled samples, spool holds {len(labeled)}")
+            raise UnreadableExperience(
+                index,
+                f"experience {index}: {segment} holds {len(labeled)} labeled samples, its meta.json says "
+                f"{meta['labeled_samples']} (the segment was damaged or truncated)",
+            )
         return Experience(index, labeled, np.asarray(labels, dtype=np.int64), unlabeled, meta)
 
     def mark_trained(self, index: int) -> None:

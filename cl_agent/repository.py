@@ -54,6 +54,7 @@ COUNTER_FILE = ".last_version"
 LOCK_FILE = ".publish.lock"
 HOLD_FILE = ".publish-hold.json"  # hidden and not a number: version scans, the fetch service and Triton pass it by
 REQUIRED_MANIFEST_KEYS = ("class_names", "image_size")
+DELETED_NAME = re.compile(r"\.deleted-[0-9]+-[0-9a-f]{8}")  # what retention renames a version folder to before deleting it
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one path component that stays inside the repository root
 
 
@@ -585,9 +586,14 @@ class ModelRepository:
         try:
             doomed = self.versions()[: -self.keep_last]  # folders that are not versions are left for a person to look at
             for version in doomed:
-                trash = self.model_dir / f".deleted-{version}-{uuid.uuid4().hex[:8]}"
+                trash = self.model_dir / f".deleted-{version}-{uuid.uuid4().hex[:8]}"  # DELETED_NAME
                 os.rename(self.version_dir(version), trash)
                 shutil.rmtree(trash, ignore_errors=True)
+            # Leftovers of deletes that a kill or an error cut short: made and removed under the publish
+            # lock, so one seen here is never in use. Only names retention makes (a person's folders stay).
+            for left in self.model_dir.glob(".deleted-*"):
+                if DELETED_NAME.fullmatch(left.name) and left.is_dir() and not left.is_symlink():
+                    shutil.rmtree(left, ignore_errors=True)
             # Leftovers of publishers that crashed before their rename.
             for stale in self.model_dir.glob(".tmp-*"):
                 if time.time() - stale.stat().st_mtime > 3600:

@@ -34,7 +34,7 @@ import torch
 from cl_agent.errors import CLAgentError
 from cl_agent.config import AgentConfig
 from cl_agent.device import resolve_device
-from cl_agent.experience import ExperienceStore
+from cl_agent.experience import ExperienceStore, UnreadableExperience
 from cl_agent.export import ExportError
 from cl_agent.labels import LabelMap, names_from_manifest
 from cl_agent.repository import (
@@ -57,7 +57,7 @@ from cl_agent.storage import atomic_write_text
 log = logging.getLogger("cl_agent.updater")
 
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_RE = re.compile(r"^exp-(\d{6})\.pt$")
+CHECKPOINT_RE = re.compile(r"^exp-([0-9]{6,})\.pt$")  # zero-padded to 6 digits, more past experience 999999
 KEEP_CHECKPOINTS = 2
 EXPORT_TEMP_PREFIX = "export-"  # temp folders of an export in progress (removed on start if a crash left one)
 AGENT_ID_FILE = "agent-id"  # names this working directory in the manifests of the versions it publishes
@@ -158,7 +158,8 @@ def check_labels_cover_published(workdir: Path, own_id: str, latest: int, manife
 
 
 def checkpoints_in(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """The trainer checkpoints in ``checkpoint_dir`` as (last experience trained into it, path), oldest first."""
+    """The trainer checkpoints in ``checkpoint_dir`` as (last experience trained into it, path), oldest first
+    (by number: ``exp-1000000.pt`` comes after ``exp-999999.pt``)."""
     if not checkpoint_dir.is_dir():
         return []
     found = []
@@ -419,7 +420,12 @@ class Updater:
         if policy == "shorten" and budget and len(pending) > 1:
             budget = budget / len(pending)
 
-        labeled, labels, unlabeled = self._load(chosen)
+        try:
+            labeled, labels, unlabeled = self._load(chosen)
+        except UnreadableExperience as e:
+            # Its spool segment or draw is lost or damaged: it would fail the same way after every restart.
+            # Only it is skipped (logged as an error naming the file); the others chosen with it are trained next.
+            return self._skip([e.index], len(pending), str(e), level=logging.ERROR)
         known = labels < self.cfg.model.num_classes  # spool.max_classes may allow more names than the model has outputs
         if not known.all():
             log.warning("experiences %s: %d labeled samples have a class id >= model.num_classes (%d); left out",
@@ -488,9 +494,9 @@ class Updater:
         if checkpoints:
             self.trainer.load_checkpoint(checkpoints[-1][1])
 
-    def _skip(self, chosen: list[int], pending: int, reason: str) -> UpdateResult:
+    def _skip(self, chosen: list[int], pending: int, reason: str, level: int = logging.WARNING) -> UpdateResult:
         """Record and mark experiences that cannot be trained (no update, no version); the record says why."""
-        log.warning("experiences %s skipped: %s", chosen, reason)
+        log.log(level, "experiences %s skipped: %s", chosen, reason)
         record = {**self._record(chosen, pending, {}, None, None, 0.0, 0.0, None), "recovered": False, "skipped": reason}
         if not set(chosen) <= recorded_since(self.workdir, min(chosen)):  # a crash between the record and the marks must not record them twice
             append_experience_record(self.workdir, record)

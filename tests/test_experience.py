@@ -230,3 +230,26 @@ def test_a_summary_half_written_by_a_killed_process_is_discarded(tmp_path):
     leftover.write_text('{"through": 1, "ru')
     assert store.discard_unfinished_writes() == 1 and not leftover.exists()
     assert (tmp_path / "experiences" / "keys.json").exists() and store.indices() == [0, 1]
+
+
+def test_a_first_sample_time_in_the_future_restarts_the_wait_once_instead_of_holding_the_cut_off():
+    # The clock stepped back 1000 s after the first sample was stamped: its time is ahead of now.
+    policy = ExperiencePolicy(ExperienceSection(labeled_samples=100, max_wait_s=10, min_samples=5))
+    first = 5000.0
+    assert policy.reason_to_cut(50, first, now=4000.0) is None  # taken as now: the wait starts over
+    assert policy.reason_to_cut(50, first, now=4009.0) is None
+    assert policy.reason_to_cut(50, first, now=4010.0) == CUT_TIME  # max_wait_s after that, not 1000 s later
+    # a new open experience whose first sample is in the past is timed from that sample as before
+    assert policy.reason_to_cut(50, 4005.0, now=4010.0) is None
+    assert policy.reason_to_cut(50, 4005.0, now=4015.0) == CUT_TIME
+
+
+def test_experience_folders_past_999999_are_listed_in_numeric_order_and_other_names_passed_by(tmp_path):
+    store = ExperienceStore(tmp_path)
+    for index in (999_999, 1_000_000, 12):
+        store.write(index, labeled_segment=f"labeled-{index:06d}.log", labeled_samples=0, keys=[], unlabeled=[], reason=CUT_COUNT)
+    for name in ("²", "notes", "0000a1"):  # not experience folders ("²" passes str.isdigit, int() refuses it)
+        (store.root / name).mkdir()
+        (store.root / name / "meta.json").write_text("{}")
+    assert store.indices() == [12, 999_999, 1_000_000]
+    assert store.pending() == [12, 999_999, 1_000_000]

@@ -420,3 +420,20 @@ def test_publish_removes_temp_folders_older_than_an_hour_and_keeps_fresh_ones(tm
     publish(repo, tmp_path, b"second")
     assert not old.exists()  # a crashed publisher's leftover
     assert (fresh / "model.onnx").read_bytes() == b"half"  # may be another publisher at work right now
+
+
+def test_publish_removes_folders_an_interrupted_retention_left_and_nothing_else(tmp_path):
+    repo = ModelRepository(tmp_path, "student")
+    publish(repo, tmp_path, b"first")
+    model_dir = tmp_path / "student"
+    # a kill -9 during the delete, or a delete that failed part way (ignore_errors), leaves one of these
+    left = model_dir / ".deleted-3-0123abcd"
+    (left / "sub").mkdir(parents=True)
+    (left / "sub" / "model.onnx").write_bytes(b"old")
+    others = [model_dir / ".deleted-by-hand", model_dir / "deleted-3-0123abcd"]  # names retention never makes
+    for folder in others:
+        folder.mkdir()
+    publish(repo, tmp_path, b"second")
+    assert not left.exists()
+    assert all(folder.is_dir() for folder in others)
+    assert repo.versions() == [1, 2]

@@ -1,11 +1,20 @@
 """An experience the trainer had to skip (no usable images) changes neither the model version nor the update metrics."""
 
+import logging
 import queue
 
+import numpy as np
+import pytest
+
+from agent_harness import send_experience, tiny_agent_config
 from cl_agent.agent import Agent
+from cl_agent.client import LabeledClient
 from cl_agent.config import load_config
+from cl_agent.experience import ExperienceStore
+from cl_agent.ingest import IngestService
 from cl_agent.metrics import AgentMetrics
-from cl_agent.status import append_experience_record, initial_state, print_status, write_state
+from cl_agent.status import append_experience_record, initial_state, print_status, read_experience_records, write_state
+from cl_agent.updater import Updater
 
 
 def _record(experience, version, **extra):
@@ -62,3 +71,44 @@ def test_report_on_a_missing_workdir_says_the_folder_is_not_there(tmp_path):
 
     with pytest.raises(CLAgentError, match="folder not found"):
         write_report(tmp_path / "typo")
+
+
+def _cut_experiences(cfg, class_sets: list[list[int]]) -> None:
+    """Cut experiences through the real ingestion path (socket, spool, store)."""
+    rng = np.random.default_rng(0)
+    with IngestService(cfg.ingest, cfg.spool, cfg.reservoir, cfg.experience, cfg.agent.workdir):
+        client = LabeledClient(cfg.ingest.labeled_endpoint, "skip-test", timeout_s=5.0)
+        try:
+            for classes in class_sets:
+                send_experience(client, classes, 8, rng)
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("damage", ["segment deleted", "segment truncated", "draw deleted"])
+def test_an_experience_whose_files_are_lost_or_damaged_is_skipped_and_the_trainer_goes_on(tmp_path, caplog, damage):
+    cfg, _ = tiny_agent_config(tmp_path, **{"agent.backlog_policy": "merge", "repository.announce_endpoint": ""})
+    _cut_experiences(cfg, [[0, 1], [1, 2], [2, 3]])
+    store = ExperienceStore(cfg.agent.workdir)
+    segment = store.spool_dir / store.meta(1)["labeled_segment"]
+    damaged = store.experience_dir(1) / "unlabeled.log" if damage == "draw deleted" else segment
+    if damage == "segment truncated":
+        segment.write_bytes(segment.read_bytes()[: segment.stat().st_size // 2])
+    else:
+        damaged.unlink()
+    updater = Updater(cfg)
+    try:
+        with caplog.at_level(logging.ERROR, logger="cl_agent.updater"):
+            skipped = updater.run_once()
+        # only the damaged experience is skipped, not the others merged with it
+        assert skipped.experiences == [1] and skipped.version is None
+        assert str(damaged) in skipped.record["skipped"]
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("experience 1" in m and str(damaged) in m for m in errors), errors
+        trained = updater.run_once()
+        assert trained.experiences == [0, 2] and trained.version == 1
+        assert updater.run_once() is None
+    finally:
+        updater.close()
+    assert store.pending() == []
+    assert [(r["merged"], bool(r.get("skipped"))) for r in read_experience_records(cfg.agent.workdir)] == [([1], True), ([0, 2], False)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +265,30 @@ def test_an_update_reports_each_phase_with_the_steps_training_did(tmp_path):
         (CHECKING_PARITY, 1, planned), (PUBLISHING, 1, planned),
     ]
     assert "losses" in messages[0] and all(m["experience"] == 2 for m in messages)
+
+
+def test_checkpoint_names_of_six_or_more_digits_are_found_in_numeric_order(tmp_path):
+    from cl_agent.updater import checkpoints_in
+
+    for name in ("exp-1000000.pt", "exp-999999.pt", "exp-12345678.pt", "exp-999998.pt",
+                 "exp-12345.pt", "exp-1000000.pt.tmp", "exp-x00000.pt"):  # the last three are not checkpoint names
+        (tmp_path / name).write_bytes(b"")
+    assert [n for n, _ in checkpoints_in(tmp_path)] == [999998, 999999, 1000000, 12345678]
+
+
+def test_checkpoints_past_experience_999999_are_rotated_and_restored(tmp_path):
+    cfg, _ = tiny_agent_config(tmp_path, **{"repository.announce_endpoint": ""})
+    updater = Updater(cfg)
+    try:
+        for experience in (999_999, 1_000_000, 1_000_001):
+            updater._checkpoint(experience)
+    finally:
+        updater.close()
+    checkpoint_dir = Path(cfg.agent.workdir) / "checkpoints"
+    assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["exp-1000000.pt", "exp-1000001.pt"]
+    again = Updater(cfg)  # a restart goes on from the newest, and publishes it (it never was)
+    try:
+        assert again.last_trained == 1_000_001
+        assert ModelRepository(cfg.repository.root, cfg.agent.model_name).load_manifest(1)["experience_index"] == 1_000_001
+    finally:
+        again.close()
