@@ -2,7 +2,7 @@
 
 One background thread owns every socket and the spool:
 
-    labeled ROUTER  --validate--> label map --> spool.append ... spool.commit (one fsync) --> ack / nack
+    labeled ROUTER  --validate, decode--> plan class ids --> spool.append --> save new names ... spool.commit (one fsync) --> ack / nack
     frame PULL|SUB|ROUTER --validate--> reservoir (still encoded), drops counted from sequence gaps
     control REP     --> end_experience, status
     policy          --> cut an experience (labeled segment + a draw of frames), numbered, durable
