@@ -55,6 +55,7 @@ LOCK_FILE = ".publish.lock"
 HOLD_FILE = ".publish-hold.json"  # hidden and not a number: version scans, the fetch service and Triton pass it by
 REQUIRED_MANIFEST_KEYS = ("class_names", "image_size")
 DELETED_NAME = re.compile(r"\.deleted-[0-9]+-[0-9a-f]{8}")  # what retention renames a version folder to before deleting it
+TEMP_NAME = re.compile(r"\.tmp-[0-9]+-[0-9a-f]{8}")  # where publish and install write a version before its rename
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one path component that stays inside the repository root
 
 
@@ -589,15 +590,13 @@ class ModelRepository:
                 trash = self.model_dir / f".deleted-{version}-{uuid.uuid4().hex[:8]}"  # DELETED_NAME
                 os.rename(self.version_dir(version), trash)
                 shutil.rmtree(trash, ignore_errors=True)
-            # Leftovers of deletes that a kill or an error cut short: made and removed under the publish
-            # lock, so one seen here is never in use. Only names retention makes (a person's folders stay).
-            for left in self.model_dir.glob(".deleted-*"):
-                if DELETED_NAME.fullmatch(left.name) and left.is_dir() and not left.is_symlink():
+            # Leftovers of deletes that a kill or an error cut short, and of publishers killed before their
+            # rename: both are made and removed under the publish lock held here, so one seen now is never
+            # in use. Only the names this code makes (a person's folders stay).
+            for left in [*self.model_dir.glob(".deleted-*"), *self.model_dir.glob(".tmp-*")]:
+                if (DELETED_NAME.fullmatch(left.name) or TEMP_NAME.fullmatch(left.name)) and left.is_dir() \
+                        and not left.is_symlink():
                     shutil.rmtree(left, ignore_errors=True)
-            # Leftovers of publishers that crashed before their rename.
-            for stale in self.model_dir.glob(".tmp-*"):
-                if time.time() - stale.stat().st_mtime > 3600:
-                    shutil.rmtree(stale, ignore_errors=True)
             if doomed:
                 fsync_dir(self.model_dir)
         except OSError as e:
