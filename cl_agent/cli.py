@@ -486,10 +486,13 @@ def machine_warnings(cfg: AgentConfig) -> list[str]:
 # --------------------------------------------------------------------------- models
 
 
+DEFAULT_REPO_OPTION = "the default repository.root (no --repo or --config given)"
+
+
 def repository_target(cfg: AgentConfig, repo: Optional[Path], model: Optional[str], no_config: bool) -> tuple[Path, str, str]:
     """(repository root, model name, the option the root came from, for messages) of a ``models`` or ``labels``
     command: --repo and --model win over the config (--config, --set), which fills in what they leave out."""
-    option = "--repo" if repo is not None or no_config else "repository.root"
+    option = "--repo" if repo is not None else (DEFAULT_REPO_OPTION if no_config else "repository.root")
     return (repo if repo is not None else Path(cfg.repository.root)), (model or cfg.agent.model_name), option
 
 

@@ -678,7 +678,9 @@ def check_repo_option(repo: str | os.PathLike, option: str = "--repo") -> None:
     path = Path(repo)
     where = f"{option} = {str(path)!r}"
     if not path.exists():
-        raise CLAgentError(f"{where}: folder not found")
+        hint = ": pass --repo DIR (the agent's repository.root) or --config FILE (the agent's config)" \
+            if option.startswith("the default") else ""
+        raise CLAgentError(f"{where}: folder not found{hint}")
     if not path.is_dir():
         raise CLAgentError(f"{where}: not a folder")
     if not os.access(path, os.R_OK | os.X_OK):

@@ -133,6 +133,11 @@ def test_models_and_labels_commands_take_the_repository_from_the_config_and_opti
     assert code == 2 and err.strip() == f"error: repository.root = {str(tmp_path / 'nosuch')!r}: folder not found"
     code, out, err = cl_agent(monkeypatch, capsys, "models", "list", "--config", str(config), "--repo", str(tmp_path / "typo"))
     assert code == 2 and err.strip() == f"error: --repo = {str(tmp_path / 'typo')!r}: folder not found"
+    # Neither --repo nor a config: the default root is named as such, with the two ways to point elsewhere.
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cl_agent(monkeypatch, capsys, "models", "release")
+    assert code == 2 and err.strip() == ("error: the default repository.root (no --repo or --config given) = 'runs/models': "
+                                         "folder not found: pass --repo DIR (the agent's repository.root) or --config FILE (the agent's config)")
 
 
 # --------------------------------------------------------------------------- a mistyped --model, a second hold
