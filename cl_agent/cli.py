@@ -279,7 +279,7 @@ def status(
     if not live:
         given = [name for name, value in (("--json", json_), ("--curve-secret", curve_secret), ("--curve-server", curve_server)) if value]
         if given:
-            fail(f"{', '.join(given)} only go with --control ENDPOINT or --live")
+            fail(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for --control ENDPOINT or --live")
     if live and workdir is None and (config is not None or set_):
         live_status(resolve_config(config, set_), f"ingest.control_endpoint of {config or 'the defaults'}", timeout, json_, curve)
         raise typer.Exit(0)
