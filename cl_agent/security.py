@@ -110,7 +110,7 @@ def start_authenticator(context: zmq.Context, curve: CurveSection) -> ThreadAuth
     """Allow CURVE clients whose public keys are in ``curve.authorized_clients_dir``; call .stop() when done."""
     folder = Path(curve.authorized_clients_dir)
     if not folder.is_dir():
-        raise CLAgentError(f"curve.authorized_clients_dir is not a folder: {folder!s}")
+        raise CLAgentError(f"ingest.curve.authorized_clients_dir = {str(folder)!r}: not a folder (it holds the public key files of the clients allowed to connect)")
     auth = ThreadAuthenticator(context)
     auth.start()
     auth.configure_curve(domain="*", location=str(folder))

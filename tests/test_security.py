@@ -94,3 +94,14 @@ def test_keys_make_into_a_file_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.output
     nested = CliRunner().invoke(app, ["keys", "make", str(path / "sub")])
     assert nested.exit_code != 0 and isinstance(nested.exception, SystemExit) and str(path) in nested.output
+
+
+def test_a_missing_folder_of_client_keys_is_named_by_its_config_key(tmp_path):
+    import zmq
+
+    from cl_agent.security import start_authenticator
+
+    curve = CurveSection(enabled=True, server_secret_key=str(tmp_path / "agent.key_secret"),
+                         authorized_clients_dir=str(tmp_path / "clients"))
+    with pytest.raises(CLAgentError, match=r"^ingest\.curve\.authorized_clients_dir = '.*clients': not a folder"):
+        start_authenticator(zmq.Context.instance(), curve)
