@@ -28,6 +28,7 @@ from cl_agent.config import (
     AgentSection,
     ExperienceSection,
     ModelSection,
+    ServeSection,
     TrainSection,
     connect_endpoint,
     save_resolved,
@@ -46,29 +47,37 @@ PUBLISHED_POLL_S = 1.0  # the repository's newest version is read again this oft
 
 
 def slow_training_warning(
-    agent: AgentSection, train: TrainSection, experience: ExperienceSection, model: ModelSection, cuda_available: bool
+    agent: AgentSection, train: TrainSection, experience: ExperienceSection, model: ModelSection, cuda_available: bool,
+    serve: ServeSection | None = None,
 ) -> str | None:
     """A warning when the updates will train on the CPU with no time limit, naming the planned work; else None.
 
-    The default schedule (train.epochs_base epochs at the first experience) is sized for a GPU:
-    on a small CPU one update can take an hour, and a stop abandons the update under way."""
+    The default schedule (train.epochs_base epochs at the first experience) is sized for a GPU; how long
+    a step takes on a CPU is not known before the first steps run (``long_update_warning`` judges that
+    pace), so the warning names the planned steps, not a duration. ``serve``: the config's serve section;
+    one that follows an agent on another machine (``serve.follow_fetch_endpoint``) is a serving machine's
+    config, which trains nothing: no warning."""
     from cl_agent.method import epochs_for, steps_per_epoch
 
+    if serve is not None and serve.follow_fetch_endpoint:
+        return None
     on_cpu = agent.device == "cpu" or (agent.device == "auto" and not cuda_available)
     if not on_cpu or train.time_budget_s > 0:
         return None
     epochs = epochs_for(train, 0)
     per_epoch = steps_per_epoch(experience.labeled_samples, train.labeled_batch)
     device = "agent.device = 'cpu'" if agent.device == "cpu" else "agent.device = 'auto' and no CUDA on this machine"
+    from cl_agent.status import duration_text
+
     return (
         f"updates train on the CPU ({device}) with no time limit (train.time_budget_s = 0): the first update "
         f"plans up to {epochs * per_epoch} steps ({epochs} epochs x {per_epoch} batches of train.labeled_batch "
         f"{train.labeled_batch} from experience.labeled_samples {experience.labeled_samples}; fewer for an "
         f"experience cut early) of "
-        f"{model.backbone} at {model.image_size} px; how long that takes grows with the step count and the CPU "
-        "(an hour or more for thousands of steps on a small CPU), nothing limits it, and a stop abandons the "
-        "update under way. Set train.time_budget_s (seconds per update, e.g. 600) "
-        "or lower train.epochs_base and train.epochs_min"
+        f"{model.backbone} at {model.image_size} px; how long that takes depends on the step count and the CPU "
+        f"(the agent warns again once the pace of the first steps puts an update at {duration_text(SLOW_UPDATE_S)} "
+        "or more), nothing limits it, and a stop abandons the update under way. Set train.time_budget_s (seconds "
+        "per update, e.g. 600) or lower train.epochs_base and train.epochs_min"
     )
 
 
@@ -258,6 +267,7 @@ class Agent:
         from cl_agent.status import UpdateProgress
 
         self.progress = UpdateProgress(cfg.train.time_budget_s)  # the update under way, from the trainer's messages
+        self.metrics = None  # the AgentMetrics of the running agent (``run``)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -409,10 +419,12 @@ class Agent:
         except CLAgentError as error:
             return self._refuse_start(error)
         save_resolved(cfg, self.workdir / RESOLVED_CONFIG)
-        metrics = AgentMetrics()
+        # Without a hosted server the agent does not know the served version: it exports none (see AgentMetrics).
+        metrics = self.metrics = AgentMetrics(served_version=cfg.agent.host_server)
         metrics_server = serve_from_config(metrics, cfg.metrics)
         state = initial_state(metrics_port=metrics_server.port if metrics_server else None, metrics_host=cfg.metrics.host)
         state["heartbeat_s"] = cfg.metrics.state_interval_s
+        state["host_server"] = cfg.agent.host_server  # false: served_version stays null, status says it is not tracked
         state["update"] = None
         # where `cl-agent status` reads the hold on publishing (the file, not this copy, when it can reach it)
         state["model_repository"] = {"root": str(Path(cfg.repository.root).resolve()), "model": cfg.agent.model_name}
@@ -546,15 +558,19 @@ class Agent:
             if item["online_accuracy"] is not None:
                 metrics.set_online_accuracy(item["online_accuracy"])
             export_seconds = item.get("export_seconds") or 0.0
-            log.info(
-                "experience %d trained (%d labeled, %d unlabeled) in %.1f s (training %.1f s, export and publish %.1f s), "
-                "online accuracy %s, published version %s",
-                item["experience"], item["labeled"], item["unlabeled"], item["update_seconds"] + export_seconds,
-                item["update_seconds"], export_seconds,
-                "n/a" if item["online_accuracy"] is None else f"{item['online_accuracy']:.3f}",
-                item["version"] if item["version"] is not None and not item.get("publish_error")
-                else f"none (not published; {state.get('published_version')} stays)",
-            )
+            published = (item["version"] if item["version"] is not None and not item.get("publish_error")
+                         else f"none (not published; {state.get('published_version')} stays)")
+            if item.get("recovered"):  # recorded from its checkpoint after a crash: nothing was trained or timed now
+                log.info("experience %d recovered from its checkpoint (trained before the restart; its timings, losses "
+                         "and online accuracy were not recorded), published version %s", item["experience"], published)
+            else:
+                log.info(
+                    "experience %d trained (%d labeled, %d unlabeled) in %.1f s (training %.1f s, export and publish %.1f s), "
+                    "online accuracy %s, published version %s",
+                    item["experience"], item["labeled"], item["unlabeled"], item["update_seconds"] + export_seconds,
+                    item["update_seconds"], export_seconds,
+                    "n/a" if item["online_accuracy"] is None else f"{item['online_accuracy']:.3f}", published,
+                )
             if view is not None:  # after the published version was read: "idle (version N)" names the new one
                 view.update({"phase": "idle", "online_accuracy": item["online_accuracy"]})
 

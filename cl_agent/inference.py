@@ -389,8 +389,6 @@ def print_predictions(
         if as_json:
             row = {"image": str(path), "model": result.model, "model_version": result.model_version, "predictions": ranked}
             typer.echo(json.dumps(row))
-        else:
-            # Classes never trained on have probability 0 (the exported graph masks them): not worth a column.
-            shown = [(name, p) for name, p in ranked if p > 0] or ranked[:1]
-            typer.echo(f"{path}  v{result.model_version}  " + "  ".join(f"{name} {p:.3f}" for name, p in shown))
+        else:  # the server leaves out classes the model was never trained on
+            typer.echo(f"{path}  v{result.model_version}  " + "  ".join(f"{name} {p:.3f}" for name, p in ranked))
     return 1 if failed else 0

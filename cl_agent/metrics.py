@@ -48,7 +48,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "loss": ("gauge", ("term",), "Mean loss term of the last update"),
     "online_accuracy": ("gauge", (), "Accuracy on the last experience's labeled samples before training on them"),
     "published_version": ("gauge", (), "Newest model version published to the repository"),
-    "served_version": ("gauge", (), "Model version the server reports it is serving"),
+    "served_version": ("gauge", (), "Model version the agent's hosted server reports it is serving (agent.host_server; absent without one)"),
     "publish_failures_total": ("counter", (), "Updates whose export was refused (the previous version stays served)"),
     "trainer_failures_total": ("counter", (), "Trainer processes that failed (raised or were killed) and were restarted"),
 }
@@ -105,12 +105,19 @@ class MetricsServer:
 
 
 class AgentMetrics:
-    """The agent's metrics. Methods are thread-safe (prometheus_client locks per metric)."""
+    """The agent's metrics. Methods are thread-safe (prometheus_client locks per metric).
 
-    def __init__(self) -> None:
+    ``served_version``: whether the agent hosts the server (``agent.host_server``) and so knows the version
+    served. Without one, ``served_version`` is not exported at all: a gauge at 0 would read as "version 0
+    served" and keep ``served_version < published_version`` alerts firing; an absent series matches nothing.
+    """
+
+    def __init__(self, served_version: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._metrics: dict = {}
         for name, (kind, labels, help_text) in METRICS.items():
+            if name == "served_version" and not served_version:
+                continue
             full = f"{PREFIX}_{name}"
             if kind == "counter":
                 # prometheus_client appends "_total" itself.
@@ -241,7 +248,10 @@ class AgentMetrics:
         self._metrics["published_version"].set(version)
 
     def set_served_version(self, version: int) -> None:
-        self._metrics["served_version"].set(version)
+        """The hosted server's version; ignored by metrics made without one (``served_version=False``)."""
+        gauge = self._metrics.get("served_version")
+        if gauge is not None:
+            gauge.set(version)
 
     def inc_publish_failures(self, n: int = 1) -> None:
         self._metrics["publish_failures_total"].inc(n)

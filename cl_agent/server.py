@@ -517,8 +517,16 @@ def _ranked(probs: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
 
 
 def _predictions_json(rows: list[list[tuple[int, float]]], top_k: int, names_json: list[str]) -> str:
-    """``[[[name, probability], ...] per image]`` as JSON text, the top ``top_k`` of each ranked row."""
-    images = ["[" + ",".join(["[%s,%s]" % (names_json[c], json_number(p)) for c, p in row[:top_k]]) + "]" for row in rows]
+    """``[[[name, probability], ...] per image]`` as JSON text, the top ``top_k`` of each ranked row.
+
+    Classes the model was never trained on are left out: the exported graph masks them
+    (``student.SeenClassMask``), so their probability is exactly 0, and they are outputs the
+    model has no knowledge of (often placeholders named by their index). Only an exact 0 is left
+    out (a broken model's NaN stays visible), and a row keeps at least its best class."""
+    images = []
+    for row in rows:
+        kept = [(c, p) for c, p in row[:top_k] if p != 0] or row[:1]
+        images.append("[" + ",".join(["[%s,%s]" % (names_json[c], json_number(p)) for c, p in kept]) + "]")
     return "[" + ",".join(images) + "]"
 
 

@@ -55,6 +55,7 @@ STATUS_VALUES = ("running", "stopped")
 #   "update"                {...} | null: the update under way (see UpdateProgress.snapshot), null when idle
 #   "model_repository"      {"root": absolute repository.root, "model": agent.model_name}: where status finds the hold file
 #   "publishing_hold"       {...} | null: the hold on publishing as the agent last read it (see hold_fields), null when none
+#   "host_server"           bool: agent.host_server; false: the agent serves nothing, so "served_version" stays null
 # Keys a state.json holds only when the agent hosts the server (agent.host_server):
 #   "server_restarts"  int: times the hosted server exited and was restarted since the agent started
 #   "server_failure"   str | null: why it last exited, while it is down or restarting; null once it runs again
@@ -529,12 +530,32 @@ def _hosted_server_row(state: Mapping) -> list[tuple[str, str]]:
     return [("hosted server", f"restarting ({restarts} restart{'s' if restarts != 1 else ''}; last: {failure})")]
 
 
-def _update_rows(state: Mapping) -> list[tuple[str, str]]:
-    """The update under way (state.json ``update``), while the agent runs; none when idle."""
+def _served_version_text(state: Mapping) -> str:
+    """The hosted server's version; without one (``host_server`` false) the agent does not know what is served."""
+    if state.get("host_server") is False:
+        return ("not tracked by this agent (agent.host_server: false): ask the server with "
+                "`cl-agent predict --status --endpoint ENDPOINT`")
+    return _or_none(state.get("served_version"))
+
+
+def _update_rows(state: Mapping, running: bool = True) -> list[tuple[str, str]]:
+    """The update under way (state.json ``update``), while the agent runs; none when idle.
+
+    ``running``: false when the agent is gone without a clean stop (``describe_liveness``): its last
+    heartbeat's update was interrupted there, and is shown so, without a time left."""
     update = state.get("update")
     if not isinstance(update, Mapping) or state.get("status") != "running":
         return []
     step, steps, phase = update.get("step"), update.get("steps"), update.get("phase")
+    if not running:
+        text = f"experience {update.get('experience')} interrupted"
+        if _is_number(step) and _is_number(steps):
+            text += f" at step {step}/{steps}"
+        if phase in (EXPORTING, CHECKING_PARITY, PUBLISHING):  # its checkpoint was saved: not trained again
+            return [("update", f"{text} ({phase}); its checkpoint is published on restart, not retrained")]
+        if phase == CHECKPOINTING:
+            return [("update", f"{text} ({phase}); redone on restart unless its checkpoint was saved")]
+        return [("update", f"{text} ({phase}); redone on restart")]
     text = f"experience {update.get('experience')}: {phase}"
     if phase is not None and phase != TRAINING:  # after training (any phase name, an older agent's too)
         text += f" after {step}/{steps} steps"
@@ -650,7 +671,7 @@ def print_status(workdir: Path) -> int:
     if state is None:
         rows.append(("agent", f"unknown ({STATE_FILE} missing)"))
     else:
-        _, liveness = describe_liveness(state)
+        running, liveness = describe_liveness(state)
         metrics_host = state.get("metrics_host") or "127.0.0.1"
         rows += [
             ("agent", liveness),
@@ -658,9 +679,10 @@ def print_status(workdir: Path) -> int:
             ("updated", str(state.get("updated_at"))),
             ("last experience", _or_none(state.get("last_experience"))),
             ("pending", f"{state.get('pending_experiences', 0)} experience(s) waiting to be trained"),
-            *_update_rows(state),
+            # not running on this machine: the pid is gone without a clean stop (on another one it may be unreachable)
+            *_update_rows(state, running or state.get("host") != socket.gethostname()),
             ("published version", _or_none(_published_version(state))),
-            ("served version", _or_none(state.get("served_version"))),
+            ("served version", _served_version_text(state)),
             *_hosted_server_row(state),
             ("metrics", _or_none(state.get("metrics_port"), f"http://{metrics_host}:{{}}/metrics")),
         ]
@@ -712,6 +734,14 @@ def print_status(workdir: Path) -> int:
 
 
 def _render_report(records: list[dict], title: str) -> bytes:
+    buffer = io.BytesIO()
+    _report_figure(records, title).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _report_figure(records: list[dict], title: str):
+    """The report's figure: online accuracy above, loss terms below, each legend outside its axes (right),
+    so it never covers a line."""
     # The object-oriented API with an explicit Agg canvas: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -726,7 +756,7 @@ def _render_report(records: list[dict], title: str) -> bytes:
         cumulative.append(correct / total if total else math.nan)
     terms = list(dict.fromkeys(term for r in records for term in (r.get("losses") or {})))
 
-    figure = Figure(figsize=(8, 6.5), dpi=100, layout="constrained")
+    figure = Figure(figsize=(10, 6.5), dpi=100, layout="constrained")  # wider: the legends sit beside the plots
     FigureCanvasAgg(figure)
     accuracy_axes, loss_axes = figure.subplots(2, 1, sharex=True)
     accuracy_axes.plot(x, per_experience, "o-", label="per experience (before training on it)")
@@ -734,7 +764,7 @@ def _render_report(records: list[dict], title: str) -> bytes:
     accuracy_axes.set_ylim(0, 1)
     accuracy_axes.set_ylabel("online accuracy")
     accuracy_axes.grid(alpha=0.3)
-    accuracy_axes.legend(loc="lower right")
+    accuracy_axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small")
     accuracy_axes.set_title(title)
     for term in terms:
         values = [(r.get("losses") or {}).get(term) for r in records]
@@ -744,10 +774,8 @@ def _render_report(records: list[dict], title: str) -> bytes:
     loss_axes.set_ylabel("mean loss term")
     loss_axes.grid(alpha=0.3)
     if terms:
-        loss_axes.legend(loc="upper right", ncols=min(len(terms), 4))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+        loss_axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small")
+    return figure
 
 
 def write_report(workdir: Path, out: Path | None = None) -> int:

@@ -34,6 +34,23 @@ def test_no_warning_with_a_time_budget_or_a_gpu():
     assert "plans up to 30 steps (5 epochs x 6 batches" in smaller
 
 
+def test_the_warning_claims_no_duration_it_cannot_know():
+    # a plan of a few steps: the text names the steps, and no "hour" it cannot know before they run
+    few = warning_for(**{"train.epochs_base": 1, "train.epochs_min": 1, "experience.labeled_samples": 4,
+                         "train.labeled_batch": 2})
+    assert "plans up to 2 steps (1 epochs x 2 batches" in few
+    assert "hour" not in few and "hour" not in warning_for()
+    assert "warns again once the pace of the first steps puts an update at 30m00s or more" in few
+
+
+def test_a_serving_machines_config_is_not_warned_about_training():
+    # docs/deployment.md's edge.yaml: a server following an agent on another machine trains nothing here
+    cfg = load_config(None, {"serve.follow_fetch_endpoint": "tcp://trainer.lan:5560"})
+    assert slow_training_warning(cfg.agent, cfg.train, cfg.experience, cfg.model, False, cfg.serve) is None
+    agent = load_config(None, {})
+    assert slow_training_warning(agent.agent, agent.train, agent.experience, agent.model, False, agent.serve)
+
+
 def test_the_config_command_shows_the_same_warning():
     result = CliRunner().invoke(app, ["config", "--set", "agent.device=cpu"])
     assert result.exit_code == 0

@@ -870,3 +870,28 @@ def test_a_new_version_is_loaded_against_the_manifest_read_once(repo, onnx_model
         server.check_now()
         assert wait_until(lambda: server.version == 2)
         assert reads == [1, 2]
+
+
+def test_classes_never_trained_on_are_left_out_of_every_clients_top_k(tmp_path):
+    # The exported graph masks never-trained outputs (probability exactly 0): a Python client asking for the
+    # default top_k (5, more than the 3 outputs) gets the 2 trained classes, not a placeholder at 0.0.
+    from cl_agent.student import SeenClassMask
+
+    model = tmp_path / "masked.onnx"
+    masked = SeenClassMask(tiny_net(0), torch.tensor([True, False, True])).eval()
+    export_onnx([masked], model, image_size=SIZE, mean=[0.5] * 3, std=[0.25] * 3, export=ExportSection())
+    repo = ModelRepository(tmp_path / "models", "student")
+    publish(repo, model)
+    with Server(repo, serve_section()) as server, InferenceClient(server.endpoint, timeout_s=5) as client:
+        result = client.predict(images(2))
+    for row in result.predictions:
+        assert sorted(name for name, _ in row) == ["cat", "cup"] and all(p > 0 for _, p in row)
+
+
+def test_only_exact_zeros_are_left_out_and_a_row_is_never_empty():
+    names = [json.dumps(n) for n in ("a", "b", "c")]
+    ranked = [[(0, 0.7), (1, 0.3), (2, 0.0)], [(2, float("nan")), (0, 0.0), (1, 0.0)], [(0, 0.0), (1, 0.0), (2, 0.0)]]
+    parsed = json.loads(_predictions_json(ranked, 3, names))
+    assert parsed[0] == [["a", 0.7], ["b", 0.3]]
+    assert [name for name, _ in parsed[1]] == ["c"]  # a broken model's NaN stays visible
+    assert parsed[2] == [["a", 0.0]]
