@@ -409,13 +409,15 @@ def labels_rename(
     set_: SetOpt = None,
 ) -> None:
     """Rename a class in labels.json, keeping its id: samples labeled NEW from then on train the same output.
-    Only while the agent is stopped (exit 75 if one runs in the working directory)."""
+    Only while the agent is stopped (exit 75 if one runs in the working directory). With --config or --set,
+    a spool.classes there must name that id NEW already (change it first): else the agent would not start."""
     from cl_agent.labels import rename_label, workdir_lock
 
     workdir = agent_workdir(workdir, config, set_)
+    classes = resolve_config(config, set_).spool.classes if config is not None or set_ else ()
     try:
         with workdir_lock(workdir):
-            class_id = rename_label(workdir, old, new)
+            class_id = rename_label(workdir, old, new, classes)
     except CLAgentError as e:
         fail(str(e), exit_code(e))
     typer.echo(

@@ -220,9 +220,9 @@ class IngestService:
         return self._failure
 
     def _refuse_lost_labels(self, cut: list[int]) -> None:
-        """An empty class-name map while stored samples carry class ids: the map was lost (labels.json
-        deleted or emptied). Starting would name the outputs '0', '1', ... and give new class names ids
-        that were trained as other classes, so the start is refused with the ways to recover."""
+        """labels.json missing or empty while stored samples carry class ids: the map was lost (deleted or
+        emptied). Starting would name the outputs '0', '1', ... (or spool.classes, in its order) and give
+        class names ids that were trained as other classes, so the start is refused with the ways to recover."""
         path = self.workdir / "labels.json"
         where = None
         for index in cut:  # the first experience with labeled samples is usually the first one
@@ -234,9 +234,13 @@ class IngestService:
         if where is None:
             return
         state = "is missing" if not path.exists() else "holds no class names"
+        fixed = (
+            " (spool.classes does not stand in for it: it gives ids in its order, not necessarily the trained ones)"
+            if self.labels.classes else ""
+        )
         raise CLAgentError(
-            f"{path} {state}, but {where}: starting would give new class names the ids of classes "
-            f"already trained. Restore labels.json from a backup, or rebuild it from the newest "
+            f"{path} {state}, but {where}: starting would give class names the ids of other classes "
+            f"already trained{fixed}. Restore labels.json from a backup, or rebuild it from the newest "
             f"published version's manifest: `cl-agent labels restore --config CONFIG` (the agent's config "
             f"file: it names the working directory and the repository; or `--workdir {self.workdir} --repo "
             f"REPOSITORY_ROOT`) (`cl-agent models show` prints that manifest, class_names in output "
@@ -280,7 +284,7 @@ class IngestService:
             closed_bytes=self.untrained.total,
             keys=self.store.committed_keys(cut),
         )
-        if len(self.labels) == 0:
+        if self.labels.stored == 0:  # not len(): spool.classes fills the map when labels.json is missing
             self._refuse_lost_labels(cut)
         else:
             self._refuse_shrunk_labels()

@@ -74,6 +74,7 @@ class LabelMap:
         self._ids: dict[str, int] = {}
         self._folded: dict[str, str] = {}  # casefolded name -> the first name with that folding
         self._unsaved = False  # names of the fixed set not in labels.json yet: written with the first new sample
+        self.stored = 0  # names read from labels.json (0 when missing): the fixed set fills the map without it
         if self.path.exists():
             data = json.loads(self.path.read_text())
             names = data.get("names") if isinstance(data, dict) else None
@@ -90,6 +91,7 @@ class LabelMap:
                 )
             for name in names:
                 self._add(name)
+            self.stored = len(names)
         if self.classes:
             self._check_fixed()
             for name in self.classes[len(self._names):]:
@@ -336,12 +338,13 @@ def read_label_map(path: str | Path) -> LabelMap:
         raise CLAgentError(f"cannot read the class names {path}: {e}") from None
 
 
-def rename_label(workdir: str | Path, old: str, new: str) -> int:
+def rename_label(workdir: str | Path, old: str, new: str, classes: Sequence[str] = ()) -> int:
     """Rename class ``old`` to ``new`` in ``workdir/labels.json``, keeping its id; the id.
 
     Only while no agent runs there (the caller holds ``workdir_lock``): a running agent keeps the map in
     memory and would write the old name back. The published versions keep the names they were
-    published with; the next one carries the new name."""
+    published with; the next one carries the new name. ``classes`` (the agent's spool.classes, when the
+    caller read its config) must name that id ``new`` already: else the agent would refuse to start."""
     path = Path(workdir) / "labels.json"
     if not path.exists():
         raise CLAgentError(f"{path} does not exist: no class to rename")
@@ -360,6 +363,13 @@ def rename_label(workdir: str | Path, old: str, new: str) -> int:
             "and the samples stored under each id stay theirs"
         )
     class_id = names.index(old)
+    if classes and (class_id >= len(classes) or classes[class_id] != new):
+        fixed = f"names class {class_id} {classes[class_id]!r}" if class_id < len(classes) else f"names only {len(classes)} classes"
+        raise CLAgentError(
+            f"spool.classes of the config {fixed}: after renaming class {class_id} {old!r} to {new!r} the agent "
+            f"would refuse to start (labels.json and spool.classes must name each id alike). Change spool.classes "
+            f"in the config too (class {class_id}: {new!r}) and rename with the config after that change"
+        )
     names[class_id] = new
     labels._replace(names)
     return class_id

@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -126,10 +127,15 @@ def check_repository_owner(cfg: AgentConfig, own_id: str, latest: int, manifest:
         )
 
 
-def check_labels_cover_published(workdir: Path, own_id: str, latest: int, manifest: dict) -> str | None:
+def check_labels_cover_published(
+    workdir: Path, own_id: str, latest: int, manifest: dict, classes: Sequence[str] = ()
+) -> str | None:
     """Refuse a labels.json holding fewer class names than the newest version was published with (an older
     copy put back): new class names would take the ids, and outputs, of classes the model already learned.
-    Returns a warning when it names published classes differently (allowed), else None."""
+    Refuse one placing a published class name at another id (names put back in another order, or
+    ``classes``, spool.classes, standing in for a lost labels.json): the model learned that class at its
+    published output. Returns a warning when it names published classes differently (a rename: allowed),
+    else None."""
     if manifest.get("agent_id") not in (None, own_id):
         return None
     published = names_from_manifest(manifest.get("class_names") or [])
@@ -138,8 +144,19 @@ def check_labels_cover_published(workdir: Path, own_id: str, latest: int, manife
         held = LabelMap(path, 0).names
     except (OSError, UnicodeDecodeError, ValueError):
         return None  # the ingest process refuses a damaged map, naming the file
+    source, lost = str(path), False
+    if not held and classes:
+        held, source, lost = list(classes), f"spool.classes (standing in for the missing or empty {path})", True
+    elif len(held) < len(classes) and held == list(classes[: len(held)]):
+        held = list(classes)  # the fixed set extends labels.json with its next names
     if not held:
         return None  # lost with samples stored: the ingest process refuses it; else a new start (one taking over, say)
+    if len(held) < len(published) and lost:
+        raise CLAgentError(
+            f"{source} names {len(held)} classes, but version {latest} was published with {len(published)} "
+            f"(its class {len(held)} is {published[len(held)]!r}): new class names would take the ids of classes "
+            f"the model already learned. Restore {path.name} from a backup, or rebuild it with `cl-agent labels restore`"
+        )
     if len(held) < len(published):
         raise CLAgentError(
             f"{path} holds {len(held)} class names, but version {latest} was published with {len(published)} "
@@ -147,12 +164,32 @@ def check_labels_cover_published(workdir: Path, own_id: str, latest: int, manife
             "new class names the ids of classes the model already learned. Restore the newest labels.json from a "
             "backup; or move it away and rebuild it with `cl-agent labels restore`"
         )
+    published_id = {name: i for i, name in reversed(list(enumerate(published)))}
+    moved = [(name, published_id[name], i) for i, name in enumerate(held) if published_id.get(name, i) != i]
+    if moved:
+        name, was, now = moved[0]
+        before = f"; its class {now} was {published[now]!r}" if now < len(published) else ""
+        listed = ", ".join(f"{n!r} (published class {w}, here {h})" for n, w, h in moved[:10])
+        more = f", ... ({len(moved)} in all)" if len(moved) > 10 else ""
+        raise CLAgentError(
+            f"{source} names class {now} {name!r}, but version {latest} was published with {name!r} as class "
+            f"{was}{before}. Classes at other ids than published: {listed}{more}. Starting would train and serve "
+            "them at outputs the model learned other classes at. "
+            + (
+                f"Restore {path.name} from a backup, or rebuild it with `cl-agent labels restore`; and list "
+                "spool.classes in the published order (`cl-agent models show` prints class_names in output order)"
+                if lost else
+                f"Put the names of {path.name} back in the published order (restore it from a backup, or move it "
+                "away and rebuild it with `cl-agent labels restore`; `cl-agent models show` prints class_names in "
+                "output order); to give a class another name, `cl-agent labels rename OLD NEW` keeps its id"
+            )
+        )
     renamed = [i for i, name in enumerate(published) if held[i] != name]
     if not renamed:
         return None
     i = renamed[0]
     return (
-        f"{path} names class {i} {held[i]!r}, version {latest} {published[i]!r} ({len(renamed)} classes named "
+        f"{source} names class {i} {held[i]!r}, version {latest} {published[i]!r} ({len(renamed)} classes named "
         f"differently): the served names follow {path.name} from the next version on"
     )
 
@@ -214,7 +251,7 @@ def check_start(cfg: AgentConfig) -> list[str]:
     if latest is not None:
         own_id = agent_id(workdir)
         check_repository_owner(cfg, own_id, *latest)
-        warnings.append(check_labels_cover_published(workdir, own_id, *latest))
+        warnings.append(check_labels_cover_published(workdir, own_id, *latest, cfg.spool.classes))
     trained_through, _ = newest_trained(workdir)
     checkpoints = checkpoints_in(workdir / CHECKPOINT_DIR)
     warnings.append(check_checkpoints_cover(cfg, trained_through, checkpoints[-1][0] if checkpoints else None))

@@ -48,6 +48,39 @@ def test_a_lost_labels_json_refuses_the_start_when_the_open_experience_holds_lab
     assert highest_stored_class_id(tmp_path) == 1  # read from the open spool segment
 
 
+@pytest.mark.parametrize("order", [("circle", "square"), ("square", "circle")])
+@pytest.mark.parametrize("damage", ["delete", "empty"])
+def test_spool_classes_do_not_stand_in_for_a_lost_labels_json(tmp_path, damage, order):
+    """spool.classes fills the map when labels.json is missing, in its own order (maybe not the trained one):
+    a lost labels.json is refused all the same, and nothing is written over it."""
+    _ingest_one_experience(tmp_path)
+    path = tmp_path / "labels.json"
+    if damage == "delete":
+        path.unlink()
+    else:
+        path.write_text('{"names": []}')
+    with pytest.raises(CLAgentError) as refused:
+        make_service(tmp_path, spool={"classes": list(order)}).start()
+    message = str(refused.value)
+    assert "labels.json" in message and "experience 0 holds labeled samples" in message
+    assert "spool.classes does not stand in for it" in message and "cl-agent labels restore" in message
+    assert not path.exists() or json.loads(path.read_text()) == {"names": []}  # nothing written over it
+
+
+def test_spool_classes_in_another_order_than_labels_json_are_refused_at_the_ingest_start(tmp_path):
+    _ingest_one_experience(tmp_path)
+    with pytest.raises(CLAgentError, match=r"names class 0 'circle', but spool.classes names it 'square'"):
+        make_service(tmp_path, spool={"classes": ["square", "circle"]}).start()
+    assert json.loads((tmp_path / "labels.json").read_text()) == {"names": ["circle", "square"]}
+    with make_service(tmp_path, spool={"classes": ["circle", "square", "star"]}) as service:  # the same order: starts
+        assert service.labels.ids_for(["star", "circle"]) == [2, 0]
+
+
+def test_a_fresh_workdir_with_spool_classes_starts_without_labels_json(tmp_path):
+    with make_service(tmp_path, spool={"classes": ["square", "circle"]}) as service:
+        assert service.labels.names == ["square", "circle"] and not (tmp_path / "labels.json").exists()
+
+
 def test_restored_labels_json_starts_and_keeps_the_ids(tmp_path):
     _ingest_one_experience(tmp_path)
     (tmp_path / "labels.json").write_text(json.dumps({"names": ["circle", "square"]}))

@@ -107,6 +107,32 @@ def test_rename_is_refused_while_an_agent_holds_the_workdir(tmp_path):
     assert _labels("rename", "Pallet", "crate", "--workdir", str(tmp_path)).exit_code == 0  # stopped: done
 
 
+def test_rename_with_a_config_naming_the_class_in_spool_classes_must_match_it(tmp_path):
+    """A rename the config's spool.classes contradicts would stop the next start: refused until the config has it."""
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    (workdir / "labels.json").write_text(json.dumps({"names": ["compass", "lion"]}))
+    config = tmp_path / "robot.yaml"
+    config.write_text(f"agent:\n  workdir: {workdir}\nspool:\n  classes: [compass, lion]\n")
+    refused = _labels("rename", "compass", "magnetic_compass", "--config", str(config))
+    assert refused.exit_code == 2, refused.output
+    assert "spool.classes of the config names class 0 'compass'" in refused.output
+    assert "Change spool.classes in the config too (class 0: 'magnetic_compass')" in refused.output
+    assert _names(workdir) == ["compass", "lion"]
+    overridden = _labels("rename", "compass", "magnetic_compass", "--set", f"agent.workdir={workdir}",
+                         "--set", "spool.classes=[compass, lion, tiger]")
+    assert overridden.exit_code == 2 and "names class 0 'compass'" in overridden.output
+    # the config changed first: renamed, and the agent's map matches spool.classes
+    config.write_text(f"agent:\n  workdir: {workdir}\nspool:\n  classes: [magnetic_compass, lion]\n")
+    done = _labels("rename", "compass", "magnetic_compass", "--config", str(config))
+    assert done.exit_code == 0, done.output
+    assert _names(workdir) == ["magnetic_compass", "lion"]
+    LabelMap(workdir / "labels.json", 10, ["magnetic_compass", "lion"])  # what the next start reads: accepted
+    # without a config, as before: labels.json alone
+    assert _labels("rename", "lion", "panthera", "--workdir", str(workdir)).exit_code == 0
+    assert _names(workdir) == ["magnetic_compass", "panthera"]
+
+
 # --------------------------------------------------------------------------- a fixed class set
 
 

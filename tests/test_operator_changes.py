@@ -93,3 +93,48 @@ def test_an_older_labels_json_with_fewer_names_than_published_stops_the_start(tm
     with caplog.at_level("WARNING", logger="cl_agent.updater"):
         Updater(cfg).close()
     assert f"names class 1 'hound', version 1 '{published[1]}'" in caplog.text
+
+
+def test_published_classes_at_other_ids_stop_the_start_a_rename_only_warns(tmp_path, caplog):
+    """A published class name now at another id (labels.json put back in another order, or spool.classes in
+    another order standing in for a lost one) is refused before ingestion opens; a new name at an id is a rename."""
+    import json
+
+    from cl_agent.agent import check_trainer_start
+    from cl_agent.ingest import IngestService
+
+    cfg = _trained(tmp_path, [[0, 1, 2]])
+    workdir = tmp_path / "agent"
+    path = workdir / "labels.json"
+    a, b, c = json.loads(path.read_text())["names"]
+    path.write_text(json.dumps({"names": [b, a, c]}))  # swapped
+    with pytest.raises(CLAgentError, match=rf"labels.json names class 0 '{b}', but version 1 was published with '{b}' as "
+                                           rf"class 1; its class 0 was '{a}'.*'{a}' \(published class 0, here 1\)"
+                                           r".*published order.*cl-agent labels rename OLD NEW"):
+        check_trainer_start(cfg)
+    with pytest.raises(CLAgentError, match="published class 0, here 1"):
+        Updater(cfg)  # the trainer's own start
+    path.write_text(json.dumps({"names": [a, b, "fox", c]}))  # a published class moved to a new id
+    with pytest.raises(CLAgentError, match=rf"'{c}' \(published class 2, here 3\)"):
+        check_trainer_start(cfg)
+
+    path.unlink()  # lost; spool.classes in another order would take its place
+    cfg.spool.classes = [c, a, b]
+    with pytest.raises(CLAgentError, match=rf"spool.classes \(standing in for the missing or empty .*labels.json\) names "
+                                           rf"class 0 '{c}'.*cl-agent labels restore.*list spool.classes in the published order"):
+        check_trainer_start(cfg)
+    cfg.spool.classes = [a, b]
+    with pytest.raises(CLAgentError, match=r"spool.classes \(standing in .*\) names 2 classes, but version 1 was published with 3"):
+        check_trainer_start(cfg)
+    cfg.spool.classes = [a, b, c, "fox"]  # the published order: the ingest start refuses the lost file itself
+    check_trainer_start(cfg)
+    with pytest.raises(CLAgentError, match="labels.json is missing, but experience 0 holds labeled samples"):
+        IngestService(cfg.ingest, cfg.spool, cfg.reservoir, cfg.experience, workdir).start()
+    assert not path.exists()
+
+    path.write_text(json.dumps({"names": [a, "hound", c]}))  # a rename: the new name takes the old id
+    cfg.spool.classes = [a, "hound", c, "fox"]  # extends labels.json
+    check_trainer_start(cfg)
+    with caplog.at_level("WARNING", logger="cl_agent.updater"):
+        Updater(cfg).close()
+    assert f"names class 1 'hound', version 1 '{b}'" in caplog.text

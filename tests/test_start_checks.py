@@ -125,3 +125,30 @@ def test_a_backbone_that_cannot_take_the_image_size_is_refused_before_ingestion(
         check_trainer_start(cfg)
     cfg.model.backbone = "resnet10t"
     check_trainer_start(cfg)  # a backbone that runs at 16 px passes
+
+
+@pytest.mark.parametrize("order", ["permuted", "published"])
+def test_a_lost_labels_json_is_refused_by_cl_agent_run_whatever_spool_classes_says(tmp_path, order):
+    """`cl-agent run` on a trained, published working directory whose labels.json was moved away, with
+    spool.classes standing in: exit 2 naming the file and `cl-agent labels restore`, labels.json not rewritten."""
+    from test_operator_changes import _trained
+
+    _trained(tmp_path, [[0, 1, 2]])
+    workdir = tmp_path / "agent"
+    names = json.loads((workdir / "labels.json").read_text())["names"]
+    (workdir / "labels.json").rename(tmp_path / "elsewhere.json")
+    classes = [names[2], names[0], names[1]] if order == "permuted" else names
+    _, path = tiny_agent_config(tmp_path, **{"repository.announce_endpoint": "", "spool.classes": classes})
+    agent = AgentProcess(path, tmp_path / "agent.log")
+    try:
+        assert agent.process.wait(120) == 2
+    finally:
+        if agent.alive():
+            agent.kill9()
+    output = (tmp_path / "agent.log").read_text()
+    assert "labels.json" in output and "cl-agent labels restore" in output, output
+    if order == "permuted":
+        assert f"names class 0 '{names[2]}', but version 1 was published with '{names[2]}' as class 2" in output, output
+    else:
+        assert "labels.json is missing, but experience 0 holds labeled samples" in output, output
+    assert not (workdir / "labels.json").exists()
