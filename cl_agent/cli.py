@@ -481,7 +481,7 @@ def machine_warnings(cfg: AgentConfig) -> list[str]:
                         f"(have {', '.join(onnxruntime.get_available_providers())})")
     from cl_agent.agent import slow_training_warning
 
-    slow = slow_training_warning(cfg.agent, cfg.train, cfg.experience, cfg.model, torch.cuda.is_available())
+    slow = slow_training_warning(cfg.agent, cfg.train, cfg.experience, cfg.model, torch.cuda.is_available(), cfg.serve)
     return warnings + ([slow] if slow else [])
 
 

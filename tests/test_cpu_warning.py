@@ -57,6 +57,8 @@ def test_the_config_command_shows_the_same_warning():
     assert "warning: updates train on the CPU (agent.device = 'cpu')" in result.output and "592 steps" in result.output
     quiet = CliRunner().invoke(app, ["config", "--set", "agent.device=cpu", "--set", "train.time_budget_s=300"])
     assert "warning" not in quiet.output
+    edge = CliRunner().invoke(app, ["config", "--set", "agent.device=cpu", "--set", "serve.follow_fetch_endpoint=tcp://trainer.lan:5560"])
+    assert edge.exit_code == 0 and "warning" not in edge.output  # a serving machine's config trains nothing
 
 
 def test_the_agent_logs_the_trainers_warning_once_across_restarts(tmp_path, caplog):
