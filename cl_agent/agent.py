@@ -684,12 +684,22 @@ def _rate_counters(counters: dict) -> dict:
     }
 
 
+def live_view(cfg: AgentConfig, stream):
+    """The progress view on ``stream`` the config asks for (metrics.console), or None. Not with
+    agent.log_json on a stream that is not a terminal: JSON log lines on a pipe are for a collector, and
+    plain progress lines between them would break its parsing."""
+    from cl_agent.console import LiveView
+
+    if cfg.agent.log_json and not stream.isatty():
+        return None
+    return LiveView.from_section(cfg.metrics, stream)
+
+
 def run_agent(cfg: AgentConfig, stop_requested: threading.Event | None = None) -> int:
     """``stop_requested``: the event the caller's signal handlers set since before this call (``cl-agent
     run`` installs them before its own imports): a stop asked for then is carried out, not lost."""
     stop_requested = stop_requested if stop_requested is not None else threading.Event()
     install_stop_handlers(stop_requested)  # before the slow imports and start-up: SIGTERM then stops cleanly (exit 0)
-    from cl_agent.console import LiveView
     from cl_agent.distributed import check_agent_nproc
     from cl_agent.logs import setup_logging
 
@@ -698,7 +708,7 @@ def run_agent(cfg: AgentConfig, stop_requested: threading.Event | None = None) -
     check_agent_nproc(cfg.train.nproc)  # before anything starts: a clear refusal, not a restart loop
     make_workdir(cfg.agent.workdir)
     make_workdir(cfg.repository.root, "repository.root")  # else the first publish fails, and every retry
-    view = LiveView.from_section(cfg.metrics, sys.stderr)
+    view = live_view(cfg, sys.stderr)
     stream = view.log_stream() if view is not None else None
     setup_logging(cfg.agent.log_level, cfg.agent.log_json, file=Path(cfg.agent.workdir) / "agent.log", stream=stream,
                   max_bytes=cfg.agent.log_max_bytes, backups=cfg.agent.log_backups)

@@ -284,7 +284,7 @@ class MetricsSection:
     host: str = "127.0.0.1"  # bind address (loopback by default)
     port: int = field(default=9109, metadata=_range(ge=0, le=65535))  # 0 = pick a free port
     state_interval_s: float = field(default=5.0, metadata=_range(gt=0))  # rewrite workdir/state.json (the heartbeat `cl-agent status` reads) this often
-    console: bool = True  # live progress view on stderr: redrawn in place on a TTY, a line every console_interval_s otherwise
+    console: bool = True  # live progress view on stderr: redrawn in place on a TTY, a line every console_interval_s otherwise (off with agent.log_json when stderr is not a TTY)
     console_interval_s: float = field(default=10.0, metadata=_range(gt=0))  # seconds between progress lines when not on a TTY
 
 

@@ -112,3 +112,20 @@ def test_the_model_line_says_in_words_what_is_not_known_yet(fields, expected):
     view = LiveView(io.StringIO(), interval_s=60.0, clock=FakeClock())
     view.update(fields)
     assert view.lines()[-1] == expected
+
+
+def test_json_logs_on_a_pipe_get_no_progress_lines_between_them():
+    import io
+
+    from cl_agent.agent import live_view
+    from cl_agent.config import load_config
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    plain, json_logs = load_config(None), load_config(None, {"agent.log_json": True})
+    assert live_view(plain, io.StringIO()) is not None  # plain logs: a progress line now and then
+    assert live_view(json_logs, io.StringIO()) is None  # JSON lines for a collector: nothing else on the pipe
+    assert live_view(json_logs, Terminal()) is not None  # a person at a terminal still sees the view
+    assert live_view(load_config(None, {"metrics.console": False}), Terminal()) is None
