@@ -444,8 +444,8 @@ class LabeledClient:
             raise CLAgentError(f"not sent: {e}") from None
         _check_size(parts, self.max_message_bytes, f"a {kind} message of {len(payloads)} images")  # nothing sent or queued
         self.next_seq += 1
+        self._pending[seq] = (parts, time.monotonic())  # first: a signal in the send leaves it pending, maybe sent
         self._send(parts)
-        self._pending[seq] = (parts, time.monotonic())
         return seq
 
     def submit(self, images: Sequence[np.ndarray], labels: Sequence[str | int], *, encoding: str = "jpeg", quality: int = 90) -> int:
@@ -481,8 +481,11 @@ class LabeledClient:
         self._done.clear()
         return done
 
-    def poll_acks(self) -> list[Ack]:
-        """Answers that have arrived (without waiting), in seq order."""
+    def poll_acks(self, timeout_s: float = 0.0) -> list[Ack]:
+        """Answers that have arrived, in seq order; with ``timeout_s`` it first waits that long at most for one
+        when none has (and a message is in flight). Nothing is resent here."""
+        if timeout_s > 0 and self._pending and not self._done:
+            self._socket.poll(timeout_s * 1000)
         while self._pending and self._socket.poll(0):
             try:
                 self._on_reply(self._socket.recv_multipart(zmq.NOBLOCK))

@@ -97,7 +97,7 @@ def test_stream_camera_rejects_bad_arguments_without_a_traceback(tmp_path):
     public, _ = make_keypair(tmp_path / "keys", "camera")
     tool = TOOLS / "stream_camera.py"
     endpoint = ["--endpoint", "tcp://127.0.0.1:9"]
-    _usage_error(_run(tool, tmp_path / "missing.mp4", *endpoint), "missing.mp4", "cannot open")
+    _usage_error(_run(tool, tmp_path / "missing.mp4", *endpoint), "missing.mp4", "not found")
     _usage_error(_run(tool, video, "--endpoint", "nowhere"), "'nowhere'")
     _usage_error(_run(tool, video, *endpoint, "--curve-secret", public), "--curve-server")
     _usage_error(_run(tool, video, *endpoint, "--curve-secret", public, "--curve-server", public), str(public), "secret")

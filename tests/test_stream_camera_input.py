@@ -1,6 +1,7 @@
 """tools/stream_camera.py sources and run-time reporting: an image folder, OpenCV's numbered-image pattern,
 progress lines, SIGTERM, and what a refused endpoint turns out to be."""
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -76,6 +77,26 @@ def test_bad_sources_say_what_is_accepted(tmp_path, pull):
     assert empty.returncode == 2 and "holds no images (.jpeg, .jpg, .png, .bmp, .webp)" in empty.stderr
     missing = _run(tmp_path / "none.mp4", "--endpoint", endpoint)
     assert missing.returncode == 2 and "a folder of images" in missing.stderr and "img_%06d.jpg" in missing.stderr
+    assert f"file or folder not found: '{tmp_path / 'none.mp4'}'" in missing.stderr
+
+
+def test_a_folder_that_does_not_exist_is_named_not_found(tmp_path, pull):
+    endpoint, _ = pull
+    result = subprocess.run([sys.executable, str(TOOL), "nosuch/", "--endpoint", endpoint], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and "folder not found: 'nosuch/'" in result.stderr
+    assert "OpenCV cannot open" not in result.stderr
+
+
+def test_camera_indexes_urls_and_patterns_are_left_to_opencv(tmp_path):
+    spec = importlib.util.spec_from_file_location("stream_camera_sources", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for source in ("0", "rtsp://camera.local/stream", str(tmp_path / "img_%06d.jpg"),
+                   "videotestsrc ! videoconvert ! appsink", str(tmp_path)):
+        assert tool.missing_path(source) is None, source
+    assert tool.missing_path(str(tmp_path / "nosuch") + "/").startswith("folder not found")
+    assert tool.missing_path(str(tmp_path / "clip.mp4")).startswith("file or folder not found")
 
 
 def test_progress_lines_while_streaming_and_sigterm_ends_with_the_summary(tmp_path, pull):

@@ -22,9 +22,14 @@ folder) are skipped with one warning. --max-side scales larger images down
 its limit (4,096 px by default).
 
 Ctrl-C (or SIGTERM) stops the tool with exit status 130 and a summary of what
-the agent acked and what it did not; the summary names the --skip N that sends
-only the rest when the tool is run again with the same arguments (images sent
-again are stored again: the agent takes a new run for new data).
+the agent acked and what it did not (it first waits up to a second for the acks
+of the messages in flight; a second Ctrl-C ends that wait). The summary names the
+--sender, --seq-base, --skip and --limit of a run that sends only the rest. Every
+message's seq follows from --seq-base and the message's place in the listing, so
+that run sends a message again under the (sender, seq) it had: one the agent
+stored before the interruption is acked as a duplicate and not stored twice. Use
+--seq-base only that way (the same listing, --batch and --max-side): a message
+with other images under a stored (sender, seq) would be acked and not stored.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import numpy as np
 
 import zmq
 
-from cl_agent.client import AgentRefused, AgentUnavailable, LabeledClient, tries
+from cl_agent.client import AgentRefused, AgentUnavailable, LabeledClient, default_sender, tries
 from cl_agent.config import WireSection
 from cl_agent.errors import CLAgentError
 from cl_agent.interrupt import InterruptOnce
@@ -57,6 +62,7 @@ NAMED_UNREADABLE = 5  # unreadable files named in the summary; the rest are coun
 JPEG_QUALITY = 95  # a JPEG scaled down by --max-side is encoded again at this quality
 SETTLED, HANDED = 1, 2  # what became of an image of the listing (0: not sent yet)
 INTERRUPTED = 130  # the exit status after Ctrl-C or SIGTERM (128 + SIGINT, as a shell reports it)
+GRACE_S = 1.0  # after Ctrl-C, the longest wait for the acks of the messages in flight before the summary
 MAX_BATCH = WireSection().max_parts - 1  # images per message under the default ingest.wire.max_parts (one part is the header)
 
 
@@ -168,6 +174,16 @@ def to_payload(data: bytes, suffix: str, max_side: int = 0) -> tuple[bytes, str,
     return buf.tobytes(), encoding, [image.shape[0], image.shape[1], 3]
 
 
+def _experience_end(ack) -> str:
+    """What became of --end-experience, in words."""
+    if ack.ok:
+        return f"experience {ack.experience}"
+    if ack.reason == "nothing_to_cut":
+        return ("nothing to cut: the open experience is empty (the agent already cut it, e.g. by count, "
+                "or every image sent was stored before)")
+    return f"refused: {ack.reason}" + (f": {ack.detail}" if ack.detail else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder <root>/<class>/<image>, or a tar of that layout")
@@ -193,6 +209,11 @@ def main() -> int:
                         help="shuffle the images with this seed, the same order every run (default: a folder's "
                         "files sorted by path, a tar's members in stored order)")
     parser.add_argument("--sender", default=None, help="sender id (default: host name + random suffix)")
+    parser.add_argument("--seq-base", type=_number(int, at_least=0), default=None, metavar="SEQ",
+                        help="the seq of this run's first message; the others follow in listing order. Pass the "
+                        "one the summary of an interrupted run names, with its --sender, --skip and --limit: "
+                        "messages sent again keep their (sender, seq), and the agent does not store them twice "
+                        "(default: the current time in microseconds)")
     parser.add_argument("--window", type=_number(int, at_least=1), default=8,
                         help="messages in flight at once (default: %(default)s)")
     parser.add_argument("--timeout", type=_number(float, above=0), default=5.0,
@@ -233,35 +254,60 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: Inter
     items = items[args.skip:]
     if args.limit:
         items = items[: args.limit]
+    sender = args.sender or default_sender()
+    seq_base = time.time_ns() // 1000 if args.seq_base is None else args.seq_base
     try:
         client = LabeledClient(
-            args.endpoint, args.sender, timeout_s=args.timeout, retries=args.retries, window=args.window,
-            curve_secret_key=args.curve_secret, curve_server_key=args.curve_server,
+            args.endpoint, sender, timeout_s=args.timeout, retries=args.retries, window=args.window,
+            start_seq=seq_base, curve_secret_key=args.curve_secret, curve_server_key=args.curve_server,
         )
     except (CLAgentError, zmq.ZMQError) as e:  # the message names the endpoint
         parser.error(f"--endpoint: {e}")
-    sent = acked = refused = acked_batches = 0
+    sent = acked = refused = acked_batches = duplicates = 0
     # per image of items: SETTLED once acked, refused by the agent, or unreadable; HANDED once given to the client
     settled = bytearray(len(items))
+    # Messages are numbered in listing order from seq_base: the messages of a group of --batch images (one per
+    # encoding) take the next seqs. A message sent again (a spool_full retry, or the rest of a batch after the
+    # agent refused one image of it, whose first form was not stored) keeps its seq. So a run that starts at a
+    # group's first image, with the seq that group had, sends the same messages under the same (sender, seq).
+    group_of = [-1] * len(items)  # per image: the position of the first image of its group (-1: not in one yet)
+    group_seq: dict[int, int] = {}  # position of a group's first image -> the seq of its first message
+    next_seq = seq_base
     unreadable: list[str] = []
     refused_files: list[str] = []  # refused by the agent for what is in the file
     batches: dict[int, tuple] = {}
     start = time.perf_counter()
 
+    def submit(batch, seq: int) -> None:
+        client.next_seq = seq  # the message's own seq (see group_seq), not the client's next one
+        try:
+            client.submit_encoded(*batch[:3], encoding=batch[3])
+        finally:
+            # The client counts a message on before it goes to the socket: one interrupted while the client
+            # waited for room in its window never reached it (not sent); one interrupted later may be sent.
+            if client.next_seq != seq:
+                batches[seq] = batch
+
+    def took(ack, batch) -> None:
+        nonlocal acked, acked_batches, duplicates
+        acked += len(batch[0])
+        acked_batches += 1
+        if ack.duplicate:
+            duplicates += len(batch[0])
+        for position in batch[5]:
+            settled[position] = SETTLED
+
     def settle(acks) -> None:
-        nonlocal acked, refused, acked_batches
+        nonlocal refused
         for ack in acks:
             batch = batches.pop(ack.seq)
             image = ack.header.get("image")
             if ack.ok:
-                acked += len(batch[0])
-                acked_batches += 1
-                for position in batch[5]:
-                    settled[position] = SETTLED
+                took(ack, batch)
             elif ack.reason in RETRY_REASONS:
                 print(f"batch refused ({ack.reason}): retrying in 1 s", file=sys.stderr)
                 time.sleep(1.0)
-                batches[client.submit_encoded(*batch[:3], encoding=batch[3])] = batch
+                submit(batch, ack.seq)
             elif type(image) is int and 0 <= image < len(batch[0]):
                 # The agent refused the whole batch for this one image: name its file, send the others again.
                 refused += 1
@@ -273,7 +319,7 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: Inter
                     payloads, shapes, labels, encoding, names, positions = batch
                     rest = ([payloads[i] for i in keep], [shapes[i] for i in keep], [labels[i] for i in keep], encoding,
                             [names[i] for i in keep], [positions[i] for i in keep])
-                    batches[client.submit_encoded(*rest[:3], encoding=encoding)] = rest
+                    submit(rest, ack.seq)  # nothing is stored under its seq: the agent refused the batch
             else:
                 refused += len(batch[0])
                 for position in batch[5]:
@@ -281,25 +327,33 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: Inter
                 print(f"batch of {len(batch[0])} refused: {ack.reason}: {ack.detail}", file=sys.stderr)
 
     def flush_group(group) -> None:
-        # One message per encoding (a message has a single encoding).
+        # One message per encoding (a message has a single encoding), numbered in that order.
+        nonlocal next_seq
+        group_seq[group[0][5]] = next_seq
         for encoding in sorted({g[1] for g in group}):
             part = [g for g in group if g[1] == encoding]
             batch = ([g[0] for g in part], [g[2] for g in part], [g[3] for g in part], encoding, [g[4] for g in part],
                      [g[5] for g in part])
             for position in batch[5]:
                 settled[position] = HANDED
-            batches[client.submit_encoded(*batch[:3], encoding=encoding)] = batch
+            seq, next_seq = next_seq, next_seq + 1
+            submit(batch, seq)
             settle(client.poll_acks())
 
     def resume() -> str:
-        """How to send only what is not settled yet: the --skip (and --limit) of a run that starts after the
-        images settled in an unbroken run from the first ("" when nothing is left)."""
-        done = next((i for i, state in enumerate(settled) if state != SETTLED), None)
-        if done is None:
+        """How to send only what is not settled yet ("" when nothing is left): a run from the first image of the
+        group that holds the first image not settled, with that group's seqs, which sends its messages (and
+        those after it) under the (sender, seq) they had here: the agent acks those it stored as duplicates."""
+        first = next((i for i, state in enumerate(settled) if state != SETTLED), None)
+        if first is None:
             return ""
-        limit = f" --limit {args.limit - done}" if args.limit else ""
-        return (f"the first {done} images of the listing are settled: to send only the rest, run again with the "
-                f"same arguments and --skip {args.skip + done}{limit}")
+        start = group_of[first] if group_of[first] >= 0 else first
+        limit = f" --limit {args.limit - start}" if args.limit else ""
+        again = f", {first - start} of them sent again" if first > start else ""
+        return (f"the first {first} images of the listing are settled: to send the rest{again}, run again with the "
+                f"same arguments and --sender {sender} --seq-base {group_seq.get(start, next_seq)} "
+                f"--skip {args.skip + start}{limit} (a message the agent stored before is acked as a duplicate, "
+                "not stored twice)")
 
     group = []
     try:
@@ -311,6 +365,7 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: Inter
                     settled[position] = SETTLED
                     continue
                 group.append((*converted, label, name, position))
+                group_of[position] = group[0][5]
                 sent += 1
                 if len(group) == args.batch:
                     flush_group(group)
@@ -320,20 +375,23 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: Inter
             while batches:
                 settle(client.flush())
             if args.end_experience:
+                client.next_seq = next_seq  # after every seq of this run's messages
                 ack = client.end_experience()
-                print(f"end of experience: {'experience ' + str(ack.experience) if ack.ok else ack.reason}")
+                print(f"end of experience: {_experience_end(ack)}")
         finally:
             stop.armed = False  # what follows (closing, the summary) is not cut short by a signal
     except KeyboardInterrupt:
-        for ack in client.poll_acks():  # acks the client took in before the interruption, not yet counted here
-            batch = batches.pop(ack.seq, None)
-            if batch is not None and ack.ok:
-                acked += len(batch[0])
-                acked_batches += 1
-                for position in batch[5]:
-                    settled[position] = SETTLED
-        # Submitted and not answered: sent, maybe stored. A batch handed over but interrupted while the client
-        # waited for room in its window never reached the socket: not sent.
+        # The acks the client took in before the interruption, and those of the messages in flight that come
+        # within GRACE_S (fewer images left "not known to be stored"); a second Ctrl-C ends the wait.
+        signals, deadline = stop.signals, time.monotonic() + GRACE_S
+        while True:
+            for ack in client.poll_acks(timeout_s=min(0.1, max(0.0, deadline - time.monotonic()))):
+                batch = batches.pop(ack.seq, None)
+                if batch is not None and ack.ok:
+                    took(ack, batch)
+            if not batches or not client.in_flight or time.monotonic() >= deadline or stop.signals > signals:
+                break
+        # Submitted and not answered: sent, maybe stored (see submit).
         waiting = sum(len(batch[0]) for batch in batches.values())
         unsent = settled.count(0) + settled.count(HANDED) - waiting
         print(f"interrupted: {acked} images acked in {acked_batches} {'batch' if acked_batches == 1 else 'batches'}, "
@@ -361,7 +419,9 @@ def _send(parser: argparse.ArgumentParser, args: argparse.Namespace, stop: Inter
     finally:
         client.close()
     elapsed = time.perf_counter() - start
-    print(f"{acked} images acked, {refused} refused, {len(unreadable)} unreadable, {elapsed:.1f} s ({acked / max(elapsed, 1e-9):.0f} images/s)")
+    again = f"; {duplicates} of them stored before (sent again, acked as duplicates)" if duplicates else ""
+    print(f"{acked} images acked, {refused} refused, {len(unreadable)} unreadable, {elapsed:.1f} s "
+          f"({acked / max(elapsed, 1e-9):.0f} images/s){again}")
     if refused_files:
         more = len(refused_files) - NAMED_UNREADABLE
         print(f"the agent refused {len(refused_files)} {'file' if len(refused_files) == 1 else 'files'}: "

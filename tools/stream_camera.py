@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -97,10 +98,26 @@ class ImageFolder:
         pass
 
 
+SOURCES = ("a camera index, a video file, an RTSP/HTTP URL, a folder of images, or a pattern of numbered images "
+           "like frames/img_%06d.jpg")
+
+
+def missing_path(source: str) -> str | None:
+    """The error for a source that names a folder or file that does not exist; None for one that exists, a camera
+    index, a URL, an OpenCV pattern (``%``) or a GStreamer pipeline (``!``), which only OpenCV can judge."""
+    if source.isdigit() or "://" in source or "%" in source or "!" in source or Path(source).exists():
+        return None
+    kind = "folder" if source.endswith(("/", os.sep)) else "file or folder"
+    return f"{kind} not found: {source!r} (a source is {SOURCES})"
+
+
 def open_source(source: str) -> cv2.VideoCapture | ImageFolder | None:
     """The opened capture (an ``ImageFolder`` for a folder), or None when OpenCV cannot open ``source``.
 
-    Raises CLAgentError for a folder without images."""
+    Raises CLAgentError for a folder or file that does not exist, and for a folder without images."""
+    missing = missing_path(source)
+    if missing is not None:
+        raise CLAgentError(missing)
     if Path(source).is_dir():
         folder = ImageFolder(Path(source))
         if not folder.paths:
@@ -235,8 +252,7 @@ def main() -> int:
             except (CLAgentError, OSError) as e:
                 parser.error(str(e))
             if capture is None:
-                parser.error(f"OpenCV cannot open the source {args.source!r} (a camera index, a video file, an "
-                             "RTSP/HTTP URL, a folder of images, or a pattern of numbered images like frames/img_%06d.jpg)")
+                parser.error(f"OpenCV cannot open the source {args.source!r} ({SOURCES})")
             try:
                 frames = FrameClient(
                     args.endpoint, args.sender, socket_type=args.socket,
