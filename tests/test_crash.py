@@ -60,6 +60,15 @@ def _batch(index: int) -> tuple[list[bytes], list[list[int]], list[str]]:
     return payloads, [[4, 4, 3]] * 4, [f"class-{(index + i) % 6}" for i in range(4)]
 
 
+def _check_full_disk_answers(answers: list, workdir: Path) -> None:
+    """Some messages acked, the others refused disk_full, and the spool holds exactly the acked ones."""
+    acked = sorted(a.seq for a in answers if a.ok)
+    refused = [a for a in answers if not a.ok]
+    assert acked and refused
+    assert {a.reason for a in refused} == {"disk_full"}
+    assert sorted(r.seq for r in _stored(workdir)) == acked
+
+
 def _stored(workdir: Path) -> list:
     records = []
     for segment in sorted((workdir / "spool").glob("labeled-*.log")):
@@ -152,11 +161,7 @@ def test_full_disk_gives_negative_acks_and_the_agent_keeps_running(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
-    acked = [a.seq for a in answers if a.ok]
-    refused = [a for a in answers if not a.ok]
-    assert acked and refused
-    assert {a.reason for a in refused} == {"disk_full"}
-    assert [r.seq for r in _stored(tmp_path / "agent")] == acked
+    _check_full_disk_answers(answers, tmp_path / "agent")
 
 
 def test_full_disk_under_a_window_of_eight_stores_every_acked_message(tmp_path):
@@ -176,8 +181,5 @@ def test_full_disk_under_a_window_of_eight_stores_every_acked_message(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
-    acked = [a.seq for a in answers if a.ok]
-    refused = [a for a in answers if not a.ok]
-    assert len(answers) == 40 and acked and refused
-    assert {a.reason for a in refused} == {"disk_full"}
-    assert sorted(r.seq for r in _stored(tmp_path / "agent")) == acked
+    assert len(answers) == 40
+    _check_full_disk_answers(answers, tmp_path / "agent")

@@ -19,14 +19,20 @@ def _ingest_one_experience(workdir, labels=("circle", "square")) -> None:
         assert service.end_experience() == 0
 
 
-@pytest.mark.parametrize("damage", ["delete", "empty"])
-def test_a_lost_labels_json_refuses_the_start_when_experiences_hold_labels(tmp_path, damage):
+def _lose_labels(tmp_path, damage: str):
+    """One ingested experience, then its labels.json deleted or emptied; returns the file's path."""
     _ingest_one_experience(tmp_path)
     path = tmp_path / "labels.json"
     if damage == "delete":
         path.unlink()
     else:
         path.write_text('{"names": []}')
+    return path
+
+
+@pytest.mark.parametrize("damage", ["delete", "empty"])
+def test_a_lost_labels_json_refuses_the_start_when_experiences_hold_labels(tmp_path, damage):
+    path = _lose_labels(tmp_path, damage)
     with pytest.raises(CLAgentError) as refused:
         make_service(tmp_path).start()
     message = str(refused.value)
@@ -53,12 +59,7 @@ def test_a_lost_labels_json_refuses_the_start_when_the_open_experience_holds_lab
 def test_spool_classes_do_not_stand_in_for_a_lost_labels_json(tmp_path, damage, order):
     """spool.classes fills the map when labels.json is missing, in its own order (maybe not the trained one):
     a lost labels.json is refused all the same, and nothing is written over it."""
-    _ingest_one_experience(tmp_path)
-    path = tmp_path / "labels.json"
-    if damage == "delete":
-        path.unlink()
-    else:
-        path.write_text('{"names": []}')
+    path = _lose_labels(tmp_path, damage)
     with pytest.raises(CLAgentError) as refused:
         make_service(tmp_path, spool={"classes": list(order)}).start()
     message = str(refused.value)
