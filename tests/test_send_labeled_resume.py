@@ -78,7 +78,7 @@ def _stored(workdir: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("options, answered", [
-    # the walkthrough: one message at a time, the 4th stored by the agent and its ack lost to Ctrl-C
+    # one message at a time, the 4th stored by the agent and its ack lost to Ctrl-C
     (["--batch", "1", "--window", "1"], [True] * 3 + [False]),
     # batches of 3 (PNG and JPEG in them: two messages per batch), 3 in flight, shuffled, under a --limit: the
     # first message's ack is kept, later ones answered, so the acks are not a prefix of what was sent
