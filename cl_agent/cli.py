@@ -284,8 +284,9 @@ def status(
         live_status(resolve_config(config, set_), f"ingest.control_endpoint of {config or 'the defaults'}", timeout, json_, curve)
         raise typer.Exit(0)
     workdir = agent_workdir(workdir, config, set_)
-    if live or is_ingest_only(workdir):
-        live_status(workdir, None, timeout, json_, curve)
+    ingest_only = is_ingest_only(workdir)
+    if live or ingest_only:
+        live_status(workdir, None, timeout, json_, curve, ingest_only=ingest_only)
         raise typer.Exit(0)
     try:
         code = print_status(workdir)
@@ -294,11 +295,12 @@ def status(
     raise typer.Exit(code)
 
 
-def live_status(where: AgentConfig | Path, source: str | None, timeout: float, as_json: bool, curve: tuple) -> None:
+def live_status(where: AgentConfig | Path, source: str | None, timeout: float, as_json: bool, curve: tuple,
+                ingest_only: bool = False) -> None:
     """``status --live``: the control endpoint from a config (``source`` names it) or from a working directory's
     resolved config, then the same query and output as ``--control``."""
     from cl_agent.config import connect_endpoint
-    from cl_agent.status import control_of, is_ingest_only
+    from cl_agent.status import control_of
 
     if isinstance(where, Path):
         try:
@@ -306,7 +308,7 @@ def live_status(where: AgentConfig | Path, source: str | None, timeout: float, a
         except CLAgentError as e:
             fail(str(e), code=1)
         source = f"ingest.control_endpoint in {path}"
-        if is_ingest_only(where) and not as_json:
+        if ingest_only and not as_json:
             typer.echo(f"{where}: ingestion-only process (cl-agent ingest), asked at its control endpoint")
     else:
         if not where.ingest.control_endpoint:

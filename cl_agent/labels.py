@@ -195,19 +195,12 @@ class LabelMap:
             if self._unsaved:
                 self.save()
             return
-        trial = LabelMap.__new__(LabelMap)
-        trial.path, trial.max_classes, trial.classes = self.path, self.max_classes, self.classes
-        trial._names, trial._ids, trial._folded = [], {}, {}
-        for name in self._names:
-            trial._add(name)
-        warnings = []
-        for name in plan.names[plan.base:]:
-            similar = trial._folded.get(name.casefold())
-            if similar is not None:
-                warnings.append((name, similar, len(trial._names)))
-            trial._add(name)
-        atomic_write_text(self.path, json.dumps({"names": trial._names}, indent=0))
-        self._names, self._ids, self._folded, self._unsaved = trial._names, trial._ids, trial._folded, False
+        warnings, folded = [], dict(self._folded)
+        for class_id, name in enumerate(plan.names[plan.base:], plan.base):
+            similar = folded.setdefault(name.casefold(), name)
+            if similar != name:
+                warnings.append((name, similar, class_id))
+        self._replace(plan.names)  # the file first, then the map in memory
         for name, similar, class_id in warnings:
             self._warn_similar(name, similar, class_id)
 
