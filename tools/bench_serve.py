@@ -130,11 +130,12 @@ def bare_session(path: Path, threads: int, pre_optimized: bool = False, provider
 
 def start_server(
     repo_root: Path, endpoint: str, announce: str, threads: int, busy_poll_us: int, max_wait_ms: float, loader_pause_us: int,
-    providers: list[str],
+    providers: list[str] | None = None,
 ) -> subprocess.Popen:
+    """`cl-agent serve` on ``repo_root`` as its own process; ``providers`` as ``serve.providers`` (None = auto)."""
     command = [
         sys.executable, "-m", "cl_agent.cli", "serve", "--repo", str(repo_root), "--model", "student",
-        "--set", f"serve.providers={json.dumps(providers)}",
+        "--set", f"serve.providers={json.dumps(providers or ['auto'])}",
         "--set", f"serve.endpoint={endpoint}",
         "--set", f"serve.intra_op_threads={threads}",
         "--set", "serve.poll_s=5.0",
