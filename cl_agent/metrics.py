@@ -78,6 +78,7 @@ SERVE_METRICS: dict[str, ServeMetric] = {
     "serve_inference_seconds_total": ServeMetric("counter", (), "Seconds spent in session.run", "inference_s"),
     "serve_version": ServeMetric("gauge", ("model",), "Model version being served (0 before the first)"),
     "serve_largest_batch": ServeMetric("gauge", (), "Most images one session run was given", "largest_batch"),
+    "serve_held_batches_total": ServeMetric("counter", (), "Micro-batches held open up to max_wait_ms for more requests", "held_batches"),
     "serve_batch_seconds": ServeMetric(
         "gauge", ("part", "quantile"), "Over the last batches (up to 2048): time in session.run (part=inference) and around it (part=handling)"
     ),

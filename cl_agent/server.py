@@ -12,7 +12,9 @@ the old one keeps serving.
 
 Batching: a lone request on an idle server is answered at once. When several
 requests are already queued (concurrent clients), the batch takes them all and
-stays open up to ``max_wait_ms`` to fill to ``max_batch`` images. No session run
+stays open up to ``max_wait_ms`` to fill to ``max_batch`` images, if requests have
+been arriving fast enough lately to bring another one within that wait (two that
+met by chance at a light load are not held up for a third that is not coming). No session run
 ever sees more than ``max_batch`` images: a request that would overflow the batch
 waits for the next one, and a request with more images runs in chunks of
 ``max_batch`` whose results are joined into one reply.
@@ -78,6 +80,7 @@ class Server:
         self._bad_manifests: set[tuple[int, int, int]] = set()  # (version, manifest size, mtime_ns) warned about
         # A request that did not fit in the last micro-batch, and the model it was parsed for; runs first in the next.
         self._pending: tuple[_Request, LoadedModel | None] | None = None
+        self._arrivals = _ArrivalRate()  # the recent request rate: whether a batch waits for more
         self._lower_warned: set[int] = set()  # versions below the served one already warned about
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -86,6 +89,7 @@ class Server:
         # busy_s: time spent receiving, decoding, running and replying; inference_s: the part in session.run.
         self.counters = {"requests": 0, "images": 0, "batches": 0, "errors": 0, "swaps": 0, "swap_failures": 0, "busy_poll_hits": 0}
         self.counters["largest_batch"] = 0  # most images any one session run was given (never above max_batch)
+        self.counters["held_batches"] = 0  # batches held open up to max_wait_ms for more requests
         self.counters.update({"busy_s": 0.0, "inference_s": 0.0})
         self._recent: deque[tuple[float, float]] = deque(maxlen=2048)  # (handling, inference) seconds per batch
         # Repository checks (watcher thread): how many began, and the number of the last one that finished;
@@ -353,12 +357,14 @@ class Server:
     def _collect(self, router: zmq.Socket, model: LoadedModel | None) -> list[_Request]:
         """Drain queued requests into one batch of at most max_batch images (a single larger request alone).
 
-        Waits up to max_wait_ms only if others are arriving too. A request that would take the batch
-        past max_batch is kept, and opens the next batch.
+        Waits up to max_wait_ms only if others are arriving too, and fast enough lately that another is
+        expected within the wait. A request that would take the batch past max_batch is kept, and opens
+        the next batch.
         """
         batch: list[_Request] = []
         count = 0
         deadline = None
+        began = time.monotonic()
         if self._pending is not None:
             (request, parsed_for), self._pending = self._pending, None
             if parsed_for is not model:  # a swap in between: resize and cap top_k for the model that runs it
@@ -371,7 +377,12 @@ class Server:
             if not router.get(zmq.EVENTS) & zmq.POLLIN:
                 if len(batch) < 2 or self.serve.max_wait_ms <= 0:
                     break
-                deadline = deadline or time.monotonic() + self.serve.max_wait_ms / 1000
+                if deadline is None:
+                    wait_s = self.serve.max_wait_ms / 1000
+                    if self._arrivals.expected_within(wait_s, began, len(batch)) < 1:
+                        break
+                    self.counters["held_batches"] += 1
+                    deadline = time.monotonic() + wait_s
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not router.poll(remaining * 1000):
                     break
@@ -384,6 +395,7 @@ class Server:
                 break
             batch.append(request)
             count += len(request.images)
+        self._arrivals.record(began, len(batch))
         return batch
 
     def _parse(self, router: zmq.Socket, frames: list[bytes], model: LoadedModel | None, count: bool = True) -> _Request | None:
@@ -496,6 +508,36 @@ class _IdleGaps:
         if self._finished is None or self.average_s >= self.window_s:
             return 0.0
         return self._finished + self.window_s
+
+
+class _ArrivalRate:
+    """Requests per second over the last few micro-batches: is it worth holding a batch open for more?
+
+    Each batch records when its collection began and how many requests it took. The requests
+    that arrived since the oldest recorded batch began (the later batches' and those queued now),
+    over that span, give the rate; a batch waits only if that rate brings at least one more request
+    within the wait. A handful of batches, not the last one alone: two requests queued together
+    say little about the rate, as they may have met by chance.
+    """
+
+    def __init__(self, batches: int = 8):
+        self._batches: deque[tuple[float, int]] = deque(maxlen=batches)
+
+    def record(self, began: float, requests: int) -> None:
+        self._batches.append((began, requests))
+
+    def expected_within(self, wait_s: float, now: float, queued: int) -> float:
+        """How many more requests to expect in ``wait_s`` after ``now``.
+
+        ``queued``: the requests of the batch being collected at ``now`` (they arrived after the last
+        recorded batch began)."""
+        if not self._batches:
+            return 0.0  # nothing seen yet: no basis for waiting
+        span = now - self._batches[0][0]
+        if span <= 0:
+            return 0.0
+        arrived = queued + sum(n for _, n in list(self._batches)[1:])
+        return arrived * wait_s / span
 
 
 def _ranked(probs: np.ndarray, k: int) -> list[list[tuple[int, float]]]:

@@ -30,7 +30,7 @@ from cl_agent.export import export_onnx
 from cl_agent.errors import CLAgentError
 from cl_agent.inference import InferenceClient, InferenceError
 from cl_agent.repository import Announcer, ModelRepository
-from cl_agent.server import Server, _predictions_json, _ranked
+from cl_agent.server import Server, _ArrivalRate, _predictions_json, _ranked
 from cl_agent.wire import decode_message, encode_message, pack_message
 
 CLASSES = ["cat", "dog", "cup"]
@@ -187,6 +187,80 @@ def _hold_first_run(server: Server, delay_s: float = 0.5):
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.connect(server.endpoint)
     return slow, dealer
+
+
+def test_arrival_rate_expects_requests_only_at_the_rate_seen_over_recent_batches():
+    rate = _ArrivalRate(batches=8)
+    assert rate.expected_within(0.002, now=0.0, queued=5) == 0  # nothing seen yet
+    # 250 requests/s, one per batch: two that meet by chance say little; another in 2 ms is unlikely.
+    for k in range(8):
+        rate.record(k * 0.004, 1)
+    assert rate.expected_within(0.002, now=0.032, queued=2) == pytest.approx((7 + 2) * 0.002 / 0.032)
+    assert rate.expected_within(0.002, now=0.032, queued=2) < 1
+    # Concurrent clients: batches of 6 every 3 ms; more are due within the wait.
+    for k in range(8):
+        rate.record(1.0 + k * 0.003, 6)
+    assert rate.expected_within(0.002, now=1.024, queued=3) > 1
+    # The oldest batch leaves the window: a long idle gap does not keep a stale fast rate.
+    assert rate.expected_within(0.002, now=100.0, queued=2) < 1
+
+
+class _SlowRuns:
+    """An onnxruntime session each of whose runs takes ``delay_s`` longer (requests queue up behind every run)."""
+
+    def __init__(self, session, delay_s: float):
+        self._session, self._delay_s = session, delay_s
+
+    def run(self, *args, **kwargs):
+        time.sleep(self._delay_s)
+        return self._session.run(*args, **kwargs)
+
+
+def _slow_every_run(server: Server, delay_s: float) -> None:
+    import dataclasses
+
+    server._model = dataclasses.replace(server._model, session=_SlowRuns(server._model.session, delay_s))
+
+
+def test_requests_that_meet_at_a_light_load_are_not_held_for_more(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section(max_batch=32, max_wait_ms=200)) as server:
+        with InferenceClient(server.endpoint, timeout_s=5) as client:
+            for _ in range(8):  # a light load: one request every 0.3 s
+                client.predict(images(1))
+                time.sleep(0.3)
+        # Two requests queued together behind a slow run: at about 3 requests/s, a third within
+        # 200 ms is not expected, so the pair runs at once instead of waiting for it.
+        slow, dealer = _hold_first_run(server, delay_s=0.3)
+        try:
+            dealer.send_multipart(encode_message("infer", "light", 0, list(images(1)), encoding="raw"))
+            assert slow.started.wait(5)
+            for seq in (1, 2):
+                dealer.send_multipart(encode_message("infer", "light", seq, list(images(1, seed=seq)), encoding="raw"))
+            replies = [decode_message(dealer.recv_multipart(), server.wire) for _ in range(3)]
+        finally:
+            dealer.close(0)
+        assert sorted(r.seq for r in replies) == [0, 1, 2] and all(r.kind == "prediction" for r in replies)
+        assert server.counters["batches"] == 8 + 2  # the pair shared one run
+        assert server.counters["held_batches"] == 0
+
+
+def test_a_steady_stream_of_concurrent_requests_fills_held_batches(repo, onnx_models):
+    publish(repo, onnx_models[0])
+    with Server(repo, serve_section(max_batch=32, max_wait_ms=20)) as server:
+        _slow_every_run(server, 0.02)  # every run 20 ms: a request every 2 ms finds others queued
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(server.endpoint)
+        try:
+            for seq in range(100):
+                dealer.send_multipart(encode_message("infer", "stream", seq, list(images(1, seed=seq)), encoding="raw"))
+                time.sleep(0.002)
+            replies = [decode_message(dealer.recv_multipart(), server.wire) for _ in range(100)]
+        finally:
+            dealer.close(0)
+        assert sorted(r.seq for r in replies) == list(range(100))
+        assert server.counters["held_batches"] >= 1  # at hundreds of requests/s, waiting 20 ms brings more
+        assert server.counters["batches"] < 50
 
 
 def test_requests_read_or_queued_when_the_server_stops_are_answered(repo, onnx_models):
