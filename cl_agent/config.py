@@ -249,7 +249,7 @@ class ServeSection:
     loader_pause_us: int = field(default=300, metadata=_range(ge=0, le=100_000))  # pause after each 256 KiB the loader hashes, so requests are not held up (0 = full speed)
     max_batch: int = field(default=32, metadata=_range(ge=1))  # micro-batch size limit
     trt_cache_dir: str = ""  # TensorRT only: folder for built engines, so a restarted server reuses a version's engine instead of building it again ("" = no cache)
-    max_wait_ms: float = field(default=2.0, metadata=_range(ge=0))  # how long a micro-batch waits to fill
+    max_wait_ms: float = field(default=2.0, metadata=_range(ge=0))  # longest a micro-batch of several queued requests waits to fill (only while requests arrive fast enough to bring more within it)
     busy_poll_us: int = field(default=1000, metadata=_range(ge=0, le=100000))  # while requests follow each other within this many microseconds, wait for the next one spinning instead of sleeping (lower latency for back-to-back clients; 0 = always sleep)
     top_k: int = field(default=5, metadata=_range(ge=1))  # classes returned per image
     poll_s: float = field(default=2.0, metadata=_range(gt=0))  # repository poll interval (fallback to announcements)
