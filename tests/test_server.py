@@ -224,13 +224,13 @@ def _slow_every_run(server: Server, delay_s: float) -> None:
 
 def test_requests_that_meet_at_a_light_load_are_not_held_for_more(repo, onnx_models):
     publish(repo, onnx_models[0])
-    with Server(repo, serve_section(max_batch=32, max_wait_ms=200)) as server:
+    with Server(repo, serve_section(max_batch=32, max_wait_ms=100)) as server:
         with InferenceClient(server.endpoint, timeout_s=5) as client:
             for _ in range(8):  # a light load: one request every 0.3 s
                 client.predict(images(1))
                 time.sleep(0.3)
-        # Two requests queued together behind a slow run: at about 3 requests/s, a third within
-        # 200 ms is not expected, so the pair runs at once instead of waiting for it.
+        # Two requests queued together behind a slow run: at about 4 requests/s, a third within
+        # 100 ms is not expected (0.4 of one), so the pair runs at once instead of waiting for it.
         slow, dealer = _hold_first_run(server, delay_s=0.3)
         try:
             dealer.send_multipart(encode_message("infer", "light", 0, list(images(1)), encoding="raw"))
