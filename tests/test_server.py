@@ -151,12 +151,8 @@ def test_pipelined_requests_are_micro_batched(repo, onnx_models):
     publish(repo, onnx_models[0])
     with Server(repo, serve_section(max_batch=32, max_wait_ms=5)) as server:
         # The first run is held up, so the other 19 requests are waiting when it ends, however busy the machine.
-        slow, dealer = _hold_first_run(server)
+        dealer = _queue_behind_first_run(server, "pipeline", [1] * 19)
         try:
-            dealer.send_multipart(encode_message("infer", "pipeline", 0, list(images(1)), encoding="raw"))
-            assert slow.started.wait(5)
-            for seq in range(1, 20):
-                dealer.send_multipart(encode_message("infer", "pipeline", seq, list(images(1, seed=seq)), encoding="raw"))
             replies = [decode_message(dealer.recv_multipart(), server.wire) for _ in range(20)]
         finally:
             dealer.close(0)
@@ -165,28 +161,43 @@ def test_pipelined_requests_are_micro_batched(repo, onnx_models):
         assert server.counters["batches"] < 20
 
 
-class _SlowFirstRun:
-    """An onnxruntime session whose first run takes ``delay_s`` longer (requests queue up behind it)."""
+class _SlowSession:
+    """An onnxruntime session whose first run, or ``every`` run, takes ``delay_s`` longer (requests queue up behind it)."""
 
-    def __init__(self, session, delay_s: float):
-        self._session, self._delay_s, self.started = session, delay_s, threading.Event()
+    def __init__(self, session, delay_s: float, every: bool = False):
+        self._session, self._delay_s, self._every, self.started = session, delay_s, every, threading.Event()
 
     def run(self, *args, **kwargs):
-        if not self.started.is_set():
+        if self._every or not self.started.is_set():
             self.started.set()
             time.sleep(self._delay_s)
         return self._session.run(*args, **kwargs)
 
 
-def _hold_first_run(server: Server, delay_s: float = 0.5):
-    """Make the server's next ``session.run`` take ``delay_s`` longer; (that session, a DEALER connected to it)."""
+def _slow_down(server: Server, delay_s: float, every: bool = False) -> _SlowSession:
+    """Make the server's next ``session.run`` (or each one, ``every``) take ``delay_s`` longer; that session."""
     import dataclasses
 
-    slow = _SlowFirstRun(server._model.session, delay_s=delay_s)
+    slow = _SlowSession(server._model.session, delay_s, every)
     server._model = dataclasses.replace(server._model, session=slow)
+    return slow
+
+
+def _queue_behind_first_run(server: Server, sender: str, sizes: list[int], delay_s: float = 0.5) -> zmq.Socket:
+    """Send a 1-image request whose run is held ``delay_s``, then, while it runs, one request of each size in
+    ``sizes`` (seqs 1, 2, ...): they are all queued when the first ends. The DEALER that sent them."""
+    slow = _slow_down(server, delay_s)
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.connect(server.endpoint)
-    return slow, dealer
+    try:
+        dealer.send_multipart(encode_message("infer", sender, 0, list(images(1)), encoding="raw"))
+        assert slow.started.wait(5)
+        for seq, n in enumerate(sizes, start=1):
+            dealer.send_multipart(encode_message("infer", sender, seq, list(images(n, seed=seq)), encoding="raw"))
+    except BaseException:
+        dealer.close(0)
+        raise
+    return dealer
 
 
 def test_arrival_rate_expects_requests_only_at_the_rate_seen_over_recent_batches():
@@ -205,23 +216,6 @@ def test_arrival_rate_expects_requests_only_at_the_rate_seen_over_recent_batches
     assert rate.expected_within(0.002, now=100.0, queued=2) < 1
 
 
-class _SlowRuns:
-    """An onnxruntime session each of whose runs takes ``delay_s`` longer (requests queue up behind every run)."""
-
-    def __init__(self, session, delay_s: float):
-        self._session, self._delay_s = session, delay_s
-
-    def run(self, *args, **kwargs):
-        time.sleep(self._delay_s)
-        return self._session.run(*args, **kwargs)
-
-
-def _slow_every_run(server: Server, delay_s: float) -> None:
-    import dataclasses
-
-    server._model = dataclasses.replace(server._model, session=_SlowRuns(server._model.session, delay_s))
-
-
 def test_requests_that_meet_at_a_light_load_are_not_held_for_more(repo, onnx_models):
     publish(repo, onnx_models[0])
     with Server(repo, serve_section(max_batch=32, max_wait_ms=100)) as server:
@@ -231,12 +225,8 @@ def test_requests_that_meet_at_a_light_load_are_not_held_for_more(repo, onnx_mod
                 time.sleep(0.3)
         # Two requests queued together behind a slow run: at about 4 requests/s, a third within
         # 100 ms is not expected (0.4 of one), so the pair runs at once instead of waiting for it.
-        slow, dealer = _hold_first_run(server, delay_s=0.3)
+        dealer = _queue_behind_first_run(server, "light", [1, 1], delay_s=0.3)
         try:
-            dealer.send_multipart(encode_message("infer", "light", 0, list(images(1)), encoding="raw"))
-            assert slow.started.wait(5)
-            for seq in (1, 2):
-                dealer.send_multipart(encode_message("infer", "light", seq, list(images(1, seed=seq)), encoding="raw"))
             replies = [decode_message(dealer.recv_multipart(), server.wire) for _ in range(3)]
         finally:
             dealer.close(0)
@@ -248,7 +238,7 @@ def test_requests_that_meet_at_a_light_load_are_not_held_for_more(repo, onnx_mod
 def test_a_steady_stream_of_concurrent_requests_fills_held_batches(repo, onnx_models):
     publish(repo, onnx_models[0])
     with Server(repo, serve_section(max_batch=32, max_wait_ms=20)) as server:
-        _slow_every_run(server, 0.02)  # every run 20 ms: a request every 2 ms finds others queued
+        _slow_down(server, 0.02, every=True)  # every run 20 ms: a request every 2 ms finds others queued
         dealer = zmq.Context.instance().socket(zmq.DEALER)
         dealer.connect(server.endpoint)
         try:
@@ -268,13 +258,13 @@ def test_requests_read_or_queued_when_the_server_stops_are_answered(repo, onnx_m
     # inproc: a sent message is in the server's queue when send returns, so "queued at the stop" needs no sleep
     endpoint = f"inproc://drain-on-stop-{os.getpid()}-{time.monotonic_ns()}"
     server = Server(repo, serve_section(endpoint=endpoint, max_batch=4, max_wait_ms=0)).start()
-    slow, dealer = _hold_first_run(server)
     try:
-        dealer.send_multipart(encode_message("infer", "first", 0, list(images(1)), encoding="raw"))
-        assert slow.started.wait(5)
         # While the first runs: 3 + 3 images, more than max_batch, so one request waits as the pending one.
-        for seq in range(1, 11):
-            dealer.send_multipart(encode_message("infer", "queued", seq, list(images(3, seed=seq)), encoding="raw"))
+        dealer = _queue_behind_first_run(server, "queued", [3] * 10)
+    except BaseException:
+        server.stop()
+        raise
+    try:
         server.stop()  # while the first still runs: the other ten wait in the socket
         assert dealer.poll(2000)
         replies = []
