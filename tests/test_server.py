@@ -466,7 +466,7 @@ def test_serve_command_answers_and_exits_cleanly_on_sigterm(repo, onnx_models):
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        with InferenceClient(endpoint, timeout_s=2, retries=10) as client:
+        with InferenceClient(endpoint, timeout_s=5, retries=12) as client:
             for _ in range(3):
                 assert client.predict(images(2)).model_version == 1
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
